@@ -1,0 +1,109 @@
+"""FlexAttention backend: a torch ``BlockMask`` built from a BlockPlan (same block layout).
+
+On CUDA the flex kernel is ``torch.compile``d once per process; on CPU flex runs eagerly (a
+debugging path that materializes scores: fine for tests, not for speed).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+
+from vidattn.plan import BlockPlan
+
+from .reference import expand_kv_heads, from_plan_order, to_plan_order
+
+__all__ = ["block_sparse_attention_flex", "block_mask_from_plan", "FlexUnsupported"]
+
+
+class FlexUnsupported(RuntimeError):
+    """The plan uses something FlexAttention cannot express here."""
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_fn(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device.type == "cuda":
+        return _compiled_flex()
+    return flex_attention
+
+
+def block_mask_from_plan(plan: BlockPlan, num_heads: int):
+    """FlexAttention ``BlockMask`` executing ``plan`` in plan token order.
+
+    The mask_mod maps plan positions back to original token indices through ``plan.perm`` and
+    evaluates ``plan.rule`` only inside partial blocks (flex calls it only there).
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    S = plan.seq_len
+    dev = plan.device
+    rule = plan.rule
+    if plan.perm is None:
+        perm = torch.arange(S, device=dev)[None]
+    else:
+        perm = plan.perm.to(dev)
+    hp = perm.shape[0]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        hh = h if hp > 1 else torch.zeros_like(h)
+        qo = perm[hh, q_idx.clamp(max=S - 1)]
+        ko = perm[hh, kv_idx.clamp(max=S - 1)]
+        ok = (q_idx < S) & (kv_idx < S)
+        if rule is None:
+            return ok
+        return ok & rule(h, qo, ko)
+
+    return BlockMask.from_kv_blocks(
+        plan.kv_num_blocks.to(dev),
+        plan.kv_indices.to(dev),
+        plan.full_kv_num_blocks.to(dev),
+        plan.full_kv_indices.to(dev),
+        BLOCK_SIZE=(plan.block_q, plan.block_k),
+        mask_mod=mask_mod,
+        seq_lengths=(S, S),
+    )
+
+
+def block_sparse_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
+                                scale: Optional[float] = None, return_lse: bool = False):
+    """Run a plan with FlexAttention.
+
+    Args:
+        q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H; expanded for flex).
+        plan: a BlockPlan without rectification terms.
+    Returns:
+        ``[B, S, H, D]`` in q's dtype (and float32 lse ``[B, H, S]`` if ``return_lse``).
+    Raises:
+        FlexUnsupported: plans with rectification terms.
+    """
+    if plan.rectification is not None:
+        raise FlexUnsupported("FlexAttention backend does not fuse rectification terms")
+    B, S, H, D = q.shape
+    if plan.block_q != plan.block_k and q.device.type == "cuda":
+        pass
+    qh = to_plan_order(q.transpose(1, 2), plan.perm)
+    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H), plan.perm)
+    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H), plan.perm)
+    bm = block_mask_from_plan(plan.to(q.device), H)
+    fn = _flex_fn(q.device)
+    scale = D ** -0.5 if scale is None else scale
+    if q.device.type == "cpu" and q.dtype != torch.float32:
+        qh, kh, vh = qh.float(), kh.float(), vh.float()
+    out, lse = fn(qh.contiguous(), kh.contiguous(), vh.contiguous(), block_mask=bm, scale=scale, return_lse=True)
+    out = from_plan_order(out, plan.perm).transpose(1, 2).to(q.dtype)
+    if return_lse:
+        lse = from_plan_order(lse.float(), plan.perm)
+        # flex reports lse in natural log; rows with no allowed key -> -inf
+        return out, torch.where(torch.isfinite(lse), lse, torch.full_like(lse, -math.inf))
+    return out

@@ -1,0 +1,1 @@
+"""vidattn.pipelines: diffusers processors, apply/remove, timm swaps, tiny offline pipelines."""

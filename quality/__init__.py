@@ -1,0 +1,1 @@
+"""vidattn.quality: sparse-vs-dense quality harness (metrics, probes, comparison runner, reports)."""

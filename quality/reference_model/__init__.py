@@ -1,0 +1,1 @@
+"""Training script and config of the project's small reference video DiT."""

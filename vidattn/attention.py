@@ -1,0 +1,176 @@
+"""``sparse_attention``: validate inputs, compile the pattern to a plan, pick a backend, run it.
+
+Backends (all execute the same :class:`~vidattn.plan.BlockPlan`):
+
+* ``"reference"`` — exact pure PyTorch, chunked (``vidattn.kernels.reference``);
+* ``"flex"`` — torch FlexAttention ``BlockMask`` built from the plan (``vidattn.kernels.flex``);
+* ``"triton"`` — the fused Triton kernel (``vidattn.kernels.block_sparse_attn``);
+* ``"auto"`` — triton on CUDA, reference on CPU.
+
+A backend that cannot handle a case raises ``BackendUnsupported`` internally; the dispatcher
+then falls back (triton -> flex -> reference) with a one-time warning naming the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+
+from .layout import TokenLayout
+from .patterns.base import Pattern
+from .plan import BlockPlan
+
+__all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupported", "available_backends",
+           "check_qkv"]
+
+log = logging.getLogger("vidattn")
+
+BACKENDS = ("reference", "flex", "triton", "auto")
+
+
+class BackendUnsupported(RuntimeError):
+    """Raised by a backend for inputs it cannot run; the dispatcher falls back."""
+
+
+_registry: Dict[str, Callable] = {}
+_warned: set = set()
+
+
+def register_backend(name: str, fn: Callable) -> None:
+    """Register ``fn(q, k, v, plan, scale, return_lse)`` under ``name`` (q/k/v ``[B, S, H, D]``)."""
+    _registry[name] = fn
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        log.warning(msg)
+
+
+def _get_backend(name: str) -> Callable:
+    if name in _registry:
+        return _registry[name]
+    if name == "reference":
+        from vidattn.kernels.reference import block_sparse_attention_reference as fn
+    elif name == "flex":
+        from vidattn.kernels.flex import block_sparse_attention_flex as fn
+    elif name == "triton":
+        try:
+            from vidattn.kernels.block_sparse_attn import block_sparse_attention_triton as fn
+        except ImportError as e:  # kernel module missing or triton not installed
+            raise BackendUnsupported(f"triton backend unavailable: {e}") from e
+    else:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _registry[name] = fn
+    return fn
+
+
+def available_backends(device: torch.device | str = "cpu") -> Dict[str, str]:
+    """Map backend name -> 'ok' or the reason it cannot run on ``device``."""
+    dev = torch.device(device)
+    out = {"reference": "ok"}
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+        out["flex"] = "ok" if dev.type == "cuda" else "ok (eager, slow on CPU)"
+    except Exception as e:  # pragma: no cover
+        out["flex"] = f"unavailable: {e}"
+    try:
+        _get_backend("triton")
+        out["triton"] = "ok" if dev.type == "cuda" else "interpreter only (TRITON_INTERPRET=1)"
+    except BackendUnsupported as e:
+        out["triton"] = str(e)
+    return out
+
+
+def check_qkv(q, k, v, layout: Optional[TokenLayout] = None) -> None:
+    """Validate ``q [B, S, H, D]``, ``k``/``v [B, S, Hk, D]`` (Hk divides H), float dtypes, same
+    device; and ``S`` against ``layout``. Raises ``TypeError``/``ValueError`` naming the argument."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor [B, S, heads, D], got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must have shape [B, S, heads, D], got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, S, H, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"batch mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] != S or v.shape[1] != S:
+        raise ValueError(f"k and v must have the same sequence length as q ({S}) [self-attention], got "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of heads, got {k.shape[2]} and {v.shape[2]}")
+    if H % k.shape[2] != 0:
+        raise ValueError(f"k/v heads ({k.shape[2]}) must divide q heads ({H}) for GQA/MQA")
+    if k.shape[3] != D:
+        raise ValueError(f"k head dim {k.shape[3]} must equal q head dim {D}")
+    if layout is not None:
+        layout.check_seq_len(S, name="q")
+
+
+def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
+             return_lse: bool = False):
+    """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
+    :func:`sparse_attention`. Falls back triton -> flex -> reference with a one-time warning."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    B, S, H, _ = q.shape
+    if plan.seq_len != S:
+        raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")
+    if plan.plan_batch not in (1, B) or plan.plan_heads not in (1, H):
+        raise ValueError(f"plan batch/heads {plan.plan_batch}/{plan.plan_heads} do not fit q {tuple(q.shape)}")
+    if plan.device != q.device:
+        plan = plan.to(q.device)
+    if backend == "auto":
+        backend = "triton" if q.device.type == "cuda" else "reference"
+    chain = {"triton": ["triton", "flex", "reference"], "flex": ["flex", "reference"], "reference": ["reference"]}[backend]
+    last_err = None
+    for i, name in enumerate(chain):
+        try:
+            fn = _get_backend(name)
+            return fn(q, k, v, plan, scale=scale, return_lse=return_lse)
+        except (BackendUnsupported, NotImplementedError) as e:
+            last_err = e
+        except Exception as e:  # flex raises its own error types
+            if name == "reference" or type(e).__name__ not in ("FlexUnsupported", "TritonUnsupported"):
+                raise
+            last_err = e
+        nxt = chain[i + 1]
+        _warn_once(f"{name}->{nxt}:{type(last_err).__name__}:{last_err}",
+                   f"vidattn: backend {name!r} cannot run this case ({last_err}); falling back to {nxt!r}")
+    raise RuntimeError(f"no backend could run this case: {last_err}")
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
+                     backend: str = "auto", scale: Optional[float] = None, return_lse: bool = False):
+    """Sparse attention of ``pattern`` over ``layout``.
+
+    Args:
+        q: ``[B, S, H, D]`` float16/bfloat16/float32.
+        k, v: ``[B, S, Hk, D]`` (Hk divides H: GQA/MQA), same dtype/device as q.
+        pattern: a :class:`~vidattn.patterns.base.Pattern` (Neighborhood, Dense, Radial, ...).
+        layout: :class:`~vidattn.layout.TokenLayout` with ``seq_len == S``.
+        backend: ``"reference" | "flex" | "triton" | "auto"``.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return float32 log-sum-exp ``[B, H, S]``.
+    Returns:
+        ``[B, S, H, D]`` in q's dtype (and the lse).
+    """
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"pattern must be a vidattn pattern (Neighborhood, Dense, ...), got {type(pattern).__name__}")
+    if not isinstance(layout, TokenLayout):
+        raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_qkv(q, k, v, layout)
+    pattern.validate(layout)
+    plan = pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device)
+    return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)

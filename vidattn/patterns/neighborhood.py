@@ -1,0 +1,272 @@
+"""Multi-dimensional neighborhood attention with NATTEN (0.21) semantics.
+
+Per grid axis of size ``n`` with kernel ``k``, dilation ``d``, stride ``s`` and causal flag:
+
+* **dilation** splits the axis into ``d`` interleaved groups (coordinate ``x`` is in group
+  ``x % d`` at in-group position ``x // d``; group ``g`` has ``ceil((n - g) / d)`` positions).
+  Queries only attend keys of their own group; everything below is in in-group positions.
+* **stride** (Generalized Neighborhood Attention): queries are grouped in runs of ``s``; each
+  run shares the window of its *leader* — the centre query ``(a // s) * s + s // 2`` (non-causal;
+  the right one of the two centres for even ``s``) or the last query ``(a // s) * s + s - 1``
+  (causal), clamped to the group's last position.
+* **non-causal window**: ``start = clamp(leader - k // 2, 0, n_g - k)``; keys ``start .. start+k-1``.
+  The window is shifted inward at borders, so every query sees exactly ``k`` keys per axis.
+* **causal window**: keys ``b`` with ``b <= a`` (the query's own position) and ``leader - b < k``.
+
+A (query, key) pair of grid tokens is allowed when every axis allows it. Non-grid (prefix /
+suffix) tokens are dense both ways by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+from ..layout import TokenLayout
+from ..plan import BlockPlan, TokenRule, plan_from_rule
+from .base import StaticPattern, default_block_size
+
+__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape"]
+
+
+def _as_tuple(name, value, ndim, kind=int, minimum=1):
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        value = (value,) * ndim
+    if not isinstance(value, (tuple, list)) or len(value) != ndim:
+        raise ValueError(f"{name} must be a {kind.__name__} or a tuple of {ndim} {kind.__name__}s "
+                         f"(one per grid axis), got {value!r}")
+    for v in value:
+        if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
+            raise TypeError(f"{name} entries must be ints, got {value!r}")
+        if kind is bool and not isinstance(v, bool):
+            raise TypeError(f"{name} entries must be bools, got {value!r}")
+        if kind is int and v < minimum:
+            raise ValueError(f"{name} entries must be >= {minimum}, got {value!r}")
+    return tuple(value)
+
+
+def normalize_na_args(ndim, kernel_size, dilation=1, stride=1, is_causal=False):
+    """Broadcast and check neighborhood arguments for ``ndim`` axes.
+
+    Returns ``(kernel_size, dilation, stride, is_causal)`` as tuples of length ``ndim``.
+    Raises ``ValueError``/``TypeError`` naming the argument.
+    """
+    k = _as_tuple("kernel_size", kernel_size, ndim)
+    d = _as_tuple("dilation", 1 if dilation is None else dilation, ndim)
+    s = _as_tuple("stride", 1 if stride is None else stride, ndim)
+    c = _as_tuple("is_causal", False if is_causal is None else is_causal, ndim, kind=bool)
+    if any(si > ki for si, ki in zip(s, k)):
+        raise ValueError(f"stride cannot be larger than kernel_size along any axis, got stride={s}, kernel_size={k}")
+    return k, d, s, c
+
+
+def check_na_against_grid(grid, kernel_size, dilation):
+    """Raise ``ValueError`` when ``kernel_size * dilation > grid`` on some axis (as NATTEN)."""
+    for g, k, d in zip(grid, kernel_size, dilation):
+        if k * d > g:
+            raise ValueError(f"kernel_size * dilation cannot be larger than the grid along any axis, got grid={tuple(grid)}, "
+                             f"kernel_size={tuple(kernel_size)}, dilation={tuple(dilation)}")
+
+
+@dataclass(frozen=True)
+class NeighborhoodRule(TokenRule):
+    """Token rule of :class:`Neighborhood` on a layout (fields are what a kernel needs)."""
+
+    grid: Tuple[int, ...]
+    prefix: int
+    suffix: int
+    kernel_size: Tuple[int, ...]
+    dilation: Tuple[int, ...]
+    stride: Tuple[int, ...]
+    is_causal: Tuple[bool, ...]
+    dense_nongrid: bool = True
+
+    def cache_key(self):
+        return ("NeighborhoodRule",) + tuple(self.__dict__.values())
+
+    def axis_allowed(self, a: int, xq: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
+        """Per-axis rule on grid coordinates (integer tensors that broadcast)."""
+        n, k, d, s = self.grid[a], self.kernel_size[a], self.dilation[a], self.stride[a]
+        gq, gk = xq % d, xk % d
+        aq, bk = xq // d, xk // d
+        n_g = (n - gq + d - 1) // d
+        group_start = (aq // s) * s
+        if self.is_causal[a]:
+            leader = torch.minimum(group_start + s - 1, n_g - 1)
+            ok = (bk <= aq) & (leader - bk < k)
+        else:
+            leader = torch.minimum(group_start + s // 2, n_g - 1)
+            start = torch.minimum(torch.clamp(leader - k // 2, min=0), n_g - k)
+            ok = (bk >= start) & (bk < start + k)
+        return ok & (gq == gk)
+
+    def __call__(self, h, q_idx, k_idx):
+        layout = TokenLayout(self.grid, self.prefix, self.suffix)
+        q_in, qc = layout.token_coords(q_idx)
+        k_in, kc = layout.token_coords(k_idx)
+        ok = q_in & k_in
+        for a in range(len(self.grid)):
+            ok = ok & self.axis_allowed(a, qc[a], kc[a])
+        if self.dense_nongrid:
+            ok = ok | ~q_in | ~k_in
+        else:
+            ok = ok | (~q_in & ~k_in)
+        return ok
+
+
+def auto_tile_shape(grid, kernel_size, dilation, stride, block_size):
+    """Pick a power-of-two tile (prod = block_size, or the whole grid if smaller) that minimises
+    the expected number of key tokens visited per query: per axis
+    ``(2 t + span - 2) / t`` with ``span = k + s - 1`` (in dilation-grouped coordinates), times
+    the waste of ragged edge tiles."""
+    ndim = len(grid)
+    best, best_cost = None, math.inf
+
+    def rec(a, tile):
+        nonlocal best, best_cost
+        if a == ndim:
+            if math.prod(tile) != target:
+                return
+            cost = 1.0
+            for g, t, k, s in zip(grid, tile, kernel_size, stride):
+                span = min(g, k + s - 1)
+                cost *= (2 * t + span - 2) / t
+                cost *= math.ceil(g / t) * t / g
+            if cost < best_cost:
+                best, best_cost = tuple(tile), cost
+            return
+        t = 1
+        while t <= max(1, 2 ** math.ceil(math.log2(grid[a]))) and t <= target:
+            rec(a + 1, tile + [t])
+            t *= 2
+
+    target = block_size
+    # if the grid is smaller than a block, any tile order is one block anyway
+    while target > 1:
+        rec(0, [])
+        if best is not None:
+            return best
+        target //= 2
+    return (1,) * ndim
+
+
+@dataclass(frozen=True)
+class Neighborhood(StaticPattern):
+    """Neighborhood attention over the token grid (NATTEN semantics, see module docstring).
+
+    Args:
+        kernel_size: int or per-axis tuple, >= 1 (NATTEN itself requires >= 2).
+        dilation: int or per-axis tuple, >= 1.
+        stride: int or per-axis tuple, 1 <= stride <= kernel_size.
+        is_causal: bool or per-axis tuple.
+        block_size: query/key block size of the plan (None: 128).
+        tile_shape: token tiling used by the plan (None: :func:`auto_tile_shape`; ``False``:
+            keep row-major order). Tiling changes speed only, never the result.
+        dense_nongrid: prefix/suffix tokens attend and are attended by everything (default);
+            if False they only attend each other.
+    """
+
+    kernel_size: object = 7
+    dilation: object = 1
+    stride: object = 1
+    is_causal: object = False
+    block_size: Optional[int] = None
+    tile_shape: object = None
+    dense_nongrid: bool = True
+
+    def __post_init__(self):
+        # early checks that do not need the layout's rank
+        for name in ("kernel_size", "dilation", "stride"):
+            v = getattr(self, name)
+            vals = v if isinstance(v, (tuple, list)) else (v,)
+            for x in vals:
+                if isinstance(x, bool) or not isinstance(x, int):
+                    raise TypeError(f"{name} must be an int or a tuple of ints, got {v!r}")
+                if x < 1:
+                    raise ValueError(f"{name} entries must be >= 1, got {v!r}")
+            if isinstance(v, list):
+                object.__setattr__(self, name, tuple(v))
+        c = self.is_causal
+        for x in (c if isinstance(c, (tuple, list)) else (c,)):
+            if not isinstance(x, bool):
+                raise TypeError(f"is_causal must be a bool or a tuple of bools, got {c!r}")
+        if isinstance(c, list):
+            object.__setattr__(self, "is_causal", tuple(c))
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 1):
+            raise ValueError(f"block_size must be a positive int, got {self.block_size!r}")
+
+    def resolved(self, layout: TokenLayout):
+        """Per-axis ``(kernel_size, dilation, stride, is_causal)`` for ``layout``, validated."""
+        for name in ("kernel_size", "dilation", "stride", "is_causal"):
+            v = getattr(self, name)
+            if isinstance(v, tuple) and len(v) != layout.ndim:
+                raise ValueError(f"{name}={v} has {len(v)} axes but the layout grid {layout.grid} has {layout.ndim}")
+        args = normalize_na_args(layout.ndim, self.kernel_size, self.dilation, self.stride, self.is_causal)
+        check_na_against_grid(layout.grid, args[0], args[1])
+        return args
+
+    def validate(self, layout: TokenLayout) -> None:
+        self.resolved(layout)
+
+    def rule(self, layout: TokenLayout) -> NeighborhoodRule:
+        """The token rule on ``layout``."""
+        k, d, s, c = self.resolved(layout)
+        return NeighborhoodRule(layout.grid, layout.prefix, layout.suffix, k, d, s, c, self.dense_nongrid)
+
+    def mask(self, layout: TokenLayout, num_heads: int = 1) -> torch.Tensor:
+        """BoolTensor ``[1, S, S]``; True where the query may attend the key."""
+        rule = self.rule(layout)
+        idx = torch.arange(layout.seq_len)
+        return rule(torch.tensor(0), idx[:, None], idx[None, :])[None]
+
+    def permutation(self, layout: TokenLayout, block_size: int, device=None) -> Optional[torch.Tensor]:
+        """Token order of the plan: dilation groups made contiguous per axis, then tiles.
+
+        Returns LongTensor ``[S]`` or None (row-major order)."""
+        k, d, s, _ = self.resolved(layout)
+        if self.tile_shape is False:
+            return None
+        tile = self.tile_shape
+        if tile is None:
+            tile = auto_tile_shape(layout.grid, k, d, s, block_size)
+        tile = _as_tuple("tile_shape", tile, layout.ndim)
+        if all(di == 1 for di in d) and all(t == 1 for t in tile[:-1]) and tile[-1] >= layout.grid[-1] and layout.ndim == 1:
+            return None
+        coords = layout.coords(device)
+        # dilation grouping: x -> offset(x % d) + x // d
+        regrouped = []
+        for a in range(layout.ndim):
+            n, da = layout.grid[a], d[a]
+            x = coords[:, a]
+            g = x % da
+            sizes = torch.tensor([(n - gg + da - 1) // da for gg in range(da)], device=coords.device)
+            offsets = torch.cumsum(sizes, 0) - sizes
+            regrouped.append(offsets[g] + x // da)
+        c2 = torch.stack(regrouped, -1)
+        num_tiles = [math.ceil(g / t) for g, t in zip(layout.grid, tile)]
+        tile_key = torch.zeros(c2.shape[0], dtype=torch.long, device=coords.device)
+        in_key = torch.zeros_like(tile_key)
+        for a in range(layout.ndim):
+            tile_key = tile_key * num_tiles[a] + c2[:, a] // tile[a]
+            in_key = in_key * tile[a] + c2[:, a] % tile[a]
+        grid_perm = torch.argsort(tile_key * math.prod(tile) + in_key)
+        return layout.custom_permutation(grid_perm)
+
+    def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
+        """Block plan (cached per layout/device): tiled token order, full blocks where the
+        whole block pair is inside the windows, partial blocks evaluated with the rule."""
+        dev = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
+        bs = self.block_size or default_block_size(dev)
+        rule = self.rule(layout)
+
+        def build():
+            perm = self.permutation(layout, bs, device=dev)
+            return plan_from_rule(rule, seq_len=layout.seq_len, block_q=bs, block_k=bs,
+                                  perm=None if perm is None else perm[None], device=dev,
+                                  meta=dict(pattern="neighborhood", kernel_size=list(rule.kernel_size),
+                                            dilation=list(rule.dilation), stride=list(rule.stride)))
+
+        return self.cached_plan((layout, str(dev), bs), build)
