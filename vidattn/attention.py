@@ -24,7 +24,7 @@ from .patterns.base import Pattern
 from .plan import BlockPlan
 
 __all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupported", "available_backends",
-           "check_qkv"]
+           "check_qkv", "add_observer"]
 
 log = logging.getLogger("vidattn")
 
@@ -37,6 +37,30 @@ class BackendUnsupported(RuntimeError):
 
 _registry: Dict[str, Callable] = {}
 _warned: set = set()
+_observers: Dict[int, Callable] = {}
+
+
+class _ObserverHandle:
+    def __init__(self, key):
+        self.key = key
+
+    def remove(self):
+        _observers.pop(self.key, None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def add_observer(fn: Callable) -> _ObserverHandle:
+    """Call ``fn(q, k, v, plan, out, scale)`` after every :func:`run_plan` (q/k/v/out
+    ``[B, S, H, D]``). Used by the quality probes. Returns a handle with ``remove()`` (also a
+    context manager). Observers must not modify their arguments."""
+    key = id(fn) ^ len(_observers) << 48
+    _observers[key] = fn
+    return _ObserverHandle(key)
 
 
 def register_backend(name: str, fn: Callable) -> None:
@@ -136,7 +160,12 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     for i, name in enumerate(chain):
         try:
             fn = _get_backend(name)
-            return fn(q, k, v, plan, scale=scale, return_lse=return_lse)
+            res = fn(q, k, v, plan, scale=scale, return_lse=return_lse)
+            if _observers:
+                out = res[0] if return_lse else res
+                for obs in list(_observers.values()):
+                    obs(q, k, v, plan, out, scale)
+            return res
         except (BackendUnsupported, NotImplementedError) as e:
             last_err = e
         except Exception as e:  # flex raises its own error types
