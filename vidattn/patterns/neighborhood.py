@@ -117,40 +117,51 @@ class NeighborhoodRule(TokenRule):
         return ok
 
 
-def auto_tile_shape(grid, kernel_size, dilation, stride, block_size):
-    """Pick a power-of-two tile (prod = block_size, or the whole grid if smaller) that minimises
-    the expected number of key tokens visited per query: per axis
-    ``(2 t + span - 2) / t`` with ``span = k + s - 1`` (in dilation-grouped coordinates), times
-    the waste of ragged edge tiles."""
+def auto_tile_shape(grid, kernel_size, dilation, stride, block_size, is_causal=None):
+    """Pick a tile (prod = block_size, or the whole grid if smaller) minimising the key tokens a
+    query tile visits: per axis ``min(tiles on the axis, 1 + ceil(left_halo / t) + ceil(right_halo / t)) * t``
+    (halos from the kernel and stride, in dilation-grouped coordinates), multiplied over axes.
+    Tile sides are powers of two or the whole axis."""
     ndim = len(grid)
+    causal = is_causal or (False,) * ndim
+    halos = []
+    for k, s, c in zip(kernel_size, stride, causal):
+        if c:
+            halos.append((k - 1 + s - 1, 0))
+        else:
+            halos.append((k // 2 + s // 2, k - 1 - k // 2 + (s - 1 - s // 2)))
+    options = []
+    for g in grid:
+        opts, t = set(), 1
+        while t < g:
+            opts.add(t)
+            t *= 2
+        opts.add(g)
+        options.append(sorted(opts))
+    target = min(block_size, math.prod(grid))
     best, best_cost = None, math.inf
 
-    def rec(a, tile):
+    def rec(a, tile, prod):
         nonlocal best, best_cost
         if a == ndim:
-            if math.prod(tile) != target:
+            if prod < target or prod > block_size:
                 return
             cost = 1.0
-            for g, t, k, s in zip(grid, tile, kernel_size, stride):
-                span = min(g, k + s - 1)
-                cost *= (2 * t + span - 2) / t
-                cost *= math.ceil(g / t) * t / g
+            for g, t, (hl, hr) in zip(grid, tile, halos):
+                cost *= min(math.ceil(g / t), 1 + math.ceil(hl / t) + math.ceil(hr / t)) * t
+            cost *= prod / target  # oversize tiles leave blocks straddling tiles
             if cost < best_cost:
                 best, best_cost = tuple(tile), cost
             return
-        t = 1
-        while t <= max(1, 2 ** math.ceil(math.log2(grid[a]))) and t <= target:
-            rec(a + 1, tile + [t])
-            t *= 2
+        for t in options[a]:
+            if prod * t <= block_size:
+                rec(a + 1, tile + [t], prod * t)
 
-    target = block_size
-    # if the grid is smaller than a block, any tile order is one block anyway
-    while target > 1:
-        rec(0, [])
-        if best is not None:
-            return best
-        target //= 2
-    return (1,) * ndim
+    rec(0, [], 1)
+    if best is None:  # no exact fit: accept the largest tile below a block
+        target = 1
+        rec(0, [], 1)
+    return best
 
 
 @dataclass(frozen=True)
@@ -231,7 +242,7 @@ class Neighborhood(StaticPattern):
             return None
         tile = self.tile_shape
         if tile is None:
-            tile = auto_tile_shape(layout.grid, k, d, s, block_size)
+            tile = auto_tile_shape(layout.grid, k, d, s, block_size, self.resolved(layout)[3])
         tile = _as_tuple("tile_shape", tile, layout.ndim)
         if all(di == 1 for di in d) and all(t == 1 for t in tile[:-1]) and tile[-1] >= layout.grid[-1] and layout.ndim == 1:
             return None
