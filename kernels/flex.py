@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Optional
 
 import torch
@@ -38,12 +39,24 @@ def _flex_fn(device: torch.device):
     return flex_attention
 
 
+_mask_cache: "weakref.WeakKeyDictionary[BlockPlan, object]" = weakref.WeakKeyDictionary()
+
+
 def block_mask_from_plan(plan: BlockPlan, num_heads: int):
-    """FlexAttention ``BlockMask`` executing ``plan`` in plan token order.
+    """FlexAttention ``BlockMask`` executing ``plan`` in plan token order (cached per plan, so a
+    compiled flex kernel is reused across calls instead of recompiling for a new mask_mod).
 
     The mask_mod maps plan positions back to original token indices through ``plan.perm`` and
     evaluates ``plan.rule`` only inside partial blocks (flex calls it only there).
     """
+    bm = _mask_cache.get(plan)
+    if bm is None:
+        bm = _build_block_mask(plan)
+        _mask_cache[plan] = bm
+    return bm
+
+
+def _build_block_mask(plan: BlockPlan):
     from torch.nn.attention.flex_attention import BlockMask
 
     S = plan.seq_len
@@ -90,12 +103,12 @@ def block_sparse_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     if plan.rectification is not None:
         raise FlexUnsupported("FlexAttention backend does not fuse rectification terms")
     B, S, H, D = q.shape
-    if plan.block_q != plan.block_k and q.device.type == "cuda":
-        pass
     qh = to_plan_order(q.transpose(1, 2), plan.perm)
     kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H), plan.perm)
     vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H), plan.perm)
-    bm = block_mask_from_plan(plan.to(q.device), H)
+    if plan.device != q.device:
+        plan = plan.to(q.device)
+    bm = block_mask_from_plan(plan, H)
     fn = _flex_fn(q.device)
     scale = D ** -0.5 if scale is None else scale
     if q.device.type == "cpu" and q.dtype != torch.float32:
