@@ -77,11 +77,17 @@ def _build_block_mask(plan: BlockPlan):
             return ok
         return ok & rule(h, qo, ko)
 
+    nkb = plan.num_k_blocks
+
+    def padded(idx):  # flex's compiled kernels expect one index slot per key block
+        idx = idx.to(dev, torch.int32)
+        return torch.nn.functional.pad(idx, (0, nkb - idx.shape[-1])).contiguous()
+
     return BlockMask.from_kv_blocks(
-        plan.kv_num_blocks.to(dev),
-        plan.kv_indices.to(dev),
-        plan.full_kv_num_blocks.to(dev),
-        plan.full_kv_indices.to(dev),
+        plan.kv_num_blocks.to(dev, torch.int32).contiguous(),
+        padded(plan.kv_indices),
+        plan.full_kv_num_blocks.to(dev, torch.int32).contiguous(),
+        padded(plan.full_kv_indices),
         BLOCK_SIZE=(plan.block_q, plan.block_k),
         mask_mod=mask_mod,
         seq_lengths=(S, S),

@@ -32,6 +32,7 @@ __all__ = [
     "indices_from_block_mask",
     "plan_from_rule",
     "plan_from_block_mask",
+    "estimate_block_density",
 ]
 
 # Block classes in a classified block mask.
@@ -354,3 +355,24 @@ def plan_from_rule(rule: TokenRule, *, seq_len: int, block_q: int, block_k: int,
     density = allowed_total / (num_heads * S * S)
     return plan_from_block_mask(classes[None], seq_len=S, block_q=block_q, block_k=block_k, rule=rule,
                                 perm=perm, token_density=density, meta=meta)
+
+
+def estimate_block_density(rule: TokenRule, perm: Optional[torch.Tensor], seq_len: int, block: int,
+                           samples: int = 16, device=None) -> float:
+    """Fraction of key blocks touched by ``samples`` evenly spaced query blocks of a static rule
+    in token order ``perm`` (LongTensor ``[S]`` or None): a cheap estimate of a plan's block
+    density (``samples * block * S`` rule evaluations) used to choose token orders."""
+    S = seq_len
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    order = torch.arange(S, device=dev) if perm is None else perm.to(dev).reshape(-1)
+    nqb = nkb = -(-S // block)
+    picks = torch.linspace(0, nqb - 1, min(samples, nqb)).round().long().unique().tolist()
+    rows = torch.cat([torch.arange(b * block, min(S, (b + 1) * block), device=dev) for b in picks])
+    m = rule(torch.tensor(0, device=dev), order[rows][:, None], order[None, :])
+    m = torch.nn.functional.pad(m, (0, nkb * block - S))
+    touched = m.view(m.shape[0], nkb, block).any(-1)  # [rows, nkb]
+    blk = torch.repeat_interleave(torch.arange(len(picks), device=dev),
+                                  torch.tensor([min(S, (b + 1) * block) - b * block for b in picks], device=dev))
+    per_block = torch.zeros(len(picks), nkb, dtype=torch.bool, device=dev)
+    per_block.index_put_((blk,), touched, accumulate=True)
+    return float(per_block.float().mean())

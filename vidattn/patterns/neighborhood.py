@@ -26,10 +26,10 @@ from typing import Optional, Tuple
 import torch
 
 from ..layout import TokenLayout
-from ..plan import BlockPlan, TokenRule, plan_from_rule
+from ..plan import BlockPlan, TokenRule, estimate_block_density, plan_from_rule
 from .base import StaticPattern, default_block_size
 
-__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape"]
+__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape", "rank_tile_shapes"]
 
 
 def _as_tuple(name, value, ndim, kind=int, minimum=1):
@@ -118,7 +118,12 @@ class NeighborhoodRule(TokenRule):
 
 
 def auto_tile_shape(grid, kernel_size, dilation, stride, block_size, is_causal=None):
-    """Pick a tile (prod = block_size, or the whole grid if smaller) minimising the key tokens a
+    """Best tile by :func:`rank_tile_shapes`' cost model."""
+    return rank_tile_shapes(grid, kernel_size, dilation, stride, block_size, is_causal)[0]
+
+
+def rank_tile_shapes(grid, kernel_size, dilation, stride, block_size, is_causal=None, top=4):
+    """Rank up to ``top`` tiles (prod = block_size, or the whole grid if smaller) minimising the key tokens a
     query tile visits: per axis ``min(tiles on the axis, 1 + ceil(left_halo / t) + ceil(right_halo / t)) * t``
     (halos from the kernel and stride, in dilation-grouped coordinates), multiplied over axes.
     Tile sides are powers of two or the whole axis."""
@@ -139,10 +144,9 @@ def auto_tile_shape(grid, kernel_size, dilation, stride, block_size, is_causal=N
         opts.add(g)
         options.append(sorted(opts))
     target = min(block_size, math.prod(grid))
-    best, best_cost = None, math.inf
+    scored = {}
 
     def rec(a, tile, prod):
-        nonlocal best, best_cost
         if a == ndim:
             if prod < target or prod > block_size:
                 return
@@ -150,18 +154,17 @@ def auto_tile_shape(grid, kernel_size, dilation, stride, block_size, is_causal=N
             for g, t, (hl, hr) in zip(grid, tile, halos):
                 cost *= min(math.ceil(g / t), 1 + math.ceil(hl / t) + math.ceil(hr / t)) * t
             cost *= prod / target  # oversize tiles leave blocks straddling tiles
-            if cost < best_cost:
-                best, best_cost = tuple(tile), cost
+            scored[tuple(tile)] = cost
             return
         for t in options[a]:
             if prod * t <= block_size:
                 rec(a + 1, tile + [t], prod * t)
 
     rec(0, [], 1)
-    if best is None:  # no exact fit: accept the largest tile below a block
+    if not scored:  # no exact fit: accept any tile below a block
         target = 1
         rec(0, [], 1)
-    return best
+    return sorted(scored, key=lambda t: (scored[t], t))[:top]
 
 
 @dataclass(frozen=True)
@@ -233,19 +236,20 @@ class Neighborhood(StaticPattern):
         idx = torch.arange(layout.seq_len)
         return rule(torch.tensor(0), idx[:, None], idx[None, :])[None]
 
-    def permutation(self, layout: TokenLayout, block_size: int, device=None) -> Optional[torch.Tensor]:
+    def permutation(self, layout: TokenLayout, block_size: int, device=None, tile=None) -> Optional[torch.Tensor]:
         """Token order of the plan: dilation groups made contiguous per axis, then tiles.
 
-        Returns LongTensor ``[S]`` or None (row-major order)."""
-        k, d, s, _ = self.resolved(layout)
-        if self.tile_shape is False:
-            return None
-        tile = self.tile_shape
+        ``tile`` overrides ``self.tile_shape``; with neither, the candidate tiles of
+        :func:`rank_tile_shapes` and the row-major order are compared by their sampled block
+        density and the best is used. Returns LongTensor ``[S]`` or None (row-major order)."""
+        k, d, s, c = self.resolved(layout)
         if tile is None:
-            tile = auto_tile_shape(layout.grid, k, d, s, block_size, self.resolved(layout)[3])
-        tile = _as_tuple("tile_shape", tile, layout.ndim)
-        if all(di == 1 for di in d) and all(t == 1 for t in tile[:-1]) and tile[-1] >= layout.grid[-1] and layout.ndim == 1:
+            tile = self.tile_shape
+        if tile is False:
             return None
+        if tile is None:
+            return self._best_permutation(layout, block_size, device)
+        tile = _as_tuple("tile_shape", tile, layout.ndim)
         coords = layout.coords(device)
         # dilation grouping: x -> offset(x % d) + x // d
         regrouped = []
@@ -265,6 +269,16 @@ class Neighborhood(StaticPattern):
             in_key = in_key * tile[a] + c2[:, a] % tile[a]
         grid_perm = torch.argsort(tile_key * math.prod(tile) + in_key)
         return layout.custom_permutation(grid_perm)
+
+    def _best_permutation(self, layout, block_size, device):
+        k, d, s, c = self.resolved(layout)
+        rule = self.rule(layout)
+        candidates = [None] + [self.permutation(layout, block_size, device, tile=t)
+                               for t in rank_tile_shapes(layout.grid, k, d, s, block_size, c)]
+        if layout.seq_len <= block_size:
+            return None
+        scores = [estimate_block_density(rule, p, layout.seq_len, block_size, device=device) for p in candidates]
+        return candidates[min(range(len(candidates)), key=lambda i: (scores[i], i))]
 
     def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
         """Block plan (cached per layout/device): tiled token order, full blocks where the
