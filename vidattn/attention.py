@@ -4,7 +4,7 @@ Backends (all execute the same :class:`~vidattn.plan.BlockPlan`):
 
 * ``"reference"`` — exact pure PyTorch, chunked (``vidattn.kernels.reference``);
 * ``"flex"`` — torch FlexAttention ``BlockMask`` built from the plan (``vidattn.kernels.flex``);
-* ``"triton"`` — the fused Triton kernel (``vidattn.kernels.block_sparse_attn``);
+* ``"triton"`` — the fused Triton kernel (``vidattn.kernels.sparse_flash``);
 * ``"auto"`` — triton on CUDA, reference on CPU.
 
 A backend that cannot handle a case raises ``BackendUnsupported`` internally; the dispatcher
@@ -84,7 +84,7 @@ def _get_backend(name: str) -> Callable:
         from vidattn.kernels.flex import block_sparse_attention_flex as fn
     elif name == "triton":
         try:
-            from vidattn.kernels.block_sparse_attn import block_sparse_attention_triton as fn
+            from vidattn.kernels.sparse_flash import block_sparse_attention_triton as fn
         except ImportError as e:  # kernel module missing or triton not installed
             raise BackendUnsupported(f"triton backend unavailable: {e}") from e
     else:
@@ -98,7 +98,7 @@ def available_backends(device: torch.device | str = "cpu") -> Dict[str, str]:
     dev = torch.device(device)
     out = {"reference": "ok"}
     try:
-        import torch.nn.attention.flex_attention  # noqa: F401
+        from torch.nn.attention import flex_attention as _flex  # noqa: F401  (plain `import torch.x` would make torch local)
         out["flex"] = "ok" if dev.type == "cuda" else "ok (eager, slow on CPU)"
     except Exception as e:  # pragma: no cover
         out["flex"] = f"unavailable: {e}"
@@ -201,5 +201,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_qkv(q, k, v, layout)
     pattern.validate(layout)
-    plan = pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device)
+    if getattr(pattern, "needs_values", False):  # e.g. RectifiedSparse: pooled V columns, scale-aware selection
+        plan = pattern.plan(layout, q, k, v=v, scale=scale, num_heads=q.shape[2], device=q.device)
+    else:
+        plan = pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device)
     return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)

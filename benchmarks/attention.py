@@ -1,0 +1,206 @@
+"""Attention-kernel benchmark: torch SDPA (cuDNN, flash), FlexAttention (compiled, same block
+layout), xformers (if it loads) and vidattn's Triton kernel, on production video shapes.
+
+    python benchmarks/attention.py [--json out.json] [--quick]
+    vidattn bench attention [...]
+
+Effective TFLOP/s = 4 * B * H * D * (computed key blocks * block tokens per query block) / time,
+i.e. FLOPs of the blocks a kernel computes. Needs a CUDA GPU. A correctness check against the
+reference backend runs first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+SHAPES = {
+    # name: (B, heads, grid, text tokens appended after the video, D)
+    "wan1.3b-480p-81f": (1, 12, (21, 30, 52), 0, 128),
+    "hunyuan-720p-129f": (1, 24, (33, 45, 80), 256, 128),
+}
+
+
+def _bench(fn):
+    import triton
+
+    fn()
+    torch.cuda.synchronize()
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def _random_block_plan(S, heads, density, block, seed=0):
+    from vidattn.plan import FULL, plan_from_block_mask
+
+    nb = math.ceil(S / block)
+    kcnt = max(1, int(round(density * nb)))
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.argsort(torch.rand(1, heads, nb, nb, device="cuda", generator=g), dim=-1)[..., :kcnt]
+    cls = torch.zeros(1, heads, nb, nb, dtype=torch.int8, device="cuda")
+    cls.scatter_(-1, idx, FULL)
+    return plan_from_block_mask(cls, seq_len=S, block_q=block, block_k=block, rule=None, token_density=kcnt / nb,
+                                meta=dict(pattern=f"random-{density}"))
+
+
+def correctness(log):
+    """Triton vs reference on small CUDA cases (bf16 + fp32, neighborhood, generic rule, GQA)."""
+    import vidattn
+    from vidattn.kernels.reference import block_sparse_attention_reference as ref_fn
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
+
+    cases = [
+        (vidattn.TokenLayout((6, 10, 12), suffix=7), vidattn.Neighborhood(kernel_size=(3, 5, 5), dilation=(1, 2, 1))),
+        (vidattn.TokenLayout((20, 24), prefix=3), vidattn.Neighborhood(kernel_size=(7, 9), stride=(2, 3),
+                                                                        is_causal=(True, False))),
+        (vidattn.TokenLayout((8, 16, 16)), vidattn.Dense()),
+    ]
+    try:
+        cases.append((vidattn.TokenLayout((8, 16, 16), suffix=5), vidattn.Radial(block_size=64)))
+    except Exception as e:
+        log(dict(check="radial", skipped=str(e)))
+    worst = 0.0
+    for layout, pat in cases:
+        for dt, D, (H, Hk) in ((torch.bfloat16, 128, (4, 4)), (torch.float32, 64, (4, 2)), (torch.float16, 96, (4, 1))):
+            S = layout.seq_len
+            q = torch.randn(2, S, H, D, device="cuda", dtype=dt)
+            k = torch.randn(2, S, Hk, D, device="cuda", dtype=dt)
+            v = torch.randn(2, S, Hk, D, device="cuda", dtype=dt)
+            plan = pat.plan(layout, device="cuda", num_heads=H)
+            out = tri_fn(q, k, v, plan)
+            ref = ref_fn(q.float(), k.float(), v.float(), plan)
+            rel = float((out.float() - ref).norm() / ref.norm())
+            worst = max(worst, rel)
+            log(dict(check=type(pat).__name__, grid=layout.grid, dtype=str(dt), D=D, heads=[H, Hk], rel_err=rel))
+    return worst
+
+
+def run(args, log):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import vidattn
+    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
+
+    flex = _compiled_flex()
+    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k.startswith("wan")}
+    for label, (B, H, grid, text, D) in shapes.items():
+        layout = vidattn.TokenLayout(grid, suffix=text)
+        S = layout.seq_len
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        dense_flops = 4 * B * H * S * S * D
+
+        def rec(name, ms, flops, **extra):
+            r = dict(shape=label, name=name, ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1), **extra)
+            log(r)
+            return r
+
+        base = {}
+        for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+            try:
+                with sdpa_kernel([be]):
+                    base[be.name] = rec(f"sdpa-{be.name}", _bench(
+                        lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh)), dense_flops)["ms"]
+            except Exception as e:
+                log(dict(shape=label, name=f"sdpa-{be.name}", skipped=repr(e)[:200]))
+        try:
+            import xformers.ops as xops
+
+            rec("xformers-mea", _bench(lambda: xops.memory_efficient_attention(q, k, v)), dense_flops)
+        except Exception as e:
+            log(dict(shape=label, name="xformers-mea", skipped=repr(e)[:300]))
+        cudnn = base.get("CUDNN_ATTENTION")
+
+        def both(name, plan, note=None):
+            """flex and triton on the same plan."""
+            fl = plan.block_density * dense_flops
+            try:
+                bm = block_mask_from_plan(plan, H)
+                qp, kp, vp = qh, kh, vh
+                if plan.perm is not None:
+                    from vidattn.kernels.reference import to_plan_order
+                    qp, kp, vp = (to_plan_order(t, plan.perm).contiguous() for t in (qh, kh, vh))
+                f_ms = _bench(lambda: flex(qp, kp, vp, block_mask=bm))
+                rec(f"flex-{name}", f_ms, fl, block_density=round(plan.block_density, 4))
+            except Exception as e:
+                f_ms = None
+                log(dict(shape=label, name=f"flex-{name}", skipped=repr(e)[:300]))
+            t_ms = _bench(lambda: tri_fn(q, k, v, plan))
+            rec(f"triton-{name}", t_ms, fl, block_density=round(plan.block_density, 4),
+                token_density=round(plan.token_density, 4),
+                vs_flex=round(f_ms / t_ms, 3) if f_ms else None,
+                vs_cudnn_dense=round(cudnn / t_ms, 3) if cudnn else None,
+                target_ms=round(1.3 * plan.token_density * cudnn, 3) if cudnn and note == "na" else None)
+
+        rec("flex-dense", _bench(lambda: flex(qh, kh, vh)), dense_flops)
+        both("dense", vidattn.Dense().plan(layout, device="cuda"))
+        for dens in (0.5, 0.25, 0.125, 0.0625):
+            both(f"blocksparse-d{dens}", _random_block_plan(S, H, dens, 128))
+        if label.startswith("wan"):
+            for kern in ((9, 15, 27),):
+                for tile in (None, (2, 8, 8)):
+                    pat = vidattn.Neighborhood(kernel_size=kern, tile_shape=tile)
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    plan = pat.plan(layout, device="cuda")
+                    torch.cuda.synchronize()
+                    build = time.perf_counter() - t0
+                    log(dict(shape=label, name=f"plan-neighborhood{kern}-tile{tile}", build_s=round(build, 3),
+                             token_density=round(plan.token_density, 4), block_density=round(plan.block_density, 4)))
+                    both(f"neighborhood{kern}-tile{tile or 'auto'}", plan, note="na")
+        try:
+            pat = vidattn.Radial()
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            plan = pat.plan(layout, device="cuda")
+            torch.cuda.synchronize()
+            log(dict(shape=label, name="plan-radial", build_s=round(time.perf_counter() - t0, 3),
+                     token_density=round(plan.token_density, 4), block_density=round(plan.block_density, 4)))
+            both("radial", plan)
+        except Exception as e:
+            log(dict(shape=label, name="radial", skipped=repr(e)[:300]))
+        del q, k, v, qh, kh, vh
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="vidattn bench attention", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", default="", help="write all records here")
+    p.add_argument("--quick", action="store_true", help="Wan shape only")
+    p.add_argument("--skip-check", action="store_true")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("vidattn bench attention needs a CUDA GPU", file=sys.stderr)
+        return 2
+    import triton
+
+    records = []
+
+    def log(r):
+        records.append(r)
+        print(json.dumps(r), flush=True)
+
+    log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__))
+    if not args.skip_check:
+        worst = correctness(log)
+        log(dict(check="worst_rel_err", value=worst))
+    run(args, log)
+    print("\n%-20s %-40s %9s %8s %8s %8s" % ("shape", "name", "ms", "TFLOP/s", "vs flex", "vs cuDNN"))
+    for r in records:
+        if "ms" in r:
+            print("%-20s %-40s %9.3f %8.1f %8s %8s" % (r["shape"], r["name"][:40], r["ms"], r["tflops"],
+                                                   r.get("vs_flex") or "", r.get("vs_cudnn_dense") or ""))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
