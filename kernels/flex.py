@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from vidattn.plan import BlockPlan
+from vidattn.plan import FULL, PARTIAL, BlockPlan
 
 from .reference import expand_kv_heads, from_plan_order, to_plan_order
 
@@ -67,15 +67,28 @@ def _build_block_mask(plan: BlockPlan):
     else:
         perm = plan.perm.to(dev)
     hp = perm.shape[0]
+    # Eager (non-CUDA) flex evaluates mask_mod on every pair and ignores the BlockMask's block lists,
+    # so there the mask_mod itself must skip unlisted blocks. Compiled (CUDA) flex only calls it
+    # inside partial blocks, so the lookup is left out there (no extra gather in the kernel).
+    eager = dev.type != "cuda"
+    cls = plan.block_classes() if eager else None
+    cbp, chp = (cls.shape[0], cls.shape[1]) if eager else (1, 1)
+    if rule is not None and hasattr(rule, "warm"):  # rules with device lookup tables: build them before tracing
+        rule.warm(dev)
+    bq, bk = plan.block_q, plan.block_k
 
     def mask_mod(b, h, q_idx, kv_idx):
         hh = h if hp > 1 else torch.zeros_like(h)
         qo = perm[hh, q_idx.clamp(max=S - 1)]
         ko = perm[hh, kv_idx.clamp(max=S - 1)]
         ok = (q_idx < S) & (kv_idx < S)
+        if not eager:
+            return ok if rule is None else ok & rule(h, qo, ko)
+        c = cls[b if cbp > 1 else torch.zeros_like(b), h if chp > 1 else torch.zeros_like(h),
+                q_idx.clamp(max=S - 1) // bq, kv_idx.clamp(max=S - 1) // bk]
         if rule is None:
-            return ok
-        return ok & rule(h, qo, ko)
+            return ok & (c > 0)
+        return ok & ((c == FULL) | ((c == PARTIAL) & rule(h, qo, ko)))
 
     nkb = plan.num_k_blocks
 

@@ -34,7 +34,8 @@ from vidattn.plan import PARTIAL, BlockPlan
 
 from .reference import expand_kv_heads, from_plan_order, to_plan_order
 
-__all__ = ["block_sparse_attention_triton", "TritonUnsupported", "neighborhood_tables", "partial_block_masks"]
+__all__ = ["block_sparse_attention_triton", "TritonUnsupported", "neighborhood_tables", "partial_block_masks",
+           "partial_mask_bytes"]
 
 LOG2E = 1.4426950408889634
 _stages_ok: dict = {}
@@ -85,34 +86,48 @@ def neighborhood_tables(plan: BlockPlan) -> torch.Tensor:
     return cache["na"]
 
 
-def partial_block_masks(plan: BlockPlan) -> torch.Tensor:
-    """uint8 ``[Bp, Hp, NQB, MP, block_q, block_k]``: the rule inside each listed partial block
-    (slot order of ``plan.kv_indices``), computed once per plan with the rule in torch."""
+MASK_BUDGET_BYTES = int(os.environ.get("VIDATTN_MASK_BUDGET_BYTES", str(3 << 30)))
+
+
+def partial_mask_bytes(plan: BlockPlan) -> int:
+    """Bytes :func:`partial_block_masks` needs for ``plan`` (one byte per pair in partial blocks)."""
+    return int(plan.kv_num_blocks.sum()) * plan.block_q * plan.block_k
+
+
+def partial_block_masks(plan: BlockPlan):
+    """The rule inside every listed partial block, computed once per plan with the rule in torch.
+
+    Returns:
+        ``(masks, slot_start)``: uint8 ``[P, block_q, block_k]`` (P = all listed partial blocks,
+        ordered by (batch, head, query block, slot)) and int64 ``[Bp, Hp, NQB]``, the index in
+        ``masks`` of each query block's first partial block.
+    """
     cache = _plan_cache(plan)
-    if "bits" not in cache:
+    if "masks" not in cache:
         S, bq, bk = plan.seq_len, plan.block_q, plan.block_k
         dev = plan.device
-        bp, hp, nqb = plan.kv_num_blocks.shape
+        num = plan.kv_num_blocks.long()
+        slot_start = (torch.cumsum(num.flatten(), 0) - num.flatten()).view(num.shape)
         mp = plan.kv_indices.shape[-1]
-        out = torch.zeros(bp, hp, nqb, max(mp, 1), bq, bk, dtype=torch.uint8, device=dev)
+        valid = torch.arange(mp, device=dev) < num[..., None]
+        b_i, h_i, q_i, j_i = valid.nonzero(as_tuple=True)  # row-major == slot order
+        k_i = plan.kv_indices.long()[b_i, h_i, q_i, j_i]
+        P = b_i.numel()
+        masks = torch.zeros(max(P, 1), bq, bk, dtype=torch.uint8, device=dev)
         perm = plan.perm.to(dev) if plan.perm is not None else torch.arange(S, device=dev)[None]
-        ar_q = torch.arange(bq, device=dev)
-        ar_k = torch.arange(bk, device=dev)
-        for h in range(hp):
-            ph = perm[h if perm.shape[0] > 1 else 0]
-            hh = torch.tensor(h, device=dev)
-            for i in range(nqb):
-                qpos = (i * bq + ar_q).clamp(max=S - 1)
-                for b in range(bp):
-                    n = int(plan.kv_num_blocks[b, h, i])
-                    if n == 0:
-                        continue
-                    kbs = plan.kv_indices[b, h, i, :n].long().to(dev)
-                    kpos = (kbs[:, None] * bk + ar_k).clamp(max=S - 1)  # [n, bk]
-                    m = plan.rule(hh, ph[qpos][None, :, None], ph[kpos][:, None, :])  # [n, bq, bk]
-                    out[b, h, i, :n] = m.to(torch.uint8)
-        cache["bits"] = out
-    return cache["bits"]
+        ar_q, ar_k = torch.arange(bq, device=dev), torch.arange(bk, device=dev)
+        chunk = max(1, (1 << 24) // (bq * bk))
+        for c0 in range(0, P, chunk):
+            sl = slice(c0, min(P, c0 + chunk))
+            hh = h_i[sl]
+            ph = perm[hh if perm.shape[0] > 1 else torch.zeros_like(hh)]  # [c, S]
+            qpos = (q_i[sl, None] * bq + ar_q).clamp(max=S - 1)
+            kpos = (k_i[sl, None] * bk + ar_k).clamp(max=S - 1)
+            qo = torch.gather(ph, 1, qpos)
+            ko = torch.gather(ph, 1, kpos)
+            masks[sl] = plan.rule(hh[:, None, None], qo[:, :, None], ko[:, None, :]).to(torch.uint8)
+        cache["masks"] = (masks, slot_start.contiguous())
+    return cache["masks"]
 
 
 # ----------------------------------------------------------------------------- the kernel
@@ -164,7 +179,7 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, d_mask, S, qk_scale, a
 def _sparse_flash_fwd(
     Q, K, V, O, LSE,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
-    NA_TAB, BITS, KEPT, PK, PV, PW,
+    NA_TAB, BITS, SLOT, KEPT, PK, PV, PW,
     S, H, HK_GROUP, qk_scale,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
@@ -172,7 +187,7 @@ def _sparse_flash_fwd(
     stride_ob, stride_oh, stride_os,
     fn_b, fn_h, fi_b, fi_h, fi_q,
     pn_b, pn_h, pi_b, pi_h, pi_q,
-    na_h, bits_b, bits_h, bits_q, bits_s,
+    na_h, slot_b, slot_h,
     kept_b, kept_h, kept_q,
     pk_b, pk_h, pk_s, pv_b, pv_h, pv_s, pw_b, pw_h, pw_q,
     NKB, D,
@@ -227,6 +242,8 @@ def _sparse_flash_fwd(
         qa1 = tl.load(tq + 4 * S)
         qg2 = tl.load(tq + 5 * S)
         qa2 = tl.load(tq + 6 * S)
+    if RULE == 2:
+        slot0 = tl.load(SLOT + b * slot_b + h * slot_h + qb).to(tl.int64)
     for j in range(0, npart):
         kb = tl.load(PART_IDX + b * pi_b + h * pi_h + qb * pi_q + j)
         cols = kb * BLOCK_N + offs_n
@@ -244,7 +261,7 @@ def _sparse_flash_fwd(
             else:
                 ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
         else:
-            mptr = (BITS + b * bits_b + h * bits_h + qb * bits_q + j * bits_s
+            mptr = (BITS + (slot0 + j) * (BLOCK_M * BLOCK_N)
                     + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :])
             ok = tl.load(mptr) != 0
         bias = zero_bias
@@ -297,10 +314,6 @@ def _check(q, k, v, plan):
     for name, bs in (("block_q", plan.block_q), ("block_k", plan.block_k)):
         if bs < 16 or bs > 256 or bs & (bs - 1):
             raise TritonUnsupported(f"plan {name}={bs} must be a power of two in [16, 256]")
-    if plan.rule is not None and not isinstance(plan.rule, NeighborhoodRule) and plan.has_partial:
-        P = int(plan.kv_num_blocks.sum())
-        if P * plan.block_q * plan.block_k > (1 << 31):
-            raise TritonUnsupported("too many partial blocks for the generic mask path")
     if isinstance(plan.rule, NeighborhoodRule) and len(plan.rule.grid) > 3:
         raise TritonUnsupported("neighborhood rules of rank > 3")
 
@@ -344,12 +357,14 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if pidx.shape[-1] == 0:
         pidx = torch.zeros(*pidx.shape[:-1], 1, dtype=torch.int32, device=dev)
     rule_mode = 0
-    na = bits = dummy = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev)
+    na = bits = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev)
+    slot = torch.zeros(1, 1, 1, dtype=torch.int64, device=dev)
     na_args = [1, 1, 1, 1] * 3
     causal = [False] * 3
     dense_nongrid = True
     if plan.has_partial and plan.rule is not None:
-        if isinstance(plan.rule, NeighborhoodRule):
+        fits = partial_mask_bytes(plan) <= MASK_BUDGET_BYTES
+        if isinstance(plan.rule, NeighborhoodRule) and not fits:
             rule_mode = 1
             na = neighborhood_tables(plan)
             r = plan.rule
@@ -357,9 +372,13 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                 na_args[4 * a: 4 * a + 4] = [r.grid[a], r.kernel_size[a], r.dilation[a], r.stride[a]]
                 causal[a] = bool(r.is_causal[a])
             dense_nongrid = bool(r.dense_nongrid)
-        else:
+        elif fits:
+            # precomputed per-block masks: one byte load per pair, the fastest partial-block path
             rule_mode = 2
-            bits = partial_block_masks(plan)
+            bits, slot = partial_block_masks(plan)
+        else:
+            raise TritonUnsupported(f"partial-block masks need {partial_mask_bytes(plan) / 2**30:.1f} GiB "
+                                    f"(> VIDATTN_MASK_BUDGET_BYTES) and {type(plan.rule).__name__} has no in-kernel form")
     rect = plan.rectification
     kept = rect.kept_log_scale.float().contiguous() if rect is not None and rect.kept_log_scale is not None else None
     pooled = rect is not None and rect.has_pooled
@@ -385,7 +404,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pn_b, pn_h = _bh_strides(pnum, B, H)
     pi_b, pi_h = _bh_strides(pidx, B, H)
     na_h = 0 if na.shape[0] == 1 else na.stride(0)
-    bits_b, bits_h = _bh_strides(bits, B, H)
+    slot_b, slot_h = _bh_strides(slot, B, H)
     kept_b, kept_h = _bh_strides(kept_t, B, H)
     pk_b, pk_h = _bh_strides(pk_t, B, H) if pooled else (0, 0)
     pv_b, pv_h = _bh_strides(pv_t, B, H) if pooled else (0, 0)
@@ -393,7 +412,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     launch_args = (
         qh, kh, vh, out, lse,
         fnum, fidx, pnum, pidx,
-        na, bits, kept_t, pk_t, pv_t, pw_t,
+        na, bits, slot, kept_t, pk_t, pv_t, pw_t,
         S, H, H // Hk, scale * LOG2E,
         qh.stride(0), qh.stride(1), qh.stride(2),
         kh.stride(0), kh.stride(1), kh.stride(2),
@@ -401,7 +420,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         out.stride(0), out.stride(1), out.stride(2),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
         pn_b, pn_h, pi_b, pi_h, pidx.stride(2),
-        na_h, bits_b, bits_h, bits.stride(2) if bits.dim() == 6 else 0, bits.stride(3) if bits.dim() == 6 else 0,
+        na_h, slot_b, slot_h,
         kept_b, kept_h, kept_t.stride(2),
         pk_b, pk_h, pk_t.stride(2), pv_b, pv_h, pv_t.stride(2), pw_b, pw_h, pw_t.stride(2),
         plan.num_k_blocks, D,

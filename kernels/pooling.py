@@ -1,0 +1,72 @@
+"""Block mean pooling of Q/K/V in plan order (pure PyTorch, vectorized, any device).
+
+Used by :class:`vidattn.patterns.rectified.RectifiedSparse` (pooled scores, pooled K/V columns)
+and as the reference for a fused Triton pooling kernel. Blocks are consecutive runs of ``block``
+tokens of the (optionally permuted) sequence; the last block may be short and is averaged over
+its real tokens only.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+__all__ = ["block_counts", "block_mean_pool", "block_moments"]
+
+
+def block_counts(seq_len: int, block: int, device=None) -> torch.Tensor:
+    """Int64 ``[ceil(S / block)]``: number of real tokens in each block."""
+    if block < 1 or seq_len < 1:
+        raise ValueError(f"block and seq_len must be >= 1, got block={block}, seq_len={seq_len}")
+    nb = -(-seq_len // block)
+    starts = torch.arange(nb, device=device) * block
+    return torch.clamp(seq_len - starts, max=block)
+
+
+def _blocked(x: torch.Tensor, block: int, perm: Optional[torch.Tensor]):
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a tensor [B, S, H, D], got {getattr(x, 'shape', type(x))}")
+    if not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be an int >= 1, got {block!r}")
+    B, S, H, D = x.shape
+    xh = x.transpose(1, 2).float()  # [B, H, S, D]
+    if perm is not None:
+        if perm.dim() != 2 or perm.shape[-1] != S or perm.shape[0] not in (1, H):
+            raise ValueError(f"perm must be [1 or H, S] = [.., {S}], got {tuple(perm.shape)}")
+        idx = perm.to(x.device).expand(H, S)
+        xh = torch.gather(xh, 2, idx[None, :, :, None].expand(B, H, S, D))
+    nb = -(-S // block)
+    xh = torch.nn.functional.pad(xh, (0, 0, 0, nb * block - S))
+    return xh.view(B, H, nb, block, D), block_counts(S, block, x.device)
+
+
+def block_mean_pool(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of each block of tokens.
+
+    Args:
+        x: ``[B, S, H, D]`` any float dtype.
+        block: tokens per block.
+        perm: optional LongTensor ``[1 or H, S]``: pool in plan order ``x[:, perm[h]]``.
+    Returns:
+        float32 ``[B, H, ceil(S / block), D]``.
+    """
+    xb, cnt = _blocked(x, block, perm)
+    return xb.sum(3) / cnt[None, None, :, None].to(xb.dtype)
+
+
+def block_moments(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = None
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block mean and (biased) per-channel variance.
+
+    Args: as :func:`block_mean_pool`.
+    Returns:
+        ``(mean, var)``: float32 ``[B, H, NB, D]`` each.
+    """
+    xb, cnt = _blocked(x, block, perm)
+    c = cnt[None, None, :, None].to(xb.dtype)
+    mean = xb.sum(3) / c
+    S = x.shape[1]
+    valid = (torch.arange(xb.shape[2] * block, device=x.device) < S).view(xb.shape[2], block)
+    dev2 = ((xb - mean[:, :, :, None]) ** 2) * valid[None, None, :, :, None]
+    return mean, dev2.sum(3) / c
