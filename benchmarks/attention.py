@@ -117,10 +117,12 @@ def run(args, log):
             log(dict(shape=label, name="xformers-mea", skipped=repr(e)[:300]))
         cudnn = base.get("CUDNN_ATTENTION")
 
-        def both(name, plan, note=None):
+        def both(name, plan, note=None, flex_ok=True):
             """flex and triton on the same plan."""
             fl = plan.block_density * dense_flops
             try:
+                if not flex_ok:
+                    raise RuntimeError("skipped: flex compile of this mask_mod runs out of memory at this size")
                 bm = block_mask_from_plan(plan, H)
                 qp, kp, vp = qh, kh, vh
                 if plan.perm is not None:
@@ -154,17 +156,19 @@ def run(args, log):
                     log(dict(shape=label, name=f"plan-neighborhood{kern}-tile{tile}", build_s=round(build, 3),
                              token_density=round(plan.token_density, 4), block_density=round(plan.block_density, 4)))
                     both(f"neighborhood{kern}-tile{tile or 'auto'}", plan, note="na")
-        try:
-            pat = vidattn.Radial()
+        radials = [("radial-token", dict()), ("radial-block", dict(granularity="block"))]
+        for rname, kw in radials:
+          try:
+            pat = vidattn.Radial(**kw)
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             plan = pat.plan(layout, device="cuda")
             torch.cuda.synchronize()
-            log(dict(shape=label, name="plan-radial", build_s=round(time.perf_counter() - t0, 3),
+            log(dict(shape=label, name=f"plan-{rname}", build_s=round(time.perf_counter() - t0, 3),
                      token_density=round(plan.token_density, 4), block_density=round(plan.block_density, 4)))
-            both("radial", plan)
-        except Exception as e:
-            log(dict(shape=label, name="radial", skipped=repr(e)[:300]))
+            both(rname, plan, flex_ok=not label.startswith("hunyuan") or "block" in rname)
+          except Exception as e:
+            log(dict(shape=label, name=rname, skipped=repr(e)[:300]))
         del q, k, v, qh, kh, vh
         torch.cuda.empty_cache()
 

@@ -148,9 +148,12 @@ def _na_axis_ok(gq, aq, gk, bk, n, k, d, s, causal: tl.constexpr):
 
 @triton.jit
 def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, d_mask, S, qk_scale, allowed, extra_bias,
-                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr):
+                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, CHECK_COLS: tl.constexpr = True):
     col_ok = cols < S
-    k = tl.load(k_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    if CHECK_COLS:
+        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
     if FP32_DOT:
         s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -158,16 +161,19 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, d_mask, S, qk_scale, a
     s = s * qk_scale
     if HAS_BIAS:
         s = s + extra_bias
-    ok = col_ok[None, :]
     if HAS_MASK:
-        ok = ok & allowed
-    s = tl.where(ok, s, float("-inf"))
+        s = tl.where(col_ok[None, :] & allowed, s, float("-inf"))
+    elif CHECK_COLS:
+        s = tl.where(col_ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    if CHECK_COLS:
+        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+    else:
+        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
     if FP32_DOT:
         acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
     else:
@@ -225,9 +231,14 @@ def _sparse_flash_fwd(
         bias = zero_bias
         if HAS_KEPT:
             bias = zero_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                                      v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, d_mask, S,
-                                      qk_scale, ones, bias, False, HAS_KEPT, FP32_DOT)
+        if kb * BLOCK_N + BLOCK_N <= S:  # interior block: no tail masking at all
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                                          v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, d_mask, S,
+                                          qk_scale, ones, bias, False, HAS_KEPT, FP32_DOT, False)
+        else:
+            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks + offs_d[None, :],
+                                          v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, d_mask, S,
+                                          qk_scale, ones, bias, False, HAS_KEPT, FP32_DOT, True)
 
     # ---- partial blocks
     npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb)
@@ -302,6 +313,8 @@ def _bh_strides(t: torch.Tensor, B: int, H: int):
 
 
 def _check(q, k, v, plan):
+    if q.shape[1] != plan.seq_len or k.shape[1] != plan.seq_len or v.shape[1] != plan.seq_len:
+        raise ValueError(f"plan was built for {plan.seq_len} tokens but q/k/v have {q.shape[1]}/{k.shape[1]}/{v.shape[1]}")
     if q.device.type != "cuda" and not _interpreting():
         raise TritonUnsupported("triton backend needs a CUDA device (or TRITON_INTERPRET=1)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
