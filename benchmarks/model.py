@@ -115,11 +115,10 @@ def bench_wan(args, results):
             handle = vidattn.apply(model, pattern, backend=backend)
             torch.cuda.reset_peak_memory_stats()
             ms = _time_ms(lambda: step(model))
-            stats = getattr(handle, "stats", None)
-            dens = None
-            if stats is not None:
-                d = stats() if callable(stats) else stats
-                dens = d.get("mean_density") if isinstance(d, dict) else None
+            td = getattr(handle, "token_densities", None) or []
+            td = td() if callable(td) else td
+            td = list(td.values()) if isinstance(td, dict) else list(td)
+            dens = round(sum(td) / len(td), 4) if td else None
             rec(f"{name}-eager", ms, speedup_vs_cudnn=round(dense_ms["CUDNN_ATTENTION"] / ms, 3), density=dens,
                 first_call_s=round(time.perf_counter() - t0, 2))
         except Exception as e:

@@ -271,10 +271,12 @@ def _sparse_flash_fwd(
                 ok = ok | (~both)
             else:
                 ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
-        else:
+        elif RULE == 2:
             mptr = (BITS + (slot0 + j) * (BLOCK_M * BLOCK_N)
                     + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :])
             ok = tl.load(mptr) != 0
+        else:
+            ok = ones
         bias = zero_bias
         if HAS_KEPT:
             bias = zero_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634

@@ -10,7 +10,7 @@ import torch
 import vidattn
 from vidattn import TokenLayout
 
-from conftest import dense_masked_attention
+from vidattn_testutils import dense_masked_attention
 
 BACKENDS = ["reference", "flex", "triton", "auto"]
 

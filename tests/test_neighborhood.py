@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import vidattn
-from conftest import dense_masked_attention
+from vidattn_testutils import dense_masked_attention
 from vidattn import Neighborhood, TokenLayout
 
 

@@ -3,7 +3,7 @@
 import torch
 
 import vidattn
-from conftest import dense_masked_attention
+from vidattn_testutils import dense_masked_attention
 from vidattn.ops import sparse_attention_op
 
 

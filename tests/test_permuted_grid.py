@@ -8,7 +8,7 @@ import vidattn
 from vidattn import TokenLayout, invert_permutation
 from vidattn.patterns.grid import PermutedGrid
 
-from conftest import dense_masked_attention
+from vidattn_testutils import dense_masked_attention
 
 T, HH, WW = 8, 4, 4
 TPF, N = HH * WW, T * HH * WW

@@ -8,7 +8,7 @@ import vidattn
 from vidattn import TokenLayout
 from vidattn.patterns.radial import Radial
 
-from conftest import dense_masked_attention
+from vidattn_testutils import dense_masked_attention
 
 
 def paper_radial_mask(T, tpf, block, decay, sink_frames, dense_near, prefix=0, suffix=0):

@@ -11,7 +11,7 @@ from vidattn import TokenLayout
 from vidattn.kernels.pooling import block_counts, block_mean_pool, block_moments
 from vidattn.patterns.rectified import RectifiedSparse, select_blocks
 
-from conftest import dense_masked_attention
+from vidattn_testutils import dense_masked_attention
 
 
 def pooled_by_loops(x, block):
