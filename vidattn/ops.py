@@ -12,85 +12,63 @@ reference backend under autograd.
 
 from __future__ import annotations
 
-import threading
-from typing import Dict, Optional, Tuple
+from typing import List, Optional
 
 import torch
 
 from .attention import check_qkv, run_plan
 from .layout import TokenLayout
-from .patterns.base import Pattern
+from .patterns.base import Pattern, pattern_by_key
 from .plan import BlockPlan
 
-__all__ = ["sparse_attention_op", "register_plan", "registered_plan"]
-
-_lock = threading.Lock()
-_plans: Dict[int, Tuple[BlockPlan, str]] = {}
-_ids: Dict[tuple, int] = {}
-
-
-def register_plan(plan: BlockPlan, backend: str = "auto") -> int:
-    """Keep ``plan`` alive under an integer id usable inside compiled graphs."""
-    key = (id(plan), backend)
-    with _lock:
-        pid = _ids.get(key)
-        if pid is None:
-            pid = len(_plans) + 1
-            _plans[pid] = (plan, backend)
-            _ids[key] = pid
-    return pid
-
-
-def registered_plan(plan_id: int) -> Tuple[BlockPlan, str]:
-    """The (plan, backend) stored under ``plan_id``."""
-    return _plans[plan_id]
-
+__all__ = ["sparse_attention_op"]
 
 @torch.library.custom_op("vidattn::sparse_attn", mutates_args=())
-def _sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan_id: int, scale: float) -> torch.Tensor:
-    plan, backend = _plans[plan_id]
+def _sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_key: int, grid: List[int], prefix: int,
+                 suffix: int, backend: str, scale: float) -> torch.Tensor:
+    plan = _plan(pattern_key, grid, prefix, suffix, q.shape[2], q.device)
     return run_plan(q, k, v, plan, backend=backend, scale=scale)
 
 
+def _plan(pattern_key, grid, prefix, suffix, num_heads, device) -> BlockPlan:
+    pattern = pattern_by_key(pattern_key)
+    return pattern.plan(TokenLayout(tuple(grid), prefix, suffix), num_heads=num_heads, device=device)
+
+
 @_sparse_attn.register_fake
-def _sparse_attn_fake(q, k, v, plan_id, scale):
+def _sparse_attn_fake(q, k, v, pattern_key, grid, prefix, suffix, backend, scale):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, plan_id, scale = inputs
+    q, k, v, pattern_key, grid, prefix, suffix, backend, scale = inputs
     ctx.save_for_backward(q, k, v)
-    ctx.plan_id, ctx.scale = plan_id, scale
+    ctx.args = (pattern_key, grid, prefix, suffix)
+    ctx.scale = scale
 
 
 def _backward(ctx, grad_out):
     from vidattn.kernels.reference import block_sparse_attention_reference
 
     q, k, v = ctx.saved_tensors
-    plan, _ = _plans[ctx.plan_id]
+    plan = _plan(*ctx.args, q.shape[2], q.device)
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
         out = block_sparse_attention_reference(qq, kk, vv, plan, scale=ctx.scale)
         gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
-    return gq, gk, gv, None, None
+    return gq, gk, gv, None, None, None, None, None, None
 
 
 _sparse_attn.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _plan_id(pattern: Pattern, layout: TokenLayout, num_heads: int, device: str, backend: str) -> int:
-    plan = pattern.plan(layout, num_heads=num_heads, device=torch.device(device))
-    return register_plan(plan, backend)
-
-
-_plan_id_const = torch._dynamo.assume_constant_result(_plan_id)
 
 
 def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
                         backend: str = "auto", scale: Optional[float] = None) -> torch.Tensor:
     """Same contract as :func:`vidattn.sparse_attention` (``[B, S, H, D]`` in and out), through
     the ``vidattn::sparse_attn`` custom op for static patterns, so it compiles without a graph
-    break and supports autograd. Dynamic patterns fall back to :func:`vidattn.sparse_attention`."""
+    break (the pattern travels as its integer key, the layout as ints; the cached plan is looked
+    up inside the op) and supports autograd. Dynamic patterns fall back to
+    :func:`vidattn.sparse_attention`."""
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     if pattern.is_dynamic:
         from .attention import sparse_attention
@@ -99,5 +77,4 @@ def sparse_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patte
     if not torch.compiler.is_compiling():
         check_qkv(q, k, v, layout)
         pattern.validate(layout)
-    pid = _plan_id_const(pattern, layout, q.shape[2], str(q.device), backend)
-    return _sparse_attn(q, k, v, pid, scale)
+    return _sparse_attn(q, k, v, pattern._vidattn_key, list(layout.grid), layout.prefix, layout.suffix, backend, scale)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 from typing import Optional
 
@@ -10,7 +11,15 @@ import torch
 from ..layout import TokenLayout
 from ..plan import BlockPlan
 
-__all__ = ["Pattern", "StaticPattern", "default_block_size"]
+__all__ = ["Pattern", "StaticPattern", "default_block_size", "pattern_by_key"]
+
+_keys = itertools.count(1)
+_by_key: dict = {}
+
+
+def pattern_by_key(key: int) -> "Pattern":
+    """The pattern constructed with integer key ``key`` (``pattern._vidattn_key``)."""
+    return _by_key[key]
 
 
 def default_block_size(device) -> int:
@@ -28,6 +37,15 @@ class Pattern:
 
     is_dynamic: bool = False
     needs_frames: bool = False
+
+    def __new__(cls, *args, **kwargs):
+        # every pattern gets a process-unique integer key at construction, so compiled graphs can
+        # refer to it by a plain int (see vidattn.ops) without reconstructing the object
+        obj = super().__new__(cls)
+        key = next(_keys)
+        object.__setattr__(obj, "_vidattn_key", key)
+        _by_key[key] = obj
+        return obj
 
     def validate(self, layout: TokenLayout) -> None:
         """Raise ``ValueError`` if the pattern cannot serve ``layout``."""
