@@ -40,3 +40,13 @@ def test_op_compiles_without_graph_break():
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     out = compiled(q, k, v)
     assert (out - f(q, k, v)).abs().max() < 1e-6
+
+
+def test_op_passes_torch_library_opcheck():
+    layout = vidattn.TokenLayout((3, 4))
+    pat = vidattn.Neighborhood(kernel_size=3, block_size=4)
+    q, k, v = _inputs(layout)
+    torch.library.opcheck(torch.ops.vidattn.sparse_attn.default,
+                          (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, pat._vidattn_key, [3, 4], 0, 0,
+                           "reference", 0.3),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

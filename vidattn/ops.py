@@ -27,7 +27,8 @@ __all__ = ["sparse_attention_op"]
 def _sparse_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern_key: int, grid: List[int], prefix: int,
                  suffix: int, backend: str, scale: float) -> torch.Tensor:
     plan = _plan(pattern_key, grid, prefix, suffix, q.shape[2], q.device)
-    return run_plan(q, k, v, plan, backend=backend, scale=scale)
+    # contiguous, as the fake implementation promises (backends may return a transposed view)
+    return run_plan(q, k, v, plan, backend=backend, scale=scale).contiguous()
 
 
 def _plan(pattern_key, grid, prefix, suffix, num_heads, device) -> BlockPlan:
