@@ -28,6 +28,7 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -34,10 +34,11 @@ import html
 import io
 import json
 import os
-import tempfile
 from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
+
+from vidattn.pipelines.video_io import atomic_path, to_uint8, write_mp4
 
 __all__ = ["REPORT_SCHEMA_VERSION", "REPORT_SCHEMA", "validate_report", "write_report", "write_side_by_side_mp4",
            "render_html"]
@@ -134,28 +135,16 @@ def validate_report(report: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- atomic writes
 def _atomic_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _u8(video) -> np.ndarray:
     from .metrics import to_video
 
-    v = np.clip(to_video(video), 0.0, 1.0)
-    if v.ndim == 3:
-        v = v[..., None]
-    if v.shape[-1] == 1:
-        v = np.repeat(v, 3, axis=-1)
-    return (v * 255).round().astype(np.uint8)
+    v = to_video(video)
+    return to_uint8(v[..., None] if v.ndim == 3 else v)
 
 
 def _side_by_side_frames(dense, sparse: Mapping[str, Any], diff_gain: float = 4.0) -> np.ndarray:
@@ -185,22 +174,7 @@ def write_side_by_side_mp4(path: str, dense, sparse: Mapping[str, Any], fps: int
     H, W = h * up, w * up
     H += H % 2
     W += W % 2
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp_", suffix=".mp4")
-    os.close(fd)
-    try:
-        wr = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (W, H))
-        if not wr.isOpened():
-            raise RuntimeError("OpenCV could not open an mp4v VideoWriter")
-        for f in frames:
-            wr.write(cv2.resize(f, (W, H), interpolation=cv2.INTER_NEAREST)[..., ::-1].copy())
-        wr.release()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_mp4(np.stack([cv2.resize(f, (W, H), interpolation=cv2.INTER_NEAREST) for f in frames]), path, fps=fps)
     return frames.shape[0], H, W
 
 
