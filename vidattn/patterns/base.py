@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from typing import Optional
 
 import torch
@@ -14,7 +15,7 @@ from ..plan import BlockPlan
 __all__ = ["Pattern", "StaticPattern", "default_block_size", "pattern_by_key"]
 
 _keys = itertools.count(1)
-_by_key: dict = {}
+_by_key: "weakref.WeakValueDictionary[int, Pattern]" = weakref.WeakValueDictionary()  # no leak
 
 
 def pattern_by_key(key: int) -> "Pattern":
