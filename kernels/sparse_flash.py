@@ -411,8 +411,10 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     BM, BN = plan.block_q, plan.block_k
     nqb = plan.num_q_blocks
     big = BM * BN * BLOCK_D >= 128 * 128 * 128
-    num_warps = 8 if big else 4
+    num_warps = int(os.environ.get("VIDATTN_TRITON_WARPS", 8 if big else 4))
     stage_options = [1] if _interpreting() else ([2, 1] if q.dtype != torch.float32 else [1])
+    if os.environ.get("VIDATTN_TRITON_STAGES") and not _interpreting():
+        stage_options = [int(os.environ["VIDATTN_TRITON_STAGES"])] + stage_options
     grid = (nqb, B * H)
     fn_b, fn_h = _bh_strides(fnum, B, H)
     fi_b, fi_h = _bh_strides(fidx, B, H)
@@ -448,7 +450,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D, num_warps=num_warps,
     )
-    key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled)
+    key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled, num_warps, tuple(stage_options))
     for stages in ([_stages_ok[key]] if key in _stages_ok else stage_options):
         try:
             _sparse_flash_fwd[grid](*launch_args, num_stages=stages, **consts)

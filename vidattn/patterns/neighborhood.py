@@ -27,7 +27,9 @@ import torch
 
 from ..layout import TokenLayout
 from ..plan import BlockPlan, TokenRule, estimate_block_density, plan_from_rule
-from .base import StaticPattern, default_block_size
+from .base import StaticPattern
+
+NEIGHBORHOOD_BLOCK = 64
 
 __all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape", "rank_tile_shapes"]
 
@@ -176,7 +178,7 @@ class Neighborhood(StaticPattern):
         dilation: int or per-axis tuple, >= 1.
         stride: int or per-axis tuple, 1 <= stride <= kernel_size.
         is_causal: bool or per-axis tuple.
-        block_size: query/key block size of the plan (None: 128).
+        block_size: query/key block size of the plan (None: 64).
         tile_shape: token tiling used by the plan (None: :func:`auto_tile_shape`; ``False``:
             keep row-major order). Tiling changes speed only, never the result.
         dense_nongrid: prefix/suffix tokens attend and are attended by everything (default);
@@ -284,7 +286,9 @@ class Neighborhood(StaticPattern):
         """Block plan (cached per layout/device): tiled token order, full blocks where the
         whole block pair is inside the windows, partial blocks evaluated with the rule."""
         dev = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
-        bs = self.block_size or default_block_size(dev)
+        # 64-token blocks: smaller query tiles shrink the window halo (H100 sweep, benchmarks/RESULTS.md:
+        # Wan (9,15,27) 6.7 ms at 64 vs 7.9 ms at 128)
+        bs = self.block_size or NEIGHBORHOOD_BLOCK
         rule = self.rule(layout)
 
         def build():
