@@ -335,8 +335,7 @@ def plan_from_rule(rule: TokenRule, *, seq_len: int, block_q: int, block_k: int,
                 padr = -rows % block_q
                 m = torch.nn.functional.pad(m, (0, 0, 0, padr))
                 cnt = m.view(-1, block_q, kblocks.numel(), block_k).sum((1, 3))
-                qsz = (torch.arange(r0, r0 + rows + padr, block_q, device=dev)[:, None] + 0)
-                qsz = (torch.clamp(S - qsz, max=block_q)).clamp(max=block_q)
+                qsz = torch.clamp(S - torch.arange(r0, r0 + rows + padr, block_q, device=dev), max=block_q)[:, None]
                 ksz = torch.clamp(S - kblocks * block_k, max=block_k)[None, :]
                 cls = torch.where(cnt == 0, EMPTY, torch.where(cnt == qsz * ksz, FULL, PARTIAL)).to(torch.int8)
                 cls = cls * cand[:, kblocks].to(torch.int8).clamp(max=1)
