@@ -113,13 +113,15 @@ def block_sparse_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
 
     Args:
         q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H; expanded for flex).
-        plan: a BlockPlan without rectification terms.
+        plan: a BlockPlan without fused rectification terms (``kept_log_scale`` / pooled columns).
+            An output epilogue (``out_scale`` / ``out_shift``) is not this backend's job: it is
+            ignored here and applied by ``vidattn.run_plan`` (which passes plans without it).
     Returns:
         ``[B, S, H, D]`` in q's dtype (and float32 lse ``[B, H, S]`` if ``return_lse``).
     Raises:
-        FlexUnsupported: plans with rectification terms.
+        FlexUnsupported: plans with fused rectification terms.
     """
-    if plan.rectification is not None:
+    if plan.rectification is not None and plan.rectification.has_fused:
         raise FlexUnsupported("FlexAttention backend does not fuse rectification terms")
     B, S, H, D = q.shape
     qh = to_plan_order(q.transpose(1, 2), plan.perm)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["block_counts", "block_mean_pool", "block_moments"]
+__all__ = ["block_counts", "block_mean_pool", "block_moments", "block_mean_absdev", "block_masked_mean"]
 
 
 def block_counts(seq_len: int, block: int, device=None) -> torch.Tensor:
@@ -70,3 +70,43 @@ def block_moments(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = No
     valid = (torch.arange(xb.shape[2] * block, device=x.device) < S).view(xb.shape[2], block)
     dev2 = ((xb - mean[:, :, :, None]) ** 2) * valid[None, None, :, :, None]
     return mean, dev2.sum(3) / c
+
+
+def block_mean_absdev(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = None
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block mean and per-channel mean absolute deviation from it (real tokens only).
+
+    Args: as :func:`block_mean_pool`.
+    Returns:
+        ``(mean, mad)``: float32 ``[B, H, NB, D]`` each, ``mad[.., c] = mean_i |x_i[c] - mean[c]|``
+        over the block's real tokens (the statistic RectifiedSparse's gain-vs-error test uses).
+    """
+    xb, cnt = _blocked(x, block, perm)
+    c = cnt[None, None, :, None].to(xb.dtype)
+    mean = xb.sum(3) / c
+    S = x.shape[1]
+    valid = (torch.arange(xb.shape[2] * block, device=x.device) < S).view(xb.shape[2], block)
+    dev1 = (xb - mean[:, :, :, None]).abs() * valid[None, None, :, :, None]
+    return mean, dev1.sum(3) / c
+
+
+def block_masked_mean(x: torch.Tensor, block: int, token_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block mean over the tokens selected by ``token_mask`` only (natural token order).
+
+    Args:
+        x: ``[B, S, H, D]`` any float dtype.
+        block: tokens per block.
+        token_mask: BoolTensor ``[S]``: tokens that take part.
+    Returns:
+        ``(mean, count)``: float32 ``[B, H, NB, D]`` (0 for a block with no selected token) and
+        int64 ``[NB]`` selected tokens per block.
+    """
+    xb, _ = _blocked(x, block, None)
+    S = x.shape[1]
+    if not isinstance(token_mask, torch.Tensor) or token_mask.shape != (S,) or token_mask.dtype != torch.bool:
+        raise ValueError(f"token_mask must be a BoolTensor [S={S}], got {getattr(token_mask, 'shape', token_mask)}")
+    nb = xb.shape[2]
+    m = torch.nn.functional.pad(token_mask.to(x.device), (0, nb * block - S)).view(nb, block)
+    cnt = m.sum(-1)
+    mean = (xb * m[None, None, :, :, None]).sum(3) / cnt.clamp_min(1)[None, None, :, None].to(xb.dtype)
+    return mean, cnt

@@ -53,7 +53,9 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
 
     Args:
         q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` with Hk dividing H. Any float dtype.
-        plan: the BlockPlan (Bp in {1, B}, Hp in {1, H}).
+        plan: the BlockPlan (Bp in {1, B}, Hp in {1, H}). Fused rectification terms are executed;
+            an output epilogue (``out_scale`` / ``out_shift``) is ignored here (``vidattn.run_plan``
+            applies it after every backend).
         scale: softmax scale (default ``D ** -0.5``).
         return_lse: also return the natural-log sum-exp of the scaled logits, float32 ``[B, H, S]``
             (``-inf`` for a query with no allowed key, whose output is 0).

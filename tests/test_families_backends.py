@@ -1,6 +1,7 @@
 """Radial, PermutedGrid and RectifiedSparse on every backend (reference, flex, triton, auto):
 each equals the independent masked-SDPA reference (or the reference executor for rectified
-plans, which FlexAttention cannot fuse: it must fall back)."""
+plans). The authors' rectification is an output epilogue every backend gets from run_plan; the
+joint method's fused terms FlexAttention cannot run: it must fall back."""
 
 import warnings
 
@@ -59,9 +60,10 @@ def test_permuted_grid_backends(data, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("rectify", [False, True])
-def test_rectified_backends(data, backend, rectify):
+@pytest.mark.parametrize("method", ["authors", "joint"])
+def test_rectified_backends(data, backend, rectify, method):
     lay, q, k, v = data
-    pat = vidattn.RectifiedSparse(keep=0.4, rectify=rectify, block_size=8)
+    pat = vidattn.RectifiedSparse(keep=0.4, rectify=rectify, block_size=8, method=method)
     plan = pat.plan(lay, q, k, v=v)
     assert (plan.rectification is not None) == rectify
     want = vidattn.run_plan(q, k, v, plan, backend="reference")
@@ -72,14 +74,19 @@ def test_rectified_backends(data, backend, rectify):
         torch.testing.assert_close(out.double(), ref, atol=5e-5, rtol=1e-4)
 
 
-def test_flex_falls_back_for_rectification(data):
+def test_flex_falls_back_for_fused_rectification_only(data):
     lay, q, k, v = data
-    pat = vidattn.RectifiedSparse(keep=0.4, rectify=True, block_size=8)
     from vidattn.attention import _warned
 
     _warned.clear()
     with pytest.warns(RuntimeWarning, match="falling back to 'reference'"):
-        vidattn.sparse_attention(q, k, v, pat, lay, backend="flex")
+        vidattn.sparse_attention(q, k, v, vidattn.RectifiedSparse(keep=0.4, block_size=8, method="joint"), lay,
+                                 backend="flex")
+    _warned.clear()
+    with warnings.catch_warnings():  # the authors' epilogue plan runs on flex itself
+        warnings.simplefilter("error", RuntimeWarning)
+        warnings.filterwarnings("ignore", message=".*(flex_attention|return_lse).*")
+        vidattn.sparse_attention(q, k, v, vidattn.RectifiedSparse(keep=0.4, block_size=8), lay, backend="flex")
 
 
 def test_public_names():
@@ -100,12 +107,15 @@ def test_triton_kernel_runs_every_family():
     S = lay.seq_len
     q, k, v = (torch.randn(2, S, 2, 16, generator=gen) for _ in range(3))
     pats = (vidattn.Radial(block_size=16, decay_factor=0.5), vidattn.Radial(block_size=16, granularity="block"),
-            vidattn.PermutedGrid(block_size=16), vidattn.RectifiedSparse(keep=0.4, block_size=16))
+            vidattn.PermutedGrid(block_size=16), vidattn.RectifiedSparse(keep=0.4, block_size=16, method="joint"),
+            vidattn.RectifiedSparse(keep=0.4, block_size=16))
+    from vidattn.attention import backend_plan
+    from vidattn.kernels.reference import block_sparse_attention_reference
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton  # raises TritonUnsupported, no fallback
 
     for pat in pats:
         kw = dict(v=v) if getattr(pat, "needs_values", False) else {}
-        plan = pat.plan(lay, q, k, num_heads=2, **kw)
+        plan = backend_plan(pat.plan(lay, q, k, num_heads=2, **kw))  # what run_plan hands a backend
         out = block_sparse_attention_triton(q, k, v, plan)
-        want = vidattn.run_plan(q, k, v, plan, backend="reference")
+        want = block_sparse_attention_reference(q, k, v, plan)
         torch.testing.assert_close(out, want, atol=5e-5, rtol=1e-4)

@@ -9,12 +9,18 @@ Backends (all execute the same :class:`~vidattn.plan.BlockPlan`):
 
 A backend that cannot handle a case raises ``BackendUnsupported`` internally; the dispatcher
 then falls back (triton -> flex -> reference) with a one-time warning naming the reason.
+
+A plan's output *epilogue* (``Rectification.out_scale`` / ``out_shift``, RectifiedSparse's
+authors' method) is applied here, in :func:`run_plan`, after whichever backend ran: backends
+receive the plan without those terms and compute plain block-sparse attention.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+import weakref
+from dataclasses import replace
 from typing import Callable, Dict, Optional
 
 import torch
@@ -24,7 +30,7 @@ from .patterns.base import Pattern
 from .plan import BlockPlan
 
 __all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupported", "available_backends",
-           "check_qkv", "add_observer"]
+           "check_qkv", "add_observer", "apply_epilogue", "backend_plan"]
 
 log = logging.getLogger("vidattn")
 
@@ -140,10 +146,79 @@ def check_qkv(q, k, v, layout: Optional[TokenLayout] = None) -> None:
         layout.check_seq_len(S, name="q")
 
 
+_backend_plans: "weakref.WeakKeyDictionary[BlockPlan, BlockPlan]" = weakref.WeakKeyDictionary()
+
+
+def backend_plan(plan: BlockPlan) -> BlockPlan:
+    """The plan a backend executes: ``plan`` without its output epilogue (``out_scale`` /
+    ``out_shift``). Returns ``plan`` itself when it has no epilogue; otherwise one stripped copy
+    per plan object (cached weakly, so per-plan backend caches such as flex's BlockMask keep
+    working across calls)."""
+    rect = plan.rectification
+    if rect is None or not rect.has_epilogue:
+        return plan
+    out = _backend_plans.get(plan)
+    if out is None:
+        out = replace(plan, rectification=rect.without_epilogue())
+        _backend_plans[plan] = out
+    return out
+
+
+def _token_blocks(plan: BlockPlan, device) -> torch.Tensor:
+    """Int64 ``[Hx, S]`` (Hx = perm heads or 1): plan query block of each *original* token."""
+    S = plan.seq_len
+    blk = torch.arange(S, device=device) // plan.block_q  # block of each plan position
+    if plan.perm is None:
+        return blk[None]
+    perm = plan.perm.to(device)
+    out = torch.empty_like(perm)
+    return out.scatter_(1, perm, blk.expand_as(perm).contiguous())
+
+
+def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """Apply the plan's output epilogue: ``out_i = out_scale[b, h, qb(i)] * out_i + out_shift[b, h, qb(i)]``
+    with ``qb(i)`` the plan query block of token ``i`` (through ``plan.perm``).
+
+    Args:
+        out: ``[B, S, H, Dv]`` sparse attention output in original token order (any float dtype).
+        plan: the plan (``Bp in {1, B}``, ``Hp in {1, H}``).
+    Returns:
+        ``out`` itself if the plan has no epilogue, else a new ``[B, S, H, Dv]`` tensor in
+        ``out``'s dtype (computed in float32). Pure torch ops (traceable, differentiable in ``out``);
+        memory ``O(B * S * H * Dv)``.
+    """
+    rect = plan.rectification
+    if rect is None or not rect.has_epilogue:
+        return out
+    blk = _token_blocks(plan, out.device)  # [Hx, S]
+    res = out.float()
+    if rect.out_scale is not None:
+        sc = rect.out_scale.to(out.device, torch.float32)  # [Bp, Hp, NQB]
+        hx = max(sc.shape[1], blk.shape[0])
+        idx = blk.expand(hx, -1)[None].expand(sc.shape[0], -1, -1)
+        tok = torch.gather(sc.expand(-1, hx, -1), 2, idx)  # [Bp, Hx, S]
+        res = res * tok.transpose(1, 2)[..., None]
+    if rect.out_shift is not None:
+        sh = rect.out_shift.to(out.device, torch.float32)  # [Bp, Hp, NQB, Dv]
+        if sh.shape[-1] != out.shape[-1]:
+            raise ValueError(f"plan out_shift has value dim {sh.shape[-1]} but the output has {out.shape[-1]}")
+        hx = max(sh.shape[1], blk.shape[0])
+        idx = blk.expand(hx, -1)[None, :, :, None].expand(sh.shape[0], -1, -1, sh.shape[-1])
+        tok = torch.gather(sh.expand(-1, hx, -1, -1), 2, idx)  # [Bp, Hx, S, Dv]
+        res = res + tok.transpose(1, 2)
+    return res.to(out.dtype)
+
+
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
              return_lse: bool = False):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
-    :func:`sparse_attention`. Falls back triton -> flex -> reference with a one-time warning."""
+    :func:`sparse_attention`. Falls back triton -> flex -> reference with a one-time warning.
+
+    The backend runs :func:`backend_plan` (the plan without its output epilogue); the epilogue,
+    if any, is then applied here by :func:`apply_epilogue`, identically for every backend. The
+    LSE returned with ``return_lse`` is that of the sparse softmax only (what the backend
+    computed): the epilogue is not a softmax over a key set, so it has no log-sum-exp; do not
+    merge an epilogue plan's output with other attention partials through its LSE."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     B, S, H, _ = q.shape
@@ -157,10 +232,13 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
         backend = "triton" if q.device.type == "cuda" else "reference"
     chain = {"triton": ["triton", "flex", "reference"], "flex": ["flex", "reference"], "reference": ["reference"]}[backend]
     last_err = None
+    bplan = backend_plan(plan)
     for i, name in enumerate(chain):
         try:
             fn = _get_backend(name)
-            res = fn(q, k, v, plan, scale=scale, return_lse=return_lse)
+            res = fn(q, k, v, bplan, scale=scale, return_lse=return_lse)
+            if bplan is not plan:
+                res = (apply_epilogue(res[0], plan), res[1]) if return_lse else apply_epilogue(res, plan)
             if _observers:
                 out = res[0] if return_lse else res
                 for obs in list(_observers.values()):

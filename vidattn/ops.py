@@ -7,7 +7,8 @@ dynamo and inductor see one opaque node and no graph break. Dynamic patterns (Re
 PermutedGrid) build their plan from Q/K values and go through the eager path.
 
 Backward (for fine-tuning, e.g. swapped timm ViTs) recomputes the attention with the exact
-reference backend under autograd.
+reference backend under autograd (plus the plan's output epilogue, as ``run_plan`` applies it in
+the forward; epilogue terms are constants of the plan).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import List, Optional
 
 import torch
 
-from .attention import check_qkv, run_plan
+from .attention import apply_epilogue, backend_plan, check_qkv, run_plan
 from .layout import TokenLayout
 from .patterns.base import Pattern, pattern_by_key
 from .plan import BlockPlan
@@ -55,7 +56,8 @@ def _backward(ctx, grad_out):
     plan = _plan(*ctx.args, q.shape[2], q.device)
     with torch.enable_grad():
         qq, kk, vv = (t.detach().requires_grad_(True) for t in (q, k, v))
-        out = block_sparse_attention_reference(qq, kk, vv, plan, scale=ctx.scale)
+        # same computation as the forward's run_plan: sparse part, then the plan's output epilogue
+        out = apply_epilogue(block_sparse_attention_reference(qq, kk, vv, backend_plan(plan), scale=ctx.scale), plan)
         gq, gk, gv = torch.autograd.grad(out, (qq, kk, vv), grad_out)
     return gq, gk, gv, None, None, None, None, None, None
 

@@ -12,7 +12,8 @@ Key blocks not listed are skipped. Optional extras:
 * ``perm``: LongTensor ``[Hp, S]`` (Hp = 1 or heads). The plan's block indices refer to the
   permuted order ``x_perm[:, i] = x[:, perm[h, i]]``; backends permute Q/K/V per head before and
   inverse-permute the output after. The rule always receives *original* token indices.
-* ``rectification``: :class:`Rectification` terms fused into the softmax (RectifiedSparse).
+* ``rectification``: :class:`Rectification` terms (RectifiedSparse): fused into the softmax and/or
+  an output epilogue ``out = scale * O + shift`` per query block, applied by ``run_plan``.
 
 A plan is pure data: cache it per (layout, pattern, device) and reuse it across layers/steps.
 """
@@ -72,39 +73,72 @@ class DenseRule(TokenRule):
 
 @dataclass(frozen=True, eq=False)
 class Rectification:
-    """Rectification terms fused into the block-sparse softmax (RectifiedSparse).
+    """Rectification terms of a plan (RectifiedSparse). Two independent kinds:
 
-    For query token ``i`` in query block ``qb`` (plan order) the softmax runs over
+    *Fused* terms (``method="joint"``), inside the block-sparse softmax. For query token ``i`` in
+    query block ``qb`` (plan order) the softmax runs over
 
     * every listed key ``j`` (in key block ``kb``) with logit ``scale * q_i.k_j + kept_log_scale[b, h, qb, kb]``;
     * one extra *pooled column* per key block ``kb`` with logit
       ``scale * q_i.pooled_k[b, h, kb] + pooled_log_weight[b, h, qb, kb]`` and value ``pooled_v[b, h, kb]``
       (``-inf`` weight = column absent; ``log(n_tokens)`` reproduces a block of identical keys).
 
-    Shapes (Bp = batch or 1, Hp = heads or 1, NQB/NKB = number of query/key blocks):
+    Only the reference and Triton backends fuse these (flex refuses them and falls back).
+
+    *Epilogue* terms (``method="authors"``), applied to the finished sparse output ``O`` by
+    :func:`vidattn.attention.run_plan` after whichever backend ran (backends never see them):
+    ``out_i = out_scale[b, h, qb] * O_i + out_shift[b, h, qb, :]`` (plan order; ``O_i`` is the
+    softmax attention over the listed blocks, with the fused terms if any). ``None`` means scale 1
+    / shift 0.
+
+    Shapes (Bp = batch or 1, Hp = heads or 1, NQB/NKB = number of query/key blocks, Dv value dim):
         kept_log_scale: float32 ``[Bp, Hp, NQB, NKB]`` or None (0 everywhere).
         pooled_k, pooled_v: ``[Bp, Hp, NKB, D]`` (any float dtype) or None.
         pooled_log_weight: float32 ``[Bp, Hp, NQB, NKB]`` or None.
+        out_scale: float32 ``[Bp, Hp, NQB]`` or None.
+        out_shift: float32 ``[Bp, Hp, NQB, Dv]`` or None.
     """
 
     kept_log_scale: Optional[torch.Tensor] = None
     pooled_k: Optional[torch.Tensor] = None
     pooled_v: Optional[torch.Tensor] = None
     pooled_log_weight: Optional[torch.Tensor] = None
+    out_scale: Optional[torch.Tensor] = None
+    out_shift: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         has_pool = [t is not None for t in (self.pooled_k, self.pooled_v, self.pooled_log_weight)]
         if any(has_pool) and not all(has_pool):
             raise ValueError("pooled_k, pooled_v and pooled_log_weight must be given together")
+        if self.out_scale is not None and (not isinstance(self.out_scale, torch.Tensor) or self.out_scale.dim() != 3):
+            raise ValueError(f"out_scale must be a float tensor [Bp, Hp, NQB], got {getattr(self.out_scale, 'shape', self.out_scale)}")
+        if self.out_shift is not None and (not isinstance(self.out_shift, torch.Tensor) or self.out_shift.dim() != 4):
+            raise ValueError(f"out_shift must be a float tensor [Bp, Hp, NQB, Dv], got {getattr(self.out_shift, 'shape', self.out_shift)}")
 
     @property
     def has_pooled(self) -> bool:
         return self.pooled_k is not None
 
+    @property
+    def has_fused(self) -> bool:
+        """True if the softmax itself carries terms (``kept_log_scale`` or pooled columns)."""
+        return self.kept_log_scale is not None or self.has_pooled
+
+    @property
+    def has_epilogue(self) -> bool:
+        """True if ``out_scale`` or ``out_shift`` is set."""
+        return self.out_scale is not None or self.out_shift is not None
+
+    def without_epilogue(self) -> Optional["Rectification"]:
+        """The fused terms only (None if there are none): what a backend executes."""
+        if not self.has_fused:
+            return None
+        return Rectification(self.kept_log_scale, self.pooled_k, self.pooled_v, self.pooled_log_weight)
+
     def to(self, device) -> "Rectification":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return Rectification(mv(self.kept_log_scale), mv(self.pooled_k), mv(self.pooled_v),
-                             mv(self.pooled_log_weight))
+                             mv(self.pooled_log_weight), mv(self.out_scale), mv(self.out_shift))
 
 
 @dataclass(frozen=True, eq=False)
@@ -244,6 +278,7 @@ class BlockPlan:
             block_density=round(self.block_density, 6),
             permuted=self.perm is not None,
             rectified=self.rectification is not None,
+            epilogue=self.rectification is not None and self.rectification.has_epilogue,
             **{k: v for k, v in self.meta.items() if isinstance(v, (int, float, str, bool, list, tuple))},
         )
 

@@ -1,48 +1,73 @@
-"""Rectified sparse attention (after Liu et al., "Rectified SpaAttn: Revisiting Attention Sparsity
-for Efficient Video Generation", arXiv:2511.19835).
+"""Rectified sparse attention: Liu et al., "Rectified SpaAttn: Revisiting Attention Sparsity for
+Efficient Video Generation", arXiv:2511.19835; reference code github.com/BienLuky/Rectified-SpaAttn
+(read at commit 4b0aa10; the core of ``rectified_spaattn/gapr_mask.py`` and
+``rectified_spaattn/rectified_wan21_attn.py`` / ``rectified_hunyuan_attn.py`` is unchanged since the
+first commit cd000af). This module re-implements the method from those formulas; no code is copied.
 
-The paper observes two biases of block-sparse attention: (1) critical (kept) tokens are
-over-weighted, by the inverse of the attention mass the selection keeps; (2) non-critical
-(dropped) tokens lose their attention entirely. It rectifies both against an implicit full
-attention reference computed from pooled blocks: Isolated-Pooling Attention Reallocation (IPAR)
-for (1) and Gain-Aware Pooling Rectification (GAPR) for (2). Only the paper's abstract was
-available while writing this module; the per-block formulas below are this project's derivation
-of those two ideas and are stated exactly, so they can be checked and replaced.
+Block-sparse attention has two biases: the exact softmax over the kept (*critical*) blocks
+over-weights them (it renormalises to 1 the mass the full softmax gives them), and the dropped
+blocks lose their share entirely. Both are corrected against an *implicit full attention* built
+from block-mean pooled Q/K/V, in ``O((S/B)^2 D)`` work (never S^2). Two variants are available
+through ``method``.
 
-Notation (per batch b and head h; block ``B``; plan order = natural token order): ``Qp, Kp, Vp``
-block means (``vidattn.kernels.pooling``), ``Kvar, Vvar`` per-channel block variances, ``n_kb``
-tokens of key block ``kb``, ``s`` the softmax scale. All work is ``O((S/B)^2 D)``, never S^2.
+``method="authors"`` (default): the authors' IPAR + GAPR
+-------------------------------------------------------------
+Notation per (batch, head), block ``B`` (= ``block_size``), natural token order: ``q̄_a, k̄_b, v̄_b``
+block means over each block's real tokens, ``δq_a, δk_b`` per-channel mean absolute deviations
+from the block mean, ``n_b`` tokens of key block ``b``, ``s`` the attention's softmax scale.
 
-* pooled logits ``L[qb, kb] = s * Qp[qb].Kp[kb] + log n_kb`` (a block of ``n`` identical keys);
-  selection probabilities ``P = softmax_kb(L)``.
-* selection per (b, h, qb): the top ``ceil(keep * NKB)`` key blocks by ``P`` (ties: lower index
-  first) or, if ``mass`` is set, the fewest blocks whose ``P`` sums to ``>= mass``; plus the
-  diagonal block and every block holding prefix/suffix (text) tokens; query blocks holding
-  text tokens keep every key block.
-* IPAR (kept tokens): the exact softmax over kept tokens is renormalised together with the pooled
-  columns below, so the kept tokens receive ``Z_kept / (Z_kept + sum_c Z_c)`` — the share the
-  pooled reference gives them — instead of 1. The pooled partition of a block is corrected for
-  the spread of its keys (log-normal moment: ``E exp(s q.k) ~ exp(s q.Kp + g)`` with
-  ``g[qb, kb] = 0.5 * s^2 * sum_d Qp[qb, d]^2 Kvar[kb, d]``, clamped to ``[0, 4]``), isolating
-  each block's own estimate; ``kept_log_scale`` stays 0 since kept blocks are computed exactly.
-* GAPR (dropped blocks): a dropped block ``kb`` gets one pooled column (key ``Kp[kb]``, value
-  ``Vp[kb]``, log weight ``log n_kb + g[qb, kb]``) iff its estimated gain exceeds its pooling
-  error: ``gain = rms_d(Vp[kb] - Vbar[qb])`` with ``Vbar`` the reference-weighted mean of the
-  kept blocks' ``Vp`` (how far the block moves the output), ``err = rms_d(sqrt(Vvar[kb])) *
-  sqrt(expm1(2 g[qb, kb]))`` (value spread times the coefficient of variation of the in-block
-  weights). Both carry the same factor ``P[qb, kb]``, which cancels.
+1. Implicit full attention ``P_ab = softmax_b(s * q̄_a.k̄_b + log n_b)``. With equal blocks the
+   ``log n_b`` term is a constant and this is the authors' ``softmax_b(d^-1/2 q̄_a.k̄_b)``.
+   When ``dense_text`` and the layout has prefix/suffix tokens, those text keys are *isolated*
+   (not pooled), as the authors do for HunyuanVideo: a key block's mass is
+   ``n^grid_b exp(s q̄_a.k̄^grid_b) + sum_{text t in b} exp(s q̄_a.k_t)``, normalised over blocks.
+2. Critical set ``C_a``: blocks sorted by ``P_ab`` descending (ties: lower index first). With
+   ``mass=τ``, the authors' count ``#{j : cumsum_j <= τ} + 1``, at least ``top_k``; otherwise the
+   top ``max(ceil(keep * NKB), top_k)``. Plus the diagonal block (``keep_diagonal``; the authors'
+   static neighbour mask always contains a block's own block) and, with ``dense_text``, every
+   block holding prefix/suffix tokens both as keys and as queries (the authors attend text keys
+   densely and run text queries with full attention).
+3. GAPR, for every block ``b``: gain ``G_ab = |q̄_a.k̄_b|`` against pooling error
+   ``E_ab = |δq_a.k̄_b| + |q̄_a.δk_b|`` (both without the softmax scale, which cancels). A
+   non-critical block with ``G_ab > E_ab`` is *pooled* (set ``G_a``), otherwise *rejected* (``N_a``).
+4. IPAR: ``R_a = sum_{b in C_a ∪ N_a} P_ab`` (computed as ``1 - sum_{b in G_a} P_ab``, the same
+   number, exactly 1 when nothing is pooled). Output, for every query token ``i`` of block ``a``:
+   ``out_i = R_a * O^sparse_i + sum_{b in G_a} P_ab v̄_b`` where ``O^sparse`` is exact softmax
+   attention over ``C_a``. The plan carries ``R`` and the pooled term as an output epilogue
+   (:class:`~vidattn.plan.Rectification` ``out_scale`` / ``out_shift``) that
+   :func:`vidattn.run_plan` applies after any backend (reference, flex or triton).
 
-The plan has Bp = batch and Hp = heads (selection per sample and head), full blocks only (no
-token rule), and a :class:`~vidattn.plan.Rectification` when ``rectify`` (FlexAttention cannot
-fuse it, so ``backend="flex"`` falls back to the reference). ``keep=1.0, rectify=False`` is
-dense attention exactly.
+Where this differs from the authors' code, deliberately: (a) the last, ragged block is pooled over
+its real tokens (means and deviations) and weighted by its true size ``n_b`` in ``P``; the authors
+zero-pad the sequence to a multiple of ``B`` and average over the padded block (identical when
+``S`` is a multiple of ``B``); (b) ties in the sort are broken by block index (the authors' sort is
+not stable); (c) ``s`` is the attention's scale (the authors always use ``d^-1/2``, our default);
+(d) not implemented: the authors' static 26-neighbour block mask and first-frame square (here
+only the diagonal), Hilbert-curve token reordering, and dense warm-up layers/steps (a pipeline
+concern: see ``dense_steps``); everything is computed in float32.
+
+``method="joint"``: this project's earlier derivation
+---------------------------------------------------
+Pooled logits ``L = s * q̄.k̄ + log n`` select blocks as above (with ``mass``: fewest blocks
+reaching it); a dropped block gets one *pooled column* (key ``k̄_b``, value ``v̄_b``, log weight
+``log n_b + g_ab``) inside the same softmax as the kept tokens iff ``rms_d(v̄_b - V̄_a) >
+rms_d(sqrt(Vvar_b)) * sqrt(expm1(2 g_ab))``, where ``g_ab = 0.5 s^2 sum_d q̄_a[d]^2 Kvar_b[d]``
+(clamped to [0, 4]) is a log-normal correction of the block's partition and ``V̄_a`` the
+``softmax(L + g)``-weighted mean of the kept blocks' ``v̄``. The kept tokens are thereby
+renormalised together with the pooled columns (``kept_log_scale`` stays 0). Fused in the
+reference and Triton kernels; FlexAttention cannot fuse it and falls back to the reference.
+
+Both: plan with Bp = batch and Hp = heads (selection per sample and head), full blocks only (no
+token rule); ``keep=1.0, rectify=False`` is dense attention exactly, and so is
+``keep=1.0, rectify=True`` with ``method="authors"`` (``R = 1``, nothing pooled). Without ``v``
+(``plan(layout, q, k)``) only the selection is built (no rectification).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -50,17 +75,23 @@ from ..layout import TokenLayout
 from ..plan import FULL, BlockPlan, Rectification, plan_from_block_mask
 from .base import Pattern
 
-__all__ = ["RectifiedSparse", "select_blocks"]
+__all__ = ["RectifiedSparse", "select_blocks", "pooled_block_probs", "gapr_poolable", "ipar_epilogue", "METHODS"]
+
+METHODS = ("authors", "joint")
 
 
-def select_blocks(probs: torch.Tensor, keep: Optional[float], mass: Optional[float]) -> torch.Tensor:
+def select_blocks(probs: torch.Tensor, keep: Optional[float], mass: Optional[float], *, min_count: int = 1,
+                  inclusive: bool = False) -> torch.Tensor:
     """Critical key blocks per query block.
 
     Args:
         probs: float ``[..., NKB]`` pooled attention probabilities (rows sum to 1).
-        keep: fraction of key blocks kept (top-k, ``k = max(1, ceil(keep * NKB))``), used when
-            ``mass`` is None.
-        mass: cumulative-mass threshold in (0, 1]: keep the fewest top blocks reaching it.
+        keep: fraction of key blocks kept (top-k, ``k = max(min_count, ceil(keep * NKB))``), used
+            when ``mass`` is None.
+        mass: cumulative-mass threshold in (0, 1]. ``inclusive=False``: the fewest top blocks whose
+            mass reaches it; ``inclusive=True`` (the authors' rule): ``#{j : cumsum_j <= mass} + 1``
+            blocks. At least ``min_count`` either way.
+        min_count: minimum number of blocks (the authors' ``top_k``).
     Returns:
         BoolTensor like ``probs``. Deterministic: ties go to the lower block index.
     """
@@ -69,13 +100,84 @@ def select_blocks(probs: torch.Tensor, keep: Optional[float], mass: Optional[flo
     rank = torch.empty_like(order)
     rank.scatter_(-1, order, torch.arange(nkb, device=probs.device).expand_as(order).contiguous())
     if mass is None:
-        kcount = max(1, math.ceil(float(keep) * nkb - 1e-9))
+        kcount = max(1, int(min_count), math.ceil(float(keep) * nkb - 1e-9))
         return rank < kcount
     sorted_p = torch.gather(probs, -1, order)
     before = torch.cumsum(sorted_p, -1) - sorted_p  # mass of strictly higher-ranked blocks
-    keep_sorted = before < mass
-    keep_sorted[..., 0] = True
+    keep_sorted = (before <= mass) if inclusive else (before < mass)
+    keep_sorted |= torch.arange(nkb, device=probs.device) < max(1, int(min_count))
     return torch.gather(keep_sorted, -1, rank)
+
+
+def pooled_block_probs(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor, scale: float,
+                       text_k: Optional[torch.Tensor] = None, text_block: Optional[torch.Tensor] = None
+                       ) -> torch.Tensor:
+    """Implicit full attention over key blocks from pooled queries/keys.
+
+    Args:
+        qp: float32 ``[B, H, NQB, D]`` query block means.
+        kp: float32 ``[B, H, NKB, D]`` key block means (over the pooled tokens of each block).
+        counts: ``[NKB]`` number of pooled tokens per key block (0 = none).
+        scale: softmax scale ``s``.
+        text_k: optional float32 ``[B, H, T, D]`` isolated (unpooled) keys, e.g. text tokens.
+        text_block: int64 ``[T]`` key block of each isolated key (required with ``text_k``).
+    Returns:
+        float32 ``[B, H, NQB, NKB]``: ``P[a, b]`` proportional to
+        ``counts[b] exp(s qp_a.kp_b) + sum_{t in b} exp(s qp_a.text_k_t)``, rows sum to 1.
+        Work ``O(NQB (NKB + T) D)``; deterministic (no atomics).
+    """
+    logits = scale * torch.einsum("bhqd,bhkd->bhqk", qp, kp)
+    cnt = counts.to(logits.device, torch.float32)
+    logits = torch.where(cnt > 0, logits + cnt.clamp_min(1).log(), torch.full_like(logits, -math.inf))
+    if text_k is None:
+        return torch.softmax(logits, -1)
+    if text_block is None or text_block.shape != text_k.shape[2:3]:
+        raise ValueError(f"text_block must be an int tensor [T={text_k.shape[2]}] with text_k")
+    lt = scale * torch.einsum("bhqd,bhtd->bhqt", qp, text_k)  # [B, H, NQB, T]
+    m = torch.maximum(logits.amax(-1, keepdim=True), lt.amax(-1, keepdim=True))
+    onehot = torch.nn.functional.one_hot(text_block.to(logits.device), kp.shape[2]).float()  # [T, NKB]
+    w = torch.exp(logits - m) + torch.exp(lt - m) @ onehot
+    return w / w.sum(-1, keepdim=True)
+
+
+def gapr_poolable(qp: torch.Tensor, kp: torch.Tensor, q_dev: torch.Tensor, k_dev: torch.Tensor) -> torch.Tensor:
+    """The authors' gain-aware pooling test (GAPR), for every (query block, key block).
+
+    Args:
+        qp, kp: float32 ``[B, H, NQB, D]`` / ``[B, H, NKB, D]`` block means.
+        q_dev, k_dev: float32, same shapes: per-channel mean absolute deviation from the mean.
+    Returns:
+        BoolTensor ``[B, H, NQB, NKB]``: gain ``|qp_a.kp_b|`` exceeds the pooling error
+        ``|q_dev_a.kp_b| + |qp_a.k_dev_b|`` (pooling the block is expected to help).
+    """
+    gain = torch.einsum("bhqd,bhkd->bhqk", qp, kp).abs()
+    err = torch.einsum("bhqd,bhkd->bhqk", q_dev, kp).abs() + torch.einsum("bhqd,bhkd->bhqk", qp, k_dev).abs()
+    return gain > err
+
+
+def ipar_epilogue(probs: torch.Tensor, pooled: torch.Tensor, vp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The authors' reallocation (IPAR) as an output epilogue.
+
+    Args:
+        probs: float32 ``[B, H, NQB, NKB]`` implicit full attention ``P`` (rows sum to 1).
+        pooled: BoolTensor ``[B, H, NQB, NKB]``: the pooled set ``G_a`` (non-critical, GAPR passed).
+        vp: float32 ``[B, H, NKB, Dv]`` value block means.
+    Returns:
+        ``(out_scale, out_shift)``: float32 ``[B, H, NQB]`` ``R_a = 1 - sum_{b in G_a} P_ab``
+        (= the mass of critical and rejected blocks) and float32 ``[B, H, NQB, Dv]``
+        ``sum_{b in G_a} P_ab vp_b``.
+    """
+    pg = probs * pooled
+    return 1.0 - pg.sum(-1), torch.einsum("bhqk,bhkd->bhqd", pg, vp)
+
+
+def _text_blocks(layout: TokenLayout, seq_len: int, bs: int, device) -> torch.Tensor:
+    """BoolTensor ``[NB]``: blocks holding any prefix/suffix (non-grid) token."""
+    nb = -(-seq_len // bs)
+    starts = torch.arange(nb, device=device) * bs
+    ends = torch.clamp(starts + bs, max=seq_len)
+    g0, g1 = layout.prefix, layout.prefix + layout.num_grid_tokens
+    return (starts < g0) | (ends > g1)
 
 
 @dataclass(frozen=True)
@@ -83,12 +185,17 @@ class RectifiedSparse(Pattern):
     """Dynamic block-sparse attention with pooled rectification (see module docstring).
 
     Args:
-        keep: fraction of key blocks kept per query block (0 < keep <= 1).
-        rectify: add the pooled rectification terms (needs ``v``; ``sparse_attention`` passes it).
-        block_size: block of pooling and of the plan (default 128).
-        mass: optional cumulative pooled-mass threshold in (0, 1]; replaces ``keep`` when set.
+        keep: fraction of key blocks kept per query block (0 < keep <= 1), used when ``mass`` is None.
+        rectify: add the rectification (needs ``v``; ``sparse_attention`` passes it).
+        block_size: block of pooling and of the plan (default 128, the authors' block).
+        mass: optional cumulative pooled-mass threshold in (0, 1] (the authors' ``p_remain_rates``);
+            replaces ``keep`` when set.
         keep_diagonal: always keep each query block's own key block.
-        dense_text: prefix/suffix tokens attend and are attended densely.
+        dense_text: prefix/suffix tokens attend and are attended densely (and, with
+            ``method="authors"``, are isolated keys in the implicit full attention).
+        method: ``"authors"`` (IPAR + GAPR, output epilogue; default) or ``"joint"`` (this
+            project's fused pooled-column softmax).
+        top_k: minimum number of critical blocks per query block (the authors' ``top_k``).
     """
 
     keep: float = 0.25
@@ -97,6 +204,8 @@ class RectifiedSparse(Pattern):
     mass: Optional[float] = None
     keep_diagonal: bool = True
     dense_text: bool = True
+    method: str = "authors"
+    top_k: int = 1
 
     is_dynamic = True
     needs_values = True
@@ -111,6 +220,10 @@ class RectifiedSparse(Pattern):
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
         if not isinstance(self.rectify, bool):
             raise TypeError(f"rectify must be a bool, got {type(self.rectify).__name__}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
 
     def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, *,
              v: Optional[torch.Tensor] = None, scale: Optional[float] = None, num_heads: int = 1,
@@ -120,11 +233,12 @@ class RectifiedSparse(Pattern):
         Args:
             layout: token layout (``S = layout.seq_len``).
             q: ``[B, S, H, D]``; k: ``[B, S, Hk, D]`` (Hk divides H); v: ``[B, S, Hk, Dv]`` or None
-                (then no pooled columns are added, i.e. selection only).
+                (then no rectification is built, i.e. selection only).
             scale: softmax scale (default ``D ** -0.5``).
         Returns:
-            BlockPlan with Bp = B, Hp = H, full blocks only; ``meta`` holds ``keep_fraction`` and
-            ``pooled_columns`` (fraction of (qb, kb) pairs given a pooled column).
+            BlockPlan with Bp = B, Hp = H, full blocks only. ``meta`` holds ``method``,
+            ``keep_fraction`` and, when rectified, ``pooled_blocks`` (authors: fraction of
+            (qb, kb) pairs in the pooled set; ``pooled_columns`` is the joint method's name).
         """
         if q is None or k is None:
             raise ValueError("RectifiedSparse is dynamic: plan() needs q [B, S, H, D] and k [B, S, Hk, D]")
@@ -139,50 +253,96 @@ class RectifiedSparse(Pattern):
             raise ValueError(f"v must match k in [B, S, Hk], got v {tuple(v.shape)} and k {tuple(k.shape)}")
         dev = torch.device(device) if device is not None else q.device
         s = D ** -0.5 if scale is None else float(scale)
-        bs = self.block_size
-        rep = H // k.shape[2]
-        from vidattn.kernels.pooling import block_counts, block_moments
-
         with torch.no_grad():
-            qp, _ = block_moments(q, bs)
-            kp, kvar = block_moments(k, bs)
-            kp, kvar = kp.repeat_interleave(rep, 1), kvar.repeat_interleave(rep, 1)  # [B, H, NB, D]
-            cnt = block_counts(S, bs, q.device).float()
-            nb = cnt.shape[0]
-            logits = s * torch.einsum("bhqd,bhkd->bhqk", qp, kp) + cnt.log()
-            probs = torch.softmax(logits, -1)
-            kept = select_blocks(probs, self.keep, self.mass)
-            ar = torch.arange(nb, device=q.device)
-            if self.keep_diagonal:
-                kept = kept | torch.eye(nb, dtype=torch.bool, device=q.device)
-            if self.dense_text and (layout.prefix or layout.suffix):
-                starts, ends = ar * bs, ar * bs + cnt.long()
-                g0, g1 = layout.prefix, layout.prefix + layout.num_grid_tokens
-                has_text = (starts < g0) | (ends > g1)  # [NB]
-                kept = kept | has_text[None, None, None, :] | has_text[None, None, :, None]
-            rect = None
-            pooled_frac = 0.0
-            if self.rectify and v is not None:
-                vp, vvar = block_moments(v, bs)
-                vp, vvar = vp.repeat_interleave(rep, 1), vvar.repeat_interleave(rep, 1)
-                g = (0.5 * s * s * torch.einsum("bhqd,bhkd->bhqk", qp * qp, kvar)).clamp(0, 4)
-                pref = torch.softmax(logits + g, -1)
-                wk = pref * kept
-                vbar = torch.einsum("bhqk,bhkd->bhqd", wk, vp) / wk.sum(-1, keepdim=True).clamp_min(1e-30)
-                dv = vp.shape[-1]
-                dist2 = ((vp * vp).sum(-1)[:, :, None, :] + (vbar * vbar).sum(-1)[:, :, :, None]
-                         - 2 * torch.einsum("bhqd,bhkd->bhqk", vbar, vp)).clamp_min(0) / dv
-                spread = vvar.sqrt().pow(2).mean(-1).sqrt()  # rms_d sqrt(Vvar)
-                err = spread[:, :, None, :] * torch.expm1(2 * g).sqrt()
-                comp = (~kept) & (dist2.sqrt() > err)
-                pw = torch.where(comp, cnt.log() + g, torch.full_like(g, -math.inf))
-                rect = Rectification(kept_log_scale=None, pooled_k=kp.to(dev), pooled_v=vp.to(dev),
-                                     pooled_log_weight=pw.float().to(dev))
-                pooled_frac = float(comp.float().mean())
+            build = self._plan_authors if self.method == "authors" else self._plan_joint
+            kept, rect, extra = build(layout, q, k, v, s)
+            from vidattn.kernels.pooling import block_counts
+
+            cnt = block_counts(S, self.block_size, q.device).float()
             classes = torch.where(kept, FULL, 0).to(torch.int8).to(dev)
             pair = cnt[:, None] * cnt[None, :]
             density = float((kept.float() * pair).sum() / (B * H * S * S))
-        meta = dict(pattern="rectified", keep=float(self.keep), mass=self.mass, rectify=self.rectify,
-                    keep_fraction=float(kept.float().mean()), pooled_columns=pooled_frac)
-        return plan_from_block_mask(classes, seq_len=S, block_q=bs, block_k=bs, rule=None, token_density=density,
-                                    rectification=rect, meta=meta)
+        meta = dict(pattern="rectified", method=self.method, keep=float(self.keep), mass=self.mass,
+                    rectify=self.rectify, keep_fraction=float(kept.float().mean()), **extra)
+        return plan_from_block_mask(classes, seq_len=S, block_q=self.block_size, block_k=self.block_size, rule=None,
+                                    token_density=density, rectification=None if rect is None else rect.to(dev),
+                                    meta=meta)
+
+    # ------------------------------------------------------------------ shared
+    def _force(self, kept: torch.Tensor, layout: TokenLayout, S: int) -> torch.Tensor:
+        """Add the diagonal and text blocks (rows and columns) to a ``[B, H, NQB, NKB]`` selection."""
+        nb = kept.shape[-1]
+        if self.keep_diagonal:
+            kept = kept | torch.eye(nb, dtype=torch.bool, device=kept.device)
+        if self.dense_text and (layout.prefix or layout.suffix):
+            has_text = _text_blocks(layout, S, self.block_size, kept.device)
+            kept = kept | has_text[None, None, None, :] | has_text[None, None, :, None]
+        return kept
+
+    # ------------------------------------------------------------------ authors
+    def _plan_authors(self, layout: TokenLayout, q, k, v, s: float):
+        """Authors' IPAR/GAPR. Returns ``(critical [B, H, NB, NB] bool, Rectification or None, meta)``."""
+        from vidattn.kernels.pooling import block_counts, block_masked_mean, block_mean_absdev, block_mean_pool
+
+        B, S, H, D = q.shape
+        bs = self.block_size
+        rep = H // k.shape[2]
+        qp, qdev = block_mean_absdev(q, bs)
+        kp, kdev = (t.repeat_interleave(rep, 1) for t in block_mean_absdev(k, bs))  # [B, H, NB, D]
+        cnt = block_counts(S, bs, q.device)
+        if self.dense_text and (layout.prefix or layout.suffix):
+            grid_tok = torch.zeros(S, dtype=torch.bool, device=q.device)
+            grid_tok[layout.grid_slice] = True
+            kg, cnt_g = block_masked_mean(k, bs, grid_tok)
+            text_idx = (~grid_tok).nonzero().flatten()
+            text_k = k[:, text_idx].transpose(1, 2).float().repeat_interleave(rep, 1)  # [B, H, T, D]
+            probs = pooled_block_probs(qp, kg.repeat_interleave(rep, 1), cnt_g, s, text_k, text_idx // bs)
+        else:
+            probs = pooled_block_probs(qp, kp, cnt, s)
+        crit = select_blocks(probs, self.keep, self.mass, min_count=self.top_k, inclusive=True)
+        crit = self._force(crit, layout, S)
+        if not (self.rectify and v is not None):
+            return crit, None, {}
+        pooled = (~crit) & gapr_poolable(qp, kp, qdev, kdev)
+        vp = block_mean_pool(v, bs).repeat_interleave(rep, 1)
+        out_scale, out_shift = ipar_epilogue(probs, pooled, vp)
+        rect = Rectification(out_scale=out_scale.float(), out_shift=out_shift.float())
+        rejected = (~crit) & (~pooled)
+        return crit, rect, dict(pooled_blocks=float(pooled.float().mean()),
+                                rejected_blocks=float(rejected.float().mean()),
+                                mean_out_scale=float(out_scale.mean()))
+
+    # ------------------------------------------------------------------ joint
+    def _plan_joint(self, layout: TokenLayout, q, k, v, s: float):
+        """This project's fused pooled-column softmax. Returns ``(kept, Rectification or None, meta)``."""
+        from vidattn.kernels.pooling import block_counts, block_moments
+
+        B, S, H, D = q.shape
+        bs = self.block_size
+        rep = H // k.shape[2]
+        qp, _ = block_moments(q, bs)
+        kp, kvar = block_moments(k, bs)
+        kp, kvar = kp.repeat_interleave(rep, 1), kvar.repeat_interleave(rep, 1)  # [B, H, NB, D]
+        cnt = block_counts(S, bs, q.device).float()
+        logits = s * torch.einsum("bhqd,bhkd->bhqk", qp, kp) + cnt.log()
+        probs = torch.softmax(logits, -1)
+        kept = select_blocks(probs, self.keep, self.mass, min_count=self.top_k)
+        kept = self._force(kept, layout, S)
+        if not (self.rectify and v is not None):
+            return kept, None, {}
+        vp, vvar = block_moments(v, bs)
+        vp, vvar = vp.repeat_interleave(rep, 1), vvar.repeat_interleave(rep, 1)
+        g = (0.5 * s * s * torch.einsum("bhqd,bhkd->bhqk", qp * qp, kvar)).clamp(0, 4)
+        pref = torch.softmax(logits + g, -1)
+        wk = pref * kept
+        vbar = torch.einsum("bhqk,bhkd->bhqd", wk, vp) / wk.sum(-1, keepdim=True).clamp_min(1e-30)
+        dv = vp.shape[-1]
+        dist2 = ((vp * vp).sum(-1)[:, :, None, :] + (vbar * vbar).sum(-1)[:, :, :, None]
+                 - 2 * torch.einsum("bhqd,bhkd->bhqk", vbar, vp)).clamp_min(0) / dv
+        spread = vvar.sqrt().pow(2).mean(-1).sqrt()  # rms_d sqrt(Vvar)
+        err = spread[:, :, None, :] * torch.expm1(2 * g).sqrt()
+        comp = (~kept) & (dist2.sqrt() > err)
+        pw = torch.where(comp, cnt.log() + g, torch.full_like(g, -math.inf))
+        rect = Rectification(kept_log_scale=None, pooled_k=kp, pooled_v=vp, pooled_log_weight=pw.float())
+        frac = float(comp.float().mean())
+        return kept, rect, dict(pooled_columns=frac, pooled_blocks=frac)
