@@ -28,6 +28,11 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+try:  # host-side tensor descriptors (TMA bulk copies on Hopper; emulated by the interpreter)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
 from vidattn.attention import BackendUnsupported
 from vidattn.patterns.neighborhood import NeighborhoodRule
 from vidattn.plan import PARTIAL, BlockPlan
@@ -147,46 +152,79 @@ def _na_axis_ok(gq, aq, gk, bk, n, k, d, s, causal: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, d_mask, S, qk_scale, allowed, extra_bias,
-                  HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, CHECK_COLS: tl.constexpr = True):
-    col_ok = cols < S
-    if CHECK_COLS:
-        k = tl.load(k_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
+def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks, stride_vs, n_cols, D,
+             TAIL: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_D: tl.constexpr):
+    """K^T tile ``[BLOCK_D, BLOCK_N]`` and V tile ``[BLOCK_N, BLOCK_D]`` of key columns ``col0 + offs_n``.
+    With ``USE_TMA`` the tiles come through tensor descriptors (bulk copies; rows past the
+    sequence are either zero-filled or finite neighbouring rows, masked out by the caller)."""
+    if USE_TMA:
+        kt = desc_k.load([kv_row0 + col0, kv_col]).T
+        v = desc_v.load([kv_row0 + col0, kv_col])
     else:
-        k = tl.load(k_ptrs, mask=d_mask[None, :], other=0.0)
+        cols = col0 + offs_n
+        kt_ptrs = k_base + offs_d[:, None] + cols[None, :] * stride_ks
+        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
+        if TAIL:
+            col_ok = cols < n_cols
+            if EVEN_D:
+                kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+            else:
+                kt = tl.load(kt_ptrs, mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+        else:
+            if EVEN_D:
+                kt = tl.load(kt_ptrs)
+                v = tl.load(v_ptrs)
+            else:
+                kt = tl.load(kt_ptrs, mask=(offs_d < D)[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=(offs_d < D)[None, :], other=0.0)
+    return kt, v
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowed, bias, MASKED: tl.constexpr,
+                 TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr):
+    """One key tile of the online softmax (base 2). ``m_i`` starts finite (-1e30), so a fully
+    masked tile leaves the state unchanged without any NaN guard."""
     if FP32_DOT:
-        s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
     else:
-        s = tl.dot(q, tl.trans(k))
-    s = s * qk_scale
-    if HAS_BIAS:
-        s = s + extra_bias
-    if HAS_MASK:
-        s = tl.where(col_ok[None, :] & allowed, s, float("-inf"))
-    elif CHECK_COLS:
-        s = tl.where(col_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(s - m_safe[:, None])
+        qk = tl.dot(q, kt)
+    if MASKED or TAIL or HAS_BIAS:
+        qk = qk * qk_scale
+        if HAS_BIAS:
+            qk = qk + bias
+        if TAIL:
+            col_ok = (col0 + offs_n) < n_cols
+            if MASKED:
+                qk = tl.where(allowed & col_ok[None, :], qk, float("-inf"))
+            else:
+                qk = tl.where(col_ok[None, :], qk, float("-inf"))
+        elif MASKED:
+            qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.exp2(qk - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if CHECK_COLS:
-        v = tl.load(v_ptrs, mask=col_ok[:, None] & d_mask[None, :], other=0.0)
-    else:
-        v = tl.load(v_ptrs, mask=d_mask[None, :], other=0.0)
+    acc = acc * alpha[:, None]
     if FP32_DOT:
-        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _sparse_flash_fwd(
-    Q, K, V, O, LSE,
+    Q, K, V, O, LSE, SCHED, DESC_K, DESC_V, ROW_B, ROW_H, COL_H,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     NA_TAB, BITS, SLOT, KEPT, PK, PV, PW,
-    S, H, HK_GROUP, qk_scale,
+    S, H, HK_GROUP, qk_scale, NQT,
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
@@ -200,48 +238,80 @@ def _sparse_flash_fwd(
     n0, k0, d0, s0, n1, k1, d1, s1, n2, k2, d2, s2,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, DENSE_NONGRID: tl.constexpr,
     RULE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_POOLED: tl.constexpr, RETURN_LSE: tl.constexpr,
-    FP32_DOT: tl.constexpr,
+    FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr, RAGGED: tl.constexpr,
+    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    qb = tl.program_id(0)
-    bh = tl.program_id(1)
+    # one program per (query tile of BLOCK_M rows, batch x head); a plan query block of PLAN_BQ rows
+    # spans PLAN_BQ // BLOCK_M tiles and a plan key block PLAN_BK // BLOCK_N key tiles.
+    SUB_M: tl.constexpr = PLAN_BQ // BLOCK_M
+    SUB_N: tl.constexpr = PLAN_BK // BLOCK_N
+    if SCHEDULED:  # heaviest programs first (a 1-D grid over a precomputed order)
+        item = tl.load(SCHED + tl.program_id(0))
+        qt = item % NQT
+        bh = item // NQT
+    else:
+        qt = tl.program_id(0)
+        bh = tl.program_id(1)
+    qb = qt // SUB_M
+    row0 = (qt % SUB_M) * BLOCK_M  # first row of this tile inside its plan query block
     b = bh // H
     h = bh % H
     hk = h // HK_GROUP
-    rows = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < D
     row_ok = rows < S
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :]
+    if EVEN_D:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
+    kv_row0 = b * ROW_B + hk * ROW_H  # descriptor row of token 0 of this (batch, kv head)
+    kv_col = hk * COL_H
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    zero_bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    no_bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     ones = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
 
-    # ---- full blocks
-    nf = tl.load(FULL_NUM + b * fn_b + h * fn_h + qb)
-    for j in range(0, nf):
-        kb = tl.load(FULL_IDX + b * fi_b + h * fi_h + qb * fi_q + j)
-        cols = kb * BLOCK_N + offs_n
-        bias = zero_bias
+    # ---- full blocks: no masking work. Full-block lists are sorted (launcher), so the ragged
+    # last key block, if listed, comes last and runs in its own masked loop: no branch inside
+    # the main loop (a conditional load would not be software-pipelined).
+    nfb = tl.load(FULL_NUM + b * fn_b + h * fn_h + qb)
+    f_idx = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+    nmain = nfb
+    if RAGGED:
+        last = tl.load(f_idx + tl.maximum(nfb - 1, 0))
+        nmain = tl.where((nfb > 0) & (last == NKB - 1), nfb - 1, nfb)
+    for j in tl.range(0, nmain * SUB_N, warp_specialize=WARP_SPEC):
+        kb = tl.load(f_idx + j // SUB_N)
+        col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
+        bias = no_bias
         if HAS_KEPT:
-            bias = zero_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
-        if kb * BLOCK_N + BLOCK_N <= S:  # interior block: no tail masking at all
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                                          v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, d_mask, S,
-                                          qk_scale, ones, bias, False, HAS_KEPT, FP32_DOT, False)
-        else:
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                                          v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, d_mask, S,
-                                          qk_scale, ones, bias, False, HAS_KEPT, FP32_DOT, True)
+            bias = no_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
+        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
+                         stride_vs, S, D, False, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ones, bias,
+                                     False, False, HAS_KEPT, FP32_DOT)
+    if RAGGED:
+        for j in range(nmain * SUB_N, nfb * SUB_N):
+            kb = tl.load(f_idx + j // SUB_N)
+            col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
+            bias = no_bias
+            if HAS_KEPT:
+                bias = no_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
+            kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
+                             stride_vs, S, D, True, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ones, bias,
+                                         False, True, HAS_KEPT, FP32_DOT)
 
-    # ---- partial blocks
-    npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb)
+    # ---- partial blocks: the token rule in-kernel
+    npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb) * SUB_N
+    p_idx = PART_IDX + b * pi_b + h * pi_h + qb * pi_q
     if RULE == 1:
         # query-side neighborhood data (hoisted out of the key loop)
         qrow = tl.minimum(rows, S - 1)
@@ -255,9 +325,11 @@ def _sparse_flash_fwd(
         qa2 = tl.load(tq + 6 * S)
     if RULE == 2:
         slot0 = tl.load(SLOT + b * slot_b + h * slot_h + qb).to(tl.int64)
+        m_rows = (row0 + tl.arange(0, BLOCK_M))[:, None] * PLAN_BK + offs_n[None, :]
     for j in range(0, npart):
-        kb = tl.load(PART_IDX + b * pi_b + h * pi_h + qb * pi_q + j)
-        cols = kb * BLOCK_N + offs_n
+        kb = tl.load(p_idx + j // SUB_N)
+        col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
+        cols = col0 + offs_n
         if RULE == 1:
             kcol = tl.minimum(cols, S - 1)
             tk = NA_TAB + h * na_h + kcol
@@ -272,17 +344,17 @@ def _sparse_flash_fwd(
             else:
                 ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
         elif RULE == 2:
-            mptr = (BITS + (slot0 + j) * (BLOCK_M * BLOCK_N)
-                    + tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :])
+            mptr = BITS + (slot0 + j // SUB_N) * (PLAN_BQ * PLAN_BK) + (j % SUB_N) * BLOCK_N + m_rows
             ok = tl.load(mptr) != 0
         else:
             ok = ones
-        bias = zero_bias
+        bias = no_bias
         if HAS_KEPT:
-            bias = zero_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
-        acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_base + cols[:, None] * stride_ks + offs_d[None, :],
-                                      v_base + cols[:, None] * stride_vs + offs_d[None, :], cols, d_mask, S,
-                                      qk_scale, ok, bias, True, HAS_KEPT, FP32_DOT)
+            bias = no_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
+        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
+                         stride_vs, S, D, True, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ok, bias,
+                                     True, True, HAS_KEPT, FP32_DOT)
 
     # ---- pooled columns of rectification (one per key block, weight -inf = absent)
     if HAS_POOLED:
@@ -290,25 +362,28 @@ def _sparse_flash_fwd(
             pc = c0 + offs_n
             pw = tl.load(PW + b * pw_b + h * pw_h + qb * pw_q + pc, mask=pc < NKB, other=float("-inf"))
             present = pw > float("-inf")
-            acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, PK + b * pk_b + h * pk_h + pc[:, None] * pk_s + offs_d[None, :],
-                                          PV + b * pv_b + h * pv_h + pc[:, None] * pv_s + offs_d[None, :], pc, d_mask,
-                                          NKB, qk_scale, ones & present[None, :],
-                                          zero_bias + tl.where(present, pw, 0.0)[None, :] * 1.4426950408889634,
-                                          True, True, FP32_DOT)
+            kt, v = _load_kv(PK + b * pk_b + h * pk_h, PV + b * pv_b + h * pv_h, DESC_K, DESC_V, 0, 0, c0, offs_n,
+                             offs_d, pk_s, pv_s, NKB, D, True, EVEN_D, False, BLOCK_N, BLOCK_D)
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, c0, offs_n, NKB, qk_scale, ones & present[None, :],
+                                         no_bias + tl.where(present, pw, 0.0)[None, :] * 1.4426950408889634,
+                                         True, True, True, FP32_DOT)
 
     denom = tl.where(l_i > 0, l_i, 1.0)
     out = acc / denom[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
-    tl.store(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_mask[None, :])
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
+    if EVEN_D:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
     if RETURN_LSE:
         lse = tl.where(l_i > 0, (m_i + tl.log2(denom)) / 1.4426950408889634, float("-inf"))
-        tl.store(LSE + bh * S + rows, lse, mask=row_ok)
+        tl.store(LSE + bh.to(tl.int64) * S + rows, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- launcher
-def _bh_strides(t: torch.Tensor, B: int, H: int):
-    """Strides of a plan tensor ``[Bp, Hp, ...]`` broadcast to ``[B, H, ...]`` (0 on size-1 dims)."""
+def _bh_strides(t: torch.Tensor):
+    """Strides of a plan tensor ``[Bp, Hp, ...]`` broadcast over batch and heads (0 on size-1 dims)."""
     sb = 0 if t.shape[0] == 1 else t.stride(0)
     sh = 0 if t.shape[1] == 1 else t.stride(1)
     return sb, sh
@@ -333,13 +408,128 @@ def _check(q, k, v, plan):
         raise TritonUnsupported("neighborhood rules of rank > 3")
 
 
+def _env_int(name: str) -> Optional[int]:
+    val = os.environ.get(name)
+    return int(val) if val else None
+
+
+def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode: int) -> dict:
+    """Tile sizes and launch settings for one call.
+
+    The kernel's query/key tiles (``BLOCK_M`` x ``BLOCK_N``) may be smaller than the plan's blocks
+    (a 128-token plan block runs as two 64-token key tiles), which keeps more pipeline stages in
+    shared memory. Defaults come from the H100 sweep in ``benchmarks/RESULTS.md``; environment
+    overrides: ``VIDATTN_TRITON_BLOCK_M``, ``VIDATTN_TRITON_BLOCK_N``, ``VIDATTN_TRITON_WARPS``,
+    ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0/1: heaviest query tiles first),
+    ``VIDATTN_TRITON_WS`` (0/1: warp-specialised full-block loop), ``VIDATTN_TRITON_TMA`` (0 disables
+    tensor-descriptor loads).
+
+    Returns:
+        dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
+        ``sched`` (bool).
+    """
+    bd = max(16, triton.next_power_of_2(head_dim))
+    bm = min(plan.block_q, 128)
+    bn = min(plan.block_k, 64 if bd >= 128 else 128)
+    if _interpreting():
+        bm, bn = plan.block_q, plan.block_k  # fewer, larger steps under the interpreter
+    bm = _env_int("VIDATTN_TRITON_BLOCK_M") or bm
+    bn = _env_int("VIDATTN_TRITON_BLOCK_N") or bn
+    bm, bn = min(bm, plan.block_q), min(bn, plan.block_k)
+    # H100 sweep (d=128, bf16): full blocks only -> 128x64 tiles, 4 warps, 2 stages (~500 TFLOP/s);
+    # partial blocks (token rule per element) -> 8 warps, 3 stages for 128-row tiles.
+    masked = rule_mode != 0
+    warps = 8 if (masked and bm * bd >= 128 * 128) else 4
+    warps = _env_int("VIDATTN_TRITON_WARPS") or warps
+    if _interpreting() or dtype == torch.float32:
+        stages = [1]
+    elif masked and bm >= 128:
+        stages = [3, 2, 1]
+    else:
+        stages = [2, 1]
+    forced = _env_int("VIDATTN_TRITON_STAGES")
+    if forced and not _interpreting():
+        stages = [forced] + [s for s in stages if s != forced]
+    sched = bool(_env_int("VIDATTN_TRITON_SCHED") or 0)
+    warp_spec = bool(_env_int("VIDATTN_TRITON_WS") or 0) and not _interpreting()
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched, warp_spec=warp_spec)
+
+
+def sorted_full_indices(plan: BlockPlan) -> torch.Tensor:
+    """int32 ``[Bp, Hp, NQB, maxF]``: the plan's full key-block lists sorted ascending (listed
+    entries first, padding after), so a ragged last key block is always the last listed one.
+    Computed once per plan."""
+    cache = _plan_cache(plan)
+    if "full_sorted" not in cache:
+        idx = plan.full_kv_indices.long()
+        num = plan.full_kv_num_blocks.long()
+        valid = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+        big = torch.iinfo(torch.int32).max
+        srt = torch.where(valid, idx, big).sort(dim=-1).values
+        cache["full_sorted"] = torch.where(valid, srt, 0).to(torch.int32).contiguous()
+    return cache["full_sorted"]
+
+
+def _schedule(plan: BlockPlan, B: int, H: int, block_m: int) -> torch.Tensor:
+    """int32 ``[B * H * NQT]``: program order by descending key-tile count (cached per plan)."""
+    cache = _plan_cache(plan)
+    key = ("sched", B, H, block_m)
+    if key not in cache:
+        sub = plan.block_q // block_m
+        work = (plan.full_kv_num_blocks + plan.kv_num_blocks).expand(B, H, -1)  # [B, H, NQB]
+        work = work.repeat_interleave(sub, dim=2)[..., : triton.cdiv(plan.seq_len, block_m)]
+        order = torch.argsort(work.flatten(), descending=True, stable=True)
+        cache[key] = order.to(torch.int32).contiguous()
+    return cache[key]
+
+
+def _tma_ok(device: torch.device) -> bool:
+    if TensorDescriptor is None or os.environ.get("VIDATTN_TRITON_TMA", "1") == "0":
+        return False
+    if _interpreting():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_len: int, block_n: int):
+    """A 2-D tensor descriptor over K or V for bulk tile loads, or None when the layout does not allow one.
+
+    ``t`` holds ``[B, S, Hk, D]`` (or ``[B, Hk, S, D]``) with unit last stride; ``strides_bhs`` its
+    (batch, head, token) strides. Two layouts map to rows of one 2-D view so that a tile of key
+    tokens ``col0 .. col0 + block_n`` of (batch b, head h) is the box at
+    ``(b * row_b + h * row_h + col0, h * col_h)``: token-major (``[B, S, Hk, D]``: rows are (b, s),
+    heads are column offsets) and head-major (``[B, Hk, S, D]``: rows are (b, h, s)). In both,
+    rows past a sequence's end belong to the next sequence of the same tensor (finite values the
+    kernel masks out) or lie past the view and are zero-filled.
+
+    Returns:
+        ``(descriptor, row_b, row_h, col_h)`` or None.
+    """
+    sb, sh, ss = strides_bhs
+    B, Hk, D = batch, kv_heads, t.shape[-1]
+    es = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or (ss * es) % 16:
+        return None
+    if (sb == seq_len * ss or B == 1) and sh * (Hk - 1) + D <= ss:  # token-major
+        row_b, row_h, col_h = seq_len, 0, sh
+        rows, cols = B * seq_len, ss
+    elif ss == D and (sh == seq_len * D or Hk == 1) and (sb == Hk * seq_len * D or B == 1):  # head-major
+        row_b, row_h, col_h = Hk * seq_len, seq_len, 0
+        rows, cols = B * Hk * seq_len, D
+    else:
+        return None
+    desc = TensorDescriptor(t, shape=[rows, cols], strides=[ss, 1], block_shape=[block_n, D])
+    return desc, row_b, row_h, col_h
+
+
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
                                   scale: Optional[float] = None, return_lse: bool = False):
     """Run ``plan`` with the fused Triton kernel.
 
     Args:
         q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H); fp16/bf16 (fp32 accumulate)
-            or fp32; D up to 256 (padded to a power of two in-kernel).
+            or fp32; D up to 256 (padded to a power of two in-kernel). Any strides with a unit last
+            stride are read in place when the plan has no token permutation.
         plan: a BlockPlan on q's device (Bp in {1, B}, Hp in {1, H}); block sizes powers of two.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
@@ -354,18 +544,25 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     scale = D ** -0.5 if scale is None else float(scale)
     if plan.device != q.device:
         plan = plan.to(q.device)
-    per_head_perm = plan.perm is not None and plan.perm.shape[0] > 1
-    qh = to_plan_order(q.transpose(1, 2), plan.perm).contiguous()
-    if per_head_perm and Hk != H:
-        k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
-        Hk = H
-    kh = to_plan_order(k.transpose(1, 2), plan.perm).contiguous()
-    vh = to_plan_order(v.transpose(1, 2), plan.perm).contiguous()
-    out = torch.empty_like(qh)
-    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
     dev = q.device
+    if plan.perm is None:
+        # read [B, S, H, D] in place: (batch, head, token) strides
+        qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+        bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
+    else:
+        per_head_perm = plan.perm.shape[0] > 1
+        qh = to_plan_order(q.transpose(1, 2), plan.perm).contiguous()
+        if per_head_perm and Hk != H:
+            k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
+            Hk = H
+        kh = to_plan_order(k.transpose(1, 2), plan.perm).contiguous()
+        vh = to_plan_order(v.transpose(1, 2), plan.perm).contiguous()
+        out = torch.empty_like(qh)
+        bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 
-    fnum, fidx = plan.full_kv_num_blocks.to(torch.int32), plan.full_kv_indices.to(torch.int32)
+    fnum, fidx = plan.full_kv_num_blocks.to(torch.int32), sorted_full_indices(plan)
     pnum, pidx = plan.kv_num_blocks.to(torch.int32), plan.kv_indices.to(torch.int32)
     if fidx.shape[-1] == 0:
         fidx = torch.zeros(*fidx.shape[:-1], 1, dtype=torch.int32, device=dev)
@@ -408,33 +605,41 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pw_t = pw if pooled else fdummy
 
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    BM, BN = plan.block_q, plan.block_k
-    nqb = plan.num_q_blocks
-    big = BM * BN * BLOCK_D >= 128 * 128 * 128
-    num_warps = int(os.environ.get("VIDATTN_TRITON_WARPS", 8 if big else 4))
-    stage_options = [1] if _interpreting() else ([2, 1] if q.dtype != torch.float32 else [1])
-    if os.environ.get("VIDATTN_TRITON_STAGES") and not _interpreting():
-        stage_options = [int(os.environ["VIDATTN_TRITON_STAGES"])] + stage_options
-    grid = (nqb, B * H)
-    fn_b, fn_h = _bh_strides(fnum, B, H)
-    fi_b, fi_h = _bh_strides(fidx, B, H)
-    pn_b, pn_h = _bh_strides(pnum, B, H)
-    pi_b, pi_h = _bh_strides(pidx, B, H)
+    cfg = launch_config(plan, D, q.dtype, rule_mode)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    nqt = triton.cdiv(S, BM)
+    use_tma = BLOCK_D == D and _tma_ok(dev) and q.dtype != torch.float32
+    dk = dv = None
+    if use_tma:
+        dk = kv_descriptor(kh, bhs(kh), B, Hk, S, BN)
+        dv = kv_descriptor(vh, bhs(vh), B, Hk, S, BN)
+        use_tma = dk is not None and dv is not None and dk[1:] == dv[1:]
+    if use_tma:
+        desc_k, desc_v, (row_b, row_h, col_h) = dk[0], dv[0], dk[1:]
+    else:
+        desc_k, desc_v, row_b, row_h, col_h = kh, vh, 0, 0, 0
+    if cfg["sched"]:
+        sched = _schedule(plan, B, H, BM)
+        grid = (sched.numel(),)
+    else:
+        sched = fnum
+        grid = (nqt, B * H)
+    fn_b, fn_h = _bh_strides(fnum)
+    fi_b, fi_h = _bh_strides(fidx)
+    pn_b, pn_h = _bh_strides(pnum)
+    pi_b, pi_h = _bh_strides(pidx)
     na_h = 0 if na.shape[0] == 1 else na.stride(0)
-    slot_b, slot_h = _bh_strides(slot, B, H)
-    kept_b, kept_h = _bh_strides(kept_t, B, H)
-    pk_b, pk_h = _bh_strides(pk_t, B, H) if pooled else (0, 0)
-    pv_b, pv_h = _bh_strides(pv_t, B, H) if pooled else (0, 0)
-    pw_b, pw_h = _bh_strides(pw_t, B, H)
+    slot_b, slot_h = _bh_strides(slot)
+    kept_b, kept_h = _bh_strides(kept_t)
+    pk_b, pk_h = _bh_strides(pk_t) if pooled else (0, 0)
+    pv_b, pv_h = _bh_strides(pv_t) if pooled else (0, 0)
+    pw_b, pw_h = _bh_strides(pw_t)
     launch_args = (
-        qh, kh, vh, out, lse,
+        qh, kh, vh, out, lse, sched, desc_k, desc_v, row_b, row_h, col_h,
         fnum, fidx, pnum, pidx,
         na, bits, slot, kept_t, pk_t, pv_t, pw_t,
-        S, H, H // Hk, scale * LOG2E,
-        qh.stride(0), qh.stride(1), qh.stride(2),
-        kh.stride(0), kh.stride(1), kh.stride(2),
-        vh.stride(0), vh.stride(1), vh.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        S, H, H // Hk, scale * LOG2E, nqt,
+        *bhs(qh), *bhs(kh), *bhs(vh), *bhs(out),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
         pn_b, pn_h, pi_b, pi_h, pidx.stride(2),
         na_h, slot_b, slot_h,
@@ -448,10 +653,13 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         RULE=rule_mode, HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
         FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D, num_warps=num_warps,
+        EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"], USE_TMA=use_tma, WARP_SPEC=cfg["warp_spec"],
+        RAGGED=S % plan.block_k != 0, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"],
     )
-    key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled, num_warps, tuple(stage_options))
-    for stages in ([_stages_ok[key]] if key in _stages_ok else stage_options):
+    key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled, use_tma, cfg["warp_spec"], cfg["num_warps"], tuple(cfg["stages"]))
+    last = None
+    for stages in ([_stages_ok[key]] if key in _stages_ok else cfg["stages"]):
         try:
             _sparse_flash_fwd[grid](*launch_args, num_stages=stages, **consts)
             _stages_ok[key] = stages
@@ -460,6 +668,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             last = e
     else:
         raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
+    if plan.perm is None:
+        return (out, lse) if return_lse else out
     res = from_plan_order(out, plan.perm).transpose(1, 2)
     if return_lse:
         return res, from_plan_order(lse, plan.perm)

@@ -115,3 +115,61 @@ def test_unsupported_block_size_falls_back_with_warning():
     with pytest.warns(RuntimeWarning, match="falling back"):
         out = vidattn.run_plan(q, k, v, plan, backend="triton")
     assert (out - reference(q, k, v, plan)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("tiles,mode", [((16, 16, "0"), "masks"), ((32, 16, "1"), "in_kernel"),
+                                        ((16, 32, "1"), "masks")])
+def test_sub_tiles_and_work_ordered_schedule(monkeypatch, tiles, mode):
+    """Kernel tiles smaller than the plan blocks (a 32x32 plan block run as 16-row / 16-column
+    tiles), heaviest-first program order, both partial-block rule paths, a ragged tail, GQA, and
+    q/k/v read in place from non-contiguous [B, S, H, D] views."""
+    bm, bn, sched = tiles
+    monkeypatch.setenv("VIDATTN_TRITON_BLOCK_M", str(bm))
+    monkeypatch.setenv("VIDATTN_TRITON_BLOCK_N", str(bn))
+    monkeypatch.setenv("VIDATTN_TRITON_SCHED", sched)
+    if mode == "in_kernel":
+        monkeypatch.setattr("vidattn.kernels.sparse_flash.MASK_BUDGET_BYTES", 0)
+    layout = TokenLayout((3, 6, 7), suffix=3)  # 129 tokens: ragged against 32
+    plan = Neighborhood(kernel_size=(3, 3, 5), dilation=(1, 2, 1), block_size=32).plan(layout)
+    assert plan.has_partial
+    B, H, Hk, D = 1, 2, 1, 32
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(B, layout.seq_len, 3, H, D, generator=g)
+    q = qkv[:, :, 0]  # non-contiguous view, unit last stride
+    k = qkv[:, :, 1, :Hk]
+    v = qkv[:, :, 2, Hk:]
+    _compare(q, k, v, plan)
+
+
+@pytest.mark.parametrize("tile", [None, (2, 4, 4)])
+def test_tensor_descriptor_loads_token_and_head_major(tile):
+    """K/V tiles through tensor descriptors (TMA on Hopper): token-major packed qkv views (no plan
+    permutation: read in place, tail rows spill into the next batch and must be masked) and
+    head-major gathered copies (a tiled token order)."""
+    from vidattn.kernels import sparse_flash
+
+    layout = TokenLayout((3, 8, 9), suffix=5)  # 221 tokens, ragged against 32
+    pat = vidattn.Dense(block_size=32) if tile is None else Neighborhood(kernel_size=(3, 3, 5), block_size=32,
+                                                                       tile_shape=tile)
+    plan = pat.plan(layout)
+    assert (plan.perm is None) == (tile is None)
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(2, layout.seq_len, 3, 4, 32, generator=g).to(torch.float16)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1, :2], qkv[:, :, 2, 2:]
+    assert sparse_flash.kv_descriptor(k, (k.stride(0), k.stride(2), k.stride(1)), 2, 2, layout.seq_len, 32)
+    _compare(q, k, v, plan)
+
+
+def test_unsorted_full_block_lists_with_ragged_tail():
+    """Full-block lists in any order (here reversed) with a ragged last key block: the kernel's
+    unmasked main loop must never see the ragged block."""
+    import dataclasses
+
+    layout = TokenLayout((5, 9))  # 45 tokens, block 16: ragged last block
+    plan = vidattn.Dense(block_size=16).plan(layout)
+    num = plan.full_kv_num_blocks
+    rev = plan.full_kv_indices.flip(-1)
+    assert int(num.min()) == rev.shape[-1]  # every list full, so the flip reverses the order
+    plan = dataclasses.replace(plan, full_kv_indices=rev.contiguous())
+    q, k, v = _qkv(2, layout.seq_len, 2, 2, 16, torch.float16, seed=12)
+    _compare(q, k, v, plan)
