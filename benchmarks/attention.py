@@ -84,7 +84,7 @@ def run(args, log):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vidattn
-    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan
+    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan, flex_kernel_options
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
 
     flex = _compiled_flex()
@@ -128,7 +128,7 @@ def run(args, log):
                 if plan.perm is not None:
                     from vidattn.kernels.reference import to_plan_order
                     qp, kp, vp = (to_plan_order(t, plan.perm).contiguous() for t in (qh, kh, vh))
-                f_ms = _bench(lambda: flex(qp, kp, vp, block_mask=bm))
+                f_ms = _bench(lambda: flex(qp, kp, vp, block_mask=bm, kernel_options=flex_kernel_options(plan)))
                 rec(f"flex-{name}", f_ms, fl, block_density=round(plan.block_density, 4))
             except Exception as e:
                 f_ms = None

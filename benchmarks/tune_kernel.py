@@ -36,19 +36,25 @@ def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "tune.json"))
     p.add_argument("--quick", action="store_true", help="fewer plans")
+    p.add_argument("--only", default="", help="regex: only plans whose name matches")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--candidates", default="", help="override: 'BM,BN,W,S;...'")
     args = p.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import vidattn
     from attention import _bench, _random_block_plan
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from vidattn.kernels import sparse_flash
-    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan
+    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan, flex_kernel_options
 
     layout = vidattn.TokenLayout((21, 30, 52))
     S, H, D = layout.seq_len, 12, 128
-    q, k, v = (torch.randn(1, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(args.batch, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    dense_flops = 4 * H * S * S * D
+    dense_flops = 4 * args.batch * H * S * S * D
+    cands = CANDIDATES
+    if args.candidates:
+        cands = [tuple(int(x) for x in c.split(",")) for c in args.candidates.split(";")]
     rows = []
 
     def log(r):
@@ -62,22 +68,29 @@ def main(argv=None):
     plans = {"dense": vidattn.Dense().plan(layout, device="cuda")}
     for dens in ((0.5, 0.125) if args.quick else (0.5, 0.25, 0.125, 0.0625)):
         plans[f"rand{dens}"] = _random_block_plan(S, H, dens, 128)
-    for block in (64, 128):
-        plans[f"na(9,15,27)-b{block}"] = vidattn.Neighborhood(kernel_size=(9, 15, 27), block_size=block).plan(
-            layout, device="cuda")
+    for kern in ((9, 15, 27), (3, 21, 52)):
+        for block in (64, 128):
+            plans[f"na{kern}-b{block}".replace(" ", "")] = vidattn.Neighborhood(kernel_size=kern, block_size=block).plan(
+                layout, device="cuda")
+    if args.only:
+        import re
+
+        plans = {n: p for n, p in plans.items() if re.search(args.only, n)}
     flex = _compiled_flex()
     best = {}
     for name, plan in plans.items():
         fl = plan.block_density * dense_flops
         try:  # flex's default tiles need plan blocks of 128
+            if args.batch != 1:
+                raise RuntimeError("flex comparison only at batch 1")
             bm = block_mask_from_plan(plan, H)
-            f_ms = _bench(lambda: flex(qh, kh, vh, block_mask=bm))
+            f_ms = _bench(lambda: flex(qh, kh, vh, block_mask=bm, kernel_options=flex_kernel_options(plan)))
             log(dict(plan=name, kernel="flex", ms=round(f_ms, 3), tflops=round(fl / f_ms / 1e9, 1),
                      block_density=round(plan.block_density, 4)))
         except Exception as e:
             f_ms = float("nan")
             log(dict(plan=name, kernel="flex", error=repr(e)[:120]))
-        for cfg, var in itertools.chain(((c, (0, 1, 0)) for c in CANDIDATES), ((None, v) for v in VARIANTS)):
+        for cfg, var in itertools.chain(((c, (0, 1, 0)) for c in cands), ((None, v) for v in VARIANTS)):
             if cfg is None:  # the best setting so far, with a variant
                 cfg = best[name][1]
             if cfg[0] > plan.block_q or cfg[1] > plan.block_k:

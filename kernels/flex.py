@@ -17,7 +17,7 @@ from vidattn.plan import FULL, PARTIAL, BlockPlan
 
 from .reference import expand_kv_heads, from_plan_order, to_plan_order
 
-__all__ = ["block_sparse_attention_flex", "block_mask_from_plan", "FlexUnsupported"]
+__all__ = ["block_sparse_attention_flex", "block_mask_from_plan", "flex_kernel_options", "FlexUnsupported"]
 
 
 class FlexUnsupported(RuntimeError):
@@ -37,6 +37,14 @@ def _flex_fn(device: torch.device):
     if device.type == "cuda":
         return _compiled_flex()
     return flex_attention
+
+
+def flex_kernel_options(plan: BlockPlan) -> Optional[dict]:
+    """FlexAttention tile sizes that divide the plan's blocks (flex requires it): None (flex's own
+    defaults, 128 x 64 on Hopper) for 128-token blocks, smaller tiles for smaller blocks."""
+    if plan.block_q >= 128 and plan.block_k >= 128:
+        return None
+    return {"BLOCK_M": min(plan.block_q, 128), "BLOCK_N": min(plan.block_k, 64)}
 
 
 _mask_cache: "weakref.WeakKeyDictionary[BlockPlan, object]" = weakref.WeakKeyDictionary()
@@ -134,7 +142,12 @@ def block_sparse_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     scale = D ** -0.5 if scale is None else scale
     if q.device.type == "cpu" and q.dtype != torch.float32:
         qh, kh, vh = qh.float(), kh.float(), vh.float()
-    out, lse = fn(qh.contiguous(), kh.contiguous(), vh.contiguous(), block_mask=bm, scale=scale, return_lse=True)
+    opts = flex_kernel_options(plan) if q.device.type == "cuda" else None
+    try:
+        out, lse = fn(qh.contiguous(), kh.contiguous(), vh.contiguous(), block_mask=bm, scale=scale,
+                      return_lse=True, kernel_options=opts)
+    except (RuntimeError, ValueError, AssertionError) as e:  # inductor lowering/compile errors
+        raise FlexUnsupported(f"FlexAttention failed on this plan ({type(e).__name__}: {str(e)[:200]})") from e
     out = from_plan_order(out, plan.perm).transpose(1, 2).to(q.dtype)
     if return_lse:
         lse = from_plan_order(lse.float(), plan.perm)

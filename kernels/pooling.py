@@ -1,7 +1,8 @@
-"""Block mean pooling of Q/K/V in plan order (pure PyTorch, vectorized, any device).
+"""Block mean pooling of Q/K/V in plan order.
 
-Used by :class:`vidattn.patterns.rectified.RectifiedSparse` (pooled scores, pooled K/V columns)
-and as the reference for a fused Triton pooling kernel. Blocks are consecutive runs of ``block``
+Used by :class:`vidattn.patterns.rectified.RectifiedSparse` (pooled scores, pooled K/V columns).
+On CUDA the fused one-pass Triton kernel (:mod:`vidattn.kernels.pooling_triton`) runs; the
+vectorized PyTorch code below is the path everywhere else and the reference it is tested against. Blocks are consecutive runs of ``block``
 tokens of the (optionally permuted) sequence; the last block may be short and is averaged over
 its real tokens only.
 """
@@ -22,6 +23,18 @@ def block_counts(seq_len: int, block: int, device=None) -> torch.Tensor:
     nb = -(-seq_len // block)
     starts = torch.arange(nb, device=device) * block
     return torch.clamp(seq_len - starts, max=block)
+
+
+def _triton_pool(x: torch.Tensor, block: int, perm: Optional[torch.Tensor], mode: int):
+    """The fused Triton kernel for CUDA tensors it supports, else None (use the torch path)."""
+    if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 4 and isinstance(block, int)
+            and 16 <= block <= 256 and not block & (block - 1) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+        return None
+    try:
+        from .pooling_triton import block_pool_triton
+    except ImportError:  # pragma: no cover - triton missing
+        return None
+    return block_pool_triton(x, block, perm, mode)
 
 
 def _blocked(x: torch.Tensor, block: int, perm: Optional[torch.Tensor]):
@@ -51,6 +64,9 @@ def block_mean_pool(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = 
     Returns:
         float32 ``[B, H, ceil(S / block), D]``.
     """
+    fused = _triton_pool(x, block, perm, 0)
+    if fused is not None:
+        return fused[0]
     xb, cnt = _blocked(x, block, perm)
     return xb.sum(3) / cnt[None, None, :, None].to(xb.dtype)
 
@@ -63,6 +79,9 @@ def block_moments(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = No
     Returns:
         ``(mean, var)``: float32 ``[B, H, NB, D]`` each.
     """
+    fused = _triton_pool(x, block, perm, 2)
+    if fused is not None:
+        return fused
     xb, cnt = _blocked(x, block, perm)
     c = cnt[None, None, :, None].to(xb.dtype)
     mean = xb.sum(3) / c
@@ -81,6 +100,9 @@ def block_mean_absdev(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] 
         ``(mean, mad)``: float32 ``[B, H, NB, D]`` each, ``mad[.., c] = mean_i |x_i[c] - mean[c]|``
         over the block's real tokens (the statistic RectifiedSparse's gain-vs-error test uses).
     """
+    fused = _triton_pool(x, block, perm, 1)
+    if fused is not None:
+        return fused
     xb, cnt = _blocked(x, block, perm)
     c = cnt[None, None, :, None].to(xb.dtype)
     mean = xb.sum(3) / c

@@ -483,6 +483,55 @@ def _schedule(plan: BlockPlan, B: int, H: int, block_m: int) -> torch.Tensor:
     return cache[key]
 
 
+def plan_launch_tables(plan: BlockPlan) -> dict:
+    """Everything the launcher derives from a plan alone, computed once per plan (and budget) so
+    a cached plan costs no host synchronisation or tensor conversion per call (CUDA-graph safe):
+    int32 block lists (full lists sorted), the partial-block rule path (0 none, 1 in-kernel
+    neighborhood, 2 precomputed per-block masks) and its tables.
+
+    Raises:
+        TritonUnsupported: the partial-block masks exceed ``MASK_BUDGET_BYTES`` and the rule has no
+            in-kernel form.
+    """
+    cache = _plan_cache(plan)
+    key = ("launch", MASK_BUDGET_BYTES)
+    if key in cache:
+        return cache[key]
+    dev = plan.device
+    fidx = sorted_full_indices(plan)
+    pidx = plan.kv_indices.to(torch.int32)
+    if fidx.shape[-1] == 0:
+        fidx = torch.zeros(*fidx.shape[:-1], 1, dtype=torch.int32, device=dev)
+    if pidx.shape[-1] == 0:
+        pidx = torch.zeros(*pidx.shape[:-1], 1, dtype=torch.int32, device=dev)
+    t = dict(fnum=plan.full_kv_num_blocks.to(torch.int32).contiguous(), fidx=fidx.contiguous(),
+             pnum=plan.kv_num_blocks.to(torch.int32).contiguous(), pidx=pidx.contiguous(), rule_mode=0,
+             na=torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev),
+             slot=torch.zeros(1, 1, 1, dtype=torch.int64, device=dev),
+             na_args=[1, 1, 1, 1] * 3, causal=[False] * 3, dense_nongrid=True)
+    t["bits"] = t["na"]
+    if plan.has_partial and plan.rule is not None:
+        need = partial_mask_bytes(plan)
+        fits = need <= MASK_BUDGET_BYTES
+        if isinstance(plan.rule, NeighborhoodRule) and not fits:
+            t["rule_mode"] = 1
+            t["na"] = neighborhood_tables(plan)
+            r = plan.rule
+            for a in range(len(r.grid)):
+                t["na_args"][4 * a: 4 * a + 4] = [r.grid[a], r.kernel_size[a], r.dilation[a], r.stride[a]]
+                t["causal"][a] = bool(r.is_causal[a])
+            t["dense_nongrid"] = bool(r.dense_nongrid)
+        elif fits:
+            # precomputed per-block masks: one byte load per pair, the fastest partial-block path
+            t["rule_mode"] = 2
+            t["bits"], t["slot"] = partial_block_masks(plan)
+        else:
+            raise TritonUnsupported(f"partial-block masks need {need / 2**30:.1f} GiB "
+                                    f"(> VIDATTN_MASK_BUDGET_BYTES) and {type(plan.rule).__name__} has no in-kernel form")
+    cache[key] = t
+    return t
+
+
 def _tma_ok(device: torch.device) -> bool:
     if TensorDescriptor is None or os.environ.get("VIDATTN_TRITON_TMA", "1") == "0":
         return False
@@ -562,35 +611,10 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 
-    fnum, fidx = plan.full_kv_num_blocks.to(torch.int32), sorted_full_indices(plan)
-    pnum, pidx = plan.kv_num_blocks.to(torch.int32), plan.kv_indices.to(torch.int32)
-    if fidx.shape[-1] == 0:
-        fidx = torch.zeros(*fidx.shape[:-1], 1, dtype=torch.int32, device=dev)
-    if pidx.shape[-1] == 0:
-        pidx = torch.zeros(*pidx.shape[:-1], 1, dtype=torch.int32, device=dev)
-    rule_mode = 0
-    na = bits = torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev)
-    slot = torch.zeros(1, 1, 1, dtype=torch.int64, device=dev)
-    na_args = [1, 1, 1, 1] * 3
-    causal = [False] * 3
-    dense_nongrid = True
-    if plan.has_partial and plan.rule is not None:
-        fits = partial_mask_bytes(plan) <= MASK_BUDGET_BYTES
-        if isinstance(plan.rule, NeighborhoodRule) and not fits:
-            rule_mode = 1
-            na = neighborhood_tables(plan)
-            r = plan.rule
-            for a in range(len(r.grid)):
-                na_args[4 * a: 4 * a + 4] = [r.grid[a], r.kernel_size[a], r.dilation[a], r.stride[a]]
-                causal[a] = bool(r.is_causal[a])
-            dense_nongrid = bool(r.dense_nongrid)
-        elif fits:
-            # precomputed per-block masks: one byte load per pair, the fastest partial-block path
-            rule_mode = 2
-            bits, slot = partial_block_masks(plan)
-        else:
-            raise TritonUnsupported(f"partial-block masks need {partial_mask_bytes(plan) / 2**30:.1f} GiB "
-                                    f"(> VIDATTN_MASK_BUDGET_BYTES) and {type(plan.rule).__name__} has no in-kernel form")
+    t = plan_launch_tables(plan)
+    fnum, fidx, pnum, pidx = t["fnum"], t["fidx"], t["pnum"], t["pidx"]
+    rule_mode, na, bits, slot = t["rule_mode"], t["na"], t["bits"], t["slot"]
+    na_args, causal, dense_nongrid = t["na_args"], t["causal"], t["dense_nongrid"]
     rect = plan.rectification
     kept = rect.kept_log_scale.float().contiguous() if rect is not None and rect.kept_log_scale is not None else None
     pooled = rect is not None and rect.has_pooled

@@ -124,12 +124,12 @@ class SparseAttentionHandle:
     @property
     def densities(self) -> Dict[int, float]:
         """Layer -> block density of the last plan (first transformer)."""
-        return dict(self._states[0].stats.densities)
+        return {k: float(v) for k, v in self._states[0].stats.densities.items()}
 
     @property
     def token_densities(self) -> Dict[int, float]:
         """Layer -> token density (fraction of allowed (query, key) pairs) of the last plan."""
-        return dict(self._states[0].stats.token_densities)
+        return {k: float(v) for k, v in self._states[0].stats.token_densities.items()}
 
     def reset_stats(self) -> None:
         """Zero the call counters and densities."""

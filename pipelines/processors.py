@@ -79,7 +79,7 @@ class AttentionStats:
         """Mean block density over layers of the last plans, None before any sparse call."""
         if not self.densities:
             return None
-        return sum(self.densities.values()) / len(self.densities)
+        return sum(float(d) for d in self.densities.values()) / len(self.densities)
 
 
 # =============================================================================== model state
@@ -490,8 +490,8 @@ class SparseAttnProcessor:
             st.sparse_calls += 1
             st.layout = layout
             if plan is not None:
-                st.densities[layer] = float(plan.block_density)
-                st.token_densities[layer] = float(plan.token_density)
+                st.densities[layer] = _block_density(plan)
+                st.token_densities[layer] = plan.token_density  # 0-dim tensor for dynamic plans
         return out
 
     def _attend_padded(self, q, k, v, layout, keep, scale):
@@ -518,6 +518,16 @@ class SparseAttnProcessor:
             out[b, idx] = ob[0]
             out[b, drop] = od.transpose(1, 2)[0]
         return out
+
+
+def _block_density(plan):
+    """The plan's block density without a per-call host sync: static (cached) plans compute the
+    float once; dynamic per-call plans (tensor ``token_density``) give a 0-dim tensor that is
+    only read (synchronised) when someone asks for the stats."""
+    if isinstance(plan.token_density, torch.Tensor) and "block_density" not in plan.__dict__:
+        tot = plan.kv_num_blocks.sum(dtype=torch.float32) + plan.full_kv_num_blocks.sum(dtype=torch.float32)
+        return tot / (plan.kv_num_blocks.numel() * plan.num_k_blocks)
+    return plan.block_density
 
 
 _UNION_PARAMS = ("encoder_hidden_states", "attention_mask", "image_rotary_emb", "rotary_emb", "temb",

@@ -20,8 +20,10 @@ A plan is pure data: cache it per (layout, pattern, device) and reuse it across 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field, replace
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -155,7 +157,8 @@ class BlockPlan:
         rule: :class:`TokenRule` for partial blocks (None only if there are none).
         perm: LongTensor ``[Hp, S]`` token order of the plan, or None (identity).
         rectification: :class:`Rectification` or None.
-        token_density: fraction of the S*S (query, key) pairs allowed (averaged over Bp*Hp).
+        token_density: fraction of the S*S (query, key) pairs allowed (averaged over Bp*Hp); a
+            float, or a 0-dim tensor for dynamic per-call plans (read it with ``float()``).
         meta: free-form description (pattern name, per-head choices, ...).
     """
 
@@ -169,7 +172,7 @@ class BlockPlan:
     rule: Optional[TokenRule] = None
     perm: Optional[torch.Tensor] = None
     rectification: Optional[Rectification] = None
-    token_density: float = 1.0
+    token_density: Union[float, torch.Tensor] = 1.0
     meta: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------ geometry
@@ -195,20 +198,25 @@ class BlockPlan:
         """Hp: 1 (shared by all heads) or the number of query heads."""
         return self.kv_num_blocks.shape[1]
 
-    @property
+    @functools.cached_property
     def has_partial(self) -> bool:
+        """Whether any partial block is listed (computed once per plan: one host sync, none for a
+        plan built with no partial slots)."""
+        if self.kv_indices.shape[-1] == 0:
+            return False
         return bool(self.kv_num_blocks.max().item() > 0) if self.kv_num_blocks.numel() else False
 
-    @property
+    @functools.cached_property
     def block_density(self) -> float:
-        """Fraction of (query block, key block) pairs computed (full + partial), averaged."""
+        """Fraction of (query block, key block) pairs computed (full + partial), averaged
+        (computed once per plan: one host sync)."""
         tot = self.kv_num_blocks.double().sum() + self.full_kv_num_blocks.double().sum()
         return float(tot / (self.kv_num_blocks.numel() * self.num_k_blocks))
 
     @property
     def sparsity(self) -> float:
         """``1 - token_density``."""
-        return 1.0 - self.token_density
+        return 1.0 - float(self.token_density)
 
     def to(self, device) -> "BlockPlan":
         """Same plan on another device."""
@@ -279,21 +287,26 @@ class BlockPlan:
             permuted=self.perm is not None,
             rectified=self.rectification is not None,
             epilogue=self.rectification is not None and self.rectification.has_epilogue,
-            **{k: v for k, v in self.meta.items() if isinstance(v, (int, float, str, bool, list, tuple))},
+            **{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self.meta.items()
+               if isinstance(v, (int, float, str, bool, list, tuple))
+               or (isinstance(v, torch.Tensor) and v.numel() == 1)},
         )
 
 
-def indices_from_block_mask(mask: torch.Tensor):
+def indices_from_block_mask(mask: torch.Tensor, width: Optional[int] = None):
     """Convert a boolean block mask into FlexAttention-style (num, indices).
 
     Args:
         mask: BoolTensor ``[Bp, Hp, NQB, NKB]``.
+        width: index slots per query block; default ``max(num)`` (one host sync). Pass ``NKB``
+            (or a known bound) to build without synchronising (dynamic per-call plans).
     Returns:
-        ``(num, idx)``: int32 ``[Bp, Hp, NQB]`` and int32 ``[Bp, Hp, NQB, max(num)]`` (ascending
+        ``(num, idx)``: int32 ``[Bp, Hp, NQB]`` and int32 ``[Bp, Hp, NQB, width]`` (ascending
         block indices, padded with 0).
     """
     num = mask.sum(-1, dtype=torch.int32)
-    width = int(num.max().item()) if num.numel() else 0
+    if width is None:
+        width = int(num.max().item()) if num.numel() else 0
     order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :width]
     valid = torch.arange(width, device=mask.device) < num[..., None]
     idx = torch.where(valid, order, torch.zeros_like(order)).to(torch.int32)
@@ -302,20 +315,30 @@ def indices_from_block_mask(mask: torch.Tensor):
 
 def plan_from_block_mask(block_classes: torch.Tensor, *, seq_len: int, block_q: int, block_k: int,
                          rule: Optional[TokenRule], perm: Optional[torch.Tensor] = None,
-                         token_density: float, rectification: Optional[Rectification] = None,
-                         meta: Optional[dict] = None) -> BlockPlan:
+                         token_density, rectification: Optional[Rectification] = None,
+                         meta: Optional[dict] = None, full_only: bool = False) -> BlockPlan:
     """Build a :class:`BlockPlan` from classified blocks.
 
     Args:
         block_classes: int ``[Bp, Hp, NQB, NKB]`` with 0 = skip, 1 = partial, 2 = full.
+        token_density: float, or a 0-dim tensor (dynamic plans: no host sync).
+        full_only: the caller guarantees no partial block (e.g. dynamic block selection): the
+            plan is then built without any host synchronisation (index lists NKB wide).
     """
-    num_p, idx_p = indices_from_block_mask(block_classes == PARTIAL)
-    num_f, idx_f = indices_from_block_mask(block_classes == FULL)
-    if rule is None and int(num_p.max().item() if num_p.numel() else 0) > 0:
-        raise ValueError("a plan with partial blocks needs a token rule")
+    if full_only:
+        shape = block_classes.shape
+        num_p = torch.zeros(shape[:-1], dtype=torch.int32, device=block_classes.device)
+        idx_p = torch.zeros(*shape[:-1], 0, dtype=torch.int32, device=block_classes.device)
+        num_f, idx_f = indices_from_block_mask(block_classes == FULL, width=shape[-1])
+    else:
+        num_p, idx_p = indices_from_block_mask(block_classes == PARTIAL)
+        num_f, idx_f = indices_from_block_mask(block_classes == FULL)
+        if rule is None and int(num_p.max().item() if num_p.numel() else 0) > 0:
+            raise ValueError("a plan with partial blocks needs a token rule")
     return BlockPlan(seq_len=seq_len, block_q=block_q, block_k=block_k, kv_num_blocks=num_p,
                      kv_indices=idx_p, full_kv_num_blocks=num_f, full_kv_indices=idx_f, rule=rule,
-                     perm=perm, rectification=rectification, token_density=float(token_density),
+                     perm=perm, rectification=rectification,
+                     token_density=token_density if isinstance(token_density, torch.Tensor) else float(token_density),
                      meta=dict(meta or {}))
 
 

@@ -135,7 +135,7 @@ def pooled_block_probs(qp: torch.Tensor, kp: torch.Tensor, counts: torch.Tensor,
         raise ValueError(f"text_block must be an int tensor [T={text_k.shape[2]}] with text_k")
     lt = scale * torch.einsum("bhqd,bhtd->bhqt", qp, text_k)  # [B, H, NQB, T]
     m = torch.maximum(logits.amax(-1, keepdim=True), lt.amax(-1, keepdim=True))
-    onehot = torch.nn.functional.one_hot(text_block.to(logits.device), kp.shape[2]).float()  # [T, NKB]
+    onehot = (text_block.to(logits.device)[:, None] == torch.arange(kp.shape[2], device=logits.device)).float()  # [T, NKB]
     w = torch.exp(logits - m) + torch.exp(lt - m) @ onehot
     return w / w.sum(-1, keepdim=True)
 
@@ -261,12 +261,13 @@ class RectifiedSparse(Pattern):
             cnt = block_counts(S, self.block_size, q.device).float()
             classes = torch.where(kept, FULL, 0).to(torch.int8).to(dev)
             pair = cnt[:, None] * cnt[None, :]
-            density = float((kept.float() * pair).sum() / (B * H * S * S))
+            # 0-dim tensors, not floats: building a per-call plan never waits for the GPU
+            density = (kept.float() * pair).sum() / (B * H * S * S)
         meta = dict(pattern="rectified", method=self.method, keep=float(self.keep), mass=self.mass,
-                    rectify=self.rectify, keep_fraction=float(kept.float().mean()), **extra)
+                    rectify=self.rectify, keep_fraction=kept.float().mean(), **extra)
         return plan_from_block_mask(classes, seq_len=S, block_q=self.block_size, block_k=self.block_size, rule=None,
                                     token_density=density, rectification=None if rect is None else rect.to(dev),
-                                    meta=meta)
+                                    meta=meta, full_only=True)
 
     # ------------------------------------------------------------------ shared
     def _force(self, kept: torch.Tensor, layout: TokenLayout, S: int) -> torch.Tensor:
@@ -294,7 +295,8 @@ class RectifiedSparse(Pattern):
             grid_tok = torch.zeros(S, dtype=torch.bool, device=q.device)
             grid_tok[layout.grid_slice] = True
             kg, cnt_g = block_masked_mean(k, bs, grid_tok)
-            text_idx = (~grid_tok).nonzero().flatten()
+            gs = layout.grid_slice
+            text_idx = torch.cat([torch.arange(0, gs.start), torch.arange(gs.stop, S)]).to(q.device)  # no sync
             text_k = k[:, text_idx].transpose(1, 2).float().repeat_interleave(rep, 1)  # [B, H, T, D]
             probs = pooled_block_probs(qp, kg.repeat_interleave(rep, 1), cnt_g, s, text_k, text_idx // bs)
         else:
@@ -308,9 +310,8 @@ class RectifiedSparse(Pattern):
         out_scale, out_shift = ipar_epilogue(probs, pooled, vp)
         rect = Rectification(out_scale=out_scale.float(), out_shift=out_shift.float())
         rejected = (~crit) & (~pooled)
-        return crit, rect, dict(pooled_blocks=float(pooled.float().mean()),
-                                rejected_blocks=float(rejected.float().mean()),
-                                mean_out_scale=float(out_scale.mean()))
+        return crit, rect, dict(pooled_blocks=pooled.float().mean(), rejected_blocks=rejected.float().mean(),
+                                mean_out_scale=out_scale.mean())
 
     # ------------------------------------------------------------------ joint
     def _plan_joint(self, layout: TokenLayout, q, k, v, s: float):
@@ -344,5 +345,5 @@ class RectifiedSparse(Pattern):
         comp = (~kept) & (dist2.sqrt() > err)
         pw = torch.where(comp, cnt.log() + g, torch.full_like(g, -math.inf))
         rect = Rectification(kept_log_scale=None, pooled_k=kp, pooled_v=vp, pooled_log_weight=pw.float())
-        frac = float(comp.float().mean())
+        frac = comp.float().mean()
         return kept, rect, dict(pooled_columns=frac, pooled_blocks=frac)

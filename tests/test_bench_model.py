@@ -1,0 +1,91 @@
+"""benchmarks/model.py --tiny: every model path (Wan, HunyuanVideo, FLUX) runs on CPU with tiny
+configs, the reference backend and the profiler breakdown, and writes the JSON rows/fields."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is fastest and immune to a busy CI machine
+    spec = importlib.util.spec_from_file_location("vidattn_bench_model_test", os.path.join(ROOT, "benchmarks", "model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    yield mod
+    torch.set_num_threads(n)
+
+
+EXPECTED = {
+    "wan": {"neighborhood-90", "neighborhood-75", "radial", "radial-block", "rectified-75", "rectified-90", "grid"},
+    "hunyuan": {"neighborhood-90", "neighborhood-75", "radial", "radial-block", "rectified-75", "rectified-90",
+                "grid"},
+    "flux": {"neighborhood-90", "neighborhood-75", "rectified-75", "rectified-90"},
+}
+
+
+@pytest.mark.parametrize("model", ["wan", "hunyuan", "flux"])
+def test_tiny_model_bench_json(bench, model, tmp_path, capsys):
+    out = tmp_path / f"{model}.json"
+    rc = bench.main(["--tiny", "--model", model, "--breakdown", "--backend", "reference", "--json", str(out),
+                     "--cuda-graphs", "neighborhood-90"])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert data["config"]["model"] == model and data["config"]["tiny"] is True
+    rows = {r["name"]: r for r in data["results"]}
+    assert rows["dense-sdpa-default-eager"]["status"] == "ok"
+    assert any(n.startswith("self-attn-") for n in rows)
+    assert rows["dense-vidattn-eager"]["density"] == 1.0
+    for name in EXPECTED[model]:
+        r = rows[f"{name}-eager"]
+        assert r["status"] == "ok", r
+        assert r["ms"] > 0 and r["speedup_vs_dense"] > 0
+        assert 0 < r["density"] <= 1 and 0 < r["block_density"] <= 1
+        b = r["breakdown"]
+        assert b["method"] == "cpu-ops" and "error" not in b
+        for k in ("wall_ms", "attention_ms", "linear_ms", "other_ms", "attention_share", "sparse_overhead_ms",
+                  "sparse_overhead_pct"):
+            assert b[k] is not None and b[k] >= 0, (name, k, b)
+        assert b["attention_ms"] > 0 and b["linear_ms"] > 0
+        assert b["attention_ms"] + b["linear_ms"] <= b["wall_ms"] * 1.05
+    for name in ("neighborhood-90", "neighborhood-75"):
+        assert rows[f"{name}-eager"]["density"] < 1 and "grid_density" in rows[f"{name}-eager"]
+    if model == "flux":  # video-only families are skipped on the 2-D image grid, with a message
+        assert not any(n.startswith(("radial", "grid")) for n in rows)
+        assert "Radial needs a (T, H, W) video grid" in capsys.readouterr().out
+    dense_bd = rows["dense-sdpa-default-eager"]["breakdown"]
+    assert dense_bd["sparse_overhead_ms"] is None and dense_bd["attention_ms"] > 0
+    # CUDA graphs need CUDA: reported as skipped rows, no crash
+    for name in ("dense-cudagraphs", "neighborhood-90-cudagraphs"):
+        assert rows[name]["status"] == "skipped" and "CUDA" in rows[name]["reason"]
+
+
+def test_neighborhood_kernel_targets(bench):
+    assert bench.neighborhood_kernel((21, 30, 52), 0.10) == (9, 15, 27)  # RESULTS.md preset
+    for grid in ((33, 45, 80), (64, 64), (128, 128), (9, 22, 40)):
+        for target in (0.10, 0.25):
+            ks = bench.neighborhood_kernel(grid, target)
+            assert all(k % 2 == 1 and k <= g for k, g in zip(ks, grid))
+            n = 1
+            for g in grid:
+                n *= g
+            dens = 1
+            for k in ks:
+                dens *= k
+            assert abs(dens / n - target) / target < 0.15, (grid, target, ks)
+
+
+def test_full_size_needs_cuda_or_tiny(bench, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA")
+    assert bench.main(["--model", "hunyuan"]) == 2
+    assert bench.main(["--tiny", "--model", "wan", "--frames", "10"]) == 2  # not 4k+1
