@@ -23,12 +23,12 @@ CANDIDATES = [  # (BLOCK_M, BLOCK_N, warps, stages)
     *[(64, 64, 4, s) for s in (2, 3)],
 ]
 ENV = ("VIDATTN_TRITON_BLOCK_M", "VIDATTN_TRITON_BLOCK_N", "VIDATTN_TRITON_WARPS", "VIDATTN_TRITON_STAGES",
-       "VIDATTN_TRITON_SCHED", "VIDATTN_TRITON_TMA", "VIDATTN_TRITON_WS")
-VARIANTS = [(1, 1, 0), (0, 0, 0)]  # (sched, tma, warp_spec) tried on top of the best plain setting
+       "VIDATTN_TRITON_SCHED", "VIDATTN_TRITON_TMA")
+VARIANTS = [(1, 1), (0, 0)]  # (sched, tma) tried on top of the best plain setting
 
 
-def _set(cfg, sched=0, tma=1, ws=0):
-    for name, val in zip(ENV, (*cfg, sched, tma, ws)):
+def _set(cfg, sched=0, tma=1):
+    for name, val in zip(ENV, (*cfg, sched, tma)):
         os.environ[name] = str(val)
 
 
@@ -90,7 +90,7 @@ def main(argv=None):
         except Exception as e:
             f_ms = float("nan")
             log(dict(plan=name, kernel="flex", error=repr(e)[:120]))
-        for cfg, var in itertools.chain(((c, (0, 1, 0)) for c in cands), ((None, v) for v in VARIANTS)):
+        for cfg, var in itertools.chain(((c, (0, 1)) for c in cands), ((None, v) for v in VARIANTS)):
             if cfg is None:  # the best setting so far, with a variant
                 cfg = best[name][1]
             if cfg[0] > plan.block_q or cfg[1] > plan.block_k:

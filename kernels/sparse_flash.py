@@ -18,6 +18,7 @@ Returns the output and (optionally) the natural-log LSE. Anything unsupported ra
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -26,6 +27,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 from triton.runtime.errors import OutOfResources
 
 try:  # host-side tensor descriptors (TMA bulk copies on Hopper; emulated by the interpreter)
@@ -239,7 +241,7 @@ def _sparse_flash_fwd(
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, DENSE_NONGRID: tl.constexpr,
     RULE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_POOLED: tl.constexpr, RETURN_LSE: tl.constexpr,
     FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr, RAGGED: tl.constexpr,
+    RAGGED: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -287,7 +289,7 @@ def _sparse_flash_fwd(
     if RAGGED:
         last = tl.load(f_idx + tl.maximum(nfb - 1, 0))
         nmain = tl.where((nfb > 0) & (last == NKB - 1), nfb - 1, nfb)
-    for j in tl.range(0, nmain * SUB_N, warp_specialize=WARP_SPEC):
+    for j in range(0, nmain * SUB_N):
         kb = tl.load(f_idx + j // SUB_N)
         col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
         bias = no_bias
@@ -421,8 +423,7 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     shared memory. Defaults come from the H100 sweep in ``benchmarks/RESULTS.md``; environment
     overrides: ``VIDATTN_TRITON_BLOCK_M``, ``VIDATTN_TRITON_BLOCK_N``, ``VIDATTN_TRITON_WARPS``,
     ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0/1: heaviest query tiles first),
-    ``VIDATTN_TRITON_WS`` (0/1: warp-specialised full-block loop), ``VIDATTN_TRITON_TMA`` (0 disables
-    tensor-descriptor loads).
+    ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads).
 
     Returns:
         dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
@@ -451,8 +452,7 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     if forced and not _interpreting():
         stages = [forced] + [s for s in stages if s != forced]
     sched = bool(_env_int("VIDATTN_TRITON_SCHED") or 0)
-    warp_spec = bool(_env_int("VIDATTN_TRITON_WS") or 0) and not _interpreting()
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched, warp_spec=warp_spec)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched)
 
 
 def sorted_full_indices(plan: BlockPlan) -> torch.Tensor:
@@ -532,12 +532,18 @@ def plan_launch_tables(plan: BlockPlan) -> dict:
     return t
 
 
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _tma_ok(device: torch.device) -> bool:
     if TensorDescriptor is None or os.environ.get("VIDATTN_TRITON_TMA", "1") == "0":
         return False
     if _interpreting():
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and _capability_major(device.index if device.index is not None
+                                                       else torch.cuda.current_device()) >= 9
 
 
 def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_len: int, block_n: int):
@@ -677,11 +683,11 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         RULE=rule_mode, HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
         FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
-        EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"], USE_TMA=use_tma, WARP_SPEC=cfg["warp_spec"],
+        EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"], USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"],
     )
-    key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled, use_tma, cfg["warp_spec"], cfg["num_warps"], tuple(cfg["stages"]))
+    key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled, use_tma, cfg["num_warps"], tuple(cfg["stages"]))
     last = None
     for stages in ([_stages_ok[key]] if key in _stages_ok else cfg["stages"]):
         try:
@@ -690,6 +696,9 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             break
         except OutOfResources as e:
             last = e
+        except CompilationError as e:  # e.g. an older Triton without a language feature used here
+            raise TritonUnsupported(f"kernel does not compile with triton {triton.__version__}: "
+                                    f"{str(e).splitlines()[0][:200]}") from e
     else:
         raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
     if plan.perm is None:
