@@ -54,6 +54,23 @@ def _blocked(x: torch.Tensor, block: int, perm: Optional[torch.Tensor]):
     return xh.view(B, H, nb, block, D), block_counts(S, block, x.device)
 
 
+def _block_spread(x: torch.Tensor, block: int, perm: Optional[torch.Tensor], squared: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block mean and the per-channel mean of squared (variance) or absolute deviations from it
+    over each block's real tokens; the fused kernel on CUDA, vectorized torch elsewhere."""
+    fused = _triton_pool(x, block, perm, 2 if squared else 1)
+    if fused is not None:
+        return fused
+    xb, cnt = _blocked(x, block, perm)
+    c = cnt[None, None, :, None].to(xb.dtype)
+    mean = xb.sum(3) / c
+    S = x.shape[1]
+    valid = (torch.arange(xb.shape[2] * block, device=x.device) < S).view(xb.shape[2], block)
+    dev = xb - mean[:, :, :, None]
+    dev = dev * dev if squared else dev.abs()
+    return mean, (dev * valid[None, None, :, :, None]).sum(3) / c
+
+
 def block_mean_pool(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean of each block of tokens.
 
@@ -79,16 +96,7 @@ def block_moments(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = No
     Returns:
         ``(mean, var)``: float32 ``[B, H, NB, D]`` each.
     """
-    fused = _triton_pool(x, block, perm, 2)
-    if fused is not None:
-        return fused
-    xb, cnt = _blocked(x, block, perm)
-    c = cnt[None, None, :, None].to(xb.dtype)
-    mean = xb.sum(3) / c
-    S = x.shape[1]
-    valid = (torch.arange(xb.shape[2] * block, device=x.device) < S).view(xb.shape[2], block)
-    dev2 = ((xb - mean[:, :, :, None]) ** 2) * valid[None, None, :, :, None]
-    return mean, dev2.sum(3) / c
+    return _block_spread(x, block, perm, squared=True)
 
 
 def block_mean_absdev(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] = None
@@ -100,16 +108,7 @@ def block_mean_absdev(x: torch.Tensor, block: int, perm: Optional[torch.Tensor] 
         ``(mean, mad)``: float32 ``[B, H, NB, D]`` each, ``mad[.., c] = mean_i |x_i[c] - mean[c]|``
         over the block's real tokens (the statistic RectifiedSparse's gain-vs-error test uses).
     """
-    fused = _triton_pool(x, block, perm, 1)
-    if fused is not None:
-        return fused
-    xb, cnt = _blocked(x, block, perm)
-    c = cnt[None, None, :, None].to(xb.dtype)
-    mean = xb.sum(3) / c
-    S = x.shape[1]
-    valid = (torch.arange(xb.shape[2] * block, device=x.device) < S).view(xb.shape[2], block)
-    dev1 = (xb - mean[:, :, :, None]).abs() * valid[None, None, :, :, None]
-    return mean, dev1.sum(3) / c
+    return _block_spread(x, block, perm, squared=False)
 
 
 def block_masked_mean(x: torch.Tensor, block: int, token_mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

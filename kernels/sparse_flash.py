@@ -222,6 +222,24 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
 
 
 @triton.jit
+def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base, v_base, desc_k, desc_v, kv_row0,
+               kv_col, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, TAIL: tl.constexpr,
+               HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+               SUB_N: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Key tile ``j`` of a query block's full-block list (``SUB_N`` tiles per listed plan block):
+    no token rule; ``TAIL`` masks columns past the sequence (the ragged last block only)."""
+    kb = tl.load(f_idx + j // SUB_N)
+    col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
+    bias = no_bias
+    if HAS_KEPT:
+        bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
+    kt, v = _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks, stride_vs, S,
+                     D, TAIL, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+    return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ones, bias, False, TAIL, HAS_KEPT,
+                        FP32_DOT)
+
+
+@triton.jit
 def _sparse_flash_fwd(
     Q, K, V, O, LSE, SCHED, DESC_K, DESC_V, ROW_B, ROW_H, COL_H,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
@@ -289,27 +307,18 @@ def _sparse_flash_fwd(
     if RAGGED:
         last = tl.load(f_idx + tl.maximum(nfb - 1, 0))
         nmain = tl.where((nfb > 0) & (last == NKB - 1), nfb - 1, nfb)
+    kept_row = b * kept_b + h * kept_h + qb * kept_q
     for j in range(0, nmain * SUB_N):
-        kb = tl.load(f_idx + j // SUB_N)
-        col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
-        bias = no_bias
-        if HAS_KEPT:
-            bias = no_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
-        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
-                         stride_vs, S, D, False, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ones, bias,
-                                     False, False, HAS_KEPT, FP32_DOT)
+        acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base, v_base,
+                                   DESC_K, DESC_V, kv_row0, kv_col, offs_n, offs_d, stride_ks, stride_vs, S, D,
+                                   qk_scale, False, HAS_KEPT, FP32_DOT, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N,
+                                   BLOCK_D)
     if RAGGED:
         for j in range(nmain * SUB_N, nfb * SUB_N):
-            kb = tl.load(f_idx + j // SUB_N)
-            col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
-            bias = no_bias
-            if HAS_KEPT:
-                bias = no_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
-            kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
-                             stride_vs, S, D, True, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ones, bias,
-                                         False, True, HAS_KEPT, FP32_DOT)
+            acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base, v_base,
+                                       DESC_K, DESC_V, kv_row0, kv_col, offs_n, offs_d, stride_ks, stride_vs, S, D,
+                                       qk_scale, True, HAS_KEPT, FP32_DOT, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N,
+                                       BLOCK_D)
 
     # ---- partial blocks: the token rule in-kernel
     npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb) * SUB_N
@@ -352,7 +361,7 @@ def _sparse_flash_fwd(
             ok = ones
         bias = no_bias
         if HAS_KEPT:
-            bias = no_bias + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
+            bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
         kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
                          stride_vs, S, D, True, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ok, bias,
@@ -508,6 +517,7 @@ def plan_launch_tables(plan: BlockPlan) -> dict:
              pnum=plan.kv_num_blocks.to(torch.int32).contiguous(), pidx=pidx.contiguous(), rule_mode=0,
              na=torch.zeros(1, 1, 1, 1, dtype=torch.int32, device=dev),
              slot=torch.zeros(1, 1, 1, dtype=torch.int64, device=dev),
+             fdummy=torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev),  # absent rectification inputs
              na_args=[1, 1, 1, 1] * 3, causal=[False] * 3, dense_nongrid=True)
     t["bits"] = t["na"]
     if plan.has_partial and plan.rule is not None:
@@ -628,7 +638,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         pk = rect.pooled_k.to(q.dtype).contiguous()
         pv = rect.pooled_v.to(q.dtype).contiguous()
         pw = rect.pooled_log_weight.float().contiguous()
-    fdummy = torch.zeros(1, 1, 1, 1, dtype=torch.float32, device=dev)
+    fdummy = t["fdummy"]
     kept_t = kept if kept is not None else fdummy
     pk_t = pk if pooled else qh
     pv_t = pv if pooled else qh
