@@ -46,6 +46,7 @@ __all__ = ["block_sparse_attention_triton", "TritonUnsupported", "neighborhood_t
 
 LOG2E = 1.4426950408889634
 _stages_ok: dict = {}
+last_launch: dict = {}  # diagnostics of the latest launch: "regs_spills" = (registers per thread, spills)
 
 
 class TritonUnsupported(BackendUnsupported):
@@ -102,7 +103,8 @@ def partial_mask_bytes(plan: BlockPlan) -> int:
 
 
 def partial_block_masks(plan: BlockPlan):
-    """The rule inside every listed partial block, computed once per plan with the rule in torch.
+    """The rule inside every listed partial block, computed once per plan with the rule in torch
+    (key columns past the sequence end are 0).
 
     Returns:
         ``(masks, slot_start)``: uint8 ``[P, block_q, block_k]`` (P = all listed partial blocks,
@@ -132,7 +134,8 @@ def partial_block_masks(plan: BlockPlan):
             kpos = (k_i[sl, None] * bk + ar_k).clamp(max=S - 1)
             qo = torch.gather(ph, 1, qpos)
             ko = torch.gather(ph, 1, kpos)
-            masks[sl] = plan.rule(hh[:, None, None], qo[:, :, None], ko[:, None, :]).to(torch.uint8)
+            k_real = (k_i[sl, None] * bk + ar_k) < S  # columns past the sequence: 0, so the kernel needs no tail mask
+            masks[sl] = (plan.rule(hh[:, None, None], qo[:, :, None], ko[:, None, :]) & k_real[:, None, :]).to(torch.uint8)
         cache["masks"] = (masks, slot_start.contiguous())
     return cache["masks"]
 
@@ -336,7 +339,9 @@ def _sparse_flash_fwd(
         qa2 = tl.load(tq + 6 * S)
     if RULE == 2:
         slot0 = tl.load(SLOT + b * slot_b + h * slot_h + qb).to(tl.int64)
-        m_rows = (row0 + tl.arange(0, BLOCK_M))[:, None] * PLAN_BK + offs_n[None, :]
+        # only the row offsets live across the key loop; the [M, N] offsets are formed per tile
+        # (a hoisted [M, N] int32 tensor held 64 registers per thread at 128 x 64 tiles)
+        m_row_off = (row0 + tl.arange(0, BLOCK_M)) * PLAN_BK
     for j in range(0, npart):
         kb = tl.load(p_idx + j // SUB_N)
         col0 = kb * PLAN_BK + (j % SUB_N) * BLOCK_N
@@ -355,7 +360,8 @@ def _sparse_flash_fwd(
             else:
                 ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
         elif RULE == 2:
-            mptr = BITS + (slot0 + j // SUB_N) * (PLAN_BQ * PLAN_BK) + (j % SUB_N) * BLOCK_N + m_rows
+            m_off = (slot0 + j // SUB_N) * (PLAN_BQ * PLAN_BK) + (j % SUB_N) * BLOCK_N + m_row_off
+            mptr = BITS + m_off[:, None] + offs_n[None, :]
             ok = tl.load(mptr) != 0
         else:
             ok = ones
@@ -364,8 +370,9 @@ def _sparse_flash_fwd(
             bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
         kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
                          stride_vs, S, D, True, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+        # RULE 2 masks are 0 past the sequence end: no separate tail mask on the logits
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ok, bias,
-                                     True, True, HAS_KEPT, FP32_DOT)
+                                     True, RULE != 2, HAS_KEPT, FP32_DOT)
 
     # ---- pooled columns of rectification (one per key block, weight -inf = absent)
     if HAS_POOLED:
@@ -431,12 +438,13 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     (a 128-token plan block runs as two 64-token key tiles), which keeps more pipeline stages in
     shared memory. Defaults come from the H100 sweep in ``benchmarks/RESULTS.md``; environment
     overrides: ``VIDATTN_TRITON_BLOCK_M``, ``VIDATTN_TRITON_BLOCK_N``, ``VIDATTN_TRITON_WARPS``,
-    ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0/1: heaviest query tiles first),
+    ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0 natural order, 1 heaviest query tiles
+    first, 2 all heads of a query tile adjacent),
     ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads).
 
     Returns:
         dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
-        ``sched`` (bool).
+        ``sched`` (int program-order mode, 0 = natural grid).
     """
     bd = max(16, triton.next_power_of_2(head_dim))
     bm = min(plan.block_q, 128)
@@ -460,7 +468,10 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     forced = _env_int("VIDATTN_TRITON_STAGES")
     if forced and not _interpreting():
         stages = [forced] + [s for s in stages if s != forced]
-    sched = bool(_env_int("VIDATTN_TRITON_SCHED") or 0)
+    # program order: natural by default. Heaviest-first (1) was 1-2% faster on dense and random
+    # block-sparse plans but 11% slower on Radial (block) plans, whose neighbouring query tiles share
+    # key blocks in L2 (H200, interleaved A/B in benchmarks/RESULTS.md).
+    sched = _env_int("VIDATTN_TRITON_SCHED") or 0
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched)
 
 
@@ -479,15 +490,21 @@ def sorted_full_indices(plan: BlockPlan) -> torch.Tensor:
     return cache["full_sorted"]
 
 
-def _schedule(plan: BlockPlan, B: int, H: int, block_m: int) -> torch.Tensor:
-    """int32 ``[B * H * NQT]``: program order by descending key-tile count (cached per plan)."""
+def _schedule(plan: BlockPlan, B: int, H: int, block_m: int, mode: int = 1) -> torch.Tensor:
+    """int32 ``[B * H * NQT]``: program order (items ``bh * NQT + query tile``), cached per plan.
+    ``mode`` 1: by descending key-tile count; 2: query-tile major, so all heads of a query tile
+    run side by side (they share its per-block masks in L2)."""
     cache = _plan_cache(plan)
-    key = ("sched", B, H, block_m)
+    key = ("sched", B, H, block_m, mode)
     if key not in cache:
-        sub = plan.block_q // block_m
-        work = (plan.full_kv_num_blocks + plan.kv_num_blocks).expand(B, H, -1)  # [B, H, NQB]
-        work = work.repeat_interleave(sub, dim=2)[..., : triton.cdiv(plan.seq_len, block_m)]
-        order = torch.argsort(work.flatten(), descending=True, stable=True)
+        nqt = triton.cdiv(plan.seq_len, block_m)
+        if mode == 2:
+            order = torch.arange(B * H * nqt, device=plan.device).view(B * H, nqt).t().flatten()
+        else:
+            sub = plan.block_q // block_m
+            work = (plan.full_kv_num_blocks + plan.kv_num_blocks).expand(B, H, -1)  # [B, H, NQB]
+            work = work.repeat_interleave(sub, dim=2)[..., :nqt]
+            order = torch.argsort(work.flatten(), descending=True, stable=True)
         cache[key] = order.to(torch.int32).contiguous()
     return cache[key]
 
@@ -659,7 +676,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     else:
         desc_k, desc_v, row_b, row_h, col_h = kh, vh, 0, 0, 0
     if cfg["sched"]:
-        sched = _schedule(plan, B, H, BM)
+        sched = _schedule(plan, B, H, BM, cfg["sched"])
         grid = (sched.numel(),)
     else:
         sched = fnum
@@ -693,7 +710,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         RULE=rule_mode, HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
         FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
-        EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"], USE_TMA=use_tma,
+        EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != 0, USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"],
     )
@@ -701,7 +718,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     last = None
     for stages in ([_stages_ok[key]] if key in _stages_ok else cfg["stages"]):
         try:
-            _sparse_flash_fwd[grid](*launch_args, num_stages=stages, **consts)
+            compiled = _sparse_flash_fwd[grid](*launch_args, num_stages=stages, **consts)
+            last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
             _stages_ok[key] = stages
             break
         except OutOfResources as e:

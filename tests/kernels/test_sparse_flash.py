@@ -118,7 +118,7 @@ def test_unsupported_block_size_falls_back_with_warning():
 
 
 @pytest.mark.parametrize("tiles,mode", [((16, 16, "0"), "masks"), ((32, 16, "1"), "in_kernel"),
-                                        ((16, 32, "1"), "masks")])
+                                        ((16, 32, "1"), "masks"), ((16, 16, "2"), "masks")])
 def test_sub_tiles_and_work_ordered_schedule(monkeypatch, tiles, mode):
     """Kernel tiles smaller than the plan blocks (a 32x32 plan block run as 16-row / 16-column
     tiles), heaviest-first program order, both partial-block rule paths, a ragged tail, GQA, and
