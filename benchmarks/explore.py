@@ -69,6 +69,48 @@ def variants(name):
     return v
 
 
+def _grid_plan(layout, H, device):
+    """PermutedGrid plan with fixed per-head kinds (spatial / temporal / grid / dense, cycled)."""
+    from vidattn.patterns.grid import DENSE, GRID, SPATIAL, TEMPORAL, PermutedGrid
+
+    T, Hh, W = layout.grid
+    kinds = [(SPATIAL, TEMPORAL, GRID, DENSE)[h % 4] for h in range(H)]
+    return PermutedGrid().plan_for(layout, kinds, [Hh * W] * H, [h % 3 for h in range(H)], device=device)
+
+
+def perm_check(layout, H, D, tri, bench):
+    import vidattn
+    from vidattn.kernels.reference import block_sparse_attention_reference as ref_fn
+    from vidattn.kernels.reference import from_plan_order, to_plan_order
+
+    small = vidattn.TokenLayout((6, 12, 16), suffix=9)
+    cases = [("na-tile(2,4,4)", vidattn.Neighborhood(kernel_size=(3, 5, 7), tile_shape=(2, 4, 4)).plan(small, device="cuda")),
+             ("grid-per-head", _grid_plan(small, 4, "cuda"))]
+    for name, plan in cases:
+        for dt, (h, hk) in ((torch.bfloat16, (4, 4)), (torch.float32, (4, 2)), (torch.float16, (4, 1))):
+            q = torch.randn(2, small.seq_len, h, 128, device="cuda", dtype=dt)
+            k = torch.randn(2, small.seq_len, hk, 128, device="cuda", dtype=dt)
+            v = torch.randn(2, small.seq_len, hk, 128, device="cuda", dtype=dt)
+            out, lse = tri(q, k, v, plan, return_lse=True)
+            ref, ref_lse = ref_fn(q.float(), k.float(), v.float(), plan, return_lse=True)
+            rel = float((out.float() - ref).norm() / ref.norm())
+            fin = torch.isfinite(ref_lse)
+            lse_err = float((lse[fin] - ref_lse[fin]).abs().max())
+            print(json.dumps(dict(check=name, dtype=str(dt), heads=[h, hk], rel_err=rel, lse_max_err=lse_err)), flush=True)
+    B = 1
+    q, k, v = (torch.randn(B, layout.seq_len, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    for name, plan in (("na(9,15,27)-tile(2,8,8)", vidattn.Neighborhood(kernel_size=(9, 15, 27), tile_shape=(2, 8, 8))
+                        .plan(layout, device="cuda")), ("grid-per-head", _grid_plan(layout, H, "cuda"))):
+        out = tri(q, k, v, plan)
+        ms = bench(lambda: tri(q, k, v, plan))
+        out_hm = out.transpose(1, 2).contiguous()
+        g_ms = bench(lambda: to_plan_order(q.transpose(1, 2), plan.perm).contiguous())
+        s_ms = bench(lambda: from_plan_order(out_hm, plan.perm).transpose(1, 2))
+        print(json.dumps(dict(plan=name, B=B, block_density=round(plan.block_density, 4), triton_ms=round(ms, 3),
+                              removed_q_gather_ms=round(g_ms, 3), removed_o_scatter_ms=round(s_ms, 3))), flush=True)
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--json", default=os.path.join(os.environ.get("OUT", "/tmp"), "explore.json"))
@@ -76,6 +118,8 @@ def main(argv=None):
     p.add_argument("--ncu-case", default="")
     p.add_argument("--no-flex", action="store_true", help="skip FlexAttention on the plans")
     p.add_argument("--ab-sched", action="store_true", help="interleaved A/B of program orders 0 and 1 (5 rounds)")
+    p.add_argument("--perm-check", action="store_true", help="permuted plans: triton vs reference on small cases, "
+                   "then kernel time and the cost of the Q gather / O scatter it no longer needs")
     args = p.parse_args(argv)
     import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -108,6 +152,8 @@ def main(argv=None):
         raise SystemExit(f"no case {args.ncu_case}")
 
     rows = []
+    if args.perm_check:
+        return perm_check(layout, H, D, tri, _bench)
     if args.ab_sched:
         from attention import _random_block_plan
 

@@ -39,7 +39,7 @@ from vidattn.attention import BackendUnsupported
 from vidattn.patterns.neighborhood import NeighborhoodRule
 from vidattn.plan import PARTIAL, BlockPlan
 
-from .reference import expand_kv_heads, from_plan_order, to_plan_order
+from .reference import expand_kv_heads, to_plan_order
 
 __all__ = ["block_sparse_attention_triton", "TritonUnsupported", "neighborhood_tables", "partial_block_masks",
            "partial_mask_bytes"]
@@ -244,7 +244,7 @@ def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base
 
 @triton.jit
 def _sparse_flash_fwd(
-    Q, K, V, O, LSE, SCHED, DESC_K, DESC_V, ROW_B, ROW_H, COL_H,
+    Q, K, V, O, LSE, SCHED, DESC_K, DESC_V, ROW_B, ROW_H, COL_H, QPERM, qperm_h,
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     NA_TAB, BITS, SLOT, KEPT, PK, PV, PW,
     S, H, HK_GROUP, qk_scale, NQT,
@@ -262,7 +262,7 @@ def _sparse_flash_fwd(
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, DENSE_NONGRID: tl.constexpr,
     RULE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_POOLED: tl.constexpr, RETURN_LSE: tl.constexpr,
     FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
-    RAGGED: tl.constexpr,
+    RAGGED: tl.constexpr, Q_PERM: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -286,7 +286,13 @@ def _sparse_flash_fwd(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = rows < S
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + rows[:, None] * stride_qs + offs_d[None, :]
+    # plan position -> original token of the query row: with a token permutation, Q is read and
+    # O / LSE are written at the original positions (no gather of Q, no scatter of O outside)
+    if Q_PERM:
+        qtok = tl.load(QPERM + h * qperm_h + rows, mask=row_ok, other=0)
+    else:
+        qtok = rows
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + h * stride_qh + qtok[:, None] * stride_qs + offs_d[None, :]
     if EVEN_D:
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
     else:
@@ -389,14 +395,14 @@ def _sparse_flash_fwd(
     denom = tl.where(l_i > 0, l_i, 1.0)
     out = acc / denom[:, None]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
-    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :]
+    o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + qtok[:, None] * stride_os + offs_d[None, :]
     if EVEN_D:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d < D)[None, :])
     if RETURN_LSE:
         lse = tl.where(l_i > 0, (m_i + tl.log2(denom)) / 1.4426950408889634, float("-inf"))
-        tl.store(LSE + bh.to(tl.int64) * S + rows, lse, mask=row_ok)
+        tl.store(LSE + bh.to(tl.int64) * S + qtok, lse, mask=row_ok)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -509,6 +515,17 @@ def _schedule(plan: BlockPlan, B: int, H: int, block_m: int, mode: int = 1) -> t
     return cache[key]
 
 
+def plan_perm_int32(plan: BlockPlan) -> Optional[torch.Tensor]:
+    """int32 ``[Hp, S]`` copy of the plan's token permutation (plan position -> original token),
+    or None for the identity; cached per plan."""
+    if plan.perm is None:
+        return None
+    cache = _plan_cache(plan)
+    if "perm32" not in cache:
+        cache["perm32"] = plan.perm.to(device=plan.device, dtype=torch.int32).contiguous()
+    return cache["perm32"]
+
+
 def plan_launch_tables(plan: BlockPlan) -> dict:
     """Everything the launcher derives from a plan alone, computed once per plan (and budget) so
     a cached plan costs no host synchronisation or tensor conversion per call (CUDA-graph safe):
@@ -610,8 +627,9 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
 
     Args:
         q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H); fp16/bf16 (fp32 accumulate)
-            or fp32; D up to 256 (padded to a power of two in-kernel). Any strides with a unit last
-            stride are read in place when the plan has no token permutation.
+            or fp32; D up to 256 (padded to a power of two in-kernel). q is read in place (any
+            strides with a unit last stride); so are k, v when the plan has no token permutation
+            (with one they are gathered into plan order once).
         plan: a BlockPlan on q's device (Bp in {1, B}, Hp in {1, H}); block sizes powers of two.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
@@ -627,21 +645,24 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if plan.device != q.device:
         plan = plan.to(q.device)
     dev = q.device
+    # Q and O stay [B, S, H, D] in the original token order, read / written in place ((batch, head,
+    # token) strides); with a token permutation the kernel maps its rows through the plan's perm
+    qh = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+    q_bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
     if plan.perm is None:
-        # read [B, S, H, D] in place: (batch, head, token) strides
-        qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
-        bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
+        kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        kv_bhs = q_bhs
     else:
-        per_head_perm = plan.perm.shape[0] > 1
-        qh = to_plan_order(q.transpose(1, 2), plan.perm).contiguous()
-        if per_head_perm and Hk != H:
+        # K/V are gathered into plan order once (head-major, contiguous) so key tiles stay
+        # contiguous for the tensor-descriptor loads
+        if plan.perm.shape[0] > 1 and Hk != H:
             k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
             Hk = H
         kh = to_plan_order(k.transpose(1, 2), plan.perm).contiguous()
         vh = to_plan_order(v.transpose(1, 2), plan.perm).contiguous()
-        out = torch.empty_like(qh)
-        bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+        kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 
     t = plan_launch_tables(plan)
@@ -668,8 +689,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     use_tma = BLOCK_D == D and _tma_ok(dev) and q.dtype != torch.float32
     dk = dv = None
     if use_tma:
-        dk = kv_descriptor(kh, bhs(kh), B, Hk, S, BN)
-        dv = kv_descriptor(vh, bhs(vh), B, Hk, S, BN)
+        dk = kv_descriptor(kh, kv_bhs(kh), B, Hk, S, BN)
+        dv = kv_descriptor(vh, kv_bhs(vh), B, Hk, S, BN)
         use_tma = dk is not None and dv is not None and dk[1:] == dv[1:]
     if use_tma:
         desc_k, desc_v, (row_b, row_h, col_h) = dk[0], dv[0], dk[1:]
@@ -693,10 +714,11 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pw_b, pw_h = _bh_strides(pw_t)
     launch_args = (
         qh, kh, vh, out, lse, sched, desc_k, desc_v, row_b, row_h, col_h,
+        qperm if qperm is not None else fnum, 0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0),
         fnum, fidx, pnum, pidx,
         na, bits, slot, kept_t, pk_t, pv_t, pw_t,
         S, H, H // Hk, scale * LOG2E, nqt,
-        *bhs(qh), *bhs(kh), *bhs(vh), *bhs(out),
+        *q_bhs(qh), *kv_bhs(kh), *kv_bhs(vh), *q_bhs(out),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
         pn_b, pn_h, pi_b, pi_h, pidx.stride(2),
         na_h, slot_b, slot_h,
@@ -711,7 +733,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
         FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
         EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != 0, USE_TMA=use_tma,
-        RAGGED=S % plan.block_k != 0, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
+        RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D, num_warps=cfg["num_warps"],
     )
     key = (BM, BN, BLOCK_D, q.dtype, rule_mode, pooled, use_tma, cfg["num_warps"], tuple(cfg["stages"]))
@@ -729,9 +751,4 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                     f"{str(e).splitlines()[0][:200]}") from e
     else:
         raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
-    if plan.perm is None:
-        return (out, lse) if return_lse else out
-    res = from_plan_order(out, plan.perm).transpose(1, 2)
-    if return_lse:
-        return res, from_plan_order(lse, plan.perm)
-    return res
+    return (out, lse) if return_lse else out
