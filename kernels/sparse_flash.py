@@ -10,7 +10,10 @@ over the plan's listed key blocks only:
   uint8 mask computed once per plan with the rule in torch (``P x block_q x block_k`` bytes, never
   ``S x S``);
 * rectification (RectifiedSparse): ``kept_log_scale`` added to kept logits, pooled key-block
-  columns merged into the same softmax after the block loop.
+  columns merged into the same softmax after the block loop;
+* token permutation (tile orders, per-head PermutedGrid orders): Q is read and O / LSE are written
+  at the original token positions through the plan's permutation; K/V are gathered into plan order
+  once per call, so key tiles stay contiguous for the tensor-descriptor loads.
 
 Returns the output and (optionally) the natural-log LSE. Anything unsupported raises
 ``TritonUnsupported`` (a ``BackendUnsupported``) so the dispatcher falls back with one warning.
@@ -647,7 +650,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     dev = q.device
     # Q and O stay [B, S, H, D] in the original token order, read / written in place ((batch, head,
     # token) strides); with a token permutation the kernel maps its rows through the plan's perm
-    qh = q if q.stride(-1) == 1 else q.contiguous()
+    q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
     q_bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
     if plan.perm is None:
@@ -678,8 +681,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         pw = rect.pooled_log_weight.float().contiguous()
     fdummy = t["fdummy"]
     kept_t = kept if kept is not None else fdummy
-    pk_t = pk if pooled else qh
-    pv_t = pv if pooled else qh
+    pk_t = pk if pooled else q
+    pv_t = pv if pooled else q
     pw_t = pw if pooled else fdummy
 
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -713,12 +716,12 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pv_b, pv_h = _bh_strides(pv_t) if pooled else (0, 0)
     pw_b, pw_h = _bh_strides(pw_t)
     launch_args = (
-        qh, kh, vh, out, lse, sched, desc_k, desc_v, row_b, row_h, col_h,
+        q, kh, vh, out, lse, sched, desc_k, desc_v, row_b, row_h, col_h,
         qperm if qperm is not None else fnum, 0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0),
         fnum, fidx, pnum, pidx,
         na, bits, slot, kept_t, pk_t, pv_t, pw_t,
         S, H, H // Hk, scale * LOG2E, nqt,
-        *q_bhs(qh), *kv_bhs(kh), *kv_bhs(vh), *q_bhs(out),
+        *q_bhs(q), *kv_bhs(kh), *kv_bhs(vh), *q_bhs(out),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
         pn_b, pn_h, pi_b, pi_h, pidx.stride(2),
         na_h, slot_b, slot_h,
