@@ -18,8 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-ENV = ("VIDATTN_TRITON_BLOCK_M", "VIDATTN_TRITON_BLOCK_N", "VIDATTN_TRITON_WARPS", "VIDATTN_TRITON_STAGES",
-       "VIDATTN_TRITON_SCHED", "VIDATTN_TRITON_TMA")
+from tune_kernel import ENV  # noqa: E402  (the kernel's launch-setting overrides)
 
 
 def _env(**kw):
@@ -44,7 +43,7 @@ def plans(layout, H):
 
     S = layout.seq_len
     out = [("dense", 1, lambda: vidattn.Dense().plan(layout, device="cuda"))]
-    for d in (0.0625, 0.125):
+    for d in (0.0625, 0.125, 0.25):
         out.append((f"random-{d}", 1, lambda d=d: _random_block_plan(S, H, d, 128)))
     for bq, bk in ((64, 64), (128, 64)):
         out.append((f"na(3,21,52)-{bq}x{bk}", 2, lambda bq=bq, bk=bk: _na_plan(layout, (3, 21, 52), bq, bk)))
@@ -57,7 +56,9 @@ def variants(name):
     """(label, env settings, input layout) per plan."""
     v = [("default", {}, "token")]
     if name == "dense" or name.startswith("random"):
-        v += [("sched1", dict(sched=1), "token"), ("128x32 w4 s2", dict(block_n=32, warps=4, stages=2), "token"),
+        v += [("noTMA", dict(tma=0), "token"), ("head-major", {}, "head"), ("head-major noTMA", dict(tma=0), "head"),
+              ("w8 s2", dict(warps=8, stages=2), "token"), ("sched1", dict(sched=1), "token"),
+              ("128x32 w4 s2", dict(block_n=32, warps=4, stages=2), "token"),
               ("128x32 w4 s3", dict(block_n=32, warps=4, stages=3), "token")]
     elif name.endswith("128x64"):
         v += [("w4 s2", dict(warps=4, stages=2), "token"), ("128x32 w4 s2", dict(block_n=32, warps=4, stages=2), "token"),
@@ -151,7 +152,6 @@ def main(argv=None):
                 return 0
         raise SystemExit(f"no case {args.ncu_case}")
 
-    rows = []
     if args.perm_check:
         return perm_check(layout, H, D, tri, _bench)
     if args.ab_sched:
@@ -174,6 +174,8 @@ def main(argv=None):
                   flush=True)
         _env()
         return 0
+
+    rows = []
 
     def log(r):
         rows.append(r)
