@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 from vidattn.attention import BACKENDS
 from vidattn.patterns.base import Pattern
@@ -44,6 +44,9 @@ class SparseAttentionConfig:
         dense_layers: self-attention layer indices kept dense (index into ``handle.layer_names``).
         heads: query-head indices to sparsify (the others stay dense); None = all heads.
         backend: ``"auto" | "reference" | "flex" | "triton"``.
+        layer_patterns: per-layer override of ``pattern``: ``{layer index: pattern or None}``
+            (None = that layer runs dense). Layers not listed use ``pattern``.
+        layer_heads: per-layer override of ``heads``: ``{layer index: head indices or None}``.
     """
 
     pattern: Pattern
@@ -51,6 +54,8 @@ class SparseAttentionConfig:
     dense_layers: Tuple[int, ...] = ()
     heads: Optional[Tuple[int, ...]] = None
     backend: str = "auto"
+    layer_patterns: Mapping[int, Optional[Pattern]] = field(default_factory=dict)
+    layer_heads: Mapping[int, Optional[Tuple[int, ...]]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
@@ -73,6 +78,41 @@ class SparseAttentionConfig:
             object.__setattr__(self, "heads", heads)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if not isinstance(self.layer_patterns, Mapping):
+            raise TypeError(f"layer_patterns must be a dict {{layer: pattern or None}}, got "
+                            f"{type(self.layer_patterns).__name__}")
+        lp = {}
+        for layer, pat in self.layer_patterns.items():
+            if pat is not None and not isinstance(pat, Pattern):
+                raise TypeError(f"layer_patterns[{layer!r}] must be a vidattn pattern or None, got {type(pat).__name__}")
+            lp[int(layer)] = pat
+        object.__setattr__(self, "layer_patterns", lp)
+        if not isinstance(self.layer_heads, Mapping):
+            raise TypeError(f"layer_heads must be a dict {{layer: head indices or None}}, got "
+                            f"{type(self.layer_heads).__name__}")
+        lh = {}
+        for layer, hs in self.layer_heads.items():
+            if hs is not None:
+                hs = tuple(int(h) for h in hs)
+                if not hs or min(hs) < 0:
+                    raise ValueError(f"layer_heads[{layer!r}] must be None or a non-empty list of head indices >= 0")
+            lh[int(layer)] = hs
+        object.__setattr__(self, "layer_heads", lh)
+
+    def pattern_for(self, layer: int) -> Optional[Pattern]:
+        """The pattern of self-attention layer ``layer`` (None: the layer runs dense)."""
+        if layer in self.dense_layers:
+            return None
+        return self.layer_patterns.get(layer, self.pattern)
+
+    def heads_for(self, layer: int) -> Optional[Tuple[int, ...]]:
+        """Query heads sparsified in ``layer`` (None: all heads)."""
+        return self.layer_heads.get(layer, self.heads)
+
+    def patterns(self) -> List[Pattern]:
+        """Every distinct pattern the config can run (the default and the per-layer ones)."""
+        out = [self.pattern] + [p for p in self.layer_patterns.values() if p is not None]
+        return list({id(p): p for p in out}.values())
 
 
 @dataclass
@@ -204,10 +244,13 @@ def apply(pipe_or_transformer, pattern_or_config, *, dense_steps: int = 0, dense
         _remove_one(m)
         st = model_state(m)
         try:
-            st.add_pattern(cfg.pattern)
-            bad = [i for i in cfg.dense_layers if not 0 <= i < len(st.layer_names)]
+            for pat in cfg.patterns():
+                st.add_pattern(pat)
+            bad = [i for i in set(cfg.dense_layers) | set(cfg.layer_patterns) | set(cfg.layer_heads)
+                   if not 0 <= i < len(st.layer_names)]
             if bad:
-                raise ValueError(f"dense_layers {bad} out of range: {type(m).__name__} has "
+                raise ValueError(f"layers {sorted(bad)} (dense_layers / layer_patterns / layer_heads) out of range: "
+                                 f"{type(m).__name__} has "
                                  f"{len(st.layer_names)} self-attention layers (0..{len(st.layer_names) - 1})")
         except Exception:
             st.detach(m)
@@ -221,8 +264,11 @@ def apply(pipe_or_transformer, pattern_or_config, *, dense_steps: int = 0, dense
             attn = mods[name]
             orig = attn.processor
             originals[name] = orig
-            proc = SparseAttnProcessor(cfg.pattern, inner=orig, backend=cfg.backend, dense_steps=cfg.dense_steps,
-                                       dense_layers=cfg.dense_layers, heads=cfg.heads, layer=st.layer_of[id(attn)])
+            layer = st.layer_of[id(attn)]
+            pat = cfg.pattern_for(layer)
+            proc = SparseAttnProcessor(cfg.pattern if pat is None else pat, inner=orig, backend=cfg.backend,
+                                       dense_steps=cfg.dense_steps, dense_layers=(layer,) if pat is None else (),
+                                       heads=cfg.heads_for(layer), layer=layer)
             attn.set_processor(proc)
         for n, attn in mods.items():
             attn.__dict__["_vidattn_owner"] = weakref.ref(m)

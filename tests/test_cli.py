@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vidattn import cli
+from vidattn.commands import generate as gen_cmd
 from vidattn.config import load_configs, pattern_from_dict, pattern_to_dict, save_config
 from vidattn.pipelines.video_io import read_mp4
 
@@ -111,14 +112,14 @@ def test_metrics_match_skimage():
     ref = rng.random((3, 16, 16, 3)).astype(np.float32)
     test = np.clip(ref + rng.normal(0, 0.05, ref.shape), 0, 1).astype(np.float32)
     test[1] = ref[1]  # an identical frame: PSNR inf -> null in JSON, excluded from the mean
-    m = cli._metrics(ref, test)
+    m = gen_cmd._metrics(ref, test)
     expect = [peak_signal_noise_ratio(ref[i].astype(np.float64), test[i].astype(np.float64), data_range=1.0)
               for i in (0, 2)]
     assert m["psnr_per_frame"][1] is None
     np.testing.assert_allclose([m["psnr_per_frame"][0], m["psnr_per_frame"][2]], expect, rtol=1e-6)
     assert m["psnr_db"] == pytest.approx(np.mean(expect)) and not m["identical"]
     json.dumps(m, allow_nan=False)
-    assert cli._metrics(ref, ref)["identical"] and cli._metrics(ref, ref)["psnr_db"] is None
+    assert gen_cmd._metrics(ref, ref)["identical"] and gen_cmd._metrics(ref, ref)["psnr_db"] is None
 
 
 def test_model_dir_roundtrip(tmp_path, capsys):
@@ -332,7 +333,9 @@ def test_info(capsys):
 def test_bench_and_quality_dispatch(capsys, monkeypatch, tmp_path):
     rc, out, err = run(["bench", "model", "--help"], capsys)
     assert rc == 0 and "vidattn bench model" in out  # benchmarks/model.py's own argparse
-    monkeypatch.setattr(cli, "_repo_root", lambda: None)  # as in an installed wheel
+    from vidattn.commands import bench as bench_cmd
+
+    monkeypatch.setattr(bench_cmd, "_repo_root", lambda: None)  # as in an installed wheel
     assert_usage_error(["bench", "model"], capsys, "not found")
     rc, out, err = run([], capsys)
     assert rc == 0 and "generate" in out

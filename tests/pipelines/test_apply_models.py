@@ -223,3 +223,29 @@ def test_torch_compile_no_graph_break_and_same_output():
     vidattn.remove(model)
     torch._dynamo.reset()
     assert torch.equal(out, eager)
+
+
+def test_layer_patterns_and_heads_override():
+    """Per-layer overrides: a dense layer (None), a pattern on one head of another layer."""
+    from vidattn.pipelines.apply import SparseAttentionConfig
+
+    model, inputs, grid = BUILDERS["wan"]()
+    dense = run(model, inputs)
+    base = vidattn.Neighborhood(kernel_size=(1, 1, 1))
+    cfg = SparseAttentionConfig(base, layer_patterns={0: None}, layer_heads={1: (0,)})
+    assert cfg.pattern_for(0) is None and cfg.pattern_for(1) is base and cfg.heads_for(1) == (0,)
+    assert cfg.heads_for(0) is None
+    handle = vidattn.apply(model, cfg)
+    out = run(model, inputs)
+    assert handle.dense_calls == 1 and handle.sparse_calls == 1  # layer 0 dense, layer 1 sparse on head 0
+    vidattn.remove(model)
+    assert not torch.allclose(out, dense, atol=1e-4)
+    cover = vidattn.Neighborhood(kernel_size=grid)
+    vidattn.apply(model, SparseAttentionConfig(base, layer_patterns={0: cover, 1: cover}))
+    out_cover = run(model, inputs)
+    vidattn.remove(model)
+    assert (out_cover - dense).abs().max().item() <= 1e-4
+    with pytest.raises(ValueError, match="out of range"):
+        vidattn.apply(model, SparseAttentionConfig(base, layer_patterns={99: None}))
+    with pytest.raises(TypeError, match="layer_patterns"):
+        SparseAttentionConfig(base, layer_patterns={0: "dense"})

@@ -1,0 +1,43 @@
+"""`vidattn info`: versions, GPU and usable backends."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub):
+    return sub.add_parser("info", help="versions, GPU and usable backends")
+
+
+def _version(mod):
+    try:
+        m = importlib.import_module(mod)
+        return getattr(m, "__version__", "installed")
+    except Exception as e:
+        return f"not installed ({type(e).__name__})"
+
+
+def run(a) -> int:
+    import torch
+
+    import vidattn
+
+    print(f"vidattn     {vidattn.__version__}")
+    print(f"python      {sys.version.split()[0]}")
+    for mod in ("torch", "triton", "diffusers", "transformers", "timm", "xformers", "natten"):
+        print(f"{mod:<11} {_version(mod)}")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            print(f"gpu {i}       {p.name} ({p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor})")
+        dev = "cuda"
+    else:
+        print("gpu         none (CPU only)")
+        dev = "cpu"
+    print(f"backends on {dev}:")
+    for name, status in vidattn.available_backends(dev).items():
+        print(f"  {name:<10} {status}")
+    return 0

@@ -1,0 +1,76 @@
+"""`vidattn quality`: the sparse-vs-dense quality harness on a model."""
+
+from __future__ import annotations
+
+import os
+
+from vidattn.pipelines.generate import ModelError
+
+from . import UsageError, check_device, check_out
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub):
+    q = sub.add_parser("quality", help="sparse vs dense quality harness (report.json/report.html/side_by_side.mp4)",
+                       description="Run dense once and one config per pattern family at a target sparsity, with "
+                                   "PSNR/SSIM/temporal/attention-level errors and timings (the quality harness).")
+    q.add_argument("--model", default="reference", help="reference (default), tiny-wan or a local checkpoint dir")
+    q.add_argument("--patterns", default="neighborhood,radial,grid,rectified",
+                   help="comma-separated families (default: all four)")
+    q.add_argument("--sparsity", default="0.75", help="target sparsity, or comma-separated levels (e.g. 0.5,0.75,0.9)")
+    q.add_argument("--frames", type=int, default=None)
+    q.add_argument("--height", type=int, default=None)
+    q.add_argument("--width", type=int, default=None)
+    q.add_argument("--steps", type=int, default=None)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    q.add_argument("--out", default="quality_out", help="output folder (must be empty or new unless --overwrite)")
+    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--json", action="store_true", help="print report.json on stdout")
+    return q
+
+
+
+def run(a) -> int:
+    try:
+        from vidattn.quality.run import FAMILIES, cli_entry
+    except ImportError as e:
+        raise UsageError(f"vidattn quality: the quality harness is not available in this build ({e})") from None
+    pats = [p.strip() for p in a.patterns.split(",") if p.strip()]
+    bad = [p for p in pats if p not in FAMILIES]
+    if not pats or bad:
+        raise UsageError(f"--patterns must be a comma-separated subset of {','.join(FAMILIES)}, got {a.patterns!r}")
+    a.patterns = pats
+    try:
+        levels = [float(x) for x in a.sparsity.split(",")]
+    except ValueError:
+        raise UsageError(f"--sparsity must be a float or comma-separated floats in (0, 1), got {a.sparsity!r}") from None
+    if not all(0 < x < 1 for x in levels):
+        raise UsageError(f"--sparsity levels must be in (0, 1), got {a.sparsity!r}")
+    a.sparsity = levels[0] if len(levels) == 1 else levels
+    for name in ("frames", "height", "width", "steps"):
+        v = getattr(a, name)
+        if v is not None and v < 1:
+            raise UsageError(f"--{name} must be >= 1, got {v}")
+    check_device(a.device)
+    if a.model not in ("reference", "tiny-wan") and not os.path.isdir(a.model):
+        raise UsageError(f"--model {a.model!r}: not reference, tiny-wan, or an existing local checkpoint folder")
+    check_out(a.out, a.overwrite)
+    if a.device is None:
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    quiet = a.quiet
+    a.quiet = a.quiet or a.json
+    try:
+        rc = int(cli_entry(a) or 0)
+    except FileNotFoundError as e:
+        raise ModelError(f"--model {a.model}: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # a family setting that does not fit this model's token grid, bad sizes, ...
+        raise UsageError(f"vidattn quality: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if a.json and not quiet:
+        with open(os.path.join(a.out, "report.json")) as fh:
+            print(fh.read())
+    return rc
