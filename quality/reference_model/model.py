@@ -1,19 +1,30 @@
-"""The reference video DiT and its diffusers pipeline.
+"""The reference video DiTs and their diffusers pipeline.
 
-Choice of pixel path: the model is trained directly in **pixel space** at low resolution
-(8 frames x 32 x 32 RGB, values in [-1, 1]).  The "autoencoder" is therefore the identity: the
-transformer's ``in_channels = out_channels = 3`` and its (1, 2, 2) patch embedding plays the role of
-the VAE's spatial compression.  This keeps decoded frames exactly meaningful (no untrained or
-lossy VAE between the model and the pixels), keeps the weights under 20 MB, and still gives a
-token grid (8 x 16 x 16 = 2048 tokens) large enough for sparse attention to matter.
+Two versions ship, each in its own folder (``v1/``, ``v2/``: ``config.json``, the fp16 weights
+``reference_transformer.safetensors``, ``train_log.json``, ``samples.png``):
 
-The model is unconditional: the cross-attention receives a single all-zero "text" token, so a
-prompt is accepted (for CLI compatibility) and ignored.
+* **v1** (4.3 M parameters): 4 layers, 8 heads x 32, pixel space at 8 frames x 32 x 32 RGB with
+  (1, 2, 2) patches (8 x 16 x 16 = 2,048 tokens), unconditional, trained on procedural shapes
+  (:mod:`.data`). Small enough for CPU smoke tests and CI.
+* **v2** (7.0 M parameters): 6 layers, 4 heads x 64, pixel space at 16 frames x 96 x 96 RGB with
+  (1, 4, 4) patches (16 x 24 x 24 = 9,216 tokens), class-prompt conditioned (``"<scene> <motion>"``,
+  :mod:`.photo_motion`) with classifier-free guidance, trained on real photographs under camera
+  motion with occluding objects. The fidelity testbed: its attention is meant to be local/temporal
+  like a production video DiT's (measure it: :mod:`vidattn.quality.attention_stats`).
+
+Both are diffusers ``WanTransformer3DModel`` (3-D RoPE, text cross-attention) in pixel space: the
+"autoencoder" is the identity (``in_channels = out_channels = 3``; the patch embedding plays the
+VAE's spatial compression), so decoded frames are exactly meaningful. Prompts become
+``encoder_hidden_states`` through a fixed (seeded, untrained) token-embedding table over
+:data:`.photo_motion.VOCAB`; the transformer's own text projection learns from it. v1 ignores the
+prompt (one all-zero text token).
 
 ``ReferenceVideoPipeline.__call__`` follows the diffusers video-pipeline conventions used by the
-harness: ``num_frames``, ``height``, ``width``, ``num_inference_steps``, ``generator``,
-``output_type`` ("np" -> ``frames`` float32 [B, F, H, W, 3] in [0, 1], "pt" -> [B, F, 3, H, W],
-"latent" -> raw [B, 3, F, H, W] in [-1, 1]) and ``callback_on_step_end(pipe, step, t, kwargs)``.
+harness: ``prompt``, ``negative_prompt``, ``guidance_scale`` (v2; cond and uncond run as one batch
+of 2B, like a CFG batch), ``num_frames``, ``height``, ``width``, ``num_inference_steps``,
+``generator``, ``latents``, ``output_type`` ("np" -> ``frames`` float32 [B, F, H, W, 3] in [0, 1],
+"pt" -> [B, F, 3, H, W], "latent" -> raw [B, 3, F, H, W] in [-1, 1]) and
+``callback_on_step_end(pipe, step, t, kwargs)``.
 """
 
 from __future__ import annotations
@@ -29,17 +40,61 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTra
 from diffusers.utils import BaseOutput
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG_PATH = os.path.join(HERE, "config.json")
-WEIGHTS_PATH = os.path.join(HERE, "reference_transformer.safetensors")
+VERSIONS = (1, 2)
 
-__all__ = ["CONFIG_PATH", "WEIGHTS_PATH", "load_config", "build_transformer", "build_scheduler",
-           "ReferenceVideoPipeline", "ReferenceModelOutput", "load_reference_pipeline"]
+__all__ = ["VERSIONS", "CONFIG_PATH", "WEIGHTS_PATH", "config_file", "weights_file", "latest_version",
+           "load_config", "build_transformer", "build_scheduler", "text_table", "ReferenceVideoPipeline",
+           "ReferenceModelOutput", "load_reference_pipeline"]
 
 
-def load_config(path: str = CONFIG_PATH) -> Dict[str, Any]:
-    """The reference model's exact config (architecture, video size, training recipe, seed) as a dict."""
+def _check_version(version) -> int:
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    return int(version)
+
+
+def config_file(version: int) -> str:
+    """Path of ``v{version}/config.json``."""
+    return os.path.join(HERE, f"v{_check_version(version)}", "config.json")
+
+
+def weights_file(version: int) -> str:
+    """Path of ``v{version}/reference_transformer.safetensors`` (may not exist before training)."""
+    return os.path.join(HERE, f"v{_check_version(version)}", "reference_transformer.safetensors")
+
+
+def latest_version() -> int:
+    """The newest version whose weights are shipped (1 when only v1's are)."""
+    have = [v for v in VERSIONS if os.path.isfile(weights_file(v))]
+    return max(have) if have else 1
+
+
+CONFIG_PATH = config_file(latest_version())
+WEIGHTS_PATH = weights_file(latest_version())
+
+
+def load_config(path: Optional[str] = None, version: Optional[int] = None) -> Dict[str, Any]:
+    """A reference model's exact config (architecture, video size, text conditioning, training recipe,
+    seed) as a dict: ``path`` if given, else version ``version`` (None: :func:`latest_version`)."""
+    if path is None:
+        path = config_file(latest_version() if version is None else version)
     with open(path) as f:
-        return json.load(f)
+        cfg = json.load(f)
+    cfg.setdefault("version", 1)
+    return cfg
+
+
+def text_table(cfg: Dict[str, Any]) -> Optional[torch.Tensor]:
+    """The fixed token-embedding table of a prompt-conditioned config: float32 ``[len(VOCAB), text_dim]``
+    (seeded normal / sqrt(text_dim)); None for an unconditional config (v1)."""
+    text = cfg.get("text")
+    if not text:
+        return None
+    from .photo_motion import VOCAB
+
+    dim = int(cfg["transformer"]["text_dim"])
+    g = torch.Generator().manual_seed(int(text["embed_seed"]))
+    return torch.randn(len(VOCAB), dim, generator=g) / dim ** 0.5
 
 
 def build_transformer(cfg: Optional[Dict[str, Any]] = None) -> WanTransformer3DModel:
@@ -64,27 +119,47 @@ class ReferenceModelOutput(BaseOutput):
 
 
 class ReferenceVideoPipeline(DiffusionPipeline):
-    """Pixel-space flow-matching sampler around the reference ``WanTransformer3DModel``."""
+    """Pixel-space flow-matching sampler around a reference ``WanTransformer3DModel``.
+
+    Args:
+        transformer, scheduler: the model and its ``FlowMatchEulerDiscreteScheduler``.
+        text_table: float32 ``[len(VOCAB), text_dim]`` prompt-token embeddings (v2), or None for an
+            unconditional model (v1: one all-zero text token, prompts only set the batch size).
+        default_guidance: guidance scale used when a call gives none (1.0 = no CFG).
+    """
 
     model_cpu_offload_seq = "transformer"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, transformer: WanTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler):
+    def __init__(self, transformer: WanTransformer3DModel, scheduler: FlowMatchEulerDiscreteScheduler,
+                 text_table: Optional[torch.Tensor] = None, default_guidance: float = 1.0):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler)
+        self.text_table = text_table
+        self.default_guidance = float(default_guidance)
 
-    def _context(self, batch: int) -> torch.Tensor:
+    def encode_prompt(self, prompts: List[str]) -> torch.Tensor:
+        """``encoder_hidden_states`` for ``prompts``: ``[len(prompts), L, text_dim]`` in the
+        transformer's dtype (L = 2 prompt tokens for v2, 1 zero token for v1)."""
         p = next(self.transformer.parameters())
-        return torch.zeros(batch, 1, self.transformer.config.text_dim, device=p.device, dtype=p.dtype)
+        if self.text_table is None:
+            return torch.zeros(len(prompts), 1, self.transformer.config.text_dim, device=p.device, dtype=p.dtype)
+        from .photo_motion import tokenize
+
+        ids = torch.tensor([tokenize(x) for x in prompts], dtype=torch.long)
+        return self.text_table[ids].to(device=p.device, dtype=p.dtype)
 
     @torch.no_grad()
     def __call__(self, prompt: Union[str, List[str], None] = None, num_frames: int = 8, height: int = 32,
                  width: int = 32, num_inference_steps: int = 20, generator: Optional[torch.Generator] = None,
                  latents: Optional[torch.Tensor] = None, output_type: str = "np", return_dict: bool = True,
-                 num_videos_per_prompt: int = 1,
+                 num_videos_per_prompt: int = 1, guidance_scale: Optional[float] = None,
+                 negative_prompt: Union[str, List[str], None] = None,
                  callback_on_step_end: Optional[Callable[..., Dict[str, Any]]] = None,
                  callback_on_step_end_tensor_inputs: Optional[List[str]] = None, **unused: Any):
-        """Sample videos. ``prompt`` only sets the batch size (model is unconditional).
+        """Sample videos. ``prompt`` (a string or a list: the batch) conditions v2 and sets the batch
+        size; ``guidance_scale > 1`` runs classifier-free guidance against ``negative_prompt``
+        (default: the empty, unconditional prompt) in one transformer call of batch 2B.
 
         Returns ``ReferenceModelOutput(frames=...)``, see the module docstring for shapes.
         """
@@ -93,7 +168,11 @@ class ReferenceVideoPipeline(DiffusionPipeline):
             raise ValueError(f"height/width must be positive multiples of the patch size {(ph, pw)}, got {height}x{width}")
         if num_frames < 1:
             raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-        batch = (len(prompt) if isinstance(prompt, list) else 1) * int(num_videos_per_prompt)
+        prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt or ""]
+        prompts = [p for p in prompts for _ in range(int(num_videos_per_prompt))]
+        batch = len(prompts)
+        gs = self.default_guidance if guidance_scale is None else float(guidance_scale)
+        cfg = gs > 1.0 and self.text_table is not None
         p = next(self.transformer.parameters())
         device, dtype = p.device, p.dtype
         shape = (batch, self.transformer.config.in_channels, num_frames, height, width)
@@ -105,12 +184,23 @@ class ReferenceVideoPipeline(DiffusionPipeline):
                 raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
             latents = latents.to(device=device, dtype=torch.float32)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        ctx = self._context(batch)
+        ctx = self.encode_prompt(prompts)
+        if cfg:
+            neg = list(negative_prompt) if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""] * batch
+            if len(neg) != batch:
+                raise ValueError(f"negative_prompt must be a string or a list of {batch}, got {len(neg)} entries")
+            ctx = torch.cat([ctx, self.encode_prompt(neg)])
         self._num_timesteps = len(self.scheduler.timesteps)
         for i, t in enumerate(self.scheduler.timesteps):
-            v = self.transformer(hidden_states=latents.to(dtype), timestep=t.expand(batch).to(device),
-                                 encoder_hidden_states=ctx, return_dict=False)[0]
-            latents = self.scheduler.step(v.float(), t, latents, return_dict=False)[0]
+            x = latents.to(dtype)
+            if cfg:
+                x = torch.cat([x, x])
+            v = self.transformer(hidden_states=x, timestep=t.expand(x.shape[0]).to(device),
+                                 encoder_hidden_states=ctx, return_dict=False)[0].float()
+            if cfg:
+                v_c, v_u = v.chunk(2)
+                v = v_u + gs * (v_c - v_u)
+            latents = self.scheduler.step(v, t, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 names = callback_on_step_end_tensor_inputs or []
                 avail = {"latents": latents}
@@ -132,26 +222,33 @@ class ReferenceVideoPipeline(DiffusionPipeline):
 
 
 def load_reference_pipeline(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32,
-                            weights_path: Optional[str] = None) -> ReferenceVideoPipeline:
-    """Load the trained reference pipeline (weights shipped in ``quality/reference_model/``).
+                            weights_path: Optional[str] = None, version: Optional[int] = None) -> ReferenceVideoPipeline:
+    """Load a trained reference pipeline (weights shipped in ``quality/reference_model/v*/``).
+
+    Args:
+        version: 1 or 2 (None: :func:`latest_version`, the newest shipped).
+        weights_path: load these weights instead of the shipped ones (same version's config).
 
     Raises:
         FileNotFoundError: with instructions when the weights file does not exist yet.
     """
     from safetensors.torch import load_file
 
-    path = weights_path or WEIGHTS_PATH
+    version = latest_version() if version is None else _check_version(version)
+    path = weights_path or weights_file(version)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"reference model weights not found at {path}. Train them with "
-            "`python -m vidattn.quality.reference_model.train --out DIR` (GPU, ~8 min) and copy "
+            f"`python -m vidattn.quality.reference_model.train --version {version} --out DIR` (GPU) and copy "
             "DIR/reference_transformer.safetensors there.")
-    cfg = load_config()
+    cfg = load_config(version=version)
     transformer = build_transformer(cfg)
     state = load_file(path)
     missing, unexpected = transformer.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     if missing or unexpected:
         raise ValueError(f"reference weights do not match the config: missing={missing[:5]}, unexpected={unexpected[:5]}")
     transformer.eval().to(device=device, dtype=dtype)
-    pipe = ReferenceVideoPipeline(transformer=transformer, scheduler=build_scheduler(cfg))
+    pipe = ReferenceVideoPipeline(transformer=transformer, scheduler=build_scheduler(cfg), text_table=text_table(cfg),
+                                  default_guidance=float(cfg.get("sampling", {}).get("guidance_scale", 1.0)))
+    pipe.reference_version = version
     return pipe
