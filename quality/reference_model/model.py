@@ -42,7 +42,7 @@ from diffusers.utils import BaseOutput
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSIONS = (1, 2)
 
-__all__ = ["VERSIONS", "CONFIG_PATH", "WEIGHTS_PATH", "config_file", "weights_file", "latest_version",
+__all__ = ["VERSIONS", "DEFAULT_VERSION", "CONFIG_PATH", "WEIGHTS_PATH", "config_file", "weights_file", "latest_version",
            "load_config", "build_transformer", "build_scheduler", "text_table", "ReferenceVideoPipeline",
            "ReferenceModelOutput", "load_reference_pipeline"]
 
@@ -63,8 +63,15 @@ def weights_file(version: int) -> str:
     return os.path.join(HERE, f"v{_check_version(version)}", "reference_transformer.safetensors")
 
 
+# the version loaded when none is named (v1 until the harness, CLI and tests are switched to v2)
+DEFAULT_VERSION = 1
+
+
 def latest_version() -> int:
-    """The newest version whose weights are shipped (1 when only v1's are)."""
+    """The version loaded when none is named: :data:`DEFAULT_VERSION` if its weights are shipped,
+    else the newest version whose weights are (1 when none are)."""
+    if os.path.isfile(weights_file(DEFAULT_VERSION)):
+        return DEFAULT_VERSION
     have = [v for v in VERSIONS if os.path.isfile(weights_file(v))]
     return max(have) if have else 1
 
