@@ -147,7 +147,7 @@ def write_samples(pipe: ReferenceVideoPipeline, cfg: dict, path: str, device: st
 def train(out_dir: str, version: int = 2, time_budget: Optional[float] = None, total_budget: Optional[float] = None,
           max_steps: Optional[int] = None, device: Optional[str] = None, num_workers: Optional[int] = None,
           resume: Optional[str] = None, samples: bool = True, batch_size: Optional[int] = None,
-          video: Optional[dict] = None) -> dict:
+          video: Optional[dict] = None, init: Optional[str] = None, lr: Optional[float] = None) -> dict:
     """Run (or continue) training; returns the log dict. See the module docstring for the files written.
 
     Args:
@@ -155,6 +155,11 @@ def train(out_dir: str, version: int = 2, time_budget: Optional[float] = None, t
         total_budget: seconds the learning-rate schedule spans over all calls (default: the config's).
         resume: a checkpoint folder written by an earlier call (``DIR/ckpt``).
         batch_size, video: override the config's batch size / clip size (smoke tests).
+        init: a folder holding shipped weights (``reference_transformer.safetensors``) and their
+            ``train_log.json``: continue training from those weights with a fresh optimizer and a
+            new warm-up + cosine schedule spanning this call (used when the optimizer state of
+            the earlier segment is gone); the log keeps the earlier segments.
+        lr: peak learning rate for this call (default: the config's).
     """
     cfg = load_config(version=version)
     if batch_size is not None:
@@ -175,9 +180,24 @@ def train(out_dir: str, version: int = 2, time_budget: Optional[float] = None, t
                             fused=device.startswith("cuda"))
     log = {"loss": [], "step": [], "lr": [], "segments": []}
     step, elapsed0 = 0, 0.0
+    if resume and init:
+        raise ValueError("resume and init are exclusive: resume continues a checkpoint, init restarts from weights")
+    if lr is not None:
+        tc["lr"] = float(lr)
     if resume:
         meta = load_checkpoint(resume, model, opt)
         step, elapsed0, log = int(meta["step"]), float(meta["elapsed_s"]), meta["log"]
+    warm_from = 0
+    if init:
+        from safetensors.torch import load_file
+
+        sd = load_file(os.path.join(init, "reference_transformer.safetensors"))
+        model.load_state_dict({k: v.float() for k, v in sd.items()})
+        with open(os.path.join(init, "train_log.json")) as fh:
+            log = json.load(fh)
+        log.pop("sample_prompts", None)
+        step = warm_from = int(log.get("steps", 0))
+        total_budget = time_budget  # a fresh schedule over this call only
     amp = getattr(torch, tc["amp_dtype"]) if device.startswith("cuda") else None
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -208,7 +228,7 @@ def train(out_dir: str, version: int = 2, time_budget: Optional[float] = None, t
         xt = (1 - sv) * x0 + sv * eps
         # linear warm-up, then cosine decay over the total planned time (all segments together)
         frac = min(1.0, (elapsed0 + time.time() - t0) / total_budget)
-        lr = tc["lr"] * min(1.0, (step + 1) / tc["warmup_steps"]) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        lr = tc["lr"] * min(1.0, (step - warm_from + 1) / tc["warmup_steps"]) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device_type="cuda", dtype=amp, enabled=amp is not None):
@@ -226,9 +246,11 @@ def train(out_dir: str, version: int = 2, time_budget: Optional[float] = None, t
                 print(f"step {step} loss {li:.4f} ema {ema:.4f} lr {lr:.2e} t {time.time() - t0:.0f}s", flush=True)
         step += 1
     wall = time.time() - t0
-    log["segments"].append(dict(steps=step - step0, wall_s=wall, device=str(device),
+    log["segments"].append(dict(steps=step - step0, wall_s=wall, device=str(device), peak_lr=tc["lr"],
+                                start="init from shipped weights, fresh optimizer" if init else
+                                ("resume checkpoint" if resume else "scratch"),
                                 gpu=torch.cuda.get_device_name() if device.startswith("cuda") else None))
-    log.update(steps=step, wall_s=elapsed0 + wall, final_loss_ema=ema, clips_seen=step * tc["batch_size"],
+    log.update(steps=step, wall_s=sum(float(g["wall_s"]) for g in log["segments"]), final_loss_ema=ema, clips_seen=step * tc["batch_size"],
                seed=cfg["seed"], version=version)
     model.eval()
     save_checkpoint(os.path.join(out_dir, "ckpt"), model, opt, dict(step=step, elapsed_s=elapsed0 + wall, log=log))
@@ -261,6 +283,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-workers", type=int, default=None)
     ap.add_argument("--resume", default=None, help="checkpoint folder of an earlier call (OUT/ckpt)")
     ap.add_argument("--no-samples", action="store_true")
+    ap.add_argument("--init", default=None, help="folder with shipped weights + train_log.json to continue from (fresh optimizer)")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate of this call")
     ap.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     ap.add_argument("--size", default=None, help="override the clip size: FRAMES,HEIGHT,WIDTH")
     a = ap.parse_args(argv)
@@ -269,7 +293,7 @@ def main(argv=None) -> int:
         f, h, w = (int(x) for x in a.size.split(","))
         video = dict(frames=f, height=h, width=w)
     log = train(a.out, a.version, a.time_budget, a.total_budget, a.max_steps, a.device, a.num_workers, a.resume,
-                samples=not a.no_samples, batch_size=a.batch_size, video=video)
+                samples=not a.no_samples, batch_size=a.batch_size, video=video, init=a.init, lr=a.lr)
     print(json.dumps({k: log[k] for k in ("steps", "wall_s", "final_loss_ema", "clips_seen")}))
     return 0
 
