@@ -1,14 +1,18 @@
 """``sparse_attention``: validate inputs, compile the pattern to a plan, pick a backend, run it.
 
-Backends (all execute the same :class:`~vidattn.plan.BlockPlan`):
+Backends (all execute the same :class:`~vidattn.plan.BlockPlan`, registered in
+:mod:`vidattn.backends`, each declaring what it can run):
 
 * ``"reference"`` — exact pure PyTorch, chunked (``vidattn.kernels.reference``);
+* ``"cpu"`` — per query block, SDPA over its gathered key blocks (``vidattn.kernels.cpu_gather``);
 * ``"flex"`` — torch FlexAttention ``BlockMask`` built from the plan (``vidattn.kernels.flex``);
 * ``"triton"`` — the fused Triton kernel (``vidattn.kernels.sparse_flash``);
-* ``"auto"`` — triton on CUDA, reference on CPU.
+* ``"auto"`` — the first of triton / cpu / reference that can run the case.
 
-A backend that cannot handle a case raises ``BackendUnsupported`` internally; the dispatcher
-then falls back (triton -> flex -> reference) with a one-time warning naming the reason.
+A backend that cannot run a case says so (``can_run`` before the call, or
+``BackendUnsupported`` during it); the dispatcher then falls back along the backend's chain
+(triton -> flex -> reference, cpu -> reference) with a one-time warning naming the reason. Any
+other exception inside a backend is a bug and propagates.
 
 A plan's output *epilogue* (``Rectification.out_scale`` / ``out_shift``, RectifiedSparse's
 authors' method) is applied here, in :func:`run_plan`, after whichever backend ran: backends
@@ -18,28 +22,26 @@ receive the plan without those terms and compute plain block-sparse attention.
 from __future__ import annotations
 
 import logging
-import warnings
 import weakref
 from dataclasses import replace
 from typing import Callable, Dict, Optional
 
 import torch
 
+from . import backends as _backends
+from .backends import _warned, backend_names, grad_required, register_backend  # noqa: F401  (_warned: tests)
 from .errors import BackendUnsupported
 from .layout import TokenLayout
 from .patterns.base import Pattern
 from .plan import BlockPlan
 
 __all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupported", "available_backends",
-           "check_qkv", "add_observer", "apply_epilogue", "backend_plan"]
+           "check_qkv", "add_observer", "apply_epilogue", "backend_plan", "BACKENDS"]
 
 log = logging.getLogger("vidattn")
 
-BACKENDS = ("reference", "flex", "triton", "auto")
+BACKENDS = ("reference", "cpu", "flex", "triton", "auto")  # the built-ins (vidattn.backends.backend_names(): all)
 
-
-_registry: Dict[str, Callable] = {}
-_warned: set = set()
 _observers: Dict[int, Callable] = {}
 
 
@@ -66,50 +68,21 @@ def add_observer(fn: Callable) -> _ObserverHandle:
     return _ObserverHandle(key)
 
 
-def register_backend(name: str, fn: Callable) -> None:
-    """Register ``fn(q, k, v, plan, scale, return_lse)`` under ``name`` (q/k/v ``[B, S, H, D]``)."""
-    _registry[name] = fn
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        log.warning(msg)
-
-
-def _get_backend(name: str) -> Callable:
-    if name in _registry:
-        return _registry[name]
-    if name == "reference":
-        from vidattn.kernels.reference import block_sparse_attention_reference as fn
-    elif name == "flex":
-        from vidattn.kernels.flex import block_sparse_attention_flex as fn
-    elif name == "triton":
-        try:
-            from vidattn.kernels.sparse_flash import block_sparse_attention_triton as fn
-        except ImportError as e:  # kernel module missing or triton not installed
-            raise BackendUnsupported(f"triton backend unavailable: {e}") from e
-    else:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _registry[name] = fn
-    return fn
-
-
 def available_backends(device: torch.device | str = "cpu") -> Dict[str, str]:
-    """Map backend name -> 'ok' or the reason it cannot run on ``device``."""
+    """Map backend name -> 'ok' or the reason it cannot run on ``device`` (a tiny float16 dense
+    probe case; a backend may still refuse particular plans or dtypes)."""
+    from .plan import FULL, plan_from_block_mask
+
     dev = torch.device(device)
-    out = {"reference": "ok"}
-    try:
-        from torch.nn.attention import flex_attention as _flex  # noqa: F401  (plain `import torch.x` would make torch local)
-        out["flex"] = "ok" if dev.type == "cuda" else "ok (eager, slow on CPU)"
-    except Exception as e:  # pragma: no cover
-        out["flex"] = f"unavailable: {e}"
-    try:
-        _get_backend("triton")
-        out["triton"] = "ok" if dev.type == "cuda" else "interpreter only (TRITON_INTERPRET=1)"
-    except BackendUnsupported as e:
-        out["triton"] = str(e)
+    x = torch.zeros(1, 16, 1, 16, dtype=torch.float16 if dev.type == "cuda" else torch.float32, device=dev)
+    cls = torch.full((1, 1, 1, 1), FULL, dtype=torch.int8, device=dev)
+    plan = plan_from_block_mask(cls, seq_len=16, block_q=16, block_k=16, rule=None, token_density=1.0)
+    out = {}
+    for name in backend_names():
+        if name == "auto":
+            continue
+        ok, why = _backends.get_backend(name).can_run(plan, x, x, x)
+        out[name] = "ok" if ok else why
     return out
 
 
@@ -209,15 +182,17 @@ def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
              return_lse: bool = False):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
-    :func:`sparse_attention`. Falls back triton -> flex -> reference with a one-time warning.
+    :func:`sparse_attention`. A backend that cannot run the case is skipped along its fallback
+    chain with a one-time warning; an exception inside a backend propagates.
 
     The backend runs :func:`backend_plan` (the plan without its output epilogue); the epilogue,
     if any, is then applied here by :func:`apply_epilogue`, identically for every backend. The
     LSE returned with ``return_lse`` is that of the sparse softmax only (what the backend
     computed): the epilogue is not a softmax over a key set, so it has no log-sum-exp; do not
     merge an epilogue plan's output with other attention partials through its LSE."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    names = backend_names()
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
     B, S, H, _ = q.shape
     if plan.seq_len != S:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")
@@ -225,32 +200,30 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
         raise ValueError(f"plan batch/heads {plan.plan_batch}/{plan.plan_heads} do not fit q {tuple(q.shape)}")
     if plan.device != q.device:
         plan = plan.to(q.device)
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "reference"
-    chain = {"triton": ["triton", "flex", "reference"], "flex": ["flex", "reference"], "reference": ["reference"]}[backend]
-    last_err = None
     bplan = backend_plan(plan)
-    for i, name in enumerate(chain):
+    tried: tuple = ()
+    while True:
+        be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried)
         try:
-            fn = _get_backend(name)
-            res = fn(q, k, v, bplan, scale=scale, return_lse=return_lse)
-            if bplan is not plan:
-                res = (apply_epilogue(res[0], plan), res[1]) if return_lse else apply_epilogue(res, plan)
-            if _observers:
-                out = res[0] if return_lse else res
-                for obs in list(_observers.values()):
-                    obs(q, k, v, plan, out, scale)
-            return res
-        except (BackendUnsupported, NotImplementedError) as e:
-            last_err = e
-        except Exception as e:  # flex raises its own error types
-            if name == "reference" or type(e).__name__ not in ("FlexUnsupported", "TritonUnsupported"):
-                raise
-            last_err = e
-        nxt = chain[i + 1]
-        _warn_once(f"{name}->{nxt}:{type(last_err).__name__}:{last_err}",
-                   f"vidattn: backend {name!r} cannot run this case ({last_err}); falling back to {nxt!r}")
-    raise RuntimeError(f"no backend could run this case: {last_err}")
+            res = be.run(q, k, v, bplan, scale=scale, return_lse=return_lse)
+        except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
+            tried += (be.name,)
+            _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "
+                                                      f"trying the next backend")
+            continue
+        break
+    out = res[0] if return_lse else res
+    if grad_required(q, k, v) and out.grad_fn is None:
+        raise RuntimeError(f"backend {be.name!r} returned an output without autograd history while q/k/v require "
+                           f"grad: it has no backward (register it with differentiable=False so the dispatcher "
+                           f"skips it when gradients are needed)")
+    if bplan is not plan:
+        res = (apply_epilogue(res[0], plan), res[1]) if return_lse else apply_epilogue(res, plan)
+    if _observers:
+        out = res[0] if return_lse else res
+        for obs in list(_observers.values()):
+            obs(q, k, v, plan, out, scale)
+    return res
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
@@ -262,7 +235,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         k, v: ``[B, S, Hk, D]`` (Hk divides H: GQA/MQA), same dtype/device as q.
         pattern: a :class:`~vidattn.patterns.base.Pattern` (Neighborhood, Dense, Radial, ...).
         layout: :class:`~vidattn.layout.TokenLayout` with ``seq_len == S``.
-        backend: ``"reference" | "flex" | "triton" | "auto"``.
+        backend: ``"auto" | "reference" | "cpu" | "flex" | "triton"`` or a name registered with
+            :func:`vidattn.backends.register_backend`.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
     Returns:
@@ -272,8 +246,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise TypeError(f"pattern must be a vidattn pattern (Neighborhood, Dense, ...), got {type(pattern).__name__}")
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
     check_qkv(q, k, v, layout)
     pattern.validate(layout)
     if getattr(pattern, "needs_values", False):  # e.g. RectifiedSparse: pooled V columns, scale-aware selection
