@@ -22,6 +22,8 @@ receive the plan without those terms and compute plain block-sparse attention.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import weakref
 from dataclasses import replace
 from typing import Callable, Dict, Optional
@@ -86,16 +88,23 @@ def available_backends(device: torch.device | str = "cpu") -> Dict[str, str]:
     return out
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_qkv(q, k, v, layout: Optional[TokenLayout] = None) -> None:
-    """Validate ``q [B, S, H, D]``, ``k``/``v [B, S, Hk, D]`` (Hk divides H), float dtypes, same
+    """Validate ``q [B, S, H, D]``, ``k``/``v [B, S, Hk, D]`` (Hk divides H; every dimension >= 1),
+    one dtype of float16/bfloat16/float32/float64 (float8 and integer tensors are rejected), one
     device; and ``S`` against ``layout``. Raises ``TypeError``/``ValueError`` naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, S, heads, D], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, S, heads, D], got {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        for dim, label in zip(t.shape, ("batch size B", "sequence length S", "heads", "head dim D")):
+            if dim < 1:
+                raise ValueError(f"{name} must have {label} >= 1, got shape {tuple(t.shape)} [B, S, heads, D]")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -114,6 +123,56 @@ def check_qkv(q, k, v, layout: Optional[TokenLayout] = None) -> None:
         raise ValueError(f"k head dim {k.shape[3]} must equal q head dim {D}")
     if layout is not None:
         layout.check_seq_len(S, name="q")
+
+
+def check_scale(scale) -> Optional[float]:
+    """``None`` (``D ** -0.5``) or a finite real number, returned as a float. Raises ``TypeError``
+    for other types (strings, tensors, bools) and ``ValueError`` for NaN / infinite values."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _finite_check_off() -> bool:
+    """No finiteness pass while compiling or capturing a CUDA graph (it needs one host sync)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
+    """``be.run`` with the documented non-finite semantics (see :func:`sparse_attention`).
+
+    Finite inputs (the normal case: one fused check, one host sync) run unchanged. Otherwise the
+    backend runs on inputs with the non-finite entries zeroed, plus one indicator pass (float32)
+    whose output is, per row and channel, the softmax weight on non-finite value entries or
+    non-finite key tokens; entries with a non-zero weight, and rows of non-finite queries, are set
+    to NaN."""
+    if _finite_check_off() or bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+        return be.run(q, k, v, plan, scale=scale, return_lse=return_lse)
+    q_bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, S, H, 1]
+    k_bad = ~torch.isfinite(k).all(-1, keepdim=True)  # [B, S, Hk, 1]
+    v_bad = ~torch.isfinite(v)  # [B, S, Hk, Dv]
+    q0, k0, v0 = q.masked_fill(q_bad, 0), k.masked_fill(k_bad, 0), v.masked_fill(v_bad, 0)
+    res = be.run(q0, k0, v0, plan, scale=scale, return_lse=return_lse)
+    out, lse = (res if return_lse else (res, None))
+    qf, kf = q0.detach().float(), k0.detach().float()
+    with torch.no_grad():
+        hit = be.run(qf, kf, (v_bad | k_bad).float(), plan, scale=scale) > 0  # [B, S, H, Dv]
+    nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    out = torch.where(hit | q_bad, nan, out)
+    if lse is None:
+        return out
+    with torch.no_grad():
+        k_hit = q_bad[..., 0]
+        if bool(k_bad.any()):
+            k_hit = k_hit | (be.run(qf, kf, k_bad.float().expand_as(v).contiguous(), plan, scale=scale)[..., 0] > 0)
+    return out, lse.masked_fill(k_hit.transpose(1, 2), float("nan"))
 
 
 _backend_plans: "weakref.WeakKeyDictionary[BlockPlan, BlockPlan]" = weakref.WeakKeyDictionary()
@@ -193,6 +252,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     names = backend_names()
     if backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    scale = check_scale(scale)
     B, S, H, _ = q.shape
     if plan.seq_len != S:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")
@@ -205,7 +265,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     while True:
         be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried)
         try:
-            res = be.run(q, k, v, bplan, scale=scale, return_lse=return_lse)
+            res = _run_guarded(be, q, k, v, bplan, scale, return_lse)
         except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
             tried += (be.name,)
             _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "
@@ -226,6 +286,19 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     return res
 
 
+_takes_values: Dict[type, bool] = {}
+
+
+def _plan_takes_values(cls: type) -> bool:
+    """Whether ``cls.plan`` has the ``plan(layout, q, k, v, *, scale, ...)`` signature."""
+    if cls not in _takes_values:
+        import inspect
+
+        params = inspect.signature(cls.plan).parameters
+        _takes_values[cls] = "v" in params and "scale" in params
+    return _takes_values[cls]
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
                      backend: str = "auto", scale: Optional[float] = None, return_lse: bool = False):
     """Sparse attention of ``pattern`` over ``layout``.
@@ -241,6 +314,20 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the lse).
+
+    Dtypes: float16 / bfloat16 are computed with float32 accumulation; float64 is computed in
+    float64 by the reference and cpu backends (and flex on CPU); the triton backend declares
+    float64 unsupported (fallback with one warning). float8 and integer inputs raise TypeError.
+
+    Non-finite inputs (the same on every backend, applied by :func:`run_plan`): NaN is
+    propagated only where the math puts it. A non-finite value entry ``v[b, j, h, c]`` makes
+    channel ``c`` NaN in exactly the rows that give key ``j`` non-zero softmax weight; a
+    non-finite key token makes every channel (and the LSE) of those rows NaN; a non-finite
+    query row makes that row NaN. Other rows are unaffected. Rows with no allowed key (fully
+    masked) are 0 with LSE ``-inf``. ``scale`` must be a finite real number (else
+    ``ValueError`` / ``TypeError``). Checking finiteness costs one fused pass over q, k, v and
+    one host sync per call (skipped while compiling or capturing a CUDA graph, where non-finite
+    inputs give whatever the backend computes).
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a vidattn pattern (Neighborhood, Dense, ...), got {type(pattern).__name__}")
@@ -249,9 +336,10 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     if backend not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
     check_qkv(q, k, v, layout)
+    scale = check_scale(scale)
     pattern.validate(layout)
-    if getattr(pattern, "needs_values", False):  # e.g. RectifiedSparse: pooled V columns, scale-aware selection
+    if _plan_takes_values(type(pattern)):
         plan = pattern.plan(layout, q, k, v=v, scale=scale, num_heads=q.shape[2], device=q.device)
-    else:
+    else:  # families still on the older plan(layout, q, k, *, num_heads, device) signature
         plan = pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device)
     return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)

@@ -180,6 +180,12 @@ class BlockPlan:
     token_density: Union[float, torch.Tensor] = 1.0
     meta: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        for name in ("seq_len", "block_q", "block_k"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"BlockPlan {name} must be an int >= 1, got {val!r}")
+
     # ------------------------------------------------------------ geometry
     @property
     def num_q_blocks(self) -> int:
