@@ -60,6 +60,11 @@ class TokenRule:
         """Hashable identity of the rule (for plan caches)."""
         return (type(self).__name__, id(self))
 
+    def kernel_form(self):
+        """The rule's kernel-neutral compiled form (a dataclass of :mod:`vidattn.rules`) for
+        backends that evaluate it in-kernel, or None (backends then use the torch rule)."""
+        return None
+
 
 @dataclass(frozen=True)
 class DenseRule(TokenRule):
@@ -174,6 +179,12 @@ class BlockPlan:
     rectification: Optional[Rectification] = None
     token_density: Union[float, torch.Tensor] = 1.0
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("seq_len", "block_q", "block_k"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"BlockPlan {name} must be an int >= 1, got {val!r}")
 
     # ------------------------------------------------------------ geometry
     @property
