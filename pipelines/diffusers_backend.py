@@ -38,9 +38,11 @@ class _Current:
     """The attention call in flight: set by a SparseAttnProcessor around its inner processor,
     read by :func:`vidattn_attention`. ``proc`` None = no vidattn processor (run dense)."""
 
-    proc = None
-    attn = None
-    dense = False
+    def __init__(self):
+        # instance attributes from the start: compiled graphs guard on this __dict__'s keys
+        self.proc = None
+        self.attn = None
+        self.dense = False
 
 
 CURRENT = _Current()
