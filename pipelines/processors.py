@@ -293,7 +293,14 @@ class SparseAttnProcessor:
                 inner._attention_backend = self._member
             else:
                 rebound_call(type(inner))
-            inner._parallel_config = self._pc
+            pc = self._pc
+            if pc is None and st is not None:  # installed by hand after enable_parallelism
+                model = st._model()
+                pc = getattr(model, "_parallel_config", None) if model is not None else None
+                if pc is not None and getattr(pc, "context_parallel_config", None) is None:
+                    pc = None
+                self._pc = pc
+            inner._parallel_config = pc
             self._inners[id(attn)] = inner
         return inner
 
@@ -326,6 +333,7 @@ class SparseAttnProcessor:
             m.__dict__[_OWNER] = weakref.ref(model)
         if st.record is None and st.layout_error is None:
             try:
+                loc = _unsplit_frame_ids(model, st, loc)
                 st._set_record(layout_from_frame(model, loc))
             except (ValueError, KeyError) as e:
                 st._no_layout(str(e))
@@ -453,6 +461,23 @@ class SparseAttnProcessor:
             out[b, idx] = ob[0]
             out[b, drop] = od.transpose(1, 2)[0]
         return out
+
+
+def _unsplit_frame_ids(model, state, loc):
+    """Under context parallelism diffusers' ``_cp_plan`` hook has split FLUX's ``img_ids``
+    (dim 0) before ``forward`` ran, so the frame holds this rank's shard: gather the full ids
+    over the context-parallel mesh (every rank binds on the same first call)."""
+    pc = getattr(model, "_parallel_config", None)
+    cp = getattr(pc, "context_parallel_config", None)
+    ids = loc.get("img_ids")
+    if cp is None or not state.info.cp_text_split or not isinstance(ids, torch.Tensor):
+        return loc
+    import torch.distributed as dist
+
+    group = cp._flattened_mesh.get_group()
+    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, ids.contiguous(), group=group)
+    return dict(loc, img_ids=torch.cat(parts, dim=0))
 
 
 _warned_owner = set()
