@@ -202,7 +202,10 @@ class ModelState:
         return None
 
     def _no_layout(self, why: str) -> None:
-        if self.layout_error is None:
+        from vidattn.patterns.dense import Dense
+
+        needs_grid = any(type(p) is not Dense for p in self.patterns.values())
+        if self.layout_error is None and needs_grid:  # Dense() needs no grid: nothing lost, no warning
             warnings.warn(f"vidattn: no token layout for this {type(self._model()).__name__} call ({why}); "
                           f"its attention runs dense", RuntimeWarning, stacklevel=4)
         self.layout_error = why
