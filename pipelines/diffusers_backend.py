@@ -138,6 +138,10 @@ def _native_forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is
         ctx.save_for_backward(query, key, value)
         ctx.vidattn_mask, ctx.vidattn_scale = attn_mask, scale
     if return_lse:
+        if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and attn_mask is None:
+            res = torch.ops.aten._scaled_dot_product_flash_attention(
+                query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), 0.0, False, False, scale=scale)
+            return res[0].transpose(1, 2), res[1].transpose(1, 2).float()
         return _sdpa_lse(query, key, value, attn_mask, scale)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)

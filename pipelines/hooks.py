@@ -127,7 +127,10 @@ def _step_hook_class():
 
         def context(self):
             """The pipeline's current ``CacheContext`` or None."""
-            return getattr(self.state_manager, "_context", None)
+            try:
+                return self.state_manager.context
+            except ValueError:  # no cache_context around this call
+                return None
 
         def reset_state(self, module):
             st = self._state_ref()
