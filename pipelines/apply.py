@@ -7,11 +7,14 @@ processor objects, so outputs after ``remove`` are bit-identical to a never-touc
 What ``apply`` does on each transformer (``pipe.transformer``, and ``pipe.transformer_2`` when
 present):
 
-1. installs a :class:`~vidattn.pipelines.processors.ModelState` forward pre-hook that records the
-   latent token grid and text position each call and counts denoising steps;
+1. registers the ``"vidattn"`` diffusers attention backend (once per process) and installs a
+   :class:`~vidattn.pipelines.hooks.ModelState`: a forward pre-hook that records the latent token
+   grid and text position each call, and a stateful diffusers ``ModelHook`` that reads the
+   denoising step from the pipeline's ``cache_context``;
 2. wraps the processor of every self-attention module over video/image tokens in a
-   :class:`~vidattn.pipelines.processors.SparseAttnProcessor` (cross-attention and text-only
-   attention keep their original processor);
+   :class:`~vidattn.pipelines.processors.SparseAttnProcessor` whose inner (original) processor
+   dispatches to the ``"vidattn"`` backend (cross-attention and text-only attention keep their
+   original processor, untouched);
 3. returns a :class:`SparseAttentionHandle` with the stats (sparse/dense call counts, recorded
    layout, plan densities).
 """
@@ -25,8 +28,10 @@ from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 from vidattn.attention import BACKENDS
 from vidattn.patterns.base import Pattern
 
+from .families import UnsupportedModelError
+from .hooks import AttentionStats, attention_modules, model_state
 from .layout_discovery import SUPPORTED_FAMILIES, family_of
-from .processors import (AttentionStats, SparseAttnProcessor, attention_modules, is_self_attention, model_state)
+from .processors import SparseAttnProcessor
 
 __all__ = ["SparseAttentionConfig", "SparseAttentionHandle", "apply", "remove", "transformers_of"]
 
@@ -237,8 +242,8 @@ def apply(pipe_or_transformer, pattern_or_config, *, dense_steps: int = 0, dense
     cfg = _as_config(pattern_or_config, dense_steps, dense_layers, heads, backend)
     models = transformers_of(pipe_or_transformer)
     for m in models:
-        if family_of(m) is None:
-            raise TypeError(f"vidattn has no token-layout discovery for {type(m).__name__}; supported transformer "
+        if family_of(m) is None:  # Mochi raises UnsupportedModelError (a TypeError) here
+            raise UnsupportedModelError(f"vidattn has no token-layout discovery for {type(m).__name__}; supported transformer "
                             f"families: {SUPPORTED_FAMILIES}")
     for m in models:  # validate before touching anything
         _remove_one(m)
@@ -270,10 +275,8 @@ def apply(pipe_or_transformer, pattern_or_config, *, dense_steps: int = 0, dense
                                        dense_steps=cfg.dense_steps, dense_layers=(layer,) if pat is None else (),
                                        heads=cfg.heads_for(layer), layer=layer)
             attn.set_processor(proc)
-        for n, attn in mods.items():
+        for attn in mods.values():
             attn.__dict__["_vidattn_owner"] = weakref.ref(m)
-            attn.__dict__["_vidattn_family"] = st.family
-            attn.__dict__["_vidattn_self"] = is_self_attention(n, attn)
         handle.transformers.append(m)
         handle.layer_names.append(list(st.layer_names))
         handle._originals.append(originals)
@@ -290,14 +293,16 @@ def _remove_one(model) -> bool:
         mods = attention_modules(model)
         for name, orig in originals.items():
             if name in mods:
+                cur = mods[name].processor
+                if isinstance(cur, SparseAttnProcessor) and cur.inner is orig:
+                    cur.release()
                 mods[name].set_processor(orig)
         removed = True
     st = model_state(model, create=False)
     if st is not None:
         st.detach(model)
     for attn in attention_modules(model).values():
-        for key in ("_vidattn_owner", "_vidattn_family", "_vidattn_self"):
-            attn.__dict__.pop(key, None)
+        attn.__dict__.pop("_vidattn_owner", None)
     return removed
 
 

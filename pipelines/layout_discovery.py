@@ -6,11 +6,9 @@ attention (``"prefix"``: CogVideoX, FLUX; ``"suffix"``: HunyuanVideo; ``None``: 
 use separate cross-attention). The number of text tokens is read at attention time as
 ``S - prod(grid)``, so single-stream and dual-stream blocks share one record.
 
-Two sources per family:
-
-* :func:`layout_from_call` — the transformer's forward arguments (used by the pre-hook);
-* :func:`layout_from_frame` — the local variables of a running ``forward`` (used once by a
-  manually installed processor that finds its model mid-call, before its hook exists).
+The source is the transformer's forward arguments (:func:`layout_from_call`), read by the
+pre-hook before ``forward`` runs. :func:`layout_from_frame` (running ``forward`` locals) serves only
+the first call of a hand-installed processor, before its model has a hook (see the note there).
 """
 
 from __future__ import annotations
@@ -21,7 +19,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ["LayoutRecord", "family_of", "grid_rank", "call_arguments", "layout_from_call", "layout_from_frame", "SUPPORTED_FAMILIES"]
+from .families import FAMILIES, FAMILY_NAMES, transformer_family
+
+__all__ = ["LayoutRecord", "family_of", "grid_rank", "call_arguments", "layout_from_call", "layout_from_frame",
+           "SUPPORTED_FAMILIES"]
 
 
 @dataclass(frozen=True)
@@ -71,20 +72,10 @@ def _wan_call(model, a):
     return LayoutRecord((f // pt, h // ph, w // pw), None)
 
 
-def _wan_frame(model, loc):
-    return LayoutRecord((int(loc["post_patch_num_frames"]), int(loc["post_patch_height"]),
-                         int(loc["post_patch_width"])), None)
-
-
 def _hunyuan_call(model, a):
     _, _, f, h, w = _shape5(a["hidden_states"], "hidden_states [B, C, F, H, W]")
     p, pt = int(_cfg(model, "patch_size")), int(_cfg(model, "patch_size_t"))
     return LayoutRecord((f // pt, h // p, w // p), "suffix")
-
-
-def _hunyuan_frame(model, loc):
-    return LayoutRecord((int(loc["post_patch_num_frames"]), int(loc["post_patch_height"]),
-                         int(loc["post_patch_width"])), "suffix")
 
 
 def _cog_grid(model, f, h, w):
@@ -99,10 +90,6 @@ def _cog_call(model, a):
     return LayoutRecord(_cog_grid(model, f, h, w), "prefix")
 
 
-def _cog_frame(model, loc):
-    return LayoutRecord(_cog_grid(model, int(loc["num_frames"]), int(loc["height"]), int(loc["width"])), "prefix")
-
-
 def _ltx_grid(model, f, h, w):
     p, pt = int(_cfg(model, "patch_size", 1)), int(_cfg(model, "patch_size_t", 1))
     return (int(f) // pt, int(h) // p, int(w) // p)
@@ -115,62 +102,54 @@ def _ltx_call(model, a):
     return LayoutRecord(_ltx_grid(model, a["num_frames"], a["height"], a["width"]), None)
 
 
-def _ltx_frame(model, loc):
-    return _ltx_call(model, loc)
-
-
-def _flux_from_ids(img_ids: torch.Tensor, seq_len: int) -> LayoutRecord:
-    if not isinstance(img_ids, torch.Tensor) or img_ids.shape[-1] != 3:
-        raise ValueError("FLUX transformer call needs img_ids [S, 3] to know the latent grid")
+def _flux_from_ids(img_ids) -> LayoutRecord:
+    """FLUX grid from ``img_ids`` ``[S, 3]`` (or ``[B, S, 3]``): the main image tokens carry
+    ``id[0] == 0`` and ``(row, col)`` ids that must tile a full ``(H, W)`` rectangle; tokens after
+    them (FLUX Kontext reference images, ``id[0] != 0``) are an extra suffix. Raises ValueError
+    when the ids describe no such grid (the hook then runs the model dense, with one warning)."""
+    if not isinstance(img_ids, torch.Tensor) or img_ids.dim() not in (2, 3) or img_ids.shape[-1] != 3:
+        raise ValueError("FLUX transformer call needs img_ids [S, 3] to know the latent grid, got "
+                         f"{tuple(img_ids.shape) if isinstance(img_ids, torch.Tensor) else type(img_ids).__name__}")
     if img_ids.dim() == 3:
         img_ids = img_ids[0]
-    main = img_ids[:, 0] == 0  # FLUX Kontext appends reference-image tokens with id[0] = 1
+    ids = img_ids.detach().to("cpu", torch.float64)
+    S = int(ids.shape[0])
+    main = ids[:, 0] == 0  # FLUX Kontext appends reference-image tokens with id[0] = 1
     n_main = int(main.sum())
-    ids = img_ids[:n_main]
-    h = int(ids[:, 1].max()) - int(ids[:, 1].min()) + 1
-    w = int(ids[:, 2].max()) - int(ids[:, 2].min()) + 1
-    if h * w != n_main:
-        raise ValueError(f"img_ids do not describe a full (H, W) grid: {n_main} tokens, rows {h}, cols {w}")
-    return LayoutRecord((h, w), "prefix", extra_suffix=int(img_ids.shape[0]) - n_main)
+    if n_main == 0 or not bool(main[:n_main].all()):
+        raise ValueError(f"img_ids do not start with a [0, row, col] grid ({n_main} of {S} tokens have id[0] == 0)")
+    rows, cols = ids[:n_main, 1], ids[:n_main, 2]
+    if not (bool((rows == rows.round()).all()) and bool((cols == cols.round()).all())):
+        raise ValueError("img_ids rows/cols are not integers: not a [0, row, col] grid")
+    h = int(rows.max()) - int(rows.min()) + 1
+    w = int(cols.max()) - int(cols.min()) + 1
+    expect_r = torch.arange(h, dtype=torch.float64).repeat_interleave(w) + rows.min()
+    expect_c = torch.arange(w, dtype=torch.float64).repeat(h) + cols.min()
+    if h * w != n_main or not (torch.equal(rows, expect_r) and torch.equal(cols, expect_c)):
+        raise ValueError(f"img_ids do not describe a row-major (H, W) grid: {n_main} tokens, rows {h}, cols {w}")
+    return LayoutRecord((h, w), "prefix", extra_suffix=S - n_main)
 
 
 def _flux_call(model, a):
-    return _flux_from_ids(a.get("img_ids"), 0)
+    return _flux_from_ids(a.get("img_ids"))
 
 
-def _flux_frame(model, loc):
-    return _flux_from_ids(loc.get("img_ids"), 0)
-
-
-# class name -> (family, grid rank, from call args, from frame locals)
-_FAMILIES: Dict[str, Tuple[str, int, Callable, Callable]] = {
-    "WanTransformer3DModel": ("wan", 3, _wan_call, _wan_frame),
-    "WanVACETransformer3DModel": ("wan", 3, _wan_call, _wan_frame),
-    "HunyuanVideoTransformer3DModel": ("hunyuan_video", 3, _hunyuan_call, _hunyuan_frame),
-    "CogVideoXTransformer3DModel": ("cogvideox", 3, _cog_call, _cog_frame),
-    "LTXVideoTransformer3DModel": ("ltx_video", 3, _ltx_call, _ltx_frame),
-    "FluxTransformer2DModel": ("flux", 2, _flux_call, _flux_frame),
-}
-SUPPORTED_FAMILIES = tuple(sorted({v[0] for v in _FAMILIES.values()}))
-
-
-def _entry(model):
-    for cls in type(model).__mro__:
-        if cls.__name__ in _FAMILIES:
-            return _FAMILIES[cls.__name__]
-    return None
+# family -> layout from call args
+_CALLS: Dict[str, Callable] = {"wan": _wan_call, "hunyuan_video": _hunyuan_call, "cogvideox": _cog_call,
+                               "ltx_video": _ltx_call, "flux": _flux_call}
+SUPPORTED_FAMILIES = FAMILY_NAMES
 
 
 def family_of(model) -> Optional[str]:
-    """``"wan" | "hunyuan_video" | "cogvideox" | "ltx_video" | "flux"`` or None if unknown."""
-    e = _entry(model)
-    return None if e is None else e[0]
+    """``"wan" | "hunyuan_video" | "cogvideox" | "ltx_video" | "flux"`` or None if unknown.
+    Raises :class:`~vidattn.pipelines.families.UnsupportedModelError` for Mochi."""
+    return transformer_family(model)
 
 
 def grid_rank(model) -> Optional[int]:
     """Rank of the model's latent token grid (3 for video models, 2 for FLUX), None if unknown."""
-    e = _entry(model)
-    return None if e is None else e[1]
+    fam = transformer_family(model)
+    return None if fam is None else FAMILIES[fam].grid_rank
 
 
 def call_arguments(model, args: tuple, kwargs: dict) -> dict:
@@ -185,17 +164,43 @@ def layout_from_call(model, args: tuple, kwargs: dict) -> LayoutRecord:
     """Layout of one ``model.forward(*args, **kwargs)`` call (before it runs).
 
     Raises ``TypeError`` for an unsupported model class, ``ValueError`` if the call does not carry
-    the tensors the family's grid is derived from.
+    the tensors the family's grid is derived from (or they describe no grid).
     """
-    e = _entry(model)
-    if e is None:
-        raise TypeError(f"no layout discovery for {type(model).__name__}; supported: {sorted(_FAMILIES)}")
-    return e[2](model, call_arguments(model, args, kwargs))
+    fam = transformer_family(model)
+    if fam is None:
+        raise TypeError(f"no layout discovery for {type(model).__name__}; supported: {FAMILY_NAMES}")
+    return _CALLS[fam](model, call_arguments(model, args, kwargs))
+
+
+# ----------------------------------------------------------------------------- mid-call binding
+# Only for a processor installed by hand (``set_attn_processor(SparseAttnProcessor(p))``) on its
+# first call, when its transformer has no vidattn state yet: diffusers offers no hook that tells a
+# processor which model it was installed into, so that one call finds its model on the Python
+# stack and reads the running ``forward``'s locals. Every later call uses the pre-hook.
+def _post_patch(loc, text):
+    return LayoutRecord((int(loc["post_patch_num_frames"]), int(loc["post_patch_height"]),
+                         int(loc["post_patch_width"])), text)
+
+
+def _cog_frame(model, loc):
+    p = int(_cfg(model, "patch_size"))
+    pt = _cfg(model, "patch_size_t")
+    f, h, w = int(loc["num_frames"]), int(loc["height"]), int(loc["width"])
+    return LayoutRecord((f if pt is None else f // int(pt), h // p, w // p), "prefix")
+
+
+_FRAMES: Dict[str, Callable] = {
+    "wan": lambda m, loc: _post_patch(loc, None),
+    "hunyuan_video": lambda m, loc: _post_patch(loc, "suffix"),
+    "cogvideox": _cog_frame,
+    "ltx_video": lambda m, loc: _ltx_call(m, loc),
+    "flux": lambda m, loc: _flux_from_ids(loc.get("img_ids")),
+}
 
 
 def layout_from_frame(model, frame_locals: dict) -> LayoutRecord:
-    """Layout of a ``model.forward`` that is running, from its local variables."""
-    e = _entry(model)
-    if e is None:
-        raise TypeError(f"no layout discovery for {type(model).__name__}; supported: {sorted(_FAMILIES)}")
-    return e[3](model, frame_locals)
+    """Layout of a ``model.forward`` that is running, from its local variables (see above)."""
+    fam = transformer_family(model)
+    if fam is None:
+        raise TypeError(f"no layout discovery for {type(model).__name__}; supported: {FAMILY_NAMES}")
+    return _FRAMES[fam](model, frame_locals)

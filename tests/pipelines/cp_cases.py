@@ -1,0 +1,144 @@
+"""Worker of tests/pipelines/test_context_parallel.py: one ``torch.multiprocessing.spawn`` of 2
+gloo processes on 127.0.0.1 runs every case; rank 0 writes the results (max abs / relative
+differences, call counts) to a file the tests read.
+
+Each case compares a tiny Wan / FLUX transformer under ``enable_parallelism(ContextParallelConfig(
+ulysses_degree=2 | ring_degree=2))`` with the same model in a single process (fp32): the sparse
+output of vidattn's patterns, and the dense output for ``Dense()``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+def patterns(family):
+    import vidattn
+    from vidattn.patterns.grid import PermutedGrid
+    from vidattn.patterns.radial import Radial
+    from vidattn.patterns.rectified import RectifiedSparse
+
+    ks = (1, 3, 3) if family == "wan" else (3, 3)
+    out = {"neighborhood": lambda: vidattn.Neighborhood(kernel_size=ks, block_size=8),
+           "rectified": lambda: RectifiedSparse(block_size=8, keep=0.5),
+           "dense": lambda: vidattn.Dense()}
+    if family == "wan":  # both need a (T, H, W) video grid
+        out["radial"] = lambda: Radial(block_size=8, decay_factor=0.5, sink_frames=0)
+        out["permuted_grid"] = lambda: PermutedGrid(block_size=8, num_samples=8, recall=0.5)
+    return out
+
+
+def _diff(a, b):
+    d = (a.double() - b.double()).abs().max().item()
+    return dict(abs=d, rel=d / max(b.double().abs().max().item(), 1e-12))
+
+
+def run_cases(rank, world):
+    import vidattn
+    from diffusers import ContextParallelConfig
+    from vidattn.pipelines import SparseAttnProcessor
+
+    from tiny_models import run, tiny_flux, tiny_wan
+
+    builders = {"wan": tiny_wan, "flux": tiny_flux}
+    res = {}
+    for family, build in builders.items():
+        pats = patterns(family)
+        # single-process references (no collectives: every rank computes them identically)
+        model, inputs, _ = build()
+        ref = {"dense": run(model, inputs)}
+        for name, mk in pats.items():
+            vidattn.apply(model, mk())
+            ref[name] = run(model, inputs)
+            vidattn.remove(model)
+        for mode in ("ulysses", "ring"):
+            cfg = dict(ulysses_degree=world) if mode == "ulysses" else dict(ring_degree=world)
+            # order 1: enable_parallelism, then apply (every pattern, apply/remove cycles)
+            model, inputs, _ = build()
+            originals = dict(model.attn_processors)
+            model.enable_parallelism(config=ContextParallelConfig(**cfg))
+            for name, mk in pats.items():
+                key = f"{family}/{mode}/parallel-then-apply/{name}"
+                try:
+                    h = vidattn.apply(model, mk())
+                    out = run(model, inputs)
+                    res[key] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
+                                    dense_calls=h.dense_calls, sparse_vs_dense=_diff(ref[name], ref["dense"])["abs"],
+                                    head_work={k: dict(v) for k, v in h.stats.head_work.items()})
+                    vidattn.remove(model)
+                    assert all(model.attn_processors[k] is v for k, v in originals.items())
+                except Exception:
+                    res[key] = dict(error=traceback.format_exc())
+            # set_attention_backend route: after apply, the user picks "vidattn" / "native"
+            for backend in ("vidattn", "native"):
+                key = f"{family}/{mode}/set_attention_backend-{backend}/neighborhood"
+                try:
+                    h = vidattn.apply(model, pats["neighborhood"]())
+                    model.set_attention_backend(backend)
+                    out = run(model, inputs)
+                    res[key] = dict(_diff(out, ref["neighborhood"]), sparse=h.sparse_calls, cp=h.stats.cp_calls)
+                    vidattn.remove(model)
+                    model.reset_attention_backend()
+                except Exception:
+                    res[key] = dict(error=traceback.format_exc())
+            # set_attn_processor route (hand-installed, after enable_parallelism)
+            key = f"{family}/{mode}/set_attn_processor/neighborhood"
+            try:
+                model.set_attn_processor(SparseAttnProcessor(pats["neighborhood"]()))
+                first = run(model, inputs)
+                second = run(model, inputs)
+                st = model.__dict__["_vidattn_state"]
+                res[key] = dict(_diff(second, ref["neighborhood"]), first=_diff(first, ref["neighborhood"])["abs"],
+                                sparse=st.stats.sparse_calls, cp=st.stats.cp_calls)
+                model.set_attn_processor(originals)
+                vidattn.remove(model)
+            except Exception:
+                res[key] = dict(error=traceback.format_exc())
+            # Ulysses: remove() is bit-exact against the never-touched model under the same CP
+            if mode == "ulysses":
+                key = f"{family}/{mode}/remove-bit-exact/dense"
+                try:
+                    fresh, _, _ = build()
+                    fresh.enable_parallelism(config=ContextParallelConfig(**cfg))
+                    res[key] = dict(equal=bool(torch.equal(run(model, inputs), run(fresh, inputs))))
+                except Exception:
+                    res[key] = dict(error=traceback.format_exc())
+            # order 2: apply, then enable_parallelism
+            for name in ("neighborhood", "rectified"):
+                key = f"{family}/{mode}/apply-then-parallel/{name}"
+                try:
+                    model, inputs, _ = build()
+                    h = vidattn.apply(model, pats[name]())
+                    model.enable_parallelism(config=ContextParallelConfig(**cfg))
+                    out = run(model, inputs)
+                    res[key] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls)
+                    vidattn.remove(model)
+                except Exception:
+                    res[key] = dict(error=traceback.format_exc())
+    return res
+
+
+def worker(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.accelerator.device_count = lambda: 1  # diffusers divides by it; 0 on a CPU-only machine
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = run_cases(rank, world)
+    except Exception:
+        res = {"fatal": dict(error=traceback.format_exc())}
+    if rank == 0:
+        torch.save(res, out_path)
+    dist.barrier()
+    dist.destroy_process_group()

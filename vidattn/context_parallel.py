@@ -1,0 +1,321 @@
+"""Sparse attention under diffusers context parallelism (Ulysses, Ring, and both).
+
+The ``"vidattn"`` diffusers backend declares ``supports_context_parallel=True``; for a sparse
+self-attention call under ``transformer.enable_parallelism(config=ContextParallelConfig(...))`` it
+calls diffusers' ``_templated_context_parallel_attention`` with the forward op below. diffusers does
+the communication; this module makes the sparse computation equal to the single-process one:
+
+* **Token order.** Each rank holds a contiguous shard of every sequence diffusers' ``_cp_plan``
+  splits. For Wan / LTX (video tokens only) the gathered sequence is the single-process order. For
+  FLUX the text is split too, so rank ``r``'s joint sequence is ``[text_r, image_r]`` and the
+  gathered one ``[text_0, image_0, text_1, image_1, ...]``; :func:`cp_order` maps it to the
+  canonical ``[text, image]`` order the pattern's layout describes (a gather before, a scatter
+  after).
+* **Ulysses** (``ulysses_degree = U``): after diffusers' all-to-all each rank has the full
+  sequence for heads ``u * H/U .. (u + 1) * H/U - 1``. Static per-head plans (and ``heads=``
+  subsets) are indexed by these *global* head ids (:func:`slice_plan_heads`); dynamic patterns
+  (PermutedGrid, RectifiedSparse, ...) classify each head from that head's own full-sequence
+  q/k, which is what the single process does.
+* **Ring** (``ring_degree = R``): the forward op is called once per KV shard with the LSE
+  requested, and diffusers merges the partial outputs by LSE. vidattn's op computes its whole
+  answer on the first call (its local KV shard): it gathers K/V (and Q, for dynamic patterns, so
+  the block statistics are pooled over the full sequence, identically on every rank) over the
+  ring group, builds the *global* plan, restricts it to the query blocks that hold this rank's
+  rows (global block coordinates), runs the kernel with ``return_lse=True`` and returns the local
+  rows with their LSE. The calls for the other KV shards return LSE ``-inf`` (an exact no-op in
+  diffusers' merge ``out - sigmoid(lse - prev_lse) * (out - new)``). So the blocks that run are
+  exactly those the single process runs for these query rows; the KV exchange is an all-gather
+  (diffusers' own Ring already all-gathers the KV buffer before its loop), not a per-step
+  rotation. Ring backward raises ``NotImplementedError``.
+* **Both** (``ring_degree > 1`` and ``ulysses_degree > 1``): diffusers' unified attention does
+  the Ulysses all-to-all inside each ring group and then Ring; the same op handles it (head
+  offset from the Ulysses rank, rows from the ring rank).
+
+Head load balance: :func:`head_balance` reports, for per-head plan densities, the work of each
+Ulysses rank and the imbalance (max / mean), and a balanced head order (greedy) - applying it
+means permuting the attention heads of the QKV / output projections, which vidattn does not do
+to a model by itself.
+
+The multi-process benchmark worker lives here too (:func:`bench_worker`), so
+``torch.multiprocessing.spawn`` can import it by module name (``benchmarks/parallel.py`` and
+``vidattn bench parallel`` drive it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "sparse_attention_cp", "head_balance",
+           "cp_degrees", "bench_worker"]
+
+
+# =============================================================================== geometry
+def cp_degrees(parallel_config) -> Tuple[int, int]:
+    """``(ring_degree, ulysses_degree)`` of a diffusers ``ParallelConfig``."""
+    cp = parallel_config.context_parallel_config
+    return int(cp.ring_degree), int(cp.ulysses_degree)
+
+
+@functools.lru_cache(maxsize=64)
+def _cp_order_cached(seq_len: int, text: int, text_pos: Optional[str], world: int, text_split: bool):
+    if world == 1 or not text or not text_split:
+        return None
+    if seq_len % world or text % world:
+        raise ValueError(f"context parallelism needs the {seq_len}-token sequence and its {text} text tokens "
+                         f"divisible by the world size {world}")
+    n = seq_len - text
+    tl, nl = text // world, n // world
+    canon = []
+    for r in range(world):
+        t_idx = list(range(r * tl, (r + 1) * tl))
+        i_idx = list(range(text + r * nl, text + (r + 1) * nl)) if text_pos == "prefix" else \
+            list(range(r * nl, (r + 1) * nl))
+        if text_pos == "prefix":
+            canon += t_idx + i_idx
+        else:  # suffix: text after the grid, per shard [image_r, text_r]
+            canon += i_idx + [n + i for i in t_idx]
+    canon_of_cp = torch.tensor(canon, dtype=torch.long)
+    cp_of_canon = torch.empty_like(canon_of_cp)
+    cp_of_canon[canon_of_cp] = torch.arange(seq_len)
+    return canon_of_cp, cp_of_canon
+
+
+def cp_order(layout, world: int, text_split: bool, device=None):
+    """Index maps between the gathered context-parallel token order and the canonical one.
+
+    Args:
+        layout: the canonical :class:`~vidattn.TokenLayout` (``seq_len`` tokens, text
+            ``prefix``/``suffix``).
+        world: number of sequence shards.
+        text_split: whether each shard carries its slice of the text (FLUX) or no text.
+    Returns:
+        None when the orders agree, else ``(canon_of_cp, cp_of_canon)``: LongTensors ``[S]`` with
+        ``x_canon = x_cp[:, cp_of_canon]`` and ``x_cp = x_canon[:, canon_of_cp]``.
+    """
+    text = int(layout.prefix + layout.suffix)
+    pos = "prefix" if layout.prefix else ("suffix" if layout.suffix else None)
+    res = _cp_order_cached(int(layout.seq_len), text, pos, int(world), bool(text_split))
+    if res is None or device is None:
+        return res
+    return tuple(t.to(device) for t in res)
+
+
+def slice_plan_heads(plan, head_ids: Sequence[int], total_heads: int):
+    """The plan of heads ``head_ids`` (global ids) of a plan built for ``total_heads`` heads.
+    Plans shared by all heads (``plan_heads == 1``) are returned as they are."""
+    if plan.plan_heads == 1:
+        return plan
+    if plan.plan_heads != total_heads:
+        raise ValueError(f"plan has {plan.plan_heads} heads, expected 1 or {total_heads}")
+    if plan.rectification is not None:
+        raise ValueError("cannot slice the heads of a plan with rectification terms; build it from the local heads")
+    idx = torch.as_tensor(list(head_ids), dtype=torch.long, device=plan.kv_num_blocks.device)
+    perm = plan.perm
+    if perm is not None and perm.shape[0] > 1:
+        perm = perm.index_select(0, idx.to(perm.device))
+    sl = {f: getattr(plan, f).index_select(1, idx) for f in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks",
+                                                               "full_kv_indices")}
+    return _replace(plan, perm=perm, **sl)
+
+
+def _replace(plan, **fields):
+    new = dataclasses.replace(plan, **fields)
+    for k in ("block_density", "has_partial"):
+        new.__dict__.pop(k, None)
+    return new
+
+
+def restrict_plan_rows(plan, rows: torch.Tensor):
+    """The plan with only the query blocks that contain a token of ``rows`` (bool ``[S]``,
+    canonical token order) kept; the other query blocks list no key block. With a per-head token
+    permutation the blocks are taken in plan order, per head."""
+    S = plan.seq_len
+    bq = plan.block_q
+    nqb = plan.num_q_blocks
+    rows = rows.to(plan.kv_num_blocks.device)
+    if plan.perm is None:
+        pad = torch.zeros(nqb * bq, dtype=torch.bool, device=rows.device)
+        pad[:S] = rows
+        keep = pad.view(nqb, bq).any(1)[None, None]  # [1, 1, NQB]
+    else:
+        perm = plan.perm.to(rows.device)
+        tok = rows[perm]  # [Hp, S] in plan order
+        pad = torch.zeros(perm.shape[0], nqb * bq, dtype=torch.bool, device=rows.device)
+        pad[:, :S] = tok
+        keep = pad.view(perm.shape[0], nqb, bq).any(2)[None]  # [1, Hp, NQB]
+    keep = keep.to(plan.kv_num_blocks.dtype)
+    return _replace(plan, kv_num_blocks=plan.kv_num_blocks * keep, full_kv_num_blocks=plan.full_kv_num_blocks * keep)
+
+
+# =============================================================================== the forward op
+def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    """All-gather ``[B, s, H, D]`` along the sequence over ``group`` (rank order)."""
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
+                return_lse=False, _save_ctx=True, _parallel_config=None, *, proc, layout, state, layer):
+    """diffusers templated-CP forward op (``[B, s, h, D]`` in and out, LSE ``[B, s, h]``)."""
+    cp = _parallel_config.context_parallel_config
+    R, U = int(cp.ring_degree), int(cp.ulysses_degree)
+    world = R * U
+    H_loc = query.shape[2]
+    head_off = int(cp._ulysses_local_rank) * H_loc if U > 1 else 0
+    total = H_loc * U
+    text_split = state.info.cp_text_split
+    if R == 1:  # Ulysses: the full sequence, a slice of the heads
+        if _save_ctx:
+            ctx.save_for_backward(query, key, value)
+            ctx.vidattn = (proc, layout, state, layer, scale, head_off, total, world, text_split)
+        out, lse = _ulysses_compute(proc, query, key, value, layout, scale, head_off, total, world, text_split,
+                                    return_lse, state, layer)
+        return (out, lse) if return_lse else out
+    # Ring (or unified): answer everything on the first KV shard, no-ops on the others
+    if not _save_ctx:
+        out = torch.zeros_like(query)
+        lse = torch.full(query.shape[:3], float("-inf"), dtype=torch.float32, device=query.device)
+        return out, lse
+    ctx.save_for_backward(query, key, value)
+    group = cp._ring_mesh.get_group()
+    r = int(cp._ring_local_rank)
+    s = query.shape[1]
+    S = s * R
+    # gathered order: ring chunk c = concat over the Ulysses ranks of shards c*U + u = flattened CP order
+    k_all, v_all = _all_gather_seq(key, group), _all_gather_seq(value, group)
+    if proc.pattern.is_dynamic:
+        q_all = _all_gather_seq(query, group)
+    else:
+        q_all = query.new_zeros(query.shape[0], S, H_loc, query.shape[3])
+        q_all[:, r * s:(r + 1) * s] = query
+    order = cp_order(layout, world, text_split, device=query.device)
+    local_cp = torch.zeros(S, dtype=torch.bool, device=query.device)
+    local_cp[r * s:(r + 1) * s] = True
+    if order is not None:
+        canon_of_cp, cp_of_canon = order
+        q_all, k_all, v_all = (t.index_select(1, cp_of_canon) for t in (q_all, k_all, v_all))
+        rows = local_cp.index_select(0, cp_of_canon)
+        local_canon = canon_of_cp[r * s:(r + 1) * s]
+    else:
+        rows = local_cp
+        local_canon = torch.arange(r * s, (r + 1) * s, device=query.device)
+    (out, lse), plan = proc._attend(q_all, k_all, v_all, layout, scale, head_offset=head_off, total_heads=total,
+                                    return_lse=True, restrict=lambda p: restrict_plan_rows(p, rows))
+    out = out.index_select(1, local_canon)
+    lse = lse.index_select(2, local_canon).transpose(1, 2).contiguous()  # [B, s, h]
+    _record(proc, state, layout, layer, plan, head_off)
+    return out, lse
+
+
+def _ulysses_compute(proc, q, k, v, layout, scale, head_off, total, world, text_split, return_lse, state, layer,
+                     record=True):
+    order = cp_order(layout, world, text_split, device=q.device)
+    if order is not None:
+        canon_of_cp, cp_of_canon = order
+        q, k, v = (t.index_select(1, cp_of_canon) for t in (q, k, v))
+    (out, lse), plan = proc._attend(q, k, v, layout, scale, head_offset=head_off, total_heads=total,
+                                    return_lse=return_lse)
+    if order is not None:
+        out = out.index_select(1, canon_of_cp)
+        if lse is not None:
+            lse = lse.index_select(2, canon_of_cp)
+    if record:
+        _record(proc, state, layout, layer, plan, head_off)
+    return out, (lse.transpose(1, 2).contiguous() if lse is not None else None)
+
+
+def _record(proc, state, layout, layer, plan, head_off) -> None:
+    if torch.compiler.is_compiling():
+        return
+    proc._record(state, layout, layer, plan, cp=True)
+    if plan is not None and layer is not None:
+        state.stats.head_work[layer] = _head_blocks(plan, head_off)
+
+
+def _head_blocks(plan, head_off: int) -> Dict[int, float]:
+    """Global head id -> key blocks computed by that head's plan (summed over query blocks)."""
+    tot = (plan.kv_num_blocks.float() + plan.full_kv_num_blocks.float()).sum(dim=(0, 2))  # [Hp]
+    if tot.numel() == 1:
+        return {head_off: float(tot[0])}
+    return {head_off + i: float(x) for i, x in enumerate(tot.tolist())}
+
+
+def _backward_op(ctx, grad_out, *args, **kwargs):
+    if "out" in kwargs or "lse" in kwargs:
+        raise NotImplementedError("vidattn: sparse Ring attention backward is not implemented (inference only); "
+                                  "use Ulysses (ulysses_degree) for training under context parallelism")
+    proc, layout, state, layer, scale, head_off, total, world, text_split = ctx.vidattn
+    query, key, value = ctx.saved_tensors
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_(True) for t in (query, key, value))
+        out, _ = _ulysses_compute(proc, q, k, v, layout, scale, head_off, total, world, text_split, False, state,
+                                  layer, record=False)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+
+def sparse_attention_cp(proc, query, key, value, layout, scale, return_lse, parallel_config, state, layer):
+    """Run ``proc``'s pattern on one self-attention call under diffusers context parallelism.
+
+    Args:
+        proc: the running :class:`~vidattn.pipelines.processors.SparseAttnProcessor`.
+        query, key, value: this rank's ``[B, S / world, H, D]`` (sequence shard, all heads).
+        layout: the canonical layout of the full ``S``-token sequence.
+    Returns:
+        ``[B, S / world, H, D]`` (and the LSE ``[B, S / world, H]`` with ``return_lse``).
+    """
+    from vidattn.pipelines.diffusers_backend import check_diffusers
+
+    ad = check_diffusers()
+    R, U = cp_degrees(parallel_config)
+    if query.shape[2] % U:
+        raise ValueError(f"Ulysses degree {U} must divide the {query.shape[2]} attention heads")
+    fwd = functools.partial(_forward_op, proc=proc, layout=layout, state=state, layer=layer)
+    return ad._templated_context_parallel_attention(query, key, value, None, 0.0, False, scale, False, return_lse,
+                                                    forward_op=fwd, backward_op=_backward_op,
+                                                    _parallel_config=parallel_config)
+
+
+# =============================================================================== load balance
+def head_balance(head_work: Dict[int, float], world: int) -> dict:
+    """Ulysses head load balance.
+
+    Args:
+        head_work: global head id -> work (key blocks computed, or block density) for all heads.
+        world: Ulysses degree (heads ``u * H/world ..`` go to rank ``u``).
+    Returns:
+        dict with ``rank_work`` (list per rank), ``imbalance`` (max / mean, 1.0 = balanced),
+        ``balanced_order`` (a head order whose contiguous slices balance the ranks, greedy
+        longest-first) and ``balanced_imbalance``.
+    """
+    H = len(head_work)
+    if H == 0 or H % world:
+        raise ValueError(f"need work for all heads, a multiple of world={world}; got {H} heads")
+    heads = sorted(head_work)
+    per = H // world
+    rank_work = [sum(head_work[h] for h in heads[u * per:(u + 1) * per]) for u in range(world)]
+    mean = sum(rank_work) / world
+    bins: List[List[int]] = [[] for _ in range(world)]
+    load = [0.0] * world
+    for h in sorted(heads, key=lambda x: -head_work[x]):
+        u = min((i for i in range(world) if len(bins[i]) < per), key=lambda i: load[i])
+        bins[u].append(h)
+        load[u] += head_work[h]
+    return dict(rank_work=rank_work, imbalance=(max(rank_work) / mean) if mean else 1.0,
+                balanced_order=[h for b in bins for h in sorted(b)],
+                balanced_imbalance=(max(load) / mean) if mean else 1.0)
+
+
+# =============================================================================== benchmark worker
+def bench_worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> None:
+    """``torch.multiprocessing.spawn`` target of ``benchmarks/parallel.py`` (see there)."""
+    from vidattn.pipelines.parallel_bench import run_worker
+
+    run_worker(rank, world, port, spec, out_path)
