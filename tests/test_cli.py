@@ -14,8 +14,8 @@ from vidattn.pipelines.video_io import browser_video_ext, read_mp4
 
 # the tiny random-weight Wan pipeline (CI speed); 9 frames 64x48 -> token grid (3, 4, 3) = 36 tokens;
 # block 16 -> 3x3 blocks, so patterns are really sparse
-SMALL = ["--model", "tiny", "--frames", "9", "--height", "64", "--width", "48", "--steps", "2", "--block-size", "16",
-         "--timing-steps", "1"]
+SMALL = ["--model", "tiny", "--frames", "9", "--height", "64", "--width", "48", "--steps", "2", "--timing-steps", "0",
+         "--block-size", "16"]
 SMALL_DENSE = ["--model", "tiny", "--frames", "5", "--height", "32", "--width", "32", "--steps", "2"]
 VIDEO = "video" + browser_video_ext()  # video.mp4 (H.264) where OpenCV encodes it, else video.webm (VP8)
 
@@ -194,7 +194,8 @@ def _bad_args(tmp_path):
     badcfg.write_text("pattern: radial\nwidth: 3\n")
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    o = ["--out", str(tmp_path / "new"), "--model", "tiny"]
+    oq = ["--out", str(tmp_path / "new")]
+    o = oq + ["--model", "tiny"]
     return [
         (["generate"], "--out"),
         (["generate", "--bogus-flag"] + o, "vidattn generate: unrecognized arguments: --bogus-flag"),
@@ -217,16 +218,16 @@ def _bad_args(tmp_path):
         (["generate", "--config", str(badcfg)] + o, "unknown option 'width'"),
         (["generate", "--config", str(broken)] + o, "cannot parse config file"),
         (["generate", "--pattern", "dense", "--config", str(badcfg)] + o, "unknown option 'width'"),
-        (["generate", "--model", str(tmp_path / "nockpt")] + o, "not reference, reference-v1, reference-v2, tiny, or an existing"),
+        (["generate"] + o + ["--model", str(tmp_path / "nockpt")], "not reference, reference-v1, reference-v2, tiny, or an existing"),
         (["generate", "--out", str(full)], "is not empty (use --overwrite"),
         (["generate", "--device", "cuda:0"] + o, "--device cuda"),
         (["generate", "--dtype", "int8"] + o, "invalid choice: 'int8'"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["bench", "kernels"], "choose one of attention, model, timm, parallel"),
-        (["quality", "--patterns", "radial,foo"] + o, "--patterns must be a comma-separated subset"),
-        (["quality", "--sparsity", "1.5"] + o, "--sparsity levels must be in (0, 1)"),
-        (["quality", "--sparsity", "x"] + o, "--sparsity must be a float"),
-        (["quality", "--model", str(tmp_path / "nockpt")] + o, "not reference, tiny-wan, or an existing"),
+        (["quality", "--patterns", "radial,foo"] + oq, "--patterns must be a comma-separated subset"),
+        (["quality", "--sparsity", "1.5"] + oq, "--sparsity levels must be in (0, 1)"),
+        (["quality", "--sparsity", "x"] + oq, "--sparsity must be a float"),
+        (["quality", "--model", str(tmp_path / "nockpt")] + oq, "not reference, tiny-wan, or an existing"),
         (["quality", "--out", str(full)], "is not empty"),
     ]
 

@@ -27,6 +27,37 @@ def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDATTN_CACHE_DIR", str(tmp_path / "dense-cache"))
 
 
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One `--compare dense` run (no timing, no cache), with every vidattn.apply call recorded."""
+    base = tmp_path_factory.mktemp("compared")
+    applied = []
+    real = vidattn.apply
+
+    def counting(pipe, pattern, **kw):
+        applied.append(type(pattern).__name__)
+        return real(pipe, pattern, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(vidattn, "apply", counting)
+        rc = cli.main(["generate", "--out", str(base / "o"), "--quiet", "--compare", "dense", "--timing-steps", "0",
+                       "--no-cache", "--cache-dir", str(base / "cache")] + TINY + SPARSE)
+    assert rc == 0
+    return base, applied
+
+
+@pytest.fixture(scope="module")
+def timed_twice(tmp_path_factory):
+    """Two identical `--compare dense --timing-steps 2` runs sharing a dense cache: (first, second) reports."""
+    base = tmp_path_factory.mktemp("timed")
+    argv = ["--quiet", "--compare", "dense", "--timing-steps", "2", "--cache-dir", str(base / "cache")] + TINY + SPARSE
+    reps = []
+    for name in ("a", "b"):
+        assert cli.main(["generate", "--out", str(base / name)] + argv) == 0
+        reps.append(json.loads((base / name / "report.json").read_text()))
+    return base, reps
+
+
 def run(argv, capsys):
     rc = cli.main(argv)
     out, err = capsys.readouterr()
@@ -60,11 +91,11 @@ def test_unwritable_out_fails_before_the_model_loads(tmp_path, capsys, monkeypat
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".vidattn")]
 
 
-def test_overwrite_leaves_no_stale_file(tmp_path, capsys):
+def test_overwrite_leaves_no_stale_file(tmp_path, capsys, compared):
+    import shutil
+
     out = tmp_path / "o"
-    rc, _, err = run(["generate", "--out", str(out), "--quiet", "--compare", "dense", "--timing-steps", "0"]
-                     + TINY + SPARSE, capsys)
-    assert rc == 0, err
+    shutil.copytree(compared[0] / "o", out)
     assert {"report.html", "side_by_side" + EXT, "dense" + EXT} <= set(os.listdir(out))
     rc, _, err = run(["generate", "--out", str(out), "--quiet", "--overwrite"] + TINY, capsys)
     assert rc == 0, err
@@ -119,36 +150,24 @@ def test_ctrl_c_during_compare_leaves_nothing(tmp_path, capsys, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- one sparse run, browser video
-def test_compare_runs_the_sparse_config_once(tmp_path, capsys, monkeypatch):
-    applied = []
-    real = vidattn.apply
-
-    def counting(pipe, pattern, **kw):
-        applied.append(type(pattern).__name__)
-        return real(pipe, pattern, **kw)
-
-    monkeypatch.setattr(vidattn, "apply", counting)
-    out = tmp_path / "o"
-    rc, _, err = run(["generate", "--out", str(out), "--quiet", "--compare", "dense", "--timing-steps", "0"]
-                     + TINY + SPARSE, capsys)
-    assert rc == 0, err
+def test_compare_runs_the_sparse_config_once(compared):
+    base, applied = compared
     assert applied == ["RectifiedSparse"]  # once: the harness's sparse run also feeds the video
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((base / "o" / "report.json").read_text())
     assert [r["name"] for r in rep["generate"]["runs"]] == ["dense", "rectified"]
-    assert read_video(str(out / ("video" + EXT))).shape == (5, 32, 32, 3)
+    assert read_video(str(base / "o" / ("video" + EXT))).shape == (5, 32, 32, 3)
+    assert not rep["dense"]["cached"] and not (base / "cache").exists()  # --no-cache: neither read nor written
 
 
-def test_videos_play_in_a_browser_and_the_report_embeds_them(tmp_path, capsys):
-    out = tmp_path / "o"
-    rc, _, err = run(["generate", "--out", str(out), "--quiet", "--compare", "dense", "--timing-steps", "0"]
-                     + TINY + SPARSE, capsys)
-    assert rc == 0, err
+def test_videos_play_in_a_browser_and_the_report_embeds_them(compared):
+    out = compared[0] / "o"
     codec = vio.video_codec(EXT)
     assert (EXT, codec) in ((".mp4", "avc1"), (".webm", "VP80"))  # never mp4v
     assert not (out / "side_by_side.mp4").exists() or EXT == ".mp4"
-    with open(out / ("video" + EXT), "rb") as fh:
-        head = fh.read(64)
-    assert (head[:4] == b"\x1a\x45\xdf\xa3") if EXT == ".webm" else (b"ftyp" in head)  # EBML / ISO-BMFF
+    for name in ("video", "dense", "side_by_side"):
+        with open(out / (name + EXT), "rb") as fh:
+            head = fh.read(64)
+        assert (head[:4] == b"\x1a\x45\xdf\xa3") if EXT == ".webm" else (b"ftyp" in head)  # EBML / ISO-BMFF
     html = (out / "report.html").read_text()
     mime = "video/webm" if EXT == ".webm" else "video/mp4"
     assert "<video" in html and f"data:{mime};base64," in html and f'href="side_by_side{EXT}"' in html
@@ -193,8 +212,7 @@ def test_backend_recorder_uses_the_library_count_when_given():
 
 
 def test_quiet_prints_nothing_at_all(tmp_path, capfd):
-    rc = cli.main(["generate", "--out", str(tmp_path / "o"), "--quiet", "--compare", "dense", "--timing-steps", "1"]
-                  + TINY + SPARSE)
+    rc = cli.main(["generate", "--out", str(tmp_path / "o"), "--quiet"] + TINY)
     out, err = capfd.readouterr()  # file-descriptor level: diffusers' and tqdm's bars included
     assert rc == 0, err
     assert out == "" and "it/s" not in err and "%|" not in err, err
@@ -219,39 +237,31 @@ def test_every_flag_has_help():
         assert act.help, act
 
 
-def test_cache_is_documented_and_never_times(tmp_path, capsys):
+def test_cache_is_documented_and_never_times(capsys, timed_twice):
     rc, out, _ = run(["generate", "--help"], capsys)
     assert rc == 0 and "~/.cache/vidattn/dense" in out and "--no-cache" in out and "VIDATTN_CACHE_DIR" in out
-    cache = tmp_path / "c"
-    argv = ["--quiet", "--compare", "dense", "--timing-steps", "1", "--cache-dir", str(cache)] + TINY + SPARSE
-    assert run(["generate", "--out", str(tmp_path / "a")] + argv, capsys)[0] == 0
-    assert os.listdir(cache)
-    rc, _, err = run(["generate", "--out", str(tmp_path / "b")] + argv, capsys)
-    assert rc == 0, err
-    rep = json.loads((tmp_path / "b" / "report.json").read_text())
-    assert rep["dense"]["cached"] and rep["generate"]["runs"][0]["cached"]
-    t = rep["generate"]["timing"]  # measured in this run, whatever the cache held
-    assert t["dense"]["steps_timed"] == 1 and t["dense"]["step_ms"] > 0 and t["sparse"]["step_ms"] > 0
-    rc, _, err = run(["generate", "--out", str(tmp_path / "n"), "--no-cache", "--quiet", "--compare", "dense",
-                      "--timing-steps", "0", "--cache-dir", str(tmp_path / "c2")] + TINY + SPARSE, capsys)
-    assert rc == 0, err
-    assert not (tmp_path / "c2").exists()
-    assert not json.loads((tmp_path / "n" / "report.json").read_text())["dense"]["cached"]
+    base, (first, second) = timed_twice
+    assert os.listdir(base / "cache")
+    assert not first["dense"]["cached"] and second["dense"]["cached"] and second["generate"]["runs"][0]["cached"]
+    t = second["generate"]["timing"]  # measured in this run, whatever the cache held
+    assert t["dense"]["steps_timed"] == 2 and t["dense"]["step_ms"] > 0 and t["sparse"]["step_ms"] > 0
+    assert t["dense"]["step_ms_all"] != first["generate"]["timing"]["dense"]["step_ms_all"]
 
 
-def test_speed_column_is_warm_and_amdahl_bounded(tmp_path, capsys):
-    out = tmp_path / "o"
-    rc, stdout, err = run(["generate", "--out", str(out), "--compare", "dense", "--timing-steps", "2"] + TINY + SPARSE,
-                          capsys)
-    assert rc == 0, err
-    t = json.loads((out / "report.json").read_text())["generate"]["timing"]
+def test_speed_column_is_warm_and_amdahl_bounded(timed_twice, capsys):
+    from vidattn.commands.generate import _print_table
+
+    rep = timed_twice[1][1]
+    t = rep["generate"]["timing"]
     for side in ("dense", "sparse"):
         assert t[side]["warmup_steps"] == 1 and t[side]["steps_timed"] == 2 and len(t[side]["step_ms_all"]) == 2
         assert 0 < t[side]["attention_ms"] < sum(t[side]["step_ms_all"])
     share = t["dense"]["attention_share"]
     assert 0 < share < 1 and t["amdahl_bound"] == pytest.approx(1 / (1 - share))
     assert t["step_speedup"] == pytest.approx(t["dense"]["step_ms"] / t["sparse"]["step_ms"])
-    assert "Amdahl max" in stdout and "warm-up" in stdout
+    _print_table(rep)
+    stdout = capsys.readouterr().out
+    assert "Amdahl max" in stdout and "warm-up" in stdout and f"{t['step_speedup']:.2f}x" in stdout
 
 
 # ----------------------------------------------------------------------------- default model, bench
