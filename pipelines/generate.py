@@ -1,8 +1,8 @@
 """One video generation run with timing: load a pipeline, run it, time every denoising step.
 
-``load_pipeline(model, ...)`` accepts ``"tiny-wan"`` (the built-in offline pipeline),
-``"reference"`` (the quality harness's trained reference model) or a local diffusers checkpoint
-folder (``DiffusionPipeline.from_pretrained``; family detected from the pipeline class).
+``load_pipeline(model, ...)`` accepts ``"reference"`` (default; the quality harness's trained
+reference model, ``"reference-v1"``/``"reference-v2"`` for one version), ``"tiny"``/``"tiny-wan"``
+(the built-in offline random-weight pipeline, for tests) or a local diffusers checkpoint folder (``DiffusionPipeline.from_pretrained``; family detected from the pipeline class).
 ``generate(pipe, ...)`` returns frames as float32 ``[F, H, W, C]`` in [0, 1], per-step wall times
 (``callback_on_step_end``) and the mean plan density seen by ``vidattn.run_plan``.
 """
@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-__all__ = ["FAMILIES", "ModelError", "detect_family", "load_pipeline", "token_grid", "default_call_kwargs", "generate"]
+__all__ = ["FAMILIES", "ModelError", "REFERENCE_MODELS", "TINY_MODELS", "reference_version", "detect_family", "load_pipeline", "token_grid", "default_call_kwargs", "generate"]
 
 # pipeline class name prefix -> family. Only families with a vidattn integration are accepted.
 FAMILIES = {"WanPipeline": "wan", "WanImageToVideoPipeline": "wan", "HunyuanVideoPipeline": "hunyuan",
@@ -38,21 +38,50 @@ def detect_family(pipe) -> str:
     raise ModelError(f"unsupported pipeline class {name}; supported: {', '.join(sorted(FAMILIES))}")
 
 
-def _load_reference(dtype, device):
-    import importlib
+REFERENCE_MODELS = {"reference": None, "reference-v1": 1, "reference-v2": 2}  # name -> version (None: default)
+TINY_MODELS = ("tiny", "tiny-wan")
+
+
+def reference_version(model: Optional[str]) -> Optional[int]:
+    """The reference-model version ``model`` names (``"reference"``: the default version), or
+    None when ``model`` is not a reference-model name."""
+    if model not in REFERENCE_MODELS:
+        return None
+    v = REFERENCE_MODELS[model]
+    if v is None:
+        from vidattn.quality.reference_model.model import latest_version
+
+        v = latest_version()
+    return v
+
+
+def _load_reference(dtype, device, version):
+    from vidattn.quality.reference_model import load_reference_pipeline
 
     try:
-        mod = importlib.import_module("vidattn.quality.reference_model")
-    except ImportError as e:  # pragma: no cover
-        raise ModelError(f"the reference model is not part of this build ({e})") from None
-    fn = getattr(mod, "load_reference_pipeline", None)
-    if fn is None:
-        raise ModelError("the reference model is not available in this build; use --model tiny-wan or a local "
-                         "checkpoint folder")
-    try:
-        return fn(dtype=dtype, device=device)
+        return load_reference_pipeline(dtype=dtype, device=device, version=version)
     except FileNotFoundError as e:
         raise ModelError(f"--model reference: {str(e).splitlines()[0]}") from None
+
+
+class _DropFp32CastNote:
+    def filter(self, record) -> bool:
+        return "should be kept in float32" not in record.getMessage()
+
+
+@contextmanager
+def _without_fp32_cast_note():
+    """Hide diffusers' "modules that should be kept in float32 ... Casting directly with `to()`"
+    note while the reference model is cast (it is built in float32, the note does not apply)."""
+    import logging
+
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    f = _DropFp32CastNote()
+    log.addFilter(f)
+    try:
+        yield
+    finally:
+        log.removeFilter(f)
 
 
 @contextmanager
@@ -93,22 +122,28 @@ def load_pipeline(model: Optional[str] = None, *, dtype: torch.dtype = torch.flo
     """Load a pipeline. Returns ``(pipe, family)``.
 
     Args:
-        model: ``None``/``"tiny-wan"``, ``"reference"`` or a local diffusers checkpoint folder.
+        model: ``"tiny"``/``"tiny-wan"`` (random-weight tiny Wan), ``None``/``"reference"`` (the shipped
+            reference DiT, default version), ``"reference-v1"``/``"reference-v2"``, or a local
+            diffusers checkpoint folder.
         dtype: weights dtype (``torch.float32`` / ``bfloat16`` / ``float16``).
         device: torch device string.
         seed: weight seed of the tiny pipeline.
     Raises :class:`ModelError` (a ``ValueError``) with a one-line message for a missing folder, a
     folder that is not a diffusers pipeline, or an unsupported family.
     """
-    if model in (None, "", "tiny-wan", "tiny"):
+    if model in (None, ""):
+        model = "reference"
+    if model in TINY_MODELS:
         from .tiny import build_tiny_wan
 
         pipe = build_tiny_wan(seed=seed, dtype=dtype, device=device)
-    elif model == "reference":
-        pipe = _load_reference(dtype, device)
+    elif model in REFERENCE_MODELS:
+        with _without_fp32_cast_note():
+            pipe = _load_reference(dtype, device, reference_version(model))
     else:
         if not os.path.isdir(model):
-            raise ModelError(f"--model {model!r}: not tiny-wan, reference, or an existing local checkpoint folder")
+            raise ModelError(f"--model {model!r}: not reference, reference-v1, reference-v2, tiny, or an existing "
+                             f"local checkpoint folder")
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ModelError(f"--model {model!r}: not a diffusers pipeline folder (no model_index.json)")
         from diffusers import DiffusionPipeline

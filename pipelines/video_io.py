@@ -1,4 +1,10 @@
-"""Video and report files: mp4 (OpenCV), PNG frame grid, atomic text/JSON writes.
+"""Video and report files: browser-playable video (OpenCV), PNG frame grid, atomic text/JSON writes.
+
+Videos: :func:`write_video` writes the container its path names: ``.mp4`` as H.264 (``avc1``)
+when this OpenCV build can encode it (else MPEG-4 Part 2 ``mp4v``, which browsers do not play),
+``.webm`` as VP8. :func:`browser_video_ext` says which extension gives a browser-playable file
+with the installed OpenCV (``".mp4"`` with H.264, else ``".webm"``; pip's ``opencv-python``
+wheels ship no H.264 encoder, so there it is WebM).
 
 Every writer goes to a temporary file in the target folder and ``os.replace``s it into place,
 so an interrupted run (Ctrl-C) never leaves a half-written file under the final name.
@@ -13,7 +19,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
-__all__ = ["to_uint8", "write_mp4", "read_mp4", "frame_grid", "write_png_grid", "atomic_write_text",
+__all__ = ["to_uint8", "write_video", "write_mp4", "read_mp4", "read_video", "browser_video_ext", "video_codec", "frame_grid", "write_png_grid", "atomic_write_text",
            "atomic_write_json", "atomic_path"]
 
 
@@ -72,8 +78,77 @@ def to_uint8(frames) -> np.ndarray:
     return a
 
 
-def write_mp4(frames, path: str, fps: int = 8) -> None:
-    """Write ``frames`` (float ``[F, H, W, C]`` in [0, 1], RGB) as an mp4 (OpenCV ``mp4v``), atomically."""
+@contextmanager
+def _quiet_native_stderr():
+    """Silence OpenCV/FFmpeg's native stderr messages (codec probing prints warnings at fd 2)."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+_FOURCCS = {".mp4": ("avc1", "mp4v"), ".webm": ("VP80",)}
+_CODEC_CACHE = {}
+
+
+def _open_writer(path: str, fps: float, size):
+    """An opened ``cv2.VideoWriter`` for ``path`` (codec by extension, best first) and its fourcc."""
+    import cv2
+
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _FOURCCS:
+        raise ValueError(f"video path must end in .mp4 or .webm, got {path!r}")
+    for fourcc in _FOURCCS[ext]:
+        if _CODEC_CACHE.get((ext, fourcc)) is False:
+            continue
+        with _quiet_native_stderr():
+            w = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*fourcc), float(fps), size)
+        ok = w.isOpened()
+        _CODEC_CACHE[(ext, fourcc)] = ok
+        if ok:
+            return w, fourcc
+        w.release()
+    raise RuntimeError(f"OpenCV cannot open a {ext} video writer for {path} (tried {', '.join(_FOURCCS[ext])})")
+
+
+def video_codec(ext: str) -> str:
+    """The fourcc :func:`write_video` uses for extension ``ext`` (``".mp4"``/``".webm"``) with the
+    installed OpenCV (probed once with a 16x16 test file), or ``""`` when none works."""
+    ext = ext.lower()
+    key = ("probe", ext)
+    if key not in _CODEC_CACHE:
+        d = tempfile.mkdtemp(prefix=".vidattn-codec-")
+        try:
+            w, fourcc = _open_writer(os.path.join(d, "probe" + ext), 8.0, (16, 16))
+            w.release()
+        except (RuntimeError, ValueError):
+            fourcc = ""
+        finally:
+            import shutil
+
+            shutil.rmtree(d, ignore_errors=True)
+        _CODEC_CACHE[key] = fourcc
+    return _CODEC_CACHE[key]
+
+
+def browser_video_ext() -> str:
+    """``".mp4"`` when OpenCV encodes H.264 here, else ``".webm"`` (VP8): both play in browsers."""
+    return ".mp4" if video_codec(".mp4") == "avc1" else ".webm"
+
+
+def write_video(frames, path: str, fps: int = 8) -> str:
+    """Write ``frames`` (float ``[F, H, W, C]`` in [0, 1], RGB, or uint8) as the video ``path``
+    names (``.mp4``: H.264, else mp4v; ``.webm``: VP8), atomically. Returns the fourcc used.
+    Raises ``ValueError`` on a bad shape, fps or extension."""
     import cv2
 
     a = to_uint8(frames)
@@ -81,18 +156,24 @@ def write_mp4(frames, path: str, fps: int = 8) -> None:
         raise ValueError(f"fps must be > 0, got {fps!r}")
     F, H, W, _ = a.shape
     with atomic_path(path) as tmp:
-        writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (W, H))
-        if not writer.isOpened():
-            raise RuntimeError(f"OpenCV cannot open an mp4 writer for {path}")
+        writer, fourcc = _open_writer(tmp, fps, (W, H))
         try:
             for f in a:
                 writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
         finally:
             writer.release()
+        if not os.path.getsize(tmp):
+            raise OSError(f"the video writer wrote nothing to {path} (disk full?)")
+    return fourcc
 
 
-def read_mp4(path: str) -> np.ndarray:
-    """Decode an mp4 with OpenCV -> uint8 RGB ``[F, H, W, 3]``."""
+def write_mp4(frames, path: str, fps: int = 8) -> None:
+    """:func:`write_video` for an ``.mp4`` path (H.264 where OpenCV has it, else ``mp4v``)."""
+    write_video(frames, path, fps=fps)
+
+
+def read_video(path: str) -> np.ndarray:
+    """Decode a video (mp4 or webm) with OpenCV -> uint8 RGB ``[F, H, W, 3]``."""
     import cv2
 
     cap = cv2.VideoCapture(path)
@@ -108,6 +189,9 @@ def read_mp4(path: str) -> np.ndarray:
     if not frames:
         raise ValueError(f"no frames decoded from {path}")
     return np.stack(frames)
+
+
+read_mp4 = read_video  # the older name
 
 
 def frame_grid(frames, cols: int = 0) -> np.ndarray:

@@ -166,7 +166,8 @@ def _device_dtype(pipe):
 def run_comparison(pipe, configs: Mapping[str, Any], *, call_kwargs: Mapping[str, Any], seed: int = 0,
                    out_dir: str, cache_dir: Optional[str] = None, probes: bool = True, progress: bool = True,
                    apply_kwargs: Optional[Mapping[str, Any]] = None, model_name: Optional[str] = None,
-                   probe_kwargs: Optional[Mapping[str, Any]] = None, write: bool = True) -> Dict[str, Any]:
+                   probe_kwargs: Optional[Mapping[str, Any]] = None, write: bool = True,
+                   videos_out: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Run dense once and every sparse config on ``pipe``; write and return the report dict.
 
     Args:
@@ -180,6 +181,8 @@ def run_comparison(pipe, configs: Mapping[str, Any], *, call_kwargs: Mapping[str
         probes: sample attention errors with :class:`AttentionProbe` during sparse runs.
         apply_kwargs: extra keyword arguments for ``vidattn.apply`` (dense_steps, backend, ...).
         probe_kwargs: arguments of :class:`AttentionProbe` (default: all layers, 2 heads, 64 queries).
+        videos_out: if given, filled with name -> video float32 ``[F, H, W, C]`` in [0, 1] ("dense"
+            and every config), so a caller can write its own files without re-running a config.
     Returns: the report dict (schema in :mod:`.report`), with ``"_videos"`` removed.
     """
     import vidattn
@@ -270,6 +273,8 @@ def run_comparison(pipe, configs: Mapping[str, Any], *, call_kwargs: Mapping[str
         "lpips": M.lpips_distance(videos["dense"], videos["dense"]) if M.lpips_available() is None
         else {"skipped": False},
     }
+    if videos_out is not None:
+        videos_out.update(videos)
     if write:
         write_report(out_dir, report, videos)
     return report

@@ -1,5 +1,6 @@
-"""benchmarks/model.py --tiny: every model path (Wan, HunyuanVideo, FLUX) runs on CPU with tiny
-configs, the reference backend and the profiler breakdown, and writes the JSON rows/fields."""
+"""vidattn.bench.model --tiny (``vidattn bench model``, ``benchmarks/model.py``): every model path (Wan,
+HunyuanVideo, FLUX) runs on CPU with tiny configs, the reference backend and the profiler breakdown,
+and writes the JSON rows/fields; the shared timer and the profiler-range fallback."""
 
 import importlib.util
 import json
@@ -16,9 +17,8 @@ def bench():
 
     n = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny ops: one thread is fastest and immune to a busy CI machine
-    spec = importlib.util.spec_from_file_location("vidattn_bench_model_test", os.path.join(ROOT, "benchmarks", "model.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import vidattn.bench.model as mod  # the installed module (benchmarks/model.py is a thin wrapper of it)
+
     yield mod
     torch.set_num_threads(n)
 
@@ -89,3 +89,50 @@ def test_full_size_needs_cuda_or_tiny(bench, capsys):
         pytest.skip("has CUDA")
     assert bench.main(["--model", "hunyuan"]) == 2
     assert bench.main(["--tiny", "--model", "wan", "--frames", "10"]) == 2  # not 4k+1
+
+
+def test_script_wrapper_is_the_module():
+    spec = importlib.util.spec_from_file_location("vidattn_bench_model_wrapper", os.path.join(ROOT, "benchmarks", "model.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import vidattn.bench.model as real
+
+    assert mod.main is real.main and mod.neighborhood_kernel is real.neighborhood_kernel
+
+
+def test_shared_timer_cpu():
+    import time
+
+    from vidattn.bench.timing import ModuleTimer, Stopwatch, median, time_ms
+
+    with Stopwatch("cpu") as sw:
+        time.sleep(0.02)
+    assert 15 < sw.elapsed_ms() < 500
+    calls = []
+    assert time_ms(lambda: calls.append(time.sleep(0.01)), "cpu", warmup=2, reps=3) >= 9 and len(calls) == 5
+    assert median([3, 1, 2]) == 2 and median([4, 1, 2, 3]) == 2.5 and median([]) is None
+    import torch
+
+    lin = torch.nn.Linear(4, 4)
+    with ModuleTimer([lin], "cpu") as t:
+        lin(torch.zeros(2, 4))
+        lin(torch.zeros(2, 4))
+        assert t.calls == 2 and t.total_ms() > 0
+        t.reset()
+        assert t.calls == 0 and t.total_ms() == 0
+    assert not lin._forward_hooks and not lin._forward_pre_hooks
+
+
+def test_profiler_ranges_come_from_the_library_when_it_emits_them(monkeypatch):
+    import vidattn.attention as attention
+    import vidattn.pipelines.processors as procs
+    from vidattn.bench.breakdown import vidattn_annotations
+
+    orig = procs.SparseAttnProcessor._sparse
+    monkeypatch.setattr(attention, "PROFILER_RANGES", True, raising=False)
+    with vidattn_annotations():
+        assert procs.SparseAttnProcessor._sparse is orig  # no monkeypatching of library globals
+    monkeypatch.setattr(attention, "PROFILER_RANGES", False, raising=False)
+    with vidattn_annotations():  # an older library: wrapped for the profiled step only
+        assert procs.SparseAttnProcessor._sparse is not orig
+    assert procs.SparseAttnProcessor._sparse is orig

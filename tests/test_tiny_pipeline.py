@@ -93,7 +93,7 @@ def test_save_pretrained_roundtrip(pipe, tmp_path):
 
 
 def test_load_pipeline_errors(tmp_path):
-    with pytest.raises(ModelError, match="not tiny-wan, reference, or an existing"):
+    with pytest.raises(ModelError, match="not reference, reference-v1, reference-v2, tiny, or an existing"):
         load_pipeline(str(tmp_path / "missing"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="model_index.json"):

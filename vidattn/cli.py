@@ -1,9 +1,10 @@
 """`vidattn` command line: builds the parser from :mod:`vidattn.commands` and dispatches.
 
-    vidattn generate [--model tiny-wan|reference|DIR] [--pattern NAME] [pattern options] --out DIR
+    vidattn generate [--model reference|tiny|DIR] [--pattern NAME] [pattern options] --out DIR
     vidattn quality [...]
-    vidattn bench attention|model [...]
+    vidattn bench [attention|model|timm|parallel] [...]
     vidattn info
+    vidattn --version
 
 Each subcommand lives in its own module ``vidattn.commands.<name>`` (``add_parser`` / ``run``).
 Every bad argument gives one line on stderr and exit code 2 (no traceback).
@@ -40,8 +41,13 @@ def _command_modules() -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the ``vidattn`` command (errors raise :class:`UsageError`)."""
+    from vidattn import __version__
+
     p = _Parser(prog="vidattn", description="Sparse attention for video/vision diffusion transformers.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    p.add_argument("--version", action="version", version=f"vidattn {__version__}",
+                   help="print the vidattn version and exit")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND",
+                           help="vidattn COMMAND --help shows its options")
     for mod in _command_modules().values():
         mod.add_parser(sub)
     return p
@@ -52,15 +58,16 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         mods = _command_modules()
-        if argv and argv[0] == "bench" and "bench" in mods:  # pass everything after `bench attention|model` through
+        if argv and argv[0] == "bench" and "bench" in mods:  # pass everything after `bench NAME` through
             ns = argparse.Namespace(command="bench", rest=argv[2:], which=argv[1] if len(argv) > 1 else None)
             if ns.which in ("-h", "--help"):
                 build_parser().parse_args(["bench", "--help"])
-            if ns.which is not None and ns.which not in ("attention", "model"):
-                raise UsageError(f"vidattn bench: choose attention or model, got {ns.which!r}")
             return mods["bench"].run(ns)
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # report an unknown flag against the subcommand it was given to
+            prog = f"vidattn {args.command}" if getattr(args, "command", None) else "vidattn"
+            raise UsageError(f"{prog}: unrecognized arguments: {' '.join(extra)} (see {prog} --help)")
         if args.command is None:
             parser.print_help()
             return 0

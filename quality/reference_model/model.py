@@ -63,8 +63,8 @@ def weights_file(version: int) -> str:
     return os.path.join(HERE, f"v{_check_version(version)}", "reference_transformer.safetensors")
 
 
-# the version loaded when none is named (v1 until the harness, CLI and tests are switched to v2)
-DEFAULT_VERSION = 1
+# the version loaded when none is named (v2: the fidelity testbed; v1 stays for CPU smoke tests and CI)
+DEFAULT_VERSION = 2
 
 
 def latest_version() -> int:

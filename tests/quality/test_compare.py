@@ -15,7 +15,7 @@ from vidattn.quality.reference_model.model import (ReferenceVideoPipeline, build
 
 @pytest.fixture(scope="module")
 def pipe():
-    cfg = load_config()
+    cfg = load_config(version=1)  # the CI-size v1 architecture (v2 is the default version)
     cfg["transformer"].update(num_layers=2, num_attention_heads=2, ffn_dim=64)
     torch.manual_seed(0)
     return ReferenceVideoPipeline(build_transformer(cfg), build_scheduler(cfg))

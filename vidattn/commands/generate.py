@@ -1,14 +1,18 @@
-"""`vidattn generate`: one video with sparse attention (and a dense comparison), with a speed/quality report."""
+"""`vidattn generate`: parse and check the arguments, then run :mod:`vidattn.pipelines.generate_job`.
+
+The job (runs, timing, metrics, report and files) lives in the job module; this module only
+turns the command line into a pattern, :class:`~vidattn.pipelines.generate_job.GenerateSettings`
+and an :class:`~vidattn.pipelines.output_set.OutputSet` (checked writable before the model
+loads), and prints the summary table.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
-
-from . import UsageError, check_device, check_out
+from . import UsageError, check_device
 
 __all__ = ["add_parser", "run", "PATTERN_FLAGS"]
 
@@ -30,11 +34,23 @@ PATTERN_FLAGS = {
 }
 
 
+CACHE_HELP = ("Dense-baseline cache (--compare dense): the dense run's frames and latents are stored in "
+              "--cache-dir (default $VIDATTN_CACHE_DIR or ~/.cache/vidattn/dense), keyed by the model's weights "
+              "checksum, the call settings, the seed, device, dtype and torch version; a later run with the same "
+              "key reuses them instead of generating dense again. Timings never come from the cache: the speed "
+              "column is measured in this run (one warm-up step, then --timing-steps timed steps, dense and "
+              "sparse the same way). Delete the folder to clear it; --no-cache neither reads nor writes it.")
+
+
 def add_parser(sub):
     g = sub.add_parser("generate", help="generate a video with sparse attention, with a speed/quality report",
-                       description="Generate a video (mp4 + PNG frame grid) with sparse attention and write a report. "
-                                   "With no --model, a built-in tiny random-weight Wan pipeline runs offline on CPU.")
-    g.add_argument("--model", default="tiny-wan", help="tiny-wan (default), reference, or a local diffusers checkpoint dir")
+                       description="Generate a video (browser-playable mp4/webm + PNG frame grid) with sparse "
+                                   "attention and write a report. With no --model the built-in reference video "
+                                   "model v2 runs (trained weights, offline; CPU is fine at the default size).",
+                       epilog=CACHE_HELP)
+    g.add_argument("--model", default="reference",
+                   help="reference (default: the shipped reference DiT v2), reference-v1, reference-v2, tiny "
+                        "(random-weight tiny Wan pipeline, for tests), or a local diffusers checkpoint folder")
     g.add_argument("--pattern", default=None, choices=["dense", "neighborhood", "radial", "grid", "rectified"],
                    help="attention pattern (default: neighborhood, or the one in --config)")
     g.add_argument("--config", default=None, help="pattern config file (.yaml/.yml/.json), same schema as the pattern "
@@ -51,42 +67,88 @@ def add_parser(sub):
     po.add_argument("--no-rectify", action="store_true", help="rectified: no pooled rectification")
     po.add_argument("--recall", type=float, help="grid: minimum sampled attention-mass recall of a sparse head")
     po.add_argument("--spatial-frames", type=int, help="grid: frame radius of the spatial candidate")
-    po.add_argument("--block-size", type=int, help="plan block size (default: pattern's; 32 for the tiny model)")
+    po.add_argument("--block-size", type=int, help="plan block size, a positive multiple of 16 (default: the "
+                                                   "pattern's; 32 for the tiny model)")
     po.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other pattern field, e.g. --set tile_shape=1,4,4 (repeatable)")
-    po.add_argument("--backend", default="auto", choices=["auto", "reference", "flex", "triton"])
+    po.add_argument("--backend", default="auto", choices=["auto", "reference", "flex", "triton"],
+                    help="vidattn backend (auto: triton on CUDA, reference on CPU); the report records the one "
+                         "that ran")
     vo = g.add_argument_group("video")
-    vo.add_argument("--prompt", default="a red ball bouncing on a wooden floor")
-    vo.add_argument("--negative-prompt", default=None)
-    vo.add_argument("--frames", type=int, default=None, help="Wan: 4k+1 (default 17; reference model: 8)")
-    vo.add_argument("--height", type=int, default=None, help="Wan: multiple of 16 (default 128; reference: 32)")
-    vo.add_argument("--width", type=int, default=None, help="Wan: multiple of 16 (default 128; reference: 32)")
-    vo.add_argument("--steps", type=int, default=8)
-    vo.add_argument("--guidance-scale", type=float, default=None)
-    vo.add_argument("--seed", type=int, default=0)
-    vo.add_argument("--fps", type=int, default=8)
-    vo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    vo.add_argument("--prompt", default=None, help="text prompt (reference v2: '<scene> <motion>', e.g. 'cat pan', "
+                                                   "scenes/motions in vidattn.quality.reference_model.photo_motion; "
+                                                   "default: 'cat pan' for reference, a sentence for Wan)")
+    vo.add_argument("--negative-prompt", default=None, help="negative prompt for classifier-free guidance")
+    vo.add_argument("--frames", type=int, default=None, help="Wan: 4k+1 (default 17); reference: any >= 1 "
+                                                             "(default 8 on CPU, 16 on CUDA)")
+    vo.add_argument("--height", type=int, default=None, help="Wan: multiple of 16 (default 128); reference: multiple "
+                                                             "of the patch (v2: 4; default 64 on CPU, 96 on CUDA)")
+    vo.add_argument("--width", type=int, default=None, help="like --height")
+    vo.add_argument("--steps", type=int, default=None, help="denoising steps (default: reference 10 on CPU, 20 on "
+                                                            "CUDA; Wan 8)")
+    vo.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale (default: "
+                                                                      "the model's)")
+    vo.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    vo.add_argument("--fps", type=int, default=8, help="frames per second of the written videos (default 8)")
+    vo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="weights/activations dtype (default float32)")
     vo.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     g.add_argument("--dense-steps", type=int, default=0, help="first N denoising steps stay dense")
-    g.add_argument("--compare", default=None, choices=["dense"], help="also run dense and report quality vs it")
-    g.add_argument("--out", required=True, help="output folder (must be empty or new unless --overwrite)")
-    g.add_argument("--overwrite", action="store_true")
-    g.add_argument("--quiet", action="store_true", help="no progress bars, no table")
+    g.add_argument("--compare", default=None, choices=["dense"],
+                   help="also run dense (once, or from the cache) and report quality and measured speed vs it")
+    g.add_argument("--timing-steps", type=int, default=3,
+                   help="--compare: timed denoising steps per side after 1 warm-up step (default 3; 0: no timing)")
+    g.add_argument("--cache-dir", default=None, help="dense-baseline cache folder (see below)")
+    g.add_argument("--no-cache", action="store_true", help="neither read nor write the dense-baseline cache")
+    g.add_argument("--out", required=True, help="output folder: new or empty (or a previous run's, with --overwrite)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a previous run's output folder as a whole (no stale file of it remains)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars, no loading messages, no table")
     g.add_argument("--json", action="store_true", help="print the report JSON on stdout")
     return g
 
 
+WAN_DEFAULTS = dict(frames=17, height=128, width=128, steps=8, prompt="a red ball bouncing on a wooden floor")
 
-DEFAULT_SIZES = {"wan": (17, 128, 128), "reference": (8, 32, 32)}
+
+def _reference_defaults(version: int, cuda: bool) -> dict:
+    """Sizes, steps and prompt of the reference model ``version``: its training size on CUDA,
+    its config's ``sampling.cpu`` size on CPU (v2: 8 x 64 x 64, 10 steps)."""
+    from vidattn.quality.reference_model.model import load_config
+
+    cfg = load_config(version=version)
+    smp = cfg.get("sampling", {})
+    video = cfg.get("video", {})
+    d = dict(frames=video.get("frames", 8), height=video.get("height", 32), width=video.get("width", 32),
+             steps=smp.get("num_inference_steps", 20))
+    if not cuda and "cpu" in smp:
+        c = smp["cpu"]
+        d.update(frames=c.get("num_frames", d["frames"]), height=c.get("height", d["height"]),
+                 width=c.get("width", d["width"]), steps=c.get("num_inference_steps", d["steps"]))
+    d["prompt"] = "cat pan" if cfg.get("text") else ""
+    d["patch"] = tuple(cfg["transformer"]["patch_size"])
+    return d
 
 
-def _check_video_args(a, family):
-    """Fill size defaults for ``family`` and check sizes (family None: generic checks only)."""
+def _defaults(family, model, cuda):
+    from vidattn.pipelines.generate import reference_version
+
+    if family == "wan":
+        return dict(WAN_DEFAULTS, patch=(1, 2, 2))
+    if family == "reference":
+        return _reference_defaults(reference_version(model) or 1, cuda)
+    return dict(WAN_DEFAULTS, patch=None)
+
+
+def _check_video_args(a, family, cuda=False):
+    """Fill defaults for ``family`` and check sizes (family None: generic checks only)."""
     if family is not None:
-        for name, v in zip(("frames", "height", "width"), DEFAULT_SIZES.get(family, DEFAULT_SIZES["wan"])):
+        d = _defaults(family, a.model, cuda)
+        for name in ("frames", "height", "width", "steps", "prompt"):
             if getattr(a, name) is None:
-                setattr(a, name, v)
-    for name in ("frames", "height", "width"):
+                setattr(a, name, d[name])
+        a._patch = d["patch"]
+    for name in ("frames", "height", "width", "steps"):
         v = getattr(a, name)
         if v is not None and v < 1:
             raise UsageError(f"--{name} must be >= 1, got {v}")
@@ -98,16 +160,28 @@ def _check_video_args(a, family):
             if v < 16 or v % 16:
                 raise UsageError(f"--{name} must be a positive multiple of 16, got {v}")
     elif family == "reference":
-        for name in ("height", "width"):
-            if getattr(a, name) % 2:
-                raise UsageError(f"--{name} must be even for the reference model (2x2 patches), got {getattr(a, name)}")
-    if a.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {a.steps}")
-    if not 0 <= a.dense_steps <= a.steps:
+        ph, pw = a._patch[1:]
+        for name, p in (("height", ph), ("width", pw)):
+            if getattr(a, name) % p:
+                raise UsageError(f"--{name} must be a multiple of {p} for this reference model ({p}x{p} patches), "
+                                 f"got {getattr(a, name)}")
+    if a.steps is not None and not 0 <= a.dense_steps <= a.steps:
         raise UsageError(f"--dense-steps must be in [0, --steps={a.steps}], got {a.dense_steps}")
     if a.fps < 1:
         raise UsageError(f"--fps must be >= 1, got {a.fps}")
+    if a.timing_steps < 0:
+        raise UsageError(f"--timing-steps must be >= 0, got {a.timing_steps}")
     check_device(a.device)
+
+
+def _grid_guess(a, family):
+    """Token grid expected for the run before the model loads (None when unknown)."""
+    if family == "wan":
+        return ((a.frames - 1) // 4 + 1, a.height // 16, a.width // 16)
+    if family == "reference":
+        pt, ph, pw = a._patch
+        return (-(-a.frames // pt), a.height // ph, a.width // pw)
+    return None
 
 
 def _pattern_config(a, grid, tiny: bool) -> dict:
@@ -144,6 +218,9 @@ def _pattern_config(a, grid, tiny: bool) -> dict:
     # defaults that fit the run's token grid when the user gave none
     if name == "neighborhood" and "kernel_size" not in cfg and grid is not None:
         cfg["kernel_size"] = [min(g, max(3, (g // 2) | 1)) for g in grid]  # ~half of each axis, odd, >= 3
+    if cfg.get("block_size") is not None and (not isinstance(cfg["block_size"], int) or cfg["block_size"] < 16
+                                              or cfg["block_size"] % 16):
+        raise UsageError(f"--block-size must be a positive multiple of 16, got {cfg['block_size']!r}")
     if tiny and name != "dense" and "block_size" not in cfg:
         cfg["block_size"] = 32  # the tiny grid has a few hundred tokens: 128-token blocks would be all-dense
     return cfg
@@ -160,211 +237,146 @@ def _explicit_fields(a) -> set:
     return fields
 
 
-def _summary_rows(report: dict):
+def _explicit_fields(a) -> set:
+    """Pattern fields the user set on the command line or in --config."""
+    from vidattn.config import load_configs
+
+    fields = {PATTERN_FLAGS[d][0] for d in PATTERN_FLAGS if getattr(a, d) not in (None, False)}
+    fields |= {item.split("=", 1)[0].strip().replace("-", "_") for item in a.set}
+    if a.config:
+        fields |= set(load_configs(a.config)[0])
+    return fields
+
+
+def _fmt(x, f):
+    return "-" if x is None else format(x, f)
+
+
+def _table_rows(report: dict):
+    """(config, density, ms/step, attention ms/step, speedup, Amdahl bound, PSNR, SSIM) rows."""
+    gen = report.get("generate", report)
+    timing = gen.get("timing")
+    by_name = {c["name"]: c for c in report.get("configs", [])}
     rows = []
-    for r in report.get("runs", []):
-        m = r.get("metrics") or {}
-        psnr = ("inf" if m.get("identical") else f"{m['psnr_db']:.2f}") if "psnr_db" in m else "-"
-        sp = r.get("speedup_vs_dense")
-        rows.append((r["name"], f"{r.get('plan_density', 1.0):.3f}", f"{r.get('median_step_s', 0) * 1e3:.1f}",
-                     f"{sp:.2f}x" if sp else "-", f"{r.get('total_s', 0):.2f}", psnr,
-                     f"{m['ssim']:.4f}" if "ssim" in m else "-"))
+    for r in gen.get("runs", []):
+        side = None
+        if timing:
+            side = timing["dense"] if r["name"] == "dense" else timing["sparse"]
+        step_ms = side["step_ms"] if side else (r.get("median_step_s") or 0) * 1e3 or None
+        m = (by_name.get(r["name"]) or {}).get("metrics") or {}
+        sp = timing.get("step_speedup") if timing and r["name"] != "dense" else None
+        bound = timing.get("amdahl_bound") if timing and r["name"] != "dense" else None
+        rows.append((r["name"] + (" (cached video)" if r.get("cached") else ""), _fmt(r.get("plan_density"), ".3f"),
+                     _fmt(step_ms, ".1f"), _fmt(side.get("attention_ms") if side else None, ".1f"),
+                     f"{sp:.2f}x" if sp else "-", f"{bound:.2f}x" if bound else "-",
+                     _fmt(m.get("psnr"), ".2f"), _fmt(m.get("ssim"), ".4f")))
     return rows
 
 
 def _print_table(report: dict, file=None):
     file = file or sys.stdout
-    head = ("config", "density", "ms/step (median)", "speedup", "total s", "PSNR dB", "SSIM")
-    rows = [head] + _summary_rows(report)
+    head = ("config", "density", "ms/step", "attn ms/step", "speedup", "Amdahl max", "PSNR dB", "SSIM")
+    rows = [head] + _table_rows(report)
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     for j, r in enumerate(rows):
         print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))), file=file)
         if j == 0:
             print("  ".join("-" * w for w in widths), file=file)
+    gen = report.get("generate", report)
+    t = gen.get("timing")
+    if t:
+        print(f"speed: median of {t['sparse']['steps_timed']} steps after {t['sparse']['warmup_steps']} warm-up step, "
+              f"dense and sparse timed the same way in this run (never from the cache); Amdahl max = "
+              f"1 / (1 - dense attention share)", file=file)
+    b = gen.get("backend") or {}
+    if b.get("ran"):
+        print(f"backend: {b['ran']} (requested {b['requested']})", file=file)
 
 
-def _metrics(dense_frames, frames) -> dict:
-    """PSNR/SSIM of ``frames`` vs ``dense_frames`` (float [F,H,W,C] in [0,1]); the harness's metrics
-    when available, else PSNR from its definition and no SSIM."""
-    import numpy as np
+def _quiet_libraries() -> None:
+    """Silence diffusers' / transformers' loading bars and info messages (--quiet, --json)."""
+    import diffusers
 
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
     try:
-        from vidattn.quality.metrics import psnr_per_frame, ssim_per_frame
+        import transformers
 
-        p = [float(x) for x in np.asarray(psnr_per_frame(dense_frames, frames)).reshape(-1)]
-        s = [float(x) for x in np.asarray(ssim_per_frame(dense_frames, frames)).reshape(-1)]
-        out = dict(psnr_per_frame=p, ssim_per_frame=s, ssim=float(np.mean(s)), metrics_source="vidattn.quality.metrics")
-    except ImportError:
-        mse = ((dense_frames.astype(np.float64) - frames.astype(np.float64)) ** 2).reshape(len(frames), -1).mean(1)
-        p = [float(10 * np.log10(1.0 / m)) if m > 0 else float("inf") for m in mse]
-        out = dict(psnr_per_frame=p, metrics_source="vidattn.cli (harness metrics not available)")
-    finite = [x for x in p if x != float("inf")]
-    out["psnr_per_frame"] = [x if x != float("inf") else None for x in p]  # None: identical frame (strict JSON)
-    out["psnr_db"] = float(np.mean(finite)) if finite else None
-    out["identical"] = not finite
-    return out
-
-
-def _run_one(pipe, name, pattern, a, *, progress):
-    from vidattn.pipelines.generate import generate
-
-    handle = None
-    if pattern is not None:
-        import vidattn
-
-        try:
-            apply = vidattn.apply
-        except (ImportError, AttributeError) as e:
-            raise UsageError(f"--pattern {name}: the diffusers integration (vidattn.apply) is not available in this "
-                             f"build ({e})") from None
-        try:
-            handle = apply(pipe, pattern, dense_steps=a.dense_steps, backend=a.backend)
-        except (ValueError, TypeError) as e:
-            raise UsageError(f"--pattern {name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-    try:
-        kw = {}
-        if a.negative_prompt is not None:
-            kw["negative_prompt"] = a.negative_prompt
-        if a.guidance_scale is not None:
-            kw["guidance_scale"] = a.guidance_scale
-        res = generate(pipe, prompt=a.prompt, num_frames=a.frames, height=a.height, width=a.width, steps=a.steps,
-                       seed=a.seed, progress=progress, call_kwargs=kw)
-    finally:
-        if handle is not None:
-            import vidattn
-
-            vidattn.remove(pipe)
-    import numpy as np
-
-    st = res["step_times_s"]
-    res["name"] = name
-    res["mean_step_s"] = float(np.mean(st)) if st else 0.0
-    res["median_step_s"] = float(np.median(st)) if st else 0.0  # robust to the first step's warm-up
-    return res
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def run(a) -> int:
     import torch
 
-    guess = "wan" if a.model in (None, "", "tiny", "tiny-wan") else "reference" if a.model == "reference" else None
-    _check_video_args(a, guess)
-    check_out(a.out, a.overwrite)
-    from vidattn.config import pattern_from_dict, pattern_to_dict
-    from vidattn.pipelines.generate import load_pipeline, token_grid
-    from vidattn.pipelines.video_io import atomic_write_json, write_mp4, write_png_grid
+    from vidattn.pipelines.generate import REFERENCE_MODELS, TINY_MODELS
+    from vidattn.pipelines.output_set import OutputError, OutputSet
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, a.dtype)
-    tiny = a.model in (None, "", "tiny", "tiny-wan")
-    # validate the pattern config before the (slow) model load, on the expected grid
-    grid_guess = ((a.frames - 1) // 4 + 1, a.height // 16, a.width // 16) if guess == "wan" else \
-        (a.frames, a.height // 2, a.width // 2) if guess == "reference" else None
+    model = a.model or "reference"
+    a.model = model
+    tiny = model in TINY_MODELS
+    guess = "wan" if tiny else "reference" if model in REFERENCE_MODELS else None
+    cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    _check_video_args(a, guess, cuda)
     try:
-        cfg = _pattern_config(a, grid_guess, tiny)
-    except (ValueError, TypeError) as e:
-        if isinstance(e, UsageError):
-            raise
+        out = OutputSet(a.out, a.overwrite)  # writable? checked before the model loads
+    except OutputError as e:
         raise UsageError(str(e)) from None
-    try:
+    with out:
+        report = _run_staged(a, out, tiny, guess, cuda)
+        out.commit()
+    if a.json:
+        print(json.dumps(report, indent=2))
+    elif not a.quiet:
+        _print_table(report)
+        print(f"wrote {a.out}: " + ", ".join(report.get("generate", report)["files"].values()))
+    return 0
+
+
+def _run_staged(a, out, tiny, guess, cuda) -> dict:
+    import torch
+
+    from vidattn.config import pattern_from_dict, pattern_to_dict
+    from vidattn.layout import TokenLayout
+    from vidattn.pipelines.generate import load_pipeline, token_grid
+    from vidattn.pipelines.generate_job import GenerateSettings, default_cache_dir, run_generate
+    from vidattn.pipelines.output_set import OutputError
+
+    device = a.device or ("cuda" if cuda else "cpu")
+    dtype = getattr(torch, a.dtype)
+    grid_guess = _grid_guess(a, guess)
+    try:  # validate the pattern config before the (slow) model load, on the expected grid
+        cfg = _pattern_config(a, grid_guess, tiny)
         pattern = pattern_from_dict(cfg)
+    except UsageError:
+        raise
     except (ValueError, TypeError) as e:
-        raise UsageError(f"--pattern {cfg['pattern']}: {e}") from None
+        raise UsageError(f"--pattern {a.pattern or 'neighborhood'}: {e}") from None
+    if a.quiet or a.json:
+        _quiet_libraries()
     t_load = time.perf_counter()
     pipe, family = load_pipeline(a.model, dtype=dtype, device=device, seed=0)
     load_s = time.perf_counter() - t_load
     if guess is None:
-        _check_video_args(a, family)
+        _check_video_args(a, family, cuda)
     grid = token_grid(pipe, a.frames, a.height, a.width)
     if cfg["pattern"] == "neighborhood" and grid_guess is None and "kernel_size" not in _explicit_fields(a):
         cfg["kernel_size"] = [min(g, max(3, (g // 2) | 1)) for g in grid]
         pattern = pattern_from_dict(cfg)
-    from vidattn.layout import TokenLayout
-
     try:
         pattern.validate(TokenLayout(grid))
     except (ValueError, TypeError) as e:
         raise UsageError(f"--pattern {cfg['pattern']} on token grid {grid}: {e}") from None
-    progress = not (a.quiet or a.json)
+    s = GenerateSettings(prompt=a.prompt, frames=a.frames, height=a.height, width=a.width, steps=a.steps, seed=a.seed,
+                         negative_prompt=a.negative_prompt, guidance_scale=a.guidance_scale, fps=a.fps,
+                         dense_steps=a.dense_steps, backend=a.backend)
     is_dense = cfg["pattern"] == "dense"
-    harness = _harness() if a.compare == "dense" and not is_dense else None
-    runs = []
-    if a.compare == "dense" and not is_dense and harness is None:
-        runs.append(_run_one(pipe, "dense", None, a, progress=progress))  # fallback: the CLI compares itself
-    main_run = _run_one(pipe, cfg["pattern"], None if is_dense else pattern, a, progress=progress)
-    runs.append(main_run)
-    if len(runs) == 2:
-        base = runs[0]["frames"]
-        runs[1]["metrics"] = _metrics(base, runs[1]["frames"])
-        runs[1]["speedup_vs_dense"] = runs[0]["median_step_s"] / max(runs[1]["median_step_s"], 1e-12)
-    os.makedirs(a.out, exist_ok=True)
-    write_mp4(main_run["frames"], os.path.join(a.out, "video.mp4"), fps=a.fps)
-    write_png_grid(main_run["frames"], os.path.join(a.out, "frames.png"))
-    files = dict(video="video.mp4", frames="frames.png", report="report.json")
-    if len(runs) == 2:
-        write_mp4(runs[0]["frames"], os.path.join(a.out, "dense.mp4"), fps=a.fps)
-        files["dense_video"] = "dense.mp4"
-    gen = dict(
-        schema="vidattn.generate/1", created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        model=a.model, family=family, device=device, dtype=a.dtype, load_s=round(load_s, 3),
-        settings=dict(prompt=a.prompt, frames=a.frames, height=a.height, width=a.width, steps=a.steps, seed=a.seed,
-                      dense_steps=a.dense_steps, backend=a.backend, token_grid=list(grid)),
-        config=pattern_to_dict(pattern), compare=a.compare, files=files,
-        runs=[{k: v for k, v in r.items() if k != "frames"} for r in runs])
-    if harness is not None:
-        report = _harness_report(harness, pipe, a, cfg["pattern"], pattern, progress)
-        files.update(html="report.html", side_by_side="side_by_side.mp4")
-        report["generate"] = gen  # extra key: the harness schema allows it
-        harness[1](report)
-        table = _harness_table(report, main_run)
-    else:
-        report = gen
-        table = report
-    atomic_write_json(os.path.join(a.out, "report.json"), report, allow_nan=False)
-    if a.json:
-        print(json.dumps(report, indent=2))
-    elif not a.quiet:
-        _print_table(table)
-        print(f"wrote {a.out}: " + ", ".join(files.values()))
-    return 0
-
-
-def _harness():
-    """``(run_comparison, validate_report)`` of the quality harness, or None when not installed."""
     try:
-        from vidattn.quality.compare import run_comparison
-        from vidattn.quality.report import validate_report
-    except ImportError:
-        return None
-    return run_comparison, validate_report
-
-
-def _harness_report(harness, pipe, a, name, pattern, progress) -> dict:
-    """Dense baseline and ``pattern`` through the quality harness; it writes report.json,
-    report.html and side_by_side.mp4 into ``--out`` and returns the report dict."""
-    from vidattn.pipelines.generate import default_call_kwargs
-
-    call_kwargs = dict(prompt=a.prompt, num_frames=a.frames, height=a.height, width=a.width,
-                       num_inference_steps=a.steps, **default_call_kwargs(pipe))
-    if a.negative_prompt is not None:
-        call_kwargs["negative_prompt"] = a.negative_prompt
-    if a.guidance_scale is not None:
-        call_kwargs["guidance_scale"] = a.guidance_scale
-    return harness[0](pipe, {name: pattern}, call_kwargs=call_kwargs, seed=a.seed, out_dir=a.out, progress=progress,
-                      apply_kwargs=dict(dense_steps=a.dense_steps, backend=a.backend), model_name=a.model)
-
-
-def _harness_table(report: dict, main_run: dict) -> dict:
-    """The summary table's rows from a harness report."""
-    import numpy as np
-
-    d = report["dense"]
-    runs = [dict(name="dense", plan_density=1.0, median_step_s=float(np.median(d["step_times_s"] or [0])),
-                 total_s=d["wall_s"])]
-    for c in report["configs"]:
-        m = c.get("metrics") or {}
-        med = float(np.median(c["step_times_s"] or [0]))
-        runs.append(dict(name=c["name"], plan_density=(c.get("density") or {}).get("token") or 1.0, median_step_s=med,
-                         total_s=c["wall_s"], speedup_vs_dense=runs[0]["median_step_s"] / max(med, 1e-12),
-                         metrics=dict(psnr_db=m.get("psnr"), ssim=m.get("ssim"),
-                                      identical=m.get("psnr") in (None, float("inf")))))
-    return dict(runs=runs)
+        return run_generate(pipe, family, None if is_dense else pattern, s, out, pattern_name=cfg["pattern"],
+                            compare=a.compare == "dense", cache_dir=None if a.no_cache else (a.cache_dir or default_cache_dir()),
+                            timing_steps=a.timing_steps, progress=not (a.quiet or a.json), model_name=a.model,
+                            load_s=load_s, dtype_name=a.dtype, token_grid=grid, config=pattern_to_dict(pattern))
+    except OutputError as e:
+        raise UsageError(str(e)) from None
