@@ -26,8 +26,9 @@ from typing import Optional, Tuple
 import torch
 
 from ..layout import TokenLayout
-from ..plan import BlockPlan, TokenRule, estimate_block_density, plan_from_rule
+from ..plan import BlockPlan, TokenRule
 from .base import StaticPattern
+from .neighborhood_plan import neighborhood_block_counts, neighborhood_plan_analytic
 
 NEIGHBORHOOD_BLOCK = 64
 
@@ -250,7 +251,10 @@ class Neighborhood(StaticPattern):
         if tile is False:
             return None
         if tile is None:
-            return self._best_permutation(layout, block_size, device)
+            plan = self.plan(layout, device=device) if (self.block_size or NEIGHBORHOOD_BLOCK) == block_size else None
+            if plan is None:
+                plan = self._best_plan(layout, block_size, device, {})
+            return plan.perm[0] if plan.perm is not None else None
         tile = _as_tuple("tile_shape", tile, layout.ndim)
         coords = layout.coords(device)
         # dilation grouping: x -> offset(x % d) + x // d
@@ -272,30 +276,49 @@ class Neighborhood(StaticPattern):
         grid_perm = torch.argsort(tile_key * math.prod(tile) + in_key)
         return layout.custom_permutation(grid_perm)
 
-    def _best_permutation(self, layout, block_size, device):
+    def _candidate_orders(self, layout, block_size):
+        """``[(tile or None, perm or None)]``: row-major order and the tiles of :func:`rank_tile_shapes`."""
         k, d, s, c = self.resolved(layout)
-        rule = self.rule(layout)
-        candidates = [None] + [self.permutation(layout, block_size, device, tile=t)
-                               for t in rank_tile_shapes(layout.grid, k, d, s, block_size, c)]
-        if layout.seq_len <= block_size:
-            return None
-        scores = [estimate_block_density(rule, p, layout.seq_len, block_size, device=device) for p in candidates]
-        return candidates[min(range(len(candidates)), key=lambda i: (scores[i], i))]
+        tiles = rank_tile_shapes(layout.grid, k, d, s, block_size, c)
+        return [(None, None)] + [(t, self.permutation(layout, block_size, tile=t)) for t in tiles]
+
+    def _build(self, layout, block_size, perm, regrouped, device, meta):
+        return neighborhood_plan_analytic(self.rule(layout), layout, block_size, block_size, perm, regrouped,
+                                          device=device, meta=meta)
 
     def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
         """Block plan (cached per layout/device): tiled token order, full blocks where the
-        whole block pair is inside the windows, partial blocks evaluated with the rule."""
+        whole block pair is inside the windows, partial blocks evaluated with the rule.
+
+        Built analytically from per-axis windows (:mod:`vidattn.patterns.neighborhood_plan`):
+        cost grows with the number of listed blocks, not with ``S * S`` (65,536 1-D tokens: ~0.1 s)."""
         dev = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
         # 64-token blocks: smaller query tiles shrink the window halo (H100 sweep, benchmarks/RESULTS.md:
         # Wan (9,15,27) 6.7 ms at 64 vs 7.9 ms at 128)
         bs = self.block_size or NEIGHBORHOOD_BLOCK
         rule = self.rule(layout)
+        meta = dict(pattern="neighborhood", kernel_size=list(rule.kernel_size), dilation=list(rule.dilation),
+                    stride=list(rule.stride))
 
         def build():
-            perm = self.permutation(layout, bs, device=dev)
-            return plan_from_rule(rule, seq_len=layout.seq_len, block_q=bs, block_k=bs,
-                                  perm=None if perm is None else perm[None], device=dev,
-                                  meta=dict(pattern="neighborhood", kernel_size=list(rule.kernel_size),
-                                            dilation=list(rule.dilation), stride=list(rule.stride)))
+            if self.tile_shape is False:
+                return self._build(layout, bs, None, False, dev, meta)
+            if self.tile_shape is not None:
+                perm = self.permutation(layout, bs, tile=self.tile_shape)
+                return self._build(layout, bs, perm, True, dev, dict(meta, tile_shape=list(self.tile_shape)))
+            return self._best_plan(layout, bs, dev, meta)
 
         return self.cached_plan((layout, str(dev), bs), build)
+
+    def _best_plan(self, layout, bs, dev, meta):
+        """Plan in the candidate order computing the fewest blocks, estimated on sampled query blocks
+        (ties: fewer partial blocks, then row-major first); only the winner is built in full."""
+        rule = self.rule(layout)
+        cands = self._candidate_orders(layout, bs)
+        best = 0
+        if layout.seq_len > bs:
+            scores = [neighborhood_block_counts(rule, layout, bs, perm, perm is not None) for _, perm in cands]
+            best = min(range(len(cands)), key=lambda i: (scores[i], i))
+        tile, perm = cands[best]
+        return self._build(layout, bs, perm, perm is not None, dev,
+                           meta if tile is None else dict(meta, tile_shape=list(tile)))
