@@ -74,3 +74,49 @@ def test_65536_token_plan_never_evaluates_the_token_rule(monkeypatch):
     listed = plan.kv_num_blocks + plan.full_kv_num_blocks
     assert int(listed.min()) >= 2 and int(listed.max()) <= 4
     assert math.isclose(plan.token_density, 127 / 65536, rel_tol=1e-12)
+
+
+# kernel_size = 3 * stride on grids the stride divides ((9, 15, 27) / (3, 5, 9) style, with
+# power-of-two strides so a tile can hold exactly one stride group): every block must be full
+GNA_CASES = [
+    ((128,), (48,), (16,), 16),
+    ((16, 32), (12, 24), (4, 8), 32),
+    ((6, 8, 16), (6, 6, 12), (2, 2, 4), 16),
+    ((8, 16, 16), (6, 12, 12), (2, 4, 4), 32),
+]
+
+
+@pytest.mark.parametrize("grid,kernel,stride,block", GNA_CASES)
+def test_stride_aligned_plan_has_only_full_blocks_and_matches_natten(grid, kernel, stride, block):
+    layout = TokenLayout(grid)
+    pat = Neighborhood(kernel_size=kernel, stride=stride)
+    plan = pat.plan(layout)
+    assert plan.block_q == block and tuple(plan.meta["tile_shape"]) == stride
+    assert int(plan.kv_num_blocks.sum()) == 0 and not plan.has_partial
+    # fully block-sparse: computed pairs are exactly the allowed pairs
+    assert math.isclose(plan.block_density, plan.token_density, rel_tol=1e-12)
+    assert torch.equal(plan.token_mask()[0, 0], pat.mask(layout)[0])
+    natten = pytest.importorskip("natten")
+    import vidattn
+
+    g = torch.Generator().manual_seed(len(grid))
+    q, k, v = (torch.randn(1, *grid, 2, 8, generator=g) for _ in range(3))
+    ours = {1: vidattn.na1d, 2: vidattn.na2d, 3: vidattn.na3d}[len(grid)]
+    theirs = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}[len(grid)]
+    a = theirs(q, k, v, kernel_size=kernel, stride=stride)
+    b = ours(q, k, v, kernel_size=kernel, stride=stride, backend="reference")
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_stride_aligned_tile_with_fixed_block_size():
+    """With block_size fixed, a stride-aligned tile of that size is among the candidates."""
+    layout = TokenLayout((8, 16, 16))
+    plan = Neighborhood(kernel_size=(6, 12, 12), stride=(2, 4, 4), block_size=16).plan(layout)
+    assert plan.block_q == 16 and not plan.has_partial
+    t = tuple(plan.meta["tile_shape"])
+    assert math.prod(t) == 16 and all(s % ti == 0 for s, ti in zip((2, 4, 4), t))
+    # odd strides cannot align with power-of-two tiles: still exact, with partial blocks
+    odd = Neighborhood(kernel_size=(3, 9, 9), stride=(1, 3, 3)).plan(TokenLayout((4, 18, 18)))
+    assert odd.has_partial
+    assert torch.equal(odd.token_mask()[0, 0], Neighborhood(kernel_size=(3, 9, 9), stride=(1, 3, 3)).mask(
+        TokenLayout((4, 18, 18)))[0])

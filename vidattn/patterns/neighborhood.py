@@ -32,7 +32,8 @@ from .neighborhood_plan import neighborhood_block_counts, neighborhood_plan_anal
 
 NEIGHBORHOOD_BLOCK = 64
 
-__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape", "rank_tile_shapes"]
+__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape", "rank_tile_shapes",
+           "stride_aligned_tiles"]
 
 
 def _as_tuple(name, value, ndim, kind=int, minimum=1):
@@ -118,6 +119,39 @@ class NeighborhoodRule(TokenRule):
         else:
             ok = ok | (~q_in & ~k_in)
         return ok
+
+
+def stride_aligned_tiles(grid, stride, block_size=None, min_block=16, max_block=256):
+    """Tiles whose sides divide the stride on every axis (strided neighborhoods, GNA).
+
+    All queries of such a tile share one stride group, hence one window, so with windows that
+    start on tile boundaries (e.g. ``kernel_size = 3 * stride`` on grids the stride divides) every
+    listed block is full. Sides are powers of two (kernel blocks are powers of two) and at most the
+    axis. Returns a list of tuples: with ``block_size``, every such tile of exactly that many tokens;
+    with None, the largest one if it has ``min_block .. max_block`` tokens; else ``[]``."""
+    opts = []
+    for g, s in zip(grid, stride):
+        sides, t = [], 1
+        while s % t == 0 and t <= g:
+            sides.append(t)
+            t *= 2
+        opts.append(sides)
+    if block_size is None:
+        tile = tuple(o[-1] for o in opts)
+        return [tile] if min_block <= math.prod(tile) <= max_block and any(t > 1 for t in tile) else []
+    out = []
+
+    def rec(a, tile, prod):
+        if a == len(opts):
+            if prod == block_size:
+                out.append(tuple(tile))
+            return
+        for t in opts[a]:
+            if prod * t <= block_size:
+                rec(a + 1, tile + [t], prod * t)
+
+    rec(0, [], 1)
+    return out
 
 
 def auto_tile_shape(grid, kernel_size, dilation, stride, block_size, is_causal=None):
@@ -311,14 +345,26 @@ class Neighborhood(StaticPattern):
         return self.cached_plan((layout, str(dev), bs), build)
 
     def _best_plan(self, layout, bs, dev, meta):
-        """Plan in the candidate order computing the fewest blocks, estimated on sampled query blocks
-        (ties: fewer partial blocks, then row-major first); only the winner is built in full."""
+        """Plan in the candidate order with the lowest estimated cost, ``(listed + partial / 2)``
+        key tokens per query token (sampled query blocks; partial blocks also pay the mask), ties:
+        earlier candidate. Candidates: row-major order, the tiles of :func:`rank_tile_shapes`, and
+        the stride-aligned tiles of :func:`stride_aligned_tiles` (GNA: with ``block_size=None``
+        their block is the tile size). Only the winner is built in full."""
         rule = self.rule(layout)
-        cands = self._candidate_orders(layout, bs)
+        k, d, s, c = self.resolved(layout)
+        cands = [(bs, t, p) for t, p in self._candidate_orders(layout, bs)]
+        seen = {t for _, t, _ in cands}
+        for t in stride_aligned_tiles(layout.grid, s, self.block_size):
+            if t not in seen:
+                cands.append((math.prod(t), t, self.permutation(layout, math.prod(t), tile=t)))
         best = 0
-        if layout.seq_len > bs:
-            scores = [neighborhood_block_counts(rule, layout, bs, perm, perm is not None) for _, perm in cands]
-            best = min(range(len(cands)), key=lambda i: (scores[i], i))
-        tile, perm = cands[best]
-        return self._build(layout, bs, perm, perm is not None, dev,
+        if layout.seq_len > bs or len(cands) > 1:
+            def cost(i):
+                b, _, perm = cands[i]
+                listed, partial = neighborhood_block_counts(rule, layout, b, perm, perm is not None)
+                return ((listed + 0.5 * partial) * b, i)
+
+            best = min(range(len(cands)), key=cost)
+        b, tile, perm = cands[best]
+        return self._build(layout, b, perm, perm is not None, dev,
                            meta if tile is None else dict(meta, tile_shape=list(tile)))
