@@ -21,7 +21,7 @@ _LAZY = {
     "apply": ("vidattn.pipelines.apply", "apply"),
     "remove": ("vidattn.pipelines.apply", "remove"),
     "SparseAttentionConfig": ("vidattn.pipelines.apply", "SparseAttentionConfig"),
-    "timm": ("vidattn.pipelines.timm", None),
+    "timm": ("vidattn.timm", None),
     "kernels": ("vidattn.kernels", None),
     "pipelines": ("vidattn.pipelines", None),
     "quality": ("vidattn.quality", None),

@@ -26,13 +26,15 @@ from typing import Optional, Tuple
 import torch
 
 from ..layout import TokenLayout
-from ..plan import BlockPlan, TokenRule, estimate_block_density, plan_from_rule
+from ..plan import BlockPlan, TokenRule
 from ..rules import NeighborhoodForm
 from .base import StaticPattern
+from .neighborhood_plan import neighborhood_block_counts, neighborhood_plan_analytic
 
 NEIGHBORHOOD_BLOCK = 64
 
-__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape", "rank_tile_shapes"]
+__all__ = ["Neighborhood", "NeighborhoodRule", "normalize_na_args", "auto_tile_shape", "rank_tile_shapes",
+           "stride_aligned_tiles"]
 
 
 def _as_tuple(name, value, ndim, kind=int, minimum=1):
@@ -123,6 +125,39 @@ class NeighborhoodRule(TokenRule):
         else:
             ok = ok | (~q_in & ~k_in)
         return ok
+
+
+def stride_aligned_tiles(grid, stride, block_size=None, min_block=16, max_block=256):
+    """Tiles whose sides divide the stride on every axis (strided neighborhoods, GNA).
+
+    All queries of such a tile share one stride group, hence one window, so with windows that
+    start on tile boundaries (e.g. ``kernel_size = 3 * stride`` on grids the stride divides) every
+    listed block is full. Sides are powers of two (kernel blocks are powers of two) and at most the
+    axis. Returns a list of tuples: with ``block_size``, every such tile of exactly that many tokens;
+    with None, the largest one if it has ``min_block .. max_block`` tokens; else ``[]``."""
+    opts = []
+    for g, s in zip(grid, stride):
+        sides, t = [], 1
+        while s % t == 0 and t <= g:
+            sides.append(t)
+            t *= 2
+        opts.append(sides)
+    if block_size is None:
+        tile = tuple(o[-1] for o in opts)
+        return [tile] if min_block <= math.prod(tile) <= max_block and any(t > 1 for t in tile) else []
+    out = []
+
+    def rec(a, tile, prod):
+        if a == len(opts):
+            if prod == block_size:
+                out.append(tuple(tile))
+            return
+        for t in opts[a]:
+            if prod * t <= block_size:
+                rec(a + 1, tile + [t], prod * t)
+
+    rec(0, [], 1)
+    return out
 
 
 def auto_tile_shape(grid, kernel_size, dilation, stride, block_size, is_causal=None):
@@ -256,7 +291,10 @@ class Neighborhood(StaticPattern):
         if tile is False:
             return None
         if tile is None:
-            return self._best_permutation(layout, block_size, device)
+            plan = self.plan(layout, device=device) if (self.block_size or NEIGHBORHOOD_BLOCK) == block_size else None
+            if plan is None:
+                plan = self._best_plan(layout, block_size, device, {})
+            return plan.perm[0] if plan.perm is not None else None
         tile = _as_tuple("tile_shape", tile, layout.ndim)
         coords = layout.coords(device)
         # dilation grouping: x -> offset(x % d) + x // d
@@ -278,30 +316,61 @@ class Neighborhood(StaticPattern):
         grid_perm = torch.argsort(tile_key * math.prod(tile) + in_key)
         return layout.custom_permutation(grid_perm)
 
-    def _best_permutation(self, layout, block_size, device):
+    def _candidate_orders(self, layout, block_size):
+        """``[(tile or None, perm or None)]``: row-major order and the tiles of :func:`rank_tile_shapes`."""
         k, d, s, c = self.resolved(layout)
-        rule = self.rule(layout)
-        candidates = [None] + [self.permutation(layout, block_size, device, tile=t)
-                               for t in rank_tile_shapes(layout.grid, k, d, s, block_size, c)]
-        if layout.seq_len <= block_size:
-            return None
-        scores = [estimate_block_density(rule, p, layout.seq_len, block_size, device=device) for p in candidates]
-        return candidates[min(range(len(candidates)), key=lambda i: (scores[i], i))]
+        tiles = rank_tile_shapes(layout.grid, k, d, s, block_size, c)
+        return [(None, None)] + [(t, self.permutation(layout, block_size, tile=t)) for t in tiles]
+
+    def _build(self, layout, block_size, perm, regrouped, device, meta):
+        return neighborhood_plan_analytic(self.rule(layout), layout, block_size, block_size, perm, regrouped,
+                                          device=device, meta=meta)
 
     def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
         """Block plan (cached per layout/device): tiled token order, full blocks where the
-        whole block pair is inside the windows, partial blocks evaluated with the rule."""
+        whole block pair is inside the windows, partial blocks evaluated with the rule.
+
+        Built analytically from per-axis windows (:mod:`vidattn.patterns.neighborhood_plan`):
+        cost grows with the number of listed blocks, not with ``S * S`` (65,536 1-D tokens: ~0.1 s)."""
         dev = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
         # 64-token blocks: smaller query tiles shrink the window halo (H100 sweep, benchmarks/RESULTS.md:
         # Wan (9,15,27) 6.7 ms at 64 vs 7.9 ms at 128)
         bs = self.block_size or NEIGHBORHOOD_BLOCK
         rule = self.rule(layout)
+        meta = dict(pattern="neighborhood", kernel_size=list(rule.kernel_size), dilation=list(rule.dilation),
+                    stride=list(rule.stride))
 
         def build():
-            perm = self.permutation(layout, bs, device=dev)
-            return plan_from_rule(rule, seq_len=layout.seq_len, block_q=bs, block_k=bs,
-                                  perm=None if perm is None else perm[None], device=dev,
-                                  meta=dict(pattern="neighborhood", kernel_size=list(rule.kernel_size),
-                                            dilation=list(rule.dilation), stride=list(rule.stride)))
+            if self.tile_shape is False:
+                return self._build(layout, bs, None, False, dev, meta)
+            if self.tile_shape is not None:
+                perm = self.permutation(layout, bs, tile=self.tile_shape)
+                return self._build(layout, bs, perm, True, dev, dict(meta, tile_shape=list(self.tile_shape)))
+            return self._best_plan(layout, bs, dev, meta)
 
         return self.cached_plan((layout, str(dev), bs), build)
+
+    def _best_plan(self, layout, bs, dev, meta):
+        """Plan in the candidate order with the lowest estimated cost, ``(listed + partial / 2)``
+        key tokens per query token (sampled query blocks; partial blocks also pay the mask), ties:
+        earlier candidate. Candidates: row-major order, the tiles of :func:`rank_tile_shapes`, and
+        the stride-aligned tiles of :func:`stride_aligned_tiles` (GNA: with ``block_size=None``
+        their block is the tile size). Only the winner is built in full."""
+        rule = self.rule(layout)
+        k, d, s, c = self.resolved(layout)
+        cands = [(bs, t, p) for t, p in self._candidate_orders(layout, bs)]
+        seen = {t for _, t, _ in cands}
+        for t in stride_aligned_tiles(layout.grid, s, self.block_size):
+            if t not in seen:
+                cands.append((math.prod(t), t, self.permutation(layout, math.prod(t), tile=t)))
+        best = 0
+        if layout.seq_len > bs or len(cands) > 1:
+            def cost(i):
+                b, _, perm = cands[i]
+                listed, partial = neighborhood_block_counts(rule, layout, b, perm, perm is not None)
+                return ((listed + 0.5 * partial) * b, i)
+
+            best = min(range(len(cands)), key=cost)
+        b, tile, perm = cands[best]
+        return self._build(layout, b, perm, perm is not None, dev,
+                           meta if tile is None else dict(meta, tile_shape=list(tile)))
