@@ -13,15 +13,12 @@ from typing import Optional
 
 import torch
 
+from vidattn.errors import FlexUnsupported
 from vidattn.plan import FULL, PARTIAL, BlockPlan
+from vidattn.plan_order import expand_kv_heads, from_plan_order, to_plan_order
 
-from .reference import expand_kv_heads, from_plan_order, to_plan_order
 
 __all__ = ["block_sparse_attention_flex", "block_mask_from_plan", "flex_kernel_options", "FlexUnsupported"]
-
-
-class FlexUnsupported(RuntimeError):
-    """The plan uses something FlexAttention cannot express here."""
 
 
 @functools.lru_cache(maxsize=None)

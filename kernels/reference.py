@@ -12,39 +12,9 @@ from typing import Optional
 import torch
 
 from vidattn.plan import BlockPlan
+from vidattn.plan_order import expand_kv_heads, from_plan_order, to_plan_order
 
 __all__ = ["block_sparse_attention_reference", "to_plan_order", "from_plan_order", "expand_kv_heads"]
-
-
-def expand_kv_heads(k: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """GQA/MQA: repeat K/V heads ``[B, Hk, S, D]`` to ``[B, num_heads, S, D]`` (Hk divides num_heads)."""
-    hk = k.shape[1]
-    if hk == num_heads:
-        return k
-    return k.repeat_interleave(num_heads // hk, dim=1)
-
-
-def to_plan_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
-    """``[B, H, S, D]`` -> plan token order (per-head permutation ``perm`` ``[Hp, S]``)."""
-    if perm is None:
-        return x
-    B, H, S, D = x.shape
-    idx = perm.to(x.device).expand(H, S) if perm.shape[0] == 1 else perm.to(x.device)
-    return torch.gather(x, 2, idx[None, :, :, None].expand(B, H, S, D))
-
-
-def from_plan_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
-    """Inverse of :func:`to_plan_order` (works on ``[B, H, S, D]`` or ``[B, H, S]``)."""
-    if perm is None:
-        return x
-    squeeze = x.dim() == 3
-    if squeeze:
-        x = x[..., None]
-    B, H, S, D = x.shape
-    idx = perm.to(x.device).expand(H, S) if perm.shape[0] == 1 else perm.to(x.device)
-    out = torch.empty_like(x)
-    out.scatter_(2, idx[None, :, :, None].expand(B, H, S, D), x)
-    return out[..., 0] if squeeze else out
 
 
 def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,

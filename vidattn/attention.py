@@ -25,6 +25,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from .errors import BackendUnsupported
 from .layout import TokenLayout
 from .patterns.base import Pattern
 from .plan import BlockPlan
@@ -35,10 +36,6 @@ __all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupport
 log = logging.getLogger("vidattn")
 
 BACKENDS = ("reference", "flex", "triton", "auto")
-
-
-class BackendUnsupported(RuntimeError):
-    """Raised by a backend for inputs it cannot run; the dispatcher falls back."""
 
 
 _registry: Dict[str, Callable] = {}

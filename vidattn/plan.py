@@ -60,6 +60,11 @@ class TokenRule:
         """Hashable identity of the rule (for plan caches)."""
         return (type(self).__name__, id(self))
 
+    def kernel_form(self):
+        """The rule's kernel-neutral compiled form (a dataclass of :mod:`vidattn.rules`) for
+        backends that evaluate it in-kernel, or None (backends then use the torch rule)."""
+        return None
+
 
 @dataclass(frozen=True)
 class DenseRule(TokenRule):

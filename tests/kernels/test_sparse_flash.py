@@ -128,7 +128,7 @@ def test_sub_tiles_and_work_ordered_schedule(monkeypatch, tiles, mode):
     monkeypatch.setenv("VIDATTN_TRITON_BLOCK_N", str(bn))
     monkeypatch.setenv("VIDATTN_TRITON_SCHED", sched)
     if mode == "in_kernel":
-        monkeypatch.setattr("vidattn.kernels.sparse_flash.MASK_BUDGET_BYTES", 0)
+        monkeypatch.setattr("vidattn.kernels.sparse_flash_tables.MASK_BUDGET_BYTES", 0)
     layout = TokenLayout((3, 6, 7), suffix=3)  # 129 tokens: ragged against 32
     plan = Neighborhood(kernel_size=(3, 3, 5), dilation=(1, 2, 1), block_size=32).plan(layout)
     assert plan.has_partial

@@ -27,6 +27,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..plan import BlockPlan, TokenRule, estimate_block_density, plan_from_rule
+from ..rules import NeighborhoodForm
 from .base import StaticPattern
 
 NEIGHBORHOOD_BLOCK = 64
@@ -88,6 +89,11 @@ class NeighborhoodRule(TokenRule):
 
     def cache_key(self):
         return ("NeighborhoodRule",) + tuple(self.__dict__.values())
+
+    def kernel_form(self) -> NeighborhoodForm:
+        """The in-kernel form: the same fields, as a :class:`vidattn.rules.NeighborhoodForm`."""
+        return NeighborhoodForm(self.grid, self.prefix, self.suffix, self.kernel_size, self.dilation, self.stride,
+                                self.is_causal, self.dense_nongrid)
 
     def axis_allowed(self, a: int, xq: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
         """Per-axis rule on grid coordinates (integer tensors that broadcast)."""

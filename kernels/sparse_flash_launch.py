@@ -1,0 +1,292 @@
+"""Launcher of the Triton block-sparse kernel: input checks, launch configuration (tile sizes,
+warps, stages, program order; environment overrides), TMA tensor descriptors, and the call.
+
+Device code lives in :mod:`.sparse_flash_kernel`, per-plan tables in :mod:`.sparse_flash_tables`.
+Anything the kernel cannot run raises :class:`vidattn.errors.TritonUnsupported`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+from triton.compiler.errors import CompilationError
+from triton.runtime.errors import OutOfResources
+
+try:  # host-side tensor descriptors (TMA bulk copies on Hopper; emulated by the interpreter)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton
+    TensorDescriptor = None
+
+from vidattn.errors import TritonUnsupported
+from vidattn.plan import BlockPlan
+from vidattn.plan_order import expand_kv_heads, to_plan_order
+from vidattn.rules import NeighborhoodForm
+
+from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
+from .sparse_flash_tables import ProgramOrder, plan_launch_tables, plan_perm_int32, program_schedule
+
+__all__ = ["block_sparse_attention_triton", "launch_config", "kv_descriptor", "check_triton_inputs", "last_launch"]
+
+_stages_ok: dict = {}
+last_launch: dict = {}  # diagnostics of the latest launch: "regs_spills" = (registers per thread, spills)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _bh_strides(t: torch.Tensor):
+    """Strides of a plan tensor ``[Bp, Hp, ...]`` broadcast over batch and heads (0 on size-1 dims)."""
+    sb = 0 if t.shape[0] == 1 else t.stride(0)
+    sh = 0 if t.shape[1] == 1 else t.stride(1)
+    return sb, sh
+
+
+def check_triton_inputs(q, k, v, plan) -> None:
+    """Raise :class:`TritonUnsupported` for a case the kernel does not handle (device, dtype, head
+    dim, block sizes, rule rank); ``ValueError`` when the plan does not fit the tensors' length."""
+    if q.shape[1] != plan.seq_len or k.shape[1] != plan.seq_len or v.shape[1] != plan.seq_len:
+        raise ValueError(f"plan was built for {plan.seq_len} tokens but q/k/v have {q.shape[1]}/{k.shape[1]}/{v.shape[1]}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise TritonUnsupported("triton backend needs a CUDA device (or TRITON_INTERPRET=1)")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TritonUnsupported(f"dtype {q.dtype} not supported")
+    if v.shape[-1] != q.shape[-1]:
+        raise TritonUnsupported("value head dim must equal query head dim")
+    D = q.shape[-1]
+    if D > 256 or D < 1:
+        raise TritonUnsupported(f"head dim {D} not supported (max 256)")
+    for name, bs in (("block_q", plan.block_q), ("block_k", plan.block_k)):
+        if bs < 16 or bs > 256 or bs & (bs - 1):
+            raise TritonUnsupported(f"plan {name}={bs} must be a power of two in [16, 256]")
+    form = plan.rule.kernel_form() if plan.rule is not None else None
+    if isinstance(form, NeighborhoodForm) and len(form.grid) > 3:
+        raise TritonUnsupported("neighborhood rules of rank > 3")
+
+
+def _env_int(name: str) -> Optional[int]:
+    val = os.environ.get(name)
+    return int(val) if val else None
+
+
+def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode: RuleMode) -> dict:
+    """Tile sizes and launch settings for one call.
+
+    The kernel's query/key tiles (``BLOCK_M`` x ``BLOCK_N``) may be smaller than the plan's blocks
+    (a 128-token plan block runs as two 64-token key tiles), which keeps more pipeline stages in
+    shared memory. Defaults come from the H100 sweep in ``benchmarks/RESULTS.md``; environment
+    overrides: ``VIDATTN_TRITON_BLOCK_M``, ``VIDATTN_TRITON_BLOCK_N``, ``VIDATTN_TRITON_WARPS``,
+    ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0 natural order, 1 heaviest query tiles
+    first, 2 all heads of a query tile adjacent),
+    ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads).
+
+    Returns:
+        dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
+        ``sched`` (:class:`ProgramOrder`, NATURAL = the 2-D grid).
+    """
+    bd = max(16, triton.next_power_of_2(head_dim))
+    bm = min(plan.block_q, 128)
+    bn = min(plan.block_k, 64 if bd >= 128 else 128)
+    if _interpreting():
+        bm, bn = plan.block_q, plan.block_k  # fewer, larger steps under the interpreter
+    bm = _env_int("VIDATTN_TRITON_BLOCK_M") or bm
+    bn = _env_int("VIDATTN_TRITON_BLOCK_N") or bn
+    bm, bn = min(bm, plan.block_q), min(bn, plan.block_k)
+    # H100 sweep (d=128, bf16): full blocks only -> 128x64 tiles, 4 warps, 2 stages (~500 TFLOP/s);
+    # partial blocks (token rule per element) -> 8 warps, 3 stages for 128-row tiles.
+    masked = rule_mode != RuleMode.NONE
+    warps = 8 if (masked and bm * bd >= 128 * 128) else 4
+    warps = _env_int("VIDATTN_TRITON_WARPS") or warps
+    if _interpreting() or dtype == torch.float32:
+        stages = [1]
+    elif masked and bm >= 128:
+        stages = [3, 2, 1]
+    else:
+        stages = [2, 1]
+    forced = _env_int("VIDATTN_TRITON_STAGES")
+    if forced and not _interpreting():
+        stages = [forced] + [s for s in stages if s != forced]
+    # program order: natural by default. Heaviest-first (1) was 1-2% faster on dense and random
+    # block-sparse plans but 11% slower on Radial (block) plans, whose neighbouring query tiles share
+    # key blocks in L2 (H200, interleaved A/B in benchmarks/RESULTS.md).
+    sched = ProgramOrder(_env_int("VIDATTN_TRITON_SCHED") or 0)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched)
+
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _tma_ok(device: torch.device) -> bool:
+    if TensorDescriptor is None or os.environ.get("VIDATTN_TRITON_TMA", "1") == "0":
+        return False
+    if _interpreting():
+        return True
+    return device.type == "cuda" and _capability_major(device.index if device.index is not None
+                                                       else torch.cuda.current_device()) >= 9
+
+
+def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_len: int, block_n: int):
+    """A 2-D tensor descriptor over K or V for bulk tile loads, or None when the layout does not allow one.
+
+    ``t`` holds ``[B, S, Hk, D]`` (or ``[B, Hk, S, D]``) with unit last stride; ``strides_bhs`` its
+    (batch, head, token) strides. Two layouts map to rows of one 2-D view so that a tile of key
+    tokens ``col0 .. col0 + block_n`` of (batch b, head h) is the box at
+    ``(b * row_b + h * row_h + col0, h * col_h)``: token-major (``[B, S, Hk, D]``: rows are (b, s),
+    heads are column offsets) and head-major (``[B, Hk, S, D]``: rows are (b, h, s)). In both,
+    rows past a sequence's end belong to the next sequence of the same tensor (finite values the
+    kernel masks out) or lie past the view and are zero-filled.
+
+    Returns:
+        ``(descriptor, row_b, row_h, col_h)`` or None.
+    """
+    sb, sh, ss = strides_bhs
+    B, Hk, D = batch, kv_heads, t.shape[-1]
+    es = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or (ss * es) % 16:
+        return None
+    if (sb == seq_len * ss or B == 1) and sh * (Hk - 1) + D <= ss:  # token-major
+        row_b, row_h, col_h = seq_len, 0, sh
+        rows, cols = B * seq_len, ss
+    elif ss == D and (sh == seq_len * D or Hk == 1) and (sb == Hk * seq_len * D or B == 1):  # head-major
+        row_b, row_h, col_h = Hk * seq_len, seq_len, 0
+        rows, cols = B * Hk * seq_len, D
+    else:
+        return None
+    desc = TensorDescriptor(t, shape=[rows, cols], strides=[ss, 1], block_shape=[block_n, D])
+    return desc, row_b, row_h, col_h
+
+
+def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
+                                  scale: Optional[float] = None, return_lse: bool = False):
+    """Run ``plan`` with the fused Triton kernel.
+
+    Args:
+        q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H); fp16/bf16 (fp32 accumulate)
+            or fp32; D up to 256 (padded to a power of two in-kernel). q is read in place (any
+            strides with a unit last stride); so are k, v when the plan has no token permutation
+            (with one they are gathered into plan order once).
+        plan: a BlockPlan on q's device (Bp in {1, B}, Hp in {1, H}); block sizes powers of two.
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
+    Returns:
+        ``[B, S, H, D]`` in q's dtype (and the LSE).
+    Raises:
+        TritonUnsupported: for cases the kernel does not handle (the dispatcher falls back).
+    """
+    check_triton_inputs(q, k, v, plan)
+    B, S, H, D = q.shape
+    Hk = k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    if plan.device != q.device:
+        plan = plan.to(q.device)
+    dev = q.device
+    # Q and O stay [B, S, H, D] in the original token order, read / written in place ((batch, head,
+    # token) strides); with a token permutation the kernel maps its rows through the plan's perm
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
+    q_bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
+    if plan.perm is None:
+        kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        kv_bhs = q_bhs
+    else:
+        # K/V are gathered into plan order once (head-major, contiguous) so key tiles stay
+        # contiguous for the tensor-descriptor loads
+        if plan.perm.shape[0] > 1 and Hk != H:
+            k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
+            Hk = H
+        kh = to_plan_order(k.transpose(1, 2), plan.perm).contiguous()
+        vh = to_plan_order(v.transpose(1, 2), plan.perm).contiguous()
+        kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    qperm = plan_perm_int32(plan)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
+
+    t = plan_launch_tables(plan)
+    fnum, fidx, pnum, pidx = t["fnum"], t["fidx"], t["pnum"], t["pidx"]
+    rule_mode, na, bits, slot = t["rule_mode"], t["na"], t["bits"], t["slot"]
+    na_args, causal, dense_nongrid = t["na_args"], t["causal"], t["dense_nongrid"]
+    rect = plan.rectification
+    kept = rect.kept_log_scale.float().contiguous() if rect is not None and rect.kept_log_scale is not None else None
+    pooled = rect is not None and rect.has_pooled
+    if pooled:
+        pk = rect.pooled_k.to(q.dtype).contiguous()
+        pv = rect.pooled_v.to(q.dtype).contiguous()
+        pw = rect.pooled_log_weight.float().contiguous()
+    fdummy = t["fdummy"]
+    kept_t = kept if kept is not None else fdummy
+    pk_t = pk if pooled else q
+    pv_t = pv if pooled else q
+    pw_t = pw if pooled else fdummy
+
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    cfg = launch_config(plan, D, q.dtype, rule_mode)
+    BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    nqt = triton.cdiv(S, BM)
+    use_tma = BLOCK_D == D and _tma_ok(dev) and q.dtype != torch.float32
+    dk = dv = None
+    if use_tma:
+        dk = kv_descriptor(kh, kv_bhs(kh), B, Hk, S, BN)
+        dv = kv_descriptor(vh, kv_bhs(vh), B, Hk, S, BN)
+        use_tma = dk is not None and dv is not None and dk[1:] == dv[1:]
+    if use_tma:
+        desc_k, desc_v, (row_b, row_h, col_h) = dk[0], dv[0], dk[1:]
+    else:
+        desc_k, desc_v, row_b, row_h, col_h = kh, vh, 0, 0, 0
+    if cfg["sched"] != ProgramOrder.NATURAL:
+        sched = program_schedule(plan, B, H, BM, cfg["sched"])
+        grid = (sched.numel(),)
+    else:
+        sched = fnum
+        grid = (nqt, B * H)
+    io = dict(Q=q, K=kh, V=vh, O=out, LSE=lse, SCHED=sched, DESC_K=desc_k, DESC_V=desc_v, ROW_B=row_b, ROW_H=row_h,
+              COL_H=col_h, QPERM=qperm if qperm is not None else fnum,
+              qperm_h=0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0))
+    plan_tables = dict(FULL_NUM=fnum, FULL_IDX=fidx, PART_NUM=pnum, PART_IDX=pidx, NA_TAB=na, BITS=bits, SLOT=slot,
+                       KEPT=kept_t, PK=pk_t, PV=pv_t, PW=pw_t)
+    scalars = dict(S=S, H=H, HK_GROUP=H // Hk, qk_scale=scale * LOG2E, NQT=nqt, NKB=plan.num_k_blocks, D=D)
+    io_strides = dict(zip(("stride_qb", "stride_qh", "stride_qs"), q_bhs(q)))
+    io_strides.update(zip(("stride_kb", "stride_kh", "stride_ks"), kv_bhs(kh)))
+    io_strides.update(zip(("stride_vb", "stride_vh", "stride_vs"), kv_bhs(vh)))
+    io_strides.update(zip(("stride_ob", "stride_oh", "stride_os"), q_bhs(out)))
+    (fn_b, fn_h), (fi_b, fi_h), (pn_b, pn_h), (pi_b, pi_h) = (_bh_strides(x) for x in (fnum, fidx, pnum, pidx))
+    (slot_b, slot_h), (kept_b, kept_h), (pw_b, pw_h) = (_bh_strides(x) for x in (slot, kept_t, pw_t))
+    (pk_b, pk_h), (pv_b, pv_h) = (_bh_strides(pk_t), _bh_strides(pv_t)) if pooled else ((0, 0), (0, 0))
+    table_strides = dict(fn_b=fn_b, fn_h=fn_h, fi_b=fi_b, fi_h=fi_h, fi_q=fidx.stride(2),
+                         pn_b=pn_b, pn_h=pn_h, pi_b=pi_b, pi_h=pi_h, pi_q=pidx.stride(2),
+                         na_h=0 if na.shape[0] == 1 else na.stride(0), slot_b=slot_b, slot_h=slot_h,
+                         kept_b=kept_b, kept_h=kept_h, kept_q=kept_t.stride(2),
+                         pk_b=pk_b, pk_h=pk_h, pk_s=pk_t.stride(2), pv_b=pv_b, pv_h=pv_h, pv_s=pv_t.stride(2),
+                         pw_b=pw_b, pw_h=pw_h, pw_q=pw_t.stride(2))
+    rule_params = dict(zip(("n0", "k0", "d0", "s0", "n1", "k1", "d1", "s1", "n2", "k2", "d2", "s2"), na_args))
+    rule_params.update(C0=causal[0], C1=causal[1], C2=causal[2], DENSE_NONGRID=dense_nongrid)
+    modes = dict(
+        RULE=int(rule_mode), HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
+        # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
+        FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
+        EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != ProgramOrder.NATURAL, USE_TMA=use_tma,
+        RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D,
+    )
+    kernel_args = {**io, **plan_tables, **scalars, **io_strides, **table_strides, **rule_params, **modes}
+    key = (BM, BN, BLOCK_D, q.dtype, int(rule_mode), pooled, use_tma, cfg["num_warps"], tuple(cfg["stages"]))
+    last = None
+    for stages in ([_stages_ok[key]] if key in _stages_ok else cfg["stages"]):
+        try:
+            compiled = _sparse_flash_fwd[grid](**kernel_args, num_warps=cfg["num_warps"], num_stages=stages)
+            last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+            _stages_ok[key] = stages
+            break
+        except OutOfResources as e:
+            last = e
+        except CompilationError as e:  # e.g. an older Triton without a language feature used here
+            raise TritonUnsupported(f"kernel does not compile with triton {triton.__version__}: "
+                                    f"{str(e).splitlines()[0][:200]}") from e
+    else:
+        raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
+    return (out, lse) if return_lse else out
