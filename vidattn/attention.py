@@ -87,7 +87,8 @@ def _get_backend(name: str) -> Callable:
         from vidattn.kernels.flex import block_sparse_attention_flex as fn
     elif name == "triton":
         try:
-            from vidattn.kernels.sparse_flash import block_sparse_attention_triton as fn
+            # the differentiable wrapper (Triton backward from the saved LSE); plain forward without grad
+            from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd as fn
         except ImportError as e:  # kernel module missing or triton not installed
             raise BackendUnsupported(f"triton backend unavailable: {e}") from e
     else:
@@ -206,6 +207,14 @@ def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return res.to(out.dtype)
 
 
+def _check_not_detached(name: str, out: torch.Tensor, q, k, v) -> None:
+    """A grad-requiring input must never get a silently detached output (a LoRA on the attention
+    projections would receive no gradient): raise instead."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) and not out.requires_grad:
+        raise RuntimeError(f"vidattn: backend {name!r} returned an output without grad_fn for inputs that require "
+                           "grad; run under torch.no_grad() or use a differentiable backend")
+
+
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
              return_lse: bool = False):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
@@ -234,6 +243,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
         try:
             fn = _get_backend(name)
             res = fn(q, k, v, bplan, scale=scale, return_lse=return_lse)
+            _check_not_detached(name, res[0] if return_lse else res, q, k, v)
             if bplan is not plan:
                 res = (apply_epilogue(res[0], plan), res[1]) if return_lse else apply_epilogue(res, plan)
             if _observers:
