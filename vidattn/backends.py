@@ -234,8 +234,9 @@ def _register_builtins() -> None:
                      differentiable=True, fallback=("reference",))
     register_backend("flex", _lazy("vidattn.kernels.flex", "block_sparse_attention_flex"), _flex_can_run,
                      differentiable=True, fallback=("reference",))
-    register_backend("triton", _lazy("vidattn.kernels.sparse_flash", "block_sparse_attention_triton"),
-                     _triton_can_run, differentiable=False, fallback=("flex", "reference"), auto_devices=("cuda",))
+    # the differentiable wrapper: Triton forward saving the LSE + Triton backward (dq, dk, dv)
+    register_backend("triton", _lazy("vidattn.kernels.sparse_flash_autograd", "block_sparse_attention_triton_autograd"),
+                     _triton_can_run, differentiable=True, fallback=("flex", "reference"), auto_devices=("cuda",))
 
 
 _register_builtins()

@@ -26,7 +26,10 @@ def block_counts(seq_len: int, block: int, device=None) -> torch.Tensor:
 
 
 def _triton_pool(x: torch.Tensor, block: int, perm: Optional[torch.Tensor], mode: int):
-    """The fused Triton kernel for CUDA tensors it supports, else None (use the torch path)."""
+    """The fused Triton kernel for CUDA tensors it supports, else None (use the torch path).
+    The kernel has no autograd: an input tracked by autograd takes the (differentiable) torch path."""
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return None
     if not (isinstance(x, torch.Tensor) and x.is_cuda and x.dim() == 4 and isinstance(block, int)
             and 16 <= block <= 256 and not block & (block - 1) and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
         return None

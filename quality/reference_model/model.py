@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Union
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.utils import BaseOutput
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,7 +126,7 @@ class ReferenceModelOutput(BaseOutput):
     frames: Union[np.ndarray, torch.Tensor]
 
 
-class ReferenceVideoPipeline(DiffusionPipeline):
+class ReferenceVideoPipeline(DiffusionPipeline, WanLoraLoaderMixin):
     """Pixel-space flow-matching sampler around a reference ``WanTransformer3DModel``.
 
     Args:
@@ -133,6 +134,8 @@ class ReferenceVideoPipeline(DiffusionPipeline):
         text_table: float32 ``[len(VOCAB), text_dim]`` prompt-token embeddings (v2), or None for an
             unconditional model (v1: one all-zero text token, prompts only set the batch size).
         default_guidance: guidance scale used when a call gives none (1.0 = no CFG).
+
+    LoRA adapters (``vidattn finetune``) load with ``pipe.load_lora_weights(dir)`` (WanLoraLoaderMixin).
     """
 
     model_cpu_offload_seq = "transformer"

@@ -253,7 +253,11 @@ class RectifiedSparse(Pattern):
             raise ValueError(f"v must match k in [B, S, Hk], got v {tuple(v.shape)} and k {tuple(k.shape)}")
         dev = torch.device(device) if device is not None else q.device
         s = D ** -0.5 if scale is None else float(scale)
-        with torch.no_grad():
+        # the block *selection* is not differentiable (boolean sets); the rectification terms are
+        # differentiable functions of q, k, v (pooled means, implicit attention P): built under
+        # autograd when an input requires grad, so gradients flow through them (else no graph)
+        track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v))
+        with torch.set_grad_enabled(track):
             build = self._plan_authors if self.method == "authors" else self._plan_joint
             kept, rect, extra = build(layout, q, k, v, s)
             from vidattn.kernels.pooling import block_counts
