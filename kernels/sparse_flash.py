@@ -127,6 +127,8 @@ def partial_block_masks(plan: BlockPlan):
         P = b_i.numel()
         masks = torch.zeros(max(P, 1), bq, bk, dtype=torch.uint8, device=dev)
         perm = plan.perm.to(dev) if plan.perm is not None else torch.arange(S, device=dev)[None]
+        kp = getattr(plan, "key_perm", plan.perm)  # keys may have their own order (kv_perm)
+        kperm = kp.to(dev) if kp is not None else perm
         ar_q, ar_k = torch.arange(bq, device=dev), torch.arange(bk, device=dev)
         chunk = max(1, (1 << 24) // (bq * bk))
         for c0 in range(0, P, chunk):
@@ -136,7 +138,8 @@ def partial_block_masks(plan: BlockPlan):
             qpos = (q_i[sl, None] * bq + ar_q).clamp(max=S - 1)
             kpos = (k_i[sl, None] * bk + ar_k).clamp(max=S - 1)
             qo = torch.gather(ph, 1, qpos)
-            ko = torch.gather(ph, 1, kpos)
+            pk = kperm[hh if kperm.shape[0] > 1 else torch.zeros_like(hh)]
+            ko = torch.gather(pk, 1, kpos)
             k_real = (k_i[sl, None] * bk + ar_k) < S  # columns past the sequence: 0, so the kernel needs no tail mask
             masks[sl] = (plan.rule(hh[:, None, None], qo[:, :, None], ko[:, None, :]) & k_real[:, None, :]).to(torch.uint8)
         cache["masks"] = (masks, slot_start.contiguous())
@@ -653,17 +656,18 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
     q_bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
-    if plan.perm is None:
+    kperm = getattr(plan, "key_perm", plan.perm)  # keys may have their own order (kv_perm)
+    if kperm is None:
         kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
         kv_bhs = q_bhs
     else:
         # K/V are gathered into plan order once (head-major, contiguous) so key tiles stay
         # contiguous for the tensor-descriptor loads
-        if plan.perm.shape[0] > 1 and Hk != H:
+        if kperm.shape[0] > 1 and Hk != H:
             k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
             Hk = H
-        kh = to_plan_order(k.transpose(1, 2), plan.perm).contiguous()
-        vh = to_plan_order(v.transpose(1, 2), plan.perm).contiguous()
+        kh = to_plan_order(k.transpose(1, 2), kperm).contiguous()
+        vh = to_plan_order(v.transpose(1, 2), kperm).contiguous()
         kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out

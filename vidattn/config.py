@@ -24,6 +24,7 @@ PATTERNS = {
     "radial": ("vidattn.patterns.radial", "Radial"),
     "grid": ("vidattn.patterns.grid", "PermutedGrid"),
     "rectified": ("vidattn.patterns.rectified", "RectifiedSparse"),
+    "clustered": ("vidattn.patterns.clustered", "Clustered"),
 }
 
 
