@@ -165,3 +165,12 @@ def test_from_authors_errors():
         SparseVideoGen(sparsity=0)
     with pytest.raises(ValueError, match="needs q, k and v"):
         SparseVideoGen().plan(TokenLayout((2, 4, 4)), torch.zeros(1, 32, 1, 4), torch.zeros(1, 32, 1, 4))
+
+
+def test_config_names_round_trip():
+    from vidattn.config import pattern_from_dict, pattern_to_dict
+
+    for pat in (PermutedGrid.from_authors("svg", sparsity=0.25), PermutedGrid.from_authors("mminference", recall=0.8)):
+        d = pattern_to_dict(pat)
+        assert d["pattern"] in ("svg", "mminference")
+        assert pattern_from_dict(d) == pat

@@ -177,3 +177,11 @@ def test_defaults_registry_and_errors():
         Clustered(top_p=0)
     with pytest.raises(ValueError, match="needs q"):
         Clustered().plan(TokenLayout((2, 4, 4)))
+
+
+def test_no_state_key_means_cold_start():
+    gen = torch.Generator().manual_seed(6)
+    lay = TokenLayout((2, 4, 8))
+    q, k, _ = _qk(lay, 1, 2, 8, gen)
+    pat = Clustered(q_clusters=3, k_clusters=5, iters_first=7, block_size=16)
+    assert [pat.plan(lay, q, k).meta["kmeans_iters"] for _ in range(2)] == [7, 7]

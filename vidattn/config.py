@@ -25,6 +25,8 @@ PATTERNS = {
     "grid": ("vidattn.patterns.grid", "PermutedGrid"),
     "rectified": ("vidattn.patterns.rectified", "RectifiedSparse"),
     "clustered": ("vidattn.patterns.clustered", "Clustered"),
+    "svg": ("vidattn.patterns.svg", "SparseVideoGen"),
+    "mminference": ("vidattn.patterns.grid", "MMInferenceGrid"),
 }
 
 
