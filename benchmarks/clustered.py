@@ -169,6 +169,7 @@ def main(argv=None):
         shape=dict(grid=list(layout.grid), seq_len=S, heads=H, head_dim=D, batch=B, dtype=str(dtype).split(".")[-1]),
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", backend=backend, inputs=args.inputs
         if not args.qkv else os.path.basename(args.qkv),
+        kmeans_assign="triton" if (dev.type == "cuda" and os.environ.get("VIDATTN_KMEANS_TRITON", "1") != "0") else "torch",
         q_clusters=Kq, k_clusters=Kk, top_p=args.top_p, block_size=args.block_size,
         iters_first=args.iters_first, iters_step=args.iters_step,
         kmeans_cold_ms=round(cold_ms, 4), kmeans_warm_ms=round(warm_ms, 4), plan_ms=round(plan_ms, 4),

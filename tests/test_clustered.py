@@ -185,3 +185,12 @@ def test_no_state_key_means_cold_start():
     q, k, _ = _qk(lay, 1, 2, 8, gen)
     pat = Clustered(q_clusters=3, k_clusters=5, iters_first=7, block_size=16)
     assert [pat.plan(lay, q, k).meta["kmeans_iters"] for _ in range(2)] == [7, 7]
+
+
+def test_fused_assign_kernel_matches_torch_path():
+    from vidattn.kernels.kmeans import kmeans_assign_torch, kmeans_assign_triton
+
+    gen = torch.Generator().manual_seed(8)
+    for G, N, D, K in [(2, 300, 32, 20), (3, 200, 48, 70)]:
+        x, c = torch.randn(G, N, D, generator=gen), torch.randn(G, K, D, generator=gen)
+        assert torch.equal(kmeans_assign_triton(x, c), kmeans_assign_torch(x, c))
