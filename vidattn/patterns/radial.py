@@ -46,10 +46,11 @@ both ways. For every frame pair ``(i, j)``, ``d = |i - j|``:
   iff more than 60% of its non-empty columns have density (allowed rows / B) above 1/3; the
   kept blocks are ORed into the global mask at block ``((i * tpf) // B, (j * tpf) // B)``.
 
-Their code needs the video token count ``N`` to be a multiple of ``B`` (the block-sparse kernels
-run ``N`` query rows in blocks of ``B``). Extension for other ``N`` (documented, deliberate): the
-same construction over ``ceil(N / B)`` video blocks, i.e. as if the video were zero-padded to a
-block multiple and the padding dropped; with ``B | N`` it is exactly theirs. Blocks are aligned to
+Their attention kernels need the video token count ``N`` to be a multiple of ``B``. For other
+``N`` this follows their mask function on the block-padded sequence (its own ``__main__``
+example): the same construction over ``ceil(N / B)`` video blocks, and the ragged last video
+block, which lies past their ``video_text_border = N // B``, dense as query and as key block
+(their ``final[border:] = True``); padding tokens dropped. With ``B | N`` it is exactly theirs. Blocks are aligned to
 the first *video* token: with a prefix that is not a block multiple the plan runs in the order
 ``[video, prefix, suffix]`` (a plan permutation) so that plan blocks coincide with their blocks.
 """
@@ -109,6 +110,11 @@ def authors_block_mask(num_frames: int, tokens_per_frame: int, block_size: int, 
                 width = -1
             rows.append(((i * tpf) // B, (j * tpf) // B, (i * tpf) % B, (j * tpf) % B, width))
     out = torch.zeros(nvb, nvb, dtype=torch.bool, device=dev)
+    if (F * tpf) % B:
+        # their ``final[video_text_border:] = True`` with border = N // B: on a sequence padded to a
+        # block multiple (their own __main__ example) the ragged last video block is dense both ways
+        out[(F * tpf) // B, :] = True
+        out[:, (F * tpf) // B] = True
     if not rows:
         return out
     table = torch.tensor(rows, dtype=torch.long, device=dev)
@@ -305,8 +311,8 @@ class Radial(StaticPattern):
 
         Follows mit-han-lab/radial-attention ``radial_attn/attn_mask.py`` at commit
         ``72788d4f0a6d202f1ec5f1c98a6e4c8b2e34fdbc`` (``gen_log_mask_shrinked``). Deliberate
-        differences: (a) video token counts that are not a multiple of ``block_size`` (their code
-        rejects them) use the padded-video extension of the module docstring; (b) text tokens are
+        differences: (a) video token counts that are not a multiple of ``block_size`` (their kernels
+        reject them) follow their mask function on the block-padded sequence (module docstring); (b) text tokens are
         dense both ways (their HunyuanVideo path additionally masks *padded* text keys through the
         prompt's attention mask, which is an input here, not a pattern); (c) the dense warm-up
         (``dense_timesteps`` / ``dense_layers``) is the pipeline schedule's job, as for every pattern.
