@@ -152,6 +152,7 @@ class Clustered(Pattern):
     warm_start: bool = True
 
     is_dynamic = True
+    uses_state_key = True  # processors should pass plan(..., state_key=<layer index>) for warm starts
 
     def __post_init__(self):
         for name in ("q_clusters", "k_clusters"):
