@@ -72,6 +72,9 @@ def _build_block_mask(plan: BlockPlan):
     else:
         perm = plan.perm.to(dev)
     hp = perm.shape[0]
+    kperm = getattr(plan, "key_perm", plan.perm)  # keys may have their own order (kv_perm)
+    kperm = perm if kperm is None else kperm.to(dev)
+    khp = kperm.shape[0]
     # Eager (non-CUDA) flex evaluates mask_mod on every pair and ignores the BlockMask's block lists,
     # so there the mask_mod itself must skip unlisted blocks. Compiled (CUDA) flex only calls it
     # inside partial blocks, so the lookup is left out there (no extra gather in the kernel).
@@ -85,7 +88,7 @@ def _build_block_mask(plan: BlockPlan):
     def mask_mod(b, h, q_idx, kv_idx):
         hh = h if hp > 1 else torch.zeros_like(h)
         qo = perm[hh, q_idx.clamp(max=S - 1)]
-        ko = perm[hh, kv_idx.clamp(max=S - 1)]
+        ko = kperm[h if khp > 1 else torch.zeros_like(h), kv_idx.clamp(max=S - 1)]
         ok = (q_idx < S) & (kv_idx < S)
         if not eager:
             return ok if rule is None else ok & rule(h, qo, ko)
@@ -130,8 +133,9 @@ def block_sparse_attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
         raise FlexUnsupported("FlexAttention backend does not fuse rectification terms")
     B, S, H, D = q.shape
     qh = to_plan_order(q.transpose(1, 2), plan.perm)
-    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H), plan.perm)
-    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H), plan.perm)
+    kperm = getattr(plan, "key_perm", plan.perm)
+    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H), kperm)
+    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H), kperm)
     if plan.device != q.device:
         plan = plan.to(q.device)
     bm = block_mask_from_plan(plan, H)

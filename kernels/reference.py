@@ -39,8 +39,9 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     dev = q.device
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 stays float64
     qh = to_plan_order(q.transpose(1, 2).to(cdt), plan.perm)
-    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H).to(cdt), plan.perm)
-    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H).to(cdt), plan.perm)
+    kperm_plan = plan.key_perm  # keys may have their own order (kv_perm)
+    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H).to(cdt), kperm_plan)
+    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H).to(cdt), kperm_plan)
     bq, bk = plan.block_q, plan.block_k
     nqb, nkb = plan.num_q_blocks, plan.num_k_blocks
     perm = plan.perm.to(dev) if plan.perm is not None else torch.arange(S, device=dev)[None]
@@ -55,6 +56,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     num_f, idx_f = bh(plan.full_kv_num_blocks).long(), bh(plan.full_kv_indices).long()
     heads = torch.arange(H, device=dev)
     perm_h = perm.expand(H, S) if perm.shape[0] == 1 else perm
+    kperm = kperm_plan.to(dev) if kperm_plan is not None else torch.arange(S, device=dev)[None]
+    kperm_h = kperm.expand(H, S) if kperm.shape[0] == 1 else kperm
     ar_k = torch.arange(bk, device=dev)
     for i in range(nqb):
         q0, q1 = i * bq, min(S, (i + 1) * bq)
@@ -76,7 +79,7 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         part = (~is_full)[None, None, :, None].expand(B, H, M, bk).flatten(2)
         if plan.rule is not None and bool(part.any()):
             q_orig = perm_h[:, q0:q1]  # [H, nq]
-            k_orig = torch.gather(perm_h[None].expand(B, H, S), 2, pos)  # [B, H, M*bk]
+            k_orig = torch.gather(kperm_h[None].expand(B, H, S), 2, pos)  # [B, H, M*bk]
             r = plan.rule(heads[None, :, None, None], q_orig[None, :, :, None], k_orig[:, :, None, :])
             allowed = allowed & (r | ~part[:, :, None, :])
         if rect is not None and rect.kept_log_scale is not None:

@@ -192,17 +192,18 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
     q_bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
-    if plan.perm is None:
+    kperm = plan.key_perm  # keys may have their own order (kv_perm)
+    if kperm is None:
         kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
         kv_bhs = q_bhs
     else:
         # K/V are gathered into plan order once (head-major, contiguous) so key tiles stay
         # contiguous for the tensor-descriptor loads
-        if plan.perm.shape[0] > 1 and Hk != H:
+        if kperm.shape[0] > 1 and Hk != H:
             k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
             Hk = H
-        kh = to_plan_order(k.transpose(1, 2), plan.perm).contiguous()
-        vh = to_plan_order(v.transpose(1, 2), plan.perm).contiguous()
+        kh = to_plan_order(k.transpose(1, 2), kperm).contiguous()
+        vh = to_plan_order(v.transpose(1, 2), kperm).contiguous()
         kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
     qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out

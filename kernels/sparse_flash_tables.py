@@ -102,6 +102,7 @@ def partial_block_masks(plan: BlockPlan):
         P = b_i.numel()
         masks = torch.zeros(max(P, 1), bq, bk, dtype=torch.uint8, device=dev)
         perm = plan.perm.to(dev) if plan.perm is not None else torch.arange(S, device=dev)[None]
+        kperm = plan.key_perm.to(dev) if plan.key_perm is not None else perm  # keys may have their own order
         ar_q, ar_k = torch.arange(bq, device=dev), torch.arange(bk, device=dev)
         chunk = max(1, (1 << 24) // (bq * bk))
         for c0 in range(0, P, chunk):
@@ -111,7 +112,8 @@ def partial_block_masks(plan: BlockPlan):
             qpos = (q_i[sl, None] * bq + ar_q).clamp(max=S - 1)
             kpos = (k_i[sl, None] * bk + ar_k).clamp(max=S - 1)
             qo = torch.gather(ph, 1, qpos)
-            ko = torch.gather(ph, 1, kpos)
+            pk = kperm[hh if kperm.shape[0] > 1 else torch.zeros_like(hh)]
+            ko = torch.gather(pk, 1, kpos)
             k_real = (k_i[sl, None] * bk + ar_k) < S  # columns past the sequence: 0, so the kernel needs no tail mask
             masks[sl] = (plan.rule(hh[:, None, None], qo[:, :, None], ko[:, None, :]) & k_real[:, None, :]).to(torch.uint8)
         cache["masks"] = (masks, slot_start.contiguous())

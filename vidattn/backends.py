@@ -181,6 +181,8 @@ def _cpu_can_run(plan, q, k, v) -> Verdict:
     rect = plan.rectification
     if rect is not None and rect.has_fused:
         return False, "fused rectification terms (kept_log_scale / pooled columns) run on the reference backend"
+    if plan.kv_perm is not None:
+        return False, "a separate key order (kv_perm, Clustered) runs on the reference backend"
     return True, ""
 
 
@@ -214,6 +216,8 @@ def _triton_can_run(plan, q, k, v) -> Verdict:
         check_triton_inputs(q, k, v, plan)
     except BackendUnsupported as e:
         return False, str(e)
+    if plan.kv_perm is not None and grad_required(q, k, v):
+        return False, "the Triton backward does not support a separate key order (kv_perm, Clustered)"
     return True, ""
 
 

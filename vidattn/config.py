@@ -24,6 +24,9 @@ PATTERNS = {
     "radial": ("vidattn.patterns.radial", "Radial"),
     "grid": ("vidattn.patterns.grid", "PermutedGrid"),
     "rectified": ("vidattn.patterns.rectified", "RectifiedSparse"),
+    "clustered": ("vidattn.patterns.clustered", "Clustered"),
+    "svg": ("vidattn.patterns.svg", "SparseVideoGen"),
+    "mminference": ("vidattn.patterns.grid", "MMInferenceGrid"),
 }
 
 

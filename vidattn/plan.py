@@ -12,6 +12,9 @@ Key blocks not listed are skipped. Optional extras:
 * ``perm``: LongTensor ``[Hp, S]`` (Hp = 1 or heads). The plan's block indices refer to the
   permuted order ``x_perm[:, i] = x[:, perm[h, i]]``; backends permute Q/K/V per head before and
   inverse-permute the output after. The rule always receives *original* token indices.
+* ``kv_perm``: optional LongTensor ``[Hp, S]``, a separate token order for the *keys/values*
+  (Clustered: queries sorted by query cluster, keys by key cluster); None = keys follow ``perm``.
+  Key block indices then refer to ``k_perm[:, j] = k[:, kv_perm[h, j]]``.
 * ``rectification``: :class:`Rectification` terms (RectifiedSparse): fused into the softmax and/or
   an output epilogue ``out = scale * O + shift`` per query block, applied by ``run_plan``.
 
@@ -165,6 +168,7 @@ class BlockPlan:
         token_density: fraction of the S*S (query, key) pairs allowed (averaged over Bp*Hp); a
             float, or a 0-dim tensor for dynamic per-call plans (read it with ``float()``).
         meta: free-form description (pattern name, per-head choices, ...).
+        kv_perm: LongTensor ``[Hp, S]`` key/value token order, or None (keys follow ``perm``).
     """
 
     seq_len: int
@@ -179,6 +183,12 @@ class BlockPlan:
     rectification: Optional[Rectification] = None
     token_density: Union[float, torch.Tensor] = 1.0
     meta: dict = field(default_factory=dict)
+    kv_perm: Optional[torch.Tensor] = None
+
+    @property
+    def key_perm(self) -> Optional[torch.Tensor]:
+        """The key/value token order: ``kv_perm`` if set, else ``perm`` (None = identity)."""
+        return self.kv_perm if self.kv_perm is not None else self.perm
 
     def __post_init__(self):
         for name in ("seq_len", "block_q", "block_k"):
@@ -239,6 +249,7 @@ class BlockPlan:
             full_kv_num_blocks=mv(self.full_kv_num_blocks),
             full_kv_indices=mv(self.full_kv_indices),
             perm=mv(self.perm),
+            kv_perm=mv(self.kv_perm),
             rectification=None if self.rectification is None else self.rectification.to(device),
         )
 
@@ -273,16 +284,20 @@ class BlockPlan:
         bp, hp = cls.shape[:2]
         pos = torch.arange(S, device=dev)
         perm = self.perm if self.perm is not None else pos[None]
+        kperm = self.key_perm if self.key_perm is not None else pos[None]
         out = torch.zeros(bp, hp, S, S, dtype=torch.bool, device=dev)
         for h in range(hp):
             ph = perm[h if perm.shape[0] > 1 else 0]
+            pk = kperm[h if kperm.shape[0] > 1 else 0]
             allowed = tok_cls[:, h] == FULL
             if self.rule is not None:
-                r = self.rule(torch.tensor(h, device=dev), ph[:, None], ph[None, :])
+                r = self.rule(torch.tensor(h, device=dev), ph[:, None], pk[None, :])
                 allowed = allowed | ((tok_cls[:, h] == PARTIAL) & r)
             inv = torch.empty_like(ph)
             inv[ph] = pos
-            out[:, h] = allowed[:, inv][:, :, inv]
+            invk = torch.empty_like(pk)
+            invk[pk] = pos
+            out[:, h] = allowed[:, inv][:, :, invk]
         return out
 
     def describe(self) -> dict:
@@ -295,7 +310,7 @@ class BlockPlan:
             plan_heads=self.plan_heads,
             token_density=round(float(self.token_density), 6),
             block_density=round(self.block_density, 6),
-            permuted=self.perm is not None,
+            permuted=self.perm is not None or self.kv_perm is not None,
             rectified=self.rectification is not None,
             epilogue=self.rectification is not None and self.rectification.has_epilogue,
             **{k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in self.meta.items()
@@ -327,7 +342,8 @@ def indices_from_block_mask(mask: torch.Tensor, width: Optional[int] = None):
 def plan_from_block_mask(block_classes: torch.Tensor, *, seq_len: int, block_q: int, block_k: int,
                          rule: Optional[TokenRule], perm: Optional[torch.Tensor] = None,
                          token_density, rectification: Optional[Rectification] = None,
-                         meta: Optional[dict] = None, full_only: bool = False) -> BlockPlan:
+                         meta: Optional[dict] = None, full_only: bool = False,
+                         kv_perm: Optional[torch.Tensor] = None) -> BlockPlan:
     """Build a :class:`BlockPlan` from classified blocks.
 
     Args:
@@ -335,6 +351,7 @@ def plan_from_block_mask(block_classes: torch.Tensor, *, seq_len: int, block_q: 
         token_density: float, or a 0-dim tensor (dynamic plans: no host sync).
         full_only: the caller guarantees no partial block (e.g. dynamic block selection): the
             plan is then built without any host synchronisation (index lists NKB wide).
+        kv_perm: optional key/value token order ``[Hp, S]`` (see :class:`BlockPlan`).
     """
     if full_only:
         shape = block_classes.shape
@@ -350,7 +367,7 @@ def plan_from_block_mask(block_classes: torch.Tensor, *, seq_len: int, block_q: 
                      kv_indices=idx_p, full_kv_num_blocks=num_f, full_kv_indices=idx_f, rule=rule,
                      perm=perm, rectification=rectification,
                      token_density=token_density if isinstance(token_density, torch.Tensor) else float(token_density),
-                     meta=dict(meta or {}))
+                     meta=dict(meta or {}), kv_perm=kv_perm)
 
 
 def plan_from_rule(rule: TokenRule, *, seq_len: int, block_q: int, block_k: int, num_heads: int = 1,

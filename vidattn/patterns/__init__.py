@@ -13,6 +13,7 @@ _LAZY = {
     "Radial": "vidattn.patterns.radial",
     "PermutedGrid": "vidattn.patterns.grid",
     "RectifiedSparse": "vidattn.patterns.rectified",
+    "Clustered": "vidattn.patterns.clustered",
 }
 
 
@@ -25,4 +26,4 @@ def __getattr__(name):
 
 
 __all__ = ["Pattern", "StaticPattern", "Dense", "Neighborhood", "NeighborhoodRule", "Radial", "PermutedGrid",
-           "RectifiedSparse"]
+           "RectifiedSparse", "Clustered"]

@@ -37,7 +37,7 @@ from ..layout import TokenLayout
 from ..plan import EMPTY, FULL, PARTIAL, BlockPlan, TokenRule, plan_from_block_mask
 from .base import Pattern
 
-__all__ = ["PermutedGrid", "GridHeadRule", "DENSE", "SPATIAL", "TEMPORAL", "GRID"]
+__all__ = ["PermutedGrid", "MMInferenceGrid", "GridHeadRule", "DENSE", "SPATIAL", "TEMPORAL", "GRID"]
 
 DENSE, SPATIAL, TEMPORAL, GRID = 0, 1, 2, 3
 _NAMES = {DENSE: "dense", SPATIAL: "spatial", TEMPORAL: "temporal", GRID: "grid"}
@@ -144,6 +144,27 @@ class PermutedGrid(Pattern):
 
     is_dynamic = True
     needs_frames = True
+    candidate_kinds = None  # None: spatial, temporal and grid (subclasses restrict)
+    phase_by_recall = False
+
+    @classmethod
+    def from_authors(cls, method: str = "svg", **kwargs):
+        """The authors' own method of this family.
+
+        * ``"svg"``: :class:`~vidattn.patterns.svg.SparseVideoGen` (Sparse VideoGen 1's spatial /
+          temporal masks and MSE profiling as svg-project/Sparse-VideoGen @ 5ce7b01 defines them;
+          see its module docstring for every deliberate difference).
+        * ``"mminference"``: :class:`MMInferenceGrid` (MMInference's grid head, stride = tokens
+          per frame, phase by recall).
+
+        ``kwargs`` go to the constructor (e.g. ``sparsity=0.25`` for svg, ``recall=0.9``)."""
+        if method == "svg":
+            from .svg import SparseVideoGen
+
+            return SparseVideoGen(**kwargs)
+        if method == "mminference":
+            return MMInferenceGrid(**kwargs)
+        raise ValueError(f"method must be 'svg' or 'mminference', got {method!r}")
 
     def __post_init__(self):
         if isinstance(self.recall, bool) or not isinstance(self.recall, (int, float)) or not 0 < self.recall <= 1:
@@ -228,11 +249,16 @@ class PermutedGrid(Pattern):
                 line_row = (rows_g % st)[:, None] == torch.arange(st, device=q.device)[None]  # [n, st]
                 r = torch.where(line_row, torch.ones_like(mph), mph + m_text[..., None]).mean((0, 2))  # [H, st]
                 d = dens["grid"][i, :st].to(q.device)
-                # best phase per head: the cheapest among those above the threshold, else the max recall
-                ok = r >= self.recall
-                score = torch.where(ok, -d.float()[None].expand_as(r) + 2.0, r - 2.0)
-                ph = score.argmax(-1)  # first index on ties (deterministic)
+                if self.phase_by_recall:  # MMInference: the phase with the highest recall
+                    ph = r.argmax(-1)
+                else:
+                    # best phase per head: the cheapest among those above the threshold, else the max recall
+                    ok = r >= self.recall
+                    score = torch.where(ok, -d.float()[None].expand_as(r) + 2.0, r - 2.0)
+                    ph = score.argmax(-1)  # first index on ties (deterministic)
                 cands.append((d[ph].double().cpu(), GRID, st, ph, r.gather(-1, ph[:, None])[:, 0]))
+        if self.candidate_kinds is not None:
+            cands = [c for c in cands if c[1] in self.candidate_kinds]
         # one host transfer for all candidates, then a tiny per-head choice on the CPU
         cands = [(d.cpu(), kind, st, ph.cpu() if torch.is_tensor(ph) else ph, rc.cpu()) for d, kind, st, ph, rc in cands]
         kinds, strides, phases, recalls = [], [], [], []
@@ -343,3 +369,29 @@ class PermutedGrid(Pattern):
             ent = cache[key] = dict(choice=choice, plan=plan, calls=0)
         ent["calls"] += 1
         return ent["plan"]
+
+
+@dataclass(frozen=True)
+class MMInferenceGrid(PermutedGrid):
+    """MMInference's grid head for video (Li et al., "MMInference: Accelerating Pre-filling for
+    Long-Context VLMs via Modality-Aware Permutation Sparse Attention", arXiv:2504.16083).
+
+    Written from the paper: microsoft/MInference at commit
+    ``fb56c917f618e8645f1cfc37535afd7424d78f0d`` ships only the README entry for MMInference (no
+    grid-head code), so there is no code to follow. Per head: stride = tokens per frame
+    (``H * W``), keys with ``g % stride == phase`` (vertical lines) visible to every query, line
+    queries attend every key (horizontal lines), executed with the line tokens permuted to the
+    front (the paper's permutation, here a plan order instead of strided loads). The phase is the
+    one with the highest attention-mass recall on ``num_samples`` evenly spaced sampled query rows
+    (the paper searches it offline by recall; here online, reused for ``profile_every`` calls);
+    a head whose best recall is below ``recall`` runs dense. Deliberate differences: no local
+    window / slash lines and no A-shape / vertical-slash head types (the paper assigns those to
+    other heads offline); text tokens dense both ways.
+    """
+
+    candidate_kinds = (GRID,)
+    phase_by_recall = True
+
+    def _strides(self, layout):
+        T, H, W = layout.grid
+        return (H * W,) if H * W <= layout.num_grid_tokens and H * W >= 2 else ()

@@ -27,6 +27,32 @@ on where block boundaries fall. Density falls like ``O(log n / n)`` in the numbe
 
 Defaults are the paper's Wan 2.1 settings (decay 0.2, frame-0 sink, half width at distance 1,
 block 128); HunyuanVideo: ``Radial(decay_factor=0.95, sink_frames=0, dense_near_frames=1)``.
+
+Authors-exact preset (``granularity="authors"``, built by :meth:`Radial.from_authors`)
+-------------------------------------------------------------------------------------
+Follows ``radial_attn/attn_mask.py`` of mit-han-lab/radial-attention at commit
+``72788d4f0a6d202f1ec5f1c98a6e4c8b2e34fdbc`` (``gen_log_mask_shrinked``, ``get_window_width``,
+``get_diagonal_split_mask``, ``shrinkMaskStrict``), re-derived, not copied. The executed mask is
+their *block* mask over the video tokens, expanded to tokens; text (prefix/suffix) tokens are dense
+both ways. For every frame pair ``(i, j)``, ``d = |i - j|``:
+
+* local ``tpf x tpf`` mask: all ones if ``model == "wan"`` and ``j == 0`` (first-frame sink, both
+  models' processors run with it only for Wan); else ``|c - r| <= w`` with ``w = tpf`` for
+  ``d <= 1`` (both models in the current code) and ``max(2**bitlen(tpf) / 2**bitlen(d) * decay,
+  B)`` beyond (compared in float32 as their torch code does), ANDed with the frequency reduction
+  whose threshold is fixed at **128** whatever the block size (their ``threshold = 128``);
+* the local mask is placed at row offset ``(i * tpf) % B`` and column offset ``(j * tpf) % B`` of
+  a zero canvas whose first ``ceil(tpf / B)`` blocks (rows and columns) are shrunk: a block is kept
+  iff more than 60% of its non-empty columns have density (allowed rows / B) above 1/3; the
+  kept blocks are ORed into the global mask at block ``((i * tpf) // B, (j * tpf) // B)``.
+
+Their attention kernels need the video token count ``N`` to be a multiple of ``B``. For other
+``N`` this follows their mask function on the block-padded sequence (its own ``__main__``
+example): the same construction over ``ceil(N / B)`` video blocks, and the ragged last video
+block, which lies past their ``video_text_border = N // B``, dense as query and as key block
+(their ``final[border:] = True``); padding tokens dropped. With ``B | N`` it is exactly theirs. Blocks are aligned to
+the first *video* token: with a prefix that is not a block multiple the plan runs in the order
+``[video, prefix, suffix]`` (a plan permutation) so that plan blocks coincide with their blocks.
 """
 
 from __future__ import annotations
@@ -37,10 +63,126 @@ from typing import Tuple
 import torch
 
 from ..layout import TokenLayout
-from ..plan import FULL, BlockPlan, TokenRule, plan_from_block_mask, plan_from_rule
+from ..plan import EMPTY, FULL, PARTIAL, BlockPlan, TokenRule, plan_from_block_mask, plan_from_rule
 from .base import StaticPattern
 
-__all__ = ["Radial", "RadialRule", "radial_tables"]
+__all__ = ["Radial", "RadialRule", "radial_tables", "authors_block_mask", "RadialBlockTableRule",
+           "AUTHORS_SPLIT_THRESHOLD"]
+
+AUTHORS_SPLIT_THRESHOLD = 128  # their frequency-reduction threshold, hard-coded whatever the block size
+
+
+def authors_block_mask(num_frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
+                       model: str, device=None, pairs_per_chunk: int = 64) -> torch.Tensor:
+    """The authors' Radial block mask over the video tokens (module docstring, "Authors-exact").
+
+    Computed per frame pair from closed-form row counts (the allowed rows of a band inside a row
+    block form one interval), never materialising a ``tpf x tpf`` mask: ``O(F^2 * tpf)`` work.
+
+    Args:
+        num_frames: F (latent frames); tokens_per_frame: tpf; block_size: B (their code: 128 or 64).
+        decay_factor: float > 0; model: ``"wan"`` (first-frame sink) or ``"hunyuan"``.
+    Returns:
+        BoolTensor ``[NVB, NVB]``, ``NVB = ceil(F * tpf / B)``; True = block computed.
+    """
+    if model not in ("wan", "hunyuan"):
+        raise ValueError(f"model must be 'wan' or 'hunyuan', got {model!r}")
+    F, tpf, B = int(num_frames), int(tokens_per_frame), int(block_size)
+    if F < 1 or tpf < 1 or B < 1:
+        raise ValueError(f"num_frames, tokens_per_frame and block_size must be >= 1, got {F}, {tpf}, {B}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    nvb = -(-F * tpf // B)
+    nb = -(-tpf // B)  # blocks of one frame pair canvas that are shrunk
+    top = 2 ** tpf.bit_length()
+    # per pair: (row block start, col block start, row offset, col offset, band half-width or -1 for sink)
+    rows = []
+    for i in range(F):
+        for j in range(F):
+            d = abs(i - j)
+            sink = model == "wan" and j == 0
+            if not sink:
+                dl = top / 2 ** d.bit_length()
+                if dl < AUTHORS_SPLIT_THRESHOLD and d % int(AUTHORS_SPLIT_THRESHOLD / dl) != 0:
+                    continue  # frequency reduction: the whole pair is empty
+                w = tpf if d <= 1 else max(dl * decay_factor, B)
+                width = int(torch.tensor(w, dtype=torch.float32).floor().item())  # |c-r| <= float32(w)
+            else:
+                width = -1
+            rows.append(((i * tpf) // B, (j * tpf) // B, (i * tpf) % B, (j * tpf) % B, width))
+    out = torch.zeros(nvb, nvb, dtype=torch.bool, device=dev)
+    if (F * tpf) % B:
+        # their ``final[video_text_border:] = True`` with border = N // B: on a sequence padded to a
+        # block multiple (their own __main__ example) the ragged last video block is dense both ways
+        out[(F * tpf) // B, :] = True
+        out[:, (F * tpf) // B] = True
+    if not rows:
+        return out
+    table = torch.tensor(rows, dtype=torch.long, device=dev)
+    a = torch.arange(nb, device=dev)
+    qcol = torch.arange(nb * B, device=dev)
+    for c0 in range(0, table.shape[0], pairs_per_chunk):
+        t = table[c0:c0 + pairs_per_chunk]
+        brs, bcs, rr, rc, wd = (t[:, k] for k in range(5))
+        lo = (a[None] * B - rr[:, None]).clamp(min=0)                 # [P, nb] first local row of row block a
+        hi = ((a[None] + 1) * B - rr[:, None]).clamp(max=tpf)         # [P, nb] one past the last
+        c = qcol[None] - rc[:, None]                                  # [P, nb*B] local column
+        c_ok = (c >= 0) & (c < tpf)
+        sink = (wd < 0)[:, None, None]
+        w = wd.clamp(min=0)[:, None, None]
+        blo = torch.where(sink, lo[:, :, None], torch.maximum(lo[:, :, None], c[:, None] - w))
+        bhi = torch.where(sink, hi[:, :, None], torch.minimum(hi[:, :, None], c[:, None] + w + 1))
+        cnt = (bhi - blo).clamp(min=0) * c_ok[:, None]               # [P, nb, nb*B] allowed rows per column
+        cnt = cnt.view(t.shape[0], nb, nb, B)
+        high = (3 * cnt > B).sum(-1)                                  # density > 1/3
+        nonzero = (cnt > 0).sum(-1)
+        keep = 5 * high > 3 * nonzero                                 # > 60% of the non-empty columns
+        P = t.shape[0]
+        ri = (brs[:, None, None] + a[None, :, None]).expand(P, nb, nb)
+        ci = (bcs[:, None, None] + a[None, None, :]).expand(P, nb, nb)
+        ok = keep & (ri < nvb) & (ci < nvb)
+        out[ri[ok], ci[ok]] = True
+    return out
+
+
+class RadialBlockTableRule(TokenRule):
+    """Token rule of the authors-exact Radial preset: grid tokens ``gq, gk`` (sequence index minus
+    ``prefix``) may attend iff ``table[gq // B, gk // B]``; prefix/suffix tokens are dense both ways.
+
+    Fields: ``prefix``, ``num_grid`` (N), ``block_size`` (B), ``table`` BoolTensor ``[ceil(N/B)]^2``
+    (kept on CPU; device copies cached), ``key`` hashable identity of the table's construction.
+    """
+
+    def __init__(self, prefix: int, num_grid: int, block_size: int, table: torch.Tensor, key):
+        self.prefix, self.num_grid, self.block_size = int(prefix), int(num_grid), int(block_size)
+        self.table = table.to("cpu")
+        self._key = key
+        self._dev = {"cpu": self.table}
+
+    def warm(self, device) -> "RadialBlockTableRule":
+        """Create the device copy of the table now (before tracing); returns self."""
+        self._table(torch.device(device))
+        return self
+
+    def _table(self, device):
+        hit = self._dev.get(str(device))
+        if hit is None:
+            hit = self.table.to(device)
+            if not torch.compiler.is_compiling():
+                self._dev[str(device)] = hit
+        return hit
+
+    def __call__(self, h, q_idx, k_idx):
+        """Bool tensor of the broadcast shape of ``q_idx``/``k_idx`` (original token indices)."""
+        n = self.num_grid
+        gq, gk = q_idx - self.prefix, k_idx - self.prefix
+        q_in = (gq >= 0) & (gq < n)
+        k_in = (gk >= 0) & (gk < n)
+        tab = self._table(q_idx.device)
+        allowed = tab[gq.clamp(0, n - 1) // self.block_size, gk.clamp(0, n - 1) // self.block_size]
+        return (q_in & k_in & allowed) | ~q_in | ~k_in
+
+    def cache_key(self):
+        return ("RadialBlockTableRule", self.prefix, self.num_grid, self.block_size, self._key)
 
 
 def radial_tables(num_frames: int, tokens_per_frame: int, block_size: int, decay_factor: float,
@@ -132,7 +274,8 @@ class Radial(StaticPattern):
         granularity: ``"token"`` (default): the exact token rule above, band edges run as
             partial blocks; ``"block"``: every block holding at least one allowed pair is run
             in full (a superset of the token mask, like the authors' block mask; no per-token
-            masking work, so the fastest on GPU). ``mask()`` always equals what the plan runs.
+            masking work, so the fastest on GPU); ``"authors"``: the authors' block mask exactly
+            (build it with :meth:`from_authors`). ``mask()`` always equals what the plan runs.
     """
 
     decay_factor: float = 0.2
@@ -154,8 +297,85 @@ class Radial(StaticPattern):
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {self.block_size!r}")
-        if self.granularity not in ("token", "block"):
-            raise ValueError(f"granularity must be 'token' or 'block', got {self.granularity!r}")
+        if self.granularity not in ("token", "block", "authors"):
+            raise ValueError(f"granularity must be 'token', 'block' or 'authors', got {self.granularity!r}")
+        if self.granularity == "authors":
+            if self.sink_frames not in (0, 1) or self.dense_near_frames != 1:
+                raise ValueError("granularity='authors' follows the authors' code: sink_frames must be 1 (Wan) or 0 "
+                                 f"(HunyuanVideo) and dense_near_frames 1, got sink_frames={self.sink_frames}, "
+                                 f"dense_near_frames={self.dense_near_frames}; use Radial.from_authors(...)")
+
+    @classmethod
+    def from_authors(cls, model: str = "wan", decay_factor=None, block_size: int = 128) -> "Radial":
+        """The authors' Radial Attention block mask (module docstring, "Authors-exact preset").
+
+        Follows mit-han-lab/radial-attention ``radial_attn/attn_mask.py`` at commit
+        ``72788d4f0a6d202f1ec5f1c98a6e4c8b2e34fdbc`` (``gen_log_mask_shrinked``). Deliberate
+        differences: (a) video token counts that are not a multiple of ``block_size`` (their kernels
+        reject them) follow their mask function on the block-padded sequence (module docstring); (b) text tokens are
+        dense both ways (their HunyuanVideo path additionally masks *padded* text keys through the
+        prompt's attention mask, which is an input here, not a pattern); (c) the dense warm-up
+        (``dense_timesteps`` / ``dense_layers``) is the pipeline schedule's job, as for every pattern.
+
+        Args:
+            model: ``"wan"`` (first-frame attention sink) or ``"hunyuan"`` (no sink).
+            decay_factor: band decay; default their scripts' value (Wan 2.1 0.2, HunyuanVideo 0.95;
+                their Wan 2.2 script uses 0.8).
+            block_size: 128 (their Wan 2.1 / HunyuanVideo path) or 64 (their Wan 2.2 path); the
+                frequency-reduction threshold stays 128 either way, as in their code.
+        Returns:
+            ``Radial(granularity="authors", ...)``; ``mask(layout)`` is ``[1, S, S]`` bool and equals
+            ``plan(layout).token_mask()[0]``.
+        """
+        if model not in ("wan", "hunyuan"):
+            raise ValueError(f"model must be 'wan' or 'hunyuan', got {model!r}")
+        if decay_factor is None:
+            decay_factor = 0.2 if model == "wan" else 0.95
+        return cls(decay_factor=float(decay_factor), sink_frames=1 if model == "wan" else 0, dense_near_frames=1,
+                   block_size=block_size, dense_text=True, granularity="authors")
+
+    # ---------------------------------------------------------------- authors preset
+    def authors_table(self, layout: TokenLayout) -> torch.Tensor:
+        """BoolTensor ``[NVB, NVB]``: the authors' block mask over the video tokens of ``layout``
+        (``granularity="authors"``), cached per grid."""
+        self.validate(layout)
+        T, H, W = layout.grid
+        return self.cached_plan(("authors_table", T, H * W),
+                                lambda: authors_block_mask(T, H * W, self.block_size, float(self.decay_factor),
+                                                           "wan" if self.sink_frames == 1 else "hunyuan"))
+
+    def _authors_rule(self, layout: TokenLayout) -> RadialBlockTableRule:
+        T, H, W = layout.grid
+        return RadialBlockTableRule(layout.prefix, layout.num_grid_tokens, self.block_size, self.authors_table(layout),
+                                    key=(T, H * W, float(self.decay_factor), self.sink_frames))
+
+    def _authors_plan(self, layout: TokenLayout, dev) -> BlockPlan:
+        S, P, N, B = layout.seq_len, layout.prefix, layout.num_grid_tokens, self.block_size
+        rule = self._authors_rule(layout).warm(dev)
+        table = rule.table.to(dev)
+        nvb = table.shape[0]
+        perm = None
+        off = P
+        if P % B:
+            # plan order [video, prefix, suffix], so that plan blocks coincide with the video blocks
+            perm = torch.cat([torch.arange(P, P + N), torch.arange(P), torch.arange(P + N, S)]).to(dev)[None]
+            off = 0
+        nb = -(-S // B)
+        start = torch.arange(nb, device=dev) * B
+        size = torch.clamp(S - start, max=B)
+        nv = (torch.minimum(start + size, torch.tensor(off + N, device=dev)) - torch.maximum(start, torch.tensor(off, device=dev))).clamp(min=0)
+        vb = ((start - off).clamp(min=0) // B).clamp(max=nvb - 1)
+        tab = table[vb[:, None], vb[None, :]]
+        no_video = (nv[:, None] == 0) | (nv[None, :] == 0)
+        allowed = tab | no_video
+        all_video = (nv[:, None] == size[:, None]) & (nv[None, :] == size[None, :])
+        cls_ = torch.where(allowed, FULL, torch.where(all_video, EMPTY, PARTIAL)).to(torch.int8)
+        pairs = size[:, None] * size[None, :] - torch.where(allowed, 0, nv[:, None] * nv[None, :])
+        density = float(pairs.double().sum()) / S ** 2
+        meta = dict(pattern="radial", granularity="authors", model="wan" if self.sink_frames == 1 else "hunyuan",
+                    decay_factor=float(self.decay_factor), block_size=B)
+        return plan_from_block_mask(cls_[None, None], seq_len=S, block_q=B, block_k=B, rule=rule, perm=perm,
+                                    token_density=density, meta=meta)
 
     def validate(self, layout: TokenLayout) -> None:
         """Raise ``ValueError`` unless ``layout.grid`` is ``(T, H, W)``."""
@@ -176,6 +396,10 @@ class Radial(StaticPattern):
         """BoolTensor ``[1, S, S]`` (same for every head); costs S*S memory (tests / small S)."""
         if self.granularity == "block":
             return self.plan(layout).token_mask()[0]
+        if self.granularity == "authors":
+            r = self._authors_rule(layout)
+            idx = torch.arange(layout.seq_len)
+            return r(torch.tensor(0), idx[:, None], idx[None, :])[None]
         r = self.rule(layout)
         idx = torch.arange(layout.seq_len)
         return r(torch.tensor(0), idx[:, None], idx[None, :])[None]
@@ -232,6 +456,9 @@ class Radial(StaticPattern):
         Built once by evaluating the rule on the :meth:`candidate_blocks` only, in bounded chunks
         (static pattern: paid once per layout, shared by all heads, layers and steps)."""
         dev = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
+        if self.granularity == "authors":
+            self.validate(layout)
+            return self.cached_plan((layout, str(dev)), lambda: self._authors_plan(layout, dev))
         r = self.rule(layout).warm(dev)
         bs = self.block_size
 

@@ -196,6 +196,11 @@ class RectifiedSparse(Pattern):
         method: ``"authors"`` (IPAR + GAPR, output epilogue; default) or ``"joint"`` (this
             project's fused pooled-column softmax).
         top_k: minimum number of critical blocks per query block (the authors' ``top_k``).
+        min_keep: optional minimum *fraction* of the grid key blocks kept per query block: at
+            least ``int(min_keep * ceil(N / block_size))`` (the authors' ``top_k =
+            select_block_num = int((1 - sa_drop_rate) * img_block_num)``).
+        first_frame_square: also keep every (first-frame query block, first-frame key block) pair,
+            ``ceil(NB // T)`` blocks each way (the authors' ``first_frame_blocks``; video grids).
     """
 
     keep: float = 0.25
@@ -206,6 +211,8 @@ class RectifiedSparse(Pattern):
     dense_text: bool = True
     method: str = "authors"
     top_k: int = 1
+    min_keep: Optional[float] = None
+    first_frame_square: bool = False
 
     is_dynamic = True
     needs_values = True
@@ -224,6 +231,43 @@ class RectifiedSparse(Pattern):
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
             raise ValueError(f"top_k must be an int >= 1, got {self.top_k!r}")
+        if self.min_keep is not None and (isinstance(self.min_keep, bool) or not isinstance(self.min_keep, (int, float))
+                                          or not 0 <= self.min_keep <= 1):
+            raise ValueError(f"min_keep must be None or a float in [0, 1], got {self.min_keep!r}")
+
+    # the authors' scripts (BienLuky/Rectified-SpaAttn @ 4b0aa10, scripts/main_*.py): sa_drop_rate
+    AUTHORS_DROP_RATES = {"wan21": 0.75, "wan22": 0.85, "hunyuan": 0.8, "flux": 0.9}
+
+    @classmethod
+    def from_authors(cls, model: str = "wan21", drop_rate: Optional[float] = None) -> "RectifiedSparse":
+        """The authors' IPAR + GAPR with their scripts' defaults.
+
+        Follows BienLuky/Rectified-SpaAttn at commit ``4b0aa10c87ce254951efc269b231642b68ef7eff``
+        (``rectified_spaattn/rectified_wan21_attn.py`` ``_build_block_index_with_importance_optimized``
+        / ``block_sparse_attention_combined``, ``scripts/main_wan21t2v.py``): block 128 both ways;
+        critical blocks ``#{j : cumsum_j <= p_remain_rates} + 1`` with ``p_remain_rates = 0.3``, at
+        least ``select_block_num = int((1 - sa_drop_rate) * img_block_num)`` (drop rate 0.75 Wan 2.1,
+        0.85 Wan 2.2, 0.8 HunyuanVideo, 0.9 FLUX); the first-frame block square for video models;
+        text keys isolated in the implicit attention and text blocks kept both ways; GAPR pooling
+        of the non-critical blocks and the IPAR output correction.
+
+        Deliberate differences (see the module docstring): the diagonal block stands in for their
+        Hilbert-curve 26-neighbour static mask and no Hilbert token reordering is done; the ragged
+        last block is pooled over its real tokens; dense warm-up (their first 2 layers and first 5
+        steps) is the pipeline schedule's job.
+
+        Args:
+            model: ``"wan21" | "wan22" | "hunyuan" | "flux"`` (selects the drop rate).
+            drop_rate: override of ``sa_drop_rate``.
+        """
+        if model not in cls.AUTHORS_DROP_RATES:
+            raise ValueError(f"model must be one of {sorted(cls.AUTHORS_DROP_RATES)}, got {model!r}")
+        drop = cls.AUTHORS_DROP_RATES[model] if drop_rate is None else float(drop_rate)
+        if not 0 <= drop < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        return cls(keep=max(1e-6, 1 - drop), rectify=True, block_size=128, mass=0.3, keep_diagonal=True,
+                   dense_text=True, method="authors", top_k=1, min_keep=1 - drop,
+                   first_frame_square=model != "flux")
 
     def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, *,
              v: Optional[torch.Tensor] = None, scale: Optional[float] = None, num_heads: int = 1,
@@ -274,11 +318,25 @@ class RectifiedSparse(Pattern):
                                     meta=meta, full_only=True)
 
     # ------------------------------------------------------------------ shared
+    def _min_count(self, layout: TokenLayout) -> int:
+        """Minimum critical blocks per query block: ``max(top_k, int(min_keep * grid blocks))``."""
+        if self.min_keep is None:
+            return self.top_k
+        return max(self.top_k, int(self.min_keep * -(-layout.num_grid_tokens // self.block_size)))
+
     def _force(self, kept: torch.Tensor, layout: TokenLayout, S: int) -> torch.Tensor:
         """Add the diagonal and text blocks (rows and columns) to a ``[B, H, NQB, NKB]`` selection."""
         nb = kept.shape[-1]
         if self.keep_diagonal:
             kept = kept | torch.eye(nb, dtype=torch.bool, device=kept.device)
+        if self.first_frame_square and layout.ndim == 3 and layout.grid[0] > 0:
+            nvb = -(-layout.num_grid_tokens // self.block_size)
+            ffb = nvb // layout.grid[0]
+            if ffb > 0:
+                sq = torch.zeros(nb, nb, dtype=torch.bool, device=kept.device)
+                off = layout.prefix // self.block_size  # blocks are counted from the first video token
+                sq[off:off + ffb, off:off + ffb] = True
+                kept = kept | sq
         if self.dense_text and (layout.prefix or layout.suffix):
             has_text = _text_blocks(layout, S, self.block_size, kept.device)
             kept = kept | has_text[None, None, None, :] | has_text[None, None, :, None]
@@ -305,7 +363,7 @@ class RectifiedSparse(Pattern):
             probs = pooled_block_probs(qp, kg.repeat_interleave(rep, 1), cnt_g, s, text_k, text_idx // bs)
         else:
             probs = pooled_block_probs(qp, kp, cnt, s)
-        crit = select_blocks(probs, self.keep, self.mass, min_count=self.top_k, inclusive=True)
+        crit = select_blocks(probs, self.keep, self.mass, min_count=self._min_count(layout), inclusive=True)
         crit = self._force(crit, layout, S)
         if not (self.rectify and v is not None):
             return crit, None, {}
@@ -331,7 +389,7 @@ class RectifiedSparse(Pattern):
         cnt = block_counts(S, bs, q.device).float()
         logits = s * torch.einsum("bhqd,bhkd->bhqk", qp, kp) + cnt.log()
         probs = torch.softmax(logits, -1)
-        kept = select_blocks(probs, self.keep, self.mass, min_count=self.top_k)
+        kept = select_blocks(probs, self.keep, self.mass, min_count=self._min_count(layout))
         kept = self._force(kept, layout, S)
         if not (self.rectify and v is not None):
             return kept, None, {}
