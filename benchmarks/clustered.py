@@ -50,7 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--k-clusters", type=int, default=None)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--block-sizes", default="32,64,128", help="block sizes for the rounding-cost table")
+    p.add_argument("--block-k", type=int, default=None, help="key block (default: --block-size)")
+    p.add_argument("--block-sizes", default="128x64,64x64,64x32,128x32,64x16,32x32",
+                   help="QxK block pairs (or single sizes) for the rounding-cost table")
     p.add_argument("--iters-first", type=int, default=50)
     p.add_argument("--iters-step", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2)
@@ -133,7 +135,8 @@ def main(argv=None):
     q, k, v = make_inputs(args, layout, dtype, dev)
     B, S, H, D = q.shape
     pat = Clustered(q_clusters=args.q_clusters, k_clusters=args.k_clusters, top_p=args.top_p,
-                    iters_first=args.iters_first, iters_step=args.iters_step, block_size=args.block_size)
+                    iters_first=args.iters_first, iters_step=args.iters_step, block_size=args.block_size,
+                    block_k=args.block_k)
     Kq, Kk = pat.cluster_counts(layout)
     run = timer(dev)
     g = layout.grid_slice
@@ -160,9 +163,11 @@ def main(argv=None):
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))
     dense_ms = run(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh), args.warmup, args.repeats)
     rounding = {}
-    for bs in [int(x) for x in args.block_sizes.split(",") if x]:
-        pb = build(Clustered(q_clusters=args.q_clusters, k_clusters=args.k_clusters, top_p=args.top_p, block_size=bs))
-        rounding[str(bs)] = dict(token_density=round(float(pb.token_density), 5),
+    for item in [x for x in args.block_sizes.split(",") if x]:
+        bq, _, bk = item.partition("x")
+        pb = build(Clustered(q_clusters=args.q_clusters, k_clusters=args.k_clusters, top_p=args.top_p,
+                             block_size=int(bq), block_k=int(bk) if bk else None))
+        rounding[item] = dict(token_density=round(float(pb.token_density), 5),
                                  cluster_density=round(float(pb.meta["cluster_density"]), 5),
                                  cost=round(float(pb.token_density) / max(float(pb.meta["cluster_density"]), 1e-12), 4))
     res = dict(
@@ -170,7 +175,7 @@ def main(argv=None):
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", backend=backend, inputs=args.inputs
         if not args.qkv else os.path.basename(args.qkv),
         kmeans_assign="triton" if (dev.type == "cuda" and os.environ.get("VIDATTN_KMEANS_TRITON", "1") != "0") else "torch",
-        q_clusters=Kq, k_clusters=Kk, top_p=args.top_p, block_size=args.block_size,
+        q_clusters=Kq, k_clusters=Kk, top_p=args.top_p, block_size=args.block_size, block_k=args.block_k or args.block_size,
         iters_first=args.iters_first, iters_step=args.iters_step,
         kmeans_cold_ms=round(cold_ms, 4), kmeans_warm_ms=round(warm_ms, 4), plan_ms=round(plan_ms, 4),
         attention_ms=round(attn_ms, 4), dense_ms=round(dense_ms, 4),

@@ -122,3 +122,15 @@ def test_wan480p_shape_density():
     pat = Radial.from_authors("wan")
     plan = pat.plan(lay)
     assert plan.seq_len == 32760 and 0.2 < float(plan.token_density) < 0.6
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(F=st.integers(1, 9), tpf=st.integers(1, 200), B=st.sampled_from([64, 128]),
+       decay=st.sampled_from([0.2, 0.5, 0.8, 0.95, 1.0]), model=st.sampled_from(["wan", "hunyuan"]))
+def test_block_mask_sweep(F, tpf, B, decay, model):
+    from vidattn.patterns.radial import authors_block_mask
+
+    assert torch.equal(authors_block_mask(F, tpf, B, decay, model), oracle_block_mask(F, tpf, B, decay, model))

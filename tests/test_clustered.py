@@ -94,14 +94,14 @@ def _qk(layout, B, H, D, gen, K=4):
     return q, k, v
 
 
-@pytest.mark.parametrize("B,suffix,prefix", [(1, 0, 0), (1, 7, 0), (2, 3, 5)])
-def test_exact_plan_matches_oracle_and_superset(B, suffix, prefix):
+@pytest.mark.parametrize("B,suffix,prefix,bq,bk", [(1, 0, 0, 16, 16), (1, 7, 0, 32, 16), (2, 3, 5, 16, 32)])
+def test_exact_plan_matches_oracle_and_superset(B, suffix, prefix, bq, bk):
     gen = torch.Generator().manual_seed(1 + B + suffix)
     lay = TokenLayout((3, 6, 8), prefix=prefix, suffix=suffix)
     q, k, v = _qk(lay, B, 2, 8, gen)
     want = oracle_cluster_mask(lay, q, k, 5, 9, 0.6, 0.2, 12)
-    pat = Clustered(q_clusters=5, k_clusters=9, top_p=0.6, min_fraction=0.2, iters_first=12, block_size=16,
-                    exact=True, warm_start=False)
+    pat = Clustered(q_clusters=5, k_clusters=9, top_p=0.6, min_fraction=0.2, iters_first=12, block_size=bq,
+                    block_k=bk, exact=True, warm_start=False)
     plan = pat.plan(lay, q, k)
     got = plan.token_mask()
     if B == 1:
@@ -109,8 +109,8 @@ def test_exact_plan_matches_oracle_and_superset(B, suffix, prefix):
     else:  # exact inside partial blocks up to the batch union
         assert torch.equal(got | want, got) and torch.equal(got & want.any(0, keepdim=True), got)
     assert abs(float(plan.meta["cluster_density"]) - want.double().mean().item()) < 1e-9
-    loose = Clustered(q_clusters=5, k_clusters=9, top_p=0.6, min_fraction=0.2, iters_first=12, block_size=16,
-                      warm_start=False).plan(lay, q, k)
+    loose = Clustered(q_clusters=5, k_clusters=9, top_p=0.6, min_fraction=0.2, iters_first=12, block_size=bq,
+                      block_k=bk, warm_start=False).plan(lay, q, k)
     lm = loose.token_mask()
     assert torch.equal(lm | want, lm) and not loose.has_partial
     assert float(loose.token_density) >= float(loose.meta["cluster_density"]) - 1e-12
@@ -161,7 +161,7 @@ def test_backends_run_the_same_plan(backend):
     k = k[:, :, :1].contiguous()  # GQA: one key head
     v = v[:, :, :1].contiguous()
     for exact in (False, True):
-        plan = Clustered(q_clusters=4, k_clusters=6, top_p=0.5, block_size=16, exact=exact).plan(lay, q, k)
+        plan = Clustered(q_clusters=4, k_clusters=6, top_p=0.5, block_size=32, block_k=16, exact=exact).plan(lay, q, k)
         ref = vidattn.run_plan(q, k, v, plan, backend="reference")
         out = vidattn.run_plan(q, k, v, plan, backend=backend)
         torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)

@@ -135,10 +135,13 @@ class Clustered(Pattern):
         min_fraction: at least this fraction of key clusters kept (authors ``min_kc_ratio`` 0.1).
         iters_first: k-means iterations on a cold start (authors 50).
         iters_step: iterations when warm-started from the previous call (authors 2).
-        block_size: plan block (tokens) over the cluster orders.
+        block_size: plan query block (tokens) over the query-cluster order.
         exact: run exactly the cluster mask (partial blocks) instead of its block superset.
         warm_start: reuse the previous call's centroids (per layout / heads / ``state_key``; calls
             without a ``state_key`` always start cold).
+        block_k: plan key block over the key-cluster order (None = ``block_size``); key clusters
+            are the smaller ones (about 33 tokens at Wan 480p), so a smaller key block cuts most
+            of the block-rounding cost.
     """
 
     q_clusters: Optional[int] = None
@@ -150,6 +153,7 @@ class Clustered(Pattern):
     block_size: int = 64
     exact: bool = False
     warm_start: bool = True
+    block_k: Optional[int] = None
 
     is_dynamic = True
     uses_state_key = True  # processors should pass plan(..., state_key=<layer index>) for warm starts
@@ -159,6 +163,9 @@ class Clustered(Pattern):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+        if self.block_k is not None and (isinstance(self.block_k, bool) or not isinstance(self.block_k, int)
+                                         or self.block_k < 1):
+            raise ValueError(f"block_k must be None or an int >= 1, got {self.block_k!r}")
         for name in ("iters_first", "iters_step", "block_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -283,11 +290,16 @@ class Clustered(Pattern):
             m = torch.nn.functional.pad(m.to(torch.int32).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
             return m
 
-        nb_q = -(-S // bs)
-        starts = torch.arange(nb_q, device=dev) * bs
-        ends = torch.clamp(starts + bs, max=S) - 1
-        qlo, qhi = sq[:, starts], sq[:, ends]  # [H, NB]
-        klo, khi = sk[:, starts], sk[:, ends]
+        bk = self.block_k or bs
+
+        def cuts(b):
+            st = torch.arange(-(-S // b), device=dev) * b
+            return st, torch.clamp(st + b, max=S) - 1
+
+        q_st, q_en = cuts(bs)
+        k_st, k_en = cuts(bk)
+        qlo, qhi = sq[:, q_st], sq[:, q_en]  # [H, NQB]
+        klo, khi = sk[:, k_st], sk[:, k_en]  # [H, NKB]
 
         def rect(P):  # P [..., H, R+1, C+1] (leading dim broadcast) -> [.., H, NB, NB]
             hi_r, lo_r = (qhi + 1)[:, :, None], qlo[:, :, None]
@@ -297,20 +309,19 @@ class Clustered(Pattern):
 
         kept_cnt = rect(prefix2d(ext))  # [B, H, NB, NB]
         active = kept_cnt > 0
-        size = (ends - starts + 1).double()
-        area = size[:, None] * size[None, :]
+        area = (q_en - q_st + 1).double()[:, None] * (k_en - k_st + 1).double()[None, :]
         m = dict(pattern="clustered", q_clusters=Kq, k_clusters=Kk, top_p=float(self.top_p),
                  cluster_density=cluster_density, text_tokens=n_text)
         m.update(meta or {})
         if not self.exact:
             cls_ = torch.where(active, FULL, EMPTY).to(torch.int8)
             density = (active.double() * area).sum() / (B * H * S * S)
-            return plan_from_block_mask(cls_, seq_len=S, block_q=bs, block_k=bs, rule=None, perm=perm_q,
+            return plan_from_block_mask(cls_, seq_len=S, block_q=bs, block_k=bk, rule=None, perm=perm_q,
                                         kv_perm=perm_k, token_density=density, meta=m, full_only=True)
         full = kept_cnt == rect(prefix2d(pres))[None]
         cls_ = torch.where(active, torch.where(full, FULL, PARTIAL), EMPTY).to(torch.int8)
         rule = ClusterRule(full_q, full_k, ext.any(0))
-        return plan_from_block_mask(cls_, seq_len=S, block_q=bs, block_k=bs, rule=rule, perm=perm_q, kv_perm=perm_k,
+        return plan_from_block_mask(cls_, seq_len=S, block_q=bs, block_k=bk, rule=rule, perm=perm_q, kv_perm=perm_k,
                                     token_density=cluster_density, meta=m)
 
 
