@@ -321,7 +321,7 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
         rec = BackendRecorder(s.backend, dev)
         with rec:
             harness_report = _write(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
-                                    seed=s.seed, out_dir=out.staging, cache_dir=cache_dir, progress=progress,
+                                    seeds=[s.seed], out_dir=out.staging, cache_dir=cache_dir, progress=progress,
                                     apply_kwargs=dict(dense_steps=s.dense_steps, backend=s.backend),
                                     model_name=model_name, videos_out=videos)
         frames, dense_frames = videos[pattern_name], videos["dense"]

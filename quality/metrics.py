@@ -13,8 +13,12 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-__all__ = ["to_video", "psnr_per_frame", "ssim_per_frame", "psnr", "ssim", "temporal_warp_error",
-           "tensor_errors", "lpips_distance", "lpips_available", "video_metrics"]
+__all__ = ["PSNR_CAP", "to_video", "psnr_per_frame", "ssim_per_frame", "psnr", "psnr_video", "psnr_frame_mean", "ssim",
+           "temporal_warp_error", "tensor_errors", "lpips_distance", "lpips_available", "video_metrics", "floor_videos",
+           "floor_metrics", "tensor_psnr", "aggregate"]
+
+#: PSNR reported for identical inputs (MSE = 0), in dB: finite so that means and JSON stay meaningful.
+PSNR_CAP = 100.0
 
 
 def to_video(x: Any, name: str = "video") -> np.ndarray:
@@ -110,11 +114,40 @@ def ssim_per_frame(ref, test, data_range: float = 1.0) -> np.ndarray:
                      for f in range(r.shape[0])], dtype=np.float64)
 
 
+def _capped_db(mse: float, data_range: float) -> float:
+    if mse <= 0:
+        return PSNR_CAP
+    return float(min(PSNR_CAP, 10.0 * np.log10(float(data_range) ** 2 / mse)))
+
+
+def psnr_video(ref, test, data_range: float = 1.0) -> float:
+    """PSNR of the whole video: ``10 log10(data_range^2 / MSE)`` with the MSE over all frames and
+    pixels (identical frames count with zero error). :data:`PSNR_CAP` when identical."""
+    r, t = _pair(ref, test)
+    return _capped_db(float(((r - t) ** 2).mean()), data_range)
+
+
 def psnr(ref, test, data_range: float = 1.0) -> float:
-    """Mean over frames of :func:`psnr_per_frame` (finite frames only; inf if all identical)."""
-    p = psnr_per_frame(ref, test, data_range)
-    fin = p[np.isfinite(p)]
-    return float(fin.mean()) if fin.size else float("inf")
+    """The PSNR of a video: :func:`psnr_video` (MSE over all frames)."""
+    return psnr_video(ref, test, data_range)
+
+
+def psnr_frame_mean(ref, test, data_range: float = 1.0) -> float:
+    """Mean over frames of the per-frame PSNR, identical frames counted at :data:`PSNR_CAP` (never
+    dropped)."""
+    p = np.minimum(psnr_per_frame(ref, test, data_range), PSNR_CAP)
+    return float(p.mean())
+
+
+def tensor_psnr(ref, test) -> float:
+    """PSNR of any two equal-shape tensors (numpy/torch) with ``data_range = max(ref) - min(ref)``
+    (the peak-to-peak of the reference), float64; :data:`PSNR_CAP` when identical."""
+    r, t = (np.asarray(x.detach().cpu().double().numpy() if hasattr(x, "detach") else x, dtype=np.float64)
+            for x in (ref, test))
+    if r.shape != t.shape:
+        raise ValueError(f"ref and test must have the same shape, got {r.shape} and {t.shape}")
+    rng = float(r.max() - r.min()) if r.size else 1.0
+    return _capped_db(float(((r - t) ** 2).mean()) if r.size else 0.0, rng if rng > 0 else 1.0)
 
 
 def ssim(ref, test, data_range: float = 1.0) -> float:
@@ -228,12 +261,39 @@ def lpips_distance(ref, test) -> Dict[str, Any]:
 def video_metrics(ref, test, data_range: float = 1.0) -> Dict[str, Any]:
     """All video metrics of ``test`` vs ``ref``: psnr/ssim per frame and mean, temporal warp error of
     both, pixel tensor errors, LPIPS (or its skip reason)."""
-    pf, sf = psnr_per_frame(ref, test, data_range), ssim_per_frame(ref, test, data_range)
-    fin = pf[np.isfinite(pf)]
+    pf, sf = np.minimum(psnr_per_frame(ref, test, data_range), PSNR_CAP), ssim_per_frame(ref, test, data_range)
+    whole = psnr_video(ref, test, data_range)
     return {
-        "psnr_per_frame": [float(x) if np.isfinite(x) else 1e9 for x in pf],
-        "psnr": float(fin.mean()) if fin.size else 1e9,
+        "psnr_per_frame": [float(x) for x in pf],
+        "psnr": whole, "psnr_video": whole, "psnr_frame_mean": float(pf.mean()),
         "ssim_per_frame": [float(x) for x in sf], "ssim": float(sf.mean()),
         "temporal_warp_error": temporal_warp_error(test), "temporal_warp_error_ref": temporal_warp_error(ref),
         "pixel_errors": tensor_errors(to_video(ref), to_video(test)), "lpips": lpips_distance(ref, test),
     }
+
+
+def floor_videos(dense, unrelated=None) -> Dict[str, np.ndarray]:
+    """Trivial stand-ins for ``dense`` ``[F,H,W,C]`` whose scores are the floors a sparse result
+    must beat: ``flat`` (each frame replaced by its mean colour), ``frozen`` (the first frame held
+    for the whole clip) and, when given, ``unrelated`` (a sample of another seed). float64."""
+    d = to_video(dense, "dense")
+    out = {"flat": np.broadcast_to(d.mean(axis=(1, 2), keepdims=True), d.shape).copy(),
+           "frozen": np.broadcast_to(d[:1], d.shape).copy()}
+    if unrelated is not None:
+        out["unrelated"] = to_video(unrelated, "unrelated")
+    return out
+
+
+def floor_metrics(dense, unrelated=None, data_range: float = 1.0) -> Dict[str, Dict[str, float]]:
+    """``{floor: {"psnr", "ssim"}}`` of each :func:`floor_videos` video against ``dense``."""
+    return {k: {"psnr": psnr_video(dense, v, data_range), "ssim": float(ssim_per_frame(dense, v, data_range).mean())}
+            for k, v in floor_videos(dense, unrelated).items()}
+
+
+def aggregate(values) -> Dict[str, float]:
+    """``{"mean", "std", "min", "max", "n"}`` of a list of floats (std: population, ddof 0)."""
+    a = np.asarray([float(x) for x in values], dtype=np.float64)
+    if not a.size:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max()),
+            "n": int(a.size)}

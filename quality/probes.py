@@ -11,9 +11,11 @@ for those rows only (memory ``O(max_queries * S)``, never ``S x S``):
   plan allows (plan block classes + token rule, mapped back through ``plan.perm`` to original
   token order, exactly like :meth:`BlockPlan.token_mask` restricted to the rows).
 
-Layers are identified by the call order within a denoising step: the runner calls
-:meth:`AttentionProbe.start_step` before each step (or the probe is used for a single forward), so
-the ``i``-th sparse attention call of a step is layer ``i``.
+Layers are identified by the model's self-attention layer index (the index ``vidattn.apply`` uses
+for ``dense_layers``), read from the processor running the call, so layers kept dense do not
+renumber the others. Outside a vidattn processor (a bare ``run_plan``), the call order within a
+denoising step is used instead: the runner calls :meth:`AttentionProbe.start_step` before each
+step, so the ``i``-th sparse attention call of a step is layer ``i``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,17 @@ def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: torch.Te
     logits = (qr @ k[batch, :, hk].double().T) * scale
     p = torch.softmax(logits, dim=-1)
     return p, p @ v[batch, :, hk].double()
+
+
+def _current_layer() -> Optional[int]:
+    """The self-attention layer index of the vidattn processor call running now, or None."""
+    try:
+        from vidattn.pipelines import processors
+    except ImportError:  # pragma: no cover
+        return None
+    ctx = getattr(processors._tls, "ctx", None)
+    layer = getattr(ctx, "layer", None)
+    return int(layer) if layer is not None else None
 
 
 class AttentionProbe:
@@ -134,7 +147,9 @@ class AttentionProbe:
 
     @torch.no_grad()
     def _observe(self, q, k, v, plan, out, scale):
-        layer = self._call
+        layer = _current_layer()
+        if layer is None:
+            layer = self._call
         self._call += 1
         if not self.enabled or not self._layer_ok(layer):
             return

@@ -26,6 +26,8 @@ _LAZY = {
     "kernels": ("vidattn.kernels", None),
     "pipelines": ("vidattn.pipelines", None),
     "quality": ("vidattn.quality", None),
+    "load_plan": ("vidattn.plan_file", "load_plan"),
+    "save_plan": ("vidattn.plan_file", "save_plan"),
 }
 
 
@@ -62,4 +64,6 @@ __all__ = [
     "apply",
     "remove",
     "SparseAttentionConfig",
+    "load_plan",
+    "save_plan",
 ]

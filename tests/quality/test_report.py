@@ -22,7 +22,7 @@ def make_report(dense, sparse):
     return {
         "schema_version": REPORT_SCHEMA_VERSION, "created_utc": "2026-11-22T00:00:00Z",
         "model": {"name": "toy", "class": "Toy", "fingerprint": "abc"},
-        "settings": {"seed": 0, "device": "cpu", "dtype": "float32", "call_kwargs": {"num_frames": 4}},
+        "settings": {"seed": 0, "seeds": [0], "device": "cpu", "dtype": "float32", "call_kwargs": {"num_frames": 4}},
         "environment": {}, "dense": _run(),
         "configs": [dict(_run(), name="nbr", pattern="Neighborhood()", density={"token": 0.3, "block": 0.5},
                          speedup=1.5, metrics=M.video_metrics(dense, sparse), latent_errors=None,
@@ -47,7 +47,7 @@ def test_write_report_files(tmp_path, videos):
     assert back["configs"][0]["metrics"]["psnr"] == pytest.approx(M.psnr(d, s))
     html = open(paths["html"]).read()
     imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
-    assert len(imgs) == 4  # attention error, psnr per frame, speed/quality, frames
+    assert len(imgs) == 5  # attention error, trajectory, psnr per frame, speed/quality, frames
     assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in imgs)
     assert "http://" not in html and "https://" not in html.replace("https://json-schema.org", "")
     cap = cv2.VideoCapture(paths["mp4"])
@@ -58,8 +58,9 @@ def test_write_report_files(tmp_path, videos):
             break
         n, shape = n + 1, fr.shape
     assert n == 5
-    # one row (dense | sparse | diff) upscaled x4 so the short side is >= 64
-    assert shape == (64, 24 * 3 * 4, 3)
+    # one row (dense | sparse | diff), each 16 x 24 panel upscaled x16 to 256 px tall, a 25 px label bar on top
+    # (281 rows, padded to an even 282)
+    assert shape == (282, 24 * 3 * 16, 3)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp_")]
 
 

@@ -17,13 +17,19 @@ def add_parser(sub):
                                    "PSNR/SSIM/temporal/attention-level errors and timings (the quality harness).")
     q.add_argument("--model", default="reference", help="reference (default), tiny-wan or a local checkpoint dir")
     q.add_argument("--patterns", default="neighborhood,radial,grid,rectified",
-                   help="comma-separated families (default: all four)")
+                   help="comma-separated presets (pattern families, fitted to the model's token grid; default: the four "
+                        "built-in families)")
     q.add_argument("--sparsity", default="0.75", help="target sparsity, or comma-separated levels (e.g. 0.5,0.75,0.9)")
     q.add_argument("--frames", type=int, default=None)
     q.add_argument("--height", type=int, default=None)
     q.add_argument("--width", type=int, default=None)
     q.add_argument("--steps", type=int, default=None)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=None, help="first seed (4 seeds from it) unless --seeds is given")
+    q.add_argument("--seeds", default=None, help="seeds, e.g. 0,1,2,3 or 0-3 (default 0-3), batched")
+    q.add_argument("--version", type=int, default=None, help="reference model version (1 or 2; default: shipped default)")
+    q.add_argument("--attention-stats", action="store_true",
+                   help="also measure the attention structure (quality/attention_stats.py) into the report and print it")
+    q.add_argument("--no-cache", action="store_true", help="do not read or write the dense-video cache")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     q.add_argument("--out", default="quality_out", help="output folder (must be empty or new unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
@@ -35,13 +41,22 @@ def add_parser(sub):
 
 def run(a) -> int:
     try:
-        from vidattn.quality.run import FAMILIES, cli_entry
+        from vidattn.quality.presets import preset_names
+        from vidattn.quality.run import cli_entry, parse_seeds
     except ImportError as e:
         raise UsageError(f"vidattn quality: the quality harness is not available in this build ({e})") from None
     pats = [p.strip() for p in a.patterns.split(",") if p.strip()]
-    bad = [p for p in pats if p not in FAMILIES]
+    known = preset_names()
+    bad = [p for p in pats if p not in known]
     if not pats or bad:
-        raise UsageError(f"--patterns must be a comma-separated subset of {','.join(FAMILIES)}, got {a.patterns!r}")
+        raise UsageError(f"--patterns must be a comma-separated subset of {','.join(known)}, got {a.patterns!r}")
+    if a.seeds is not None:
+        try:
+            a.seeds = parse_seeds(a.seeds)
+        except ValueError:
+            raise UsageError(f"--seeds must be comma-separated ints or a range like 0-3, got {a.seeds!r}") from None
+        if not a.seeds or len(set(a.seeds)) != len(a.seeds):
+            raise UsageError(f"--seeds must list distinct seeds, got {a.seeds!r}")
     a.patterns = pats
     try:
         levels = [float(x) for x in a.sparsity.split(",")]
