@@ -355,9 +355,13 @@ class SparseAttnProcessor:
 
             plan = p.plan(layout, num_heads=total_heads or h, device=q.device)
             return slice_plan_heads(plan, head_ids, total_heads or h)
+        extra = {}
+        if getattr(p, "uses_state_key", False) and getattr(self, "_state_layer", None) is not None:
+            # per-layer (and head subset) warm start of stateful dynamic patterns, e.g. Clustered
+            extra["state_key"] = (getattr(self, "_state_layer", None), None if head_ids is None else tuple(head_ids))
         if getattr(p, "needs_values", False):
-            return p.plan(layout, q, k, v=v, scale=scale, num_heads=h, device=q.device)
-        return p.plan(layout, q, k, num_heads=h, device=q.device)
+            return p.plan(layout, q, k, v=v, scale=scale, num_heads=h, device=q.device, **extra)
+        return p.plan(layout, q, k, num_heads=h, device=q.device, **extra)
 
     def _attend(self, q, k, v, layout, scale, head_offset: int = 0, total_heads: Optional[int] = None,
                 return_lse: bool = False, restrict=None):
@@ -427,6 +431,7 @@ class SparseAttnProcessor:
         """Run one self-attention call sparse. q/k/v ``[B, S, H, D]``; mask None or a key mask
         broadcastable to ``[B, 1, 1, S]`` (bool, or float with 0 / -inf)."""
         keep = _key_padding(mask, q.shape[0], q.shape[1])
+        self._state_layer = layer  # warm-start key of stateful dynamic patterns (Clustered)
         if keep is None:
             (out, lse), plan = self._attend(q, k, v, layout, scale, return_lse=return_lse)
         else:

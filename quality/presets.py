@@ -182,10 +182,68 @@ def fit_generic(sparsity: float, grid: Grid, cls=None) -> Dict[str, Any]:
     return out
 
 
+def _levels(table: Dict[float, Dict[str, Any]], sparsity: float) -> Dict[str, Any]:
+    """The entry of ``table`` (sparsity -> kwargs) nearest to ``sparsity``."""
+    return dict(table[min(table, key=lambda lv: abs(lv - float(sparsity)))])
+
+
+# Clustered (Sparse VideoGen 2): top_p / block size are the knobs; the density reached depends on
+# the content (measured on structured inputs at 8 x 16 x 16: 0.46 / 0.24 / 0.09); reported as run
+_CLUSTERED_LEVELS = {0.5: dict(top_p=0.9, min_fraction=0.1, block_size=32),
+                     0.75: dict(top_p=0.8, min_fraction=0.1, block_size=16),
+                     0.9: dict(top_p=0.5, min_fraction=0.02, block_size=16)}
+
+
+def fit_clustered(sparsity: float, grid: Grid, cls=None) -> Dict[str, Any]:
+    """Clustered: the ``top_p`` / ``min_fraction`` / block size of the nearest level (50 / 75 / 90%)."""
+    return _levels(_CLUSTERED_LEVELS, sparsity)
+
+
+def _init_fields(p) -> Dict[str, Any]:
+    return {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.init}
+
+
+def fit_radial_authors(sparsity: float, grid: Grid, cls=None) -> Dict[str, Any]:
+    """``Radial.from_authors("wan", block_size=64)`` with the ``decay_factor`` whose measured token
+    density on ``grid`` is closest to ``1 - sparsity`` (their mask at their settings otherwise)."""
+    import vidattn
+
+    target, best, best_err = 1.0 - float(sparsity), None, None
+    for i in range(-12, 7):
+        p = vidattn.Radial.from_authors("wan", decay_factor=float(2.0 ** (i / 2)), block_size=64)
+        try:
+            d = token_density(p, grid)
+        except ValueError:
+            continue
+        err = abs(math.log(max(d, 1e-6) / target))
+        if best_err is None or err < best_err - 1e-3:
+            best, best_err = _init_fields(p), err
+    return best
+
+
+def fit_rectified_authors(sparsity: float, grid: Grid, cls=None) -> Dict[str, Any]:
+    """``RectifiedSparse.from_authors("wan21", drop_rate=sparsity)`` (the authors' drop rate is the
+    knob), block size fitted when the grid has fewer than 8 blocks of 128."""
+    import vidattn
+
+    kw = _init_fields(vidattn.RectifiedSparse.from_authors("wan21", drop_rate=float(sparsity)))
+    kw["block_size"] = min(int(kw["block_size"]), fit_block_size(grid, 8, (128, 64, 32, 16)))
+    return kw
+
+
+def fit_svg(sparsity: float, grid: Grid, cls=None) -> Dict[str, Any]:
+    """Sparse VideoGen 1: their ``sparsity`` is the kept fraction, so ``1 - sparsity``; block size fitted."""
+    return dict(sparsity=round(1.0 - float(sparsity), 4), block_size=fit_block_size(grid, 8, (128, 64, 32, 16)))
+
+
 register_preset("neighborhood", fit=fit_neighborhood)
 register_preset("radial", fit=fit_radial)
 register_preset("grid", fit=fit_grid)
 register_preset("rectified", fit=fit_keep_fraction)
+register_preset("clustered", fit=fit_clustered)
+register_preset("radial_authors", "radial", fit_radial_authors)
+register_preset("rectified_authors", "rectified", fit_rectified_authors)
+register_preset("svg", fit=fit_svg)
 
 
 def preset_names() -> Tuple[str, ...]:
