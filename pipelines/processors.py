@@ -104,6 +104,16 @@ _FAMILY_DEFAULT = {
 
 
 # =============================================================================== processor
+_IN_FLIGHT_LAYER: Optional[int] = None
+
+
+def current_layer() -> Optional[int]:
+    """The self-attention layer index (the model's own numbering) of the sparse call running now,
+    or None outside one; for observers of :func:`vidattn.attention.run_plan` such as the quality
+    probes. One process-wide value: calls are not concurrent within a forward."""
+    return _IN_FLIGHT_LAYER
+
+
 class SparseAttnProcessor:
     """Diffusers attention processor running ``pattern`` on self-attention over video/image tokens.
 
@@ -432,13 +442,18 @@ class SparseAttnProcessor:
         broadcastable to ``[B, 1, 1, S]`` (bool, or float with 0 / -inf)."""
         keep = _key_padding(mask, q.shape[0], q.shape[1])
         self._state_layer = layer  # warm-start key of stateful dynamic patterns (Clustered)
-        if keep is None:
-            (out, lse), plan = self._attend(q, k, v, layout, scale, return_lse=return_lse)
-        else:
-            if return_lse:
-                raise ValueError("return_lse with a text key-padding mask is not supported by vidattn")
-            out, lse = self._attend_padded(q, k, v, layout, keep, scale), None
-            plan = None
+        global _IN_FLIGHT_LAYER
+        prev, _IN_FLIGHT_LAYER = _IN_FLIGHT_LAYER, layer
+        try:
+            if keep is None:
+                (out, lse), plan = self._attend(q, k, v, layout, scale, return_lse=return_lse)
+            else:
+                if return_lse:
+                    raise ValueError("return_lse with a text key-padding mask is not supported by vidattn")
+                out, lse = self._attend_padded(q, k, v, layout, keep, scale), None
+                plan = None
+        finally:
+            _IN_FLIGHT_LAYER = prev
         self._record(state, layout, layer, plan)
         return (out, lse.transpose(1, 2)) if return_lse else out
 

@@ -76,8 +76,7 @@ def _current_layer() -> Optional[int]:
         from vidattn.pipelines import processors
     except ImportError:  # pragma: no cover
         return None
-    ctx = getattr(processors._tls, "ctx", None)
-    layer = getattr(ctx, "layer", None)
+    layer = processors.current_layer()
     return int(layer) if layer is not None else None
 
 
