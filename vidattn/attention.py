@@ -325,7 +325,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     non-finite key token makes every channel (and the LSE) of those rows NaN; a non-finite
     query row makes that row NaN. Other rows are unaffected. Rows with no allowed key (fully
     masked) are 0 with LSE ``-inf``. ``scale`` must be a finite real number (else
-    ``ValueError`` / ``TypeError``). Checking finiteness costs one fused pass over q, k, v and
+    ``ValueError`` / ``TypeError``).
+
+    Under ``torch.compile`` a static pattern (Dense, Neighborhood, Radial) without ``return_lse``
+    runs through the ``vidattn::sparse_attn`` custom op (:mod:`vidattn.ops`), so
+    ``fullgraph=True`` holds, the pattern may be constructed inside the compiled region too.
+    Checking finiteness costs one fused pass over q, k, v and
     one host sync per call (skipped while compiling or capturing a CUDA graph, where non-finite
     inputs give whatever the backend computes).
     """
@@ -335,6 +340,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
     if backend not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse:
+        # under torch.compile a static pattern goes through the vidattn::sparse_attn custom op
+        # (the plan is looked up inside it), so the caller's graph has no break
+        from .ops import sparse_attention_op
+
+        return sparse_attention_op(q, k, v, pattern, layout, backend=backend, scale=check_scale(scale))
     check_qkv(q, k, v, layout)
     scale = check_scale(scale)
     pattern.validate(layout)

@@ -217,24 +217,39 @@ def _triton_can_run(plan, q, k, v) -> Verdict:
     return True, ""
 
 
-def _lazy(module: str, attr: str) -> Callable:
-    def run(*args, **kwargs):
-        import importlib
+# plain import statements (not importlib) so Dynamo can trace through the lazy imports
+def _run_reference(*args, **kwargs):
+    from vidattn.kernels.reference import block_sparse_attention_reference
 
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+    return block_sparse_attention_reference(*args, **kwargs)
 
-    run.__name__ = attr
-    return run
+
+def _run_cpu(*args, **kwargs):
+    from vidattn.kernels.cpu_gather import block_sparse_attention_cpu
+
+    return block_sparse_attention_cpu(*args, **kwargs)
+
+
+def _run_flex(*args, **kwargs):
+    from vidattn.kernels.flex import block_sparse_attention_flex
+
+    return block_sparse_attention_flex(*args, **kwargs)
+
+
+def _run_triton(*args, **kwargs):
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton
+
+    return block_sparse_attention_triton(*args, **kwargs)
 
 
 def _register_builtins() -> None:
-    register_backend("reference", _lazy("vidattn.kernels.reference", "block_sparse_attention_reference"),
+    register_backend("reference", _run_reference,
                      _reference_can_run, differentiable=True, fallback=())
-    register_backend("cpu", _lazy("vidattn.kernels.cpu_gather", "block_sparse_attention_cpu"), _cpu_can_run,
+    register_backend("cpu", _run_cpu, _cpu_can_run,
                      differentiable=True, fallback=("reference",))
-    register_backend("flex", _lazy("vidattn.kernels.flex", "block_sparse_attention_flex"), _flex_can_run,
+    register_backend("flex", _run_flex, _flex_can_run,
                      differentiable=True, fallback=("reference",))
-    register_backend("triton", _lazy("vidattn.kernels.sparse_flash", "block_sparse_attention_triton"),
+    register_backend("triton", _run_triton,
                      _triton_can_run, differentiable=False, fallback=("flex", "reference"), auto_devices=("cuda",))
 
 
