@@ -123,6 +123,7 @@ def test_auto_picks_cpu_on_cpu_and_logs_why_once(registry, caplog):
             warnings.simplefilter("error")  # auto's choice is a log line, never a warning
             for _ in range(2):
                 vidattn.sparse_attention(q, k, v, Dense(block_size=16), lay)
+    assert registry.ran.get("cpu", 0) >= 2  # what ran is recorded (for reports)
     lines = [r.getMessage() for r in caplog.records if "backend 'auto'" in r.getMessage()]
     assert len(lines) == 1 and "'cpu'" in lines[0] and "triton:" in lines[0], lines
 

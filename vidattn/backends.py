@@ -32,7 +32,7 @@ import torch
 from .errors import BackendUnsupported
 from .plan import BlockPlan
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "choose_backend", "AUTO_ORDER",
+__all__ = ["Backend", "ran", "register_backend", "get_backend", "backend_names", "choose_backend", "AUTO_ORDER",
            "grad_required"]
 
 log = logging.getLogger("vidattn")
@@ -66,6 +66,7 @@ class Backend:
 
 
 _registry: Dict[str, Backend] = {}
+ran: Dict[str, int] = {}  # backend name -> calls it ran (run_plan counts; reports say which backend really ran)
 _warned: set = set()
 _logged: set = set()
 
