@@ -7,7 +7,8 @@ Backends (all execute the same :class:`~vidattn.plan.BlockPlan`, registered in
 * ``"cpu"`` — per query block, SDPA over its gathered key blocks (``vidattn.kernels.cpu_gather``);
 * ``"flex"`` — torch FlexAttention ``BlockMask`` built from the plan (``vidattn.kernels.flex``);
 * ``"triton"`` — the fused Triton kernel (``vidattn.kernels.sparse_flash``);
-* ``"auto"`` — the first of triton / cpu / reference that can run the case.
+* ``"auto"`` — the first of triton (CUDA) / cpu (CPU) / flex (CUDA, e.g. with gradients) / reference
+  that can run the case.
 
 A backend that cannot run a case says so (``can_run`` before the call, or
 ``BackendUnsupported`` during it); the dispatcher then falls back along the backend's chain

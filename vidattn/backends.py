@@ -4,8 +4,9 @@ can run, and the dispatcher asks before it calls.
 A backend is a :class:`Backend`: ``run(q, k, v, plan, scale=, return_lse=)`` plus
 ``can_run(plan, q, k, v) -> (ok, reason)``. :func:`choose_backend` resolves a requested name:
 
-* ``"auto"``: the first backend of :data:`AUTO_ORDER` (``triton`` on CUDA, else ``cpu``, else
-  ``reference``) whose ``can_run`` says yes; the choice and the reasons of the ones skipped are
+* ``"auto"``: the first backend of :data:`AUTO_ORDER` whose ``can_run`` says yes: ``triton`` on
+  CUDA, ``cpu`` on CPU, ``flex`` on CUDA when the Triton path cannot (e.g. gradients are needed:
+  the Triton kernel has no backward registered), else ``reference``; the choice and the reasons of the ones skipped are
   logged once per distinct outcome (``logging`` at INFO, logger ``"vidattn"``);
 * a name: that backend if it can run the case, else the next of its ``fallback`` chain that can,
   with one ``RuntimeWarning`` per distinct reason.
@@ -38,7 +39,7 @@ __all__ = ["Backend", "ran", "register_backend", "get_backend", "backend_names",
 log = logging.getLogger("vidattn")
 
 Verdict = Tuple[bool, str]
-AUTO_ORDER: Tuple[str, ...] = ("triton", "cpu", "reference")
+AUTO_ORDER: Tuple[str, ...] = ("triton", "cpu", "flex", "reference")
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def _register_builtins() -> None:
     register_backend("cpu", _run_cpu, _cpu_can_run,
                      differentiable=True, fallback=("reference",))
     register_backend("flex", _run_flex, _flex_can_run,
-                     differentiable=True, fallback=("reference",))
+                     differentiable=True, fallback=("reference",), auto_devices=("cuda",))
     register_backend("triton", _run_triton,
                      _triton_can_run, differentiable=False, fallback=("flex", "reference"), auto_devices=("cuda",))
 
