@@ -47,6 +47,17 @@ def _register_value(cls: type, fields: tuple) -> int:
     return _register(cls(**dict(fields)))
 
 
+@torch.compiler.assume_constant_result  # run for real while tracing (a pattern made outside the graph)
+def _register_object(pattern: "Pattern") -> int:
+    return _register(pattern)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(x) for x in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def pattern_key(pattern: "Pattern") -> int:
     """A process-unique integer for ``pattern``'s value (equal patterns share it), assigned on
     first use, so compiled graphs can refer to a pattern by a plain int (see ``vidattn.ops``).
@@ -54,7 +65,9 @@ def pattern_key(pattern: "Pattern") -> int:
     registration, so a pattern constructed inside the compiled region gets its real key."""
     if torch.compiler.is_compiling():
         fields = tuple((f.name, getattr(pattern, f.name)) for f in dataclasses.fields(pattern) if f.init)
-        return _register_value(type(pattern), fields)
+        if all(_plain(v) for _, v in fields):
+            return _register_value(type(pattern), fields)
+        return _register_object(pattern)  # fields that are not plain constants (e.g. a fixed plan)
     return _register(pattern)
 
 
