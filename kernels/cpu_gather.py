@@ -163,7 +163,6 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     perm_h = (perm if perm is not None else torch.arange(S, device=dev)[None]).expand(H, S)
     out = qf.new_zeros(B * H * nqb, bq, Dv)
     lse = torch.full((B * H * nqb, bq), -math.inf, dtype=torch.float32, device=dev) if return_lse else None
-    zero = torch.zeros((), dtype=cdt, device=dev)
     for g in _groups(plan, B, H, kvh, (D + Dv) * qf.element_size(), cdt):
         n, m = g["q_rows"].numel(), g["n_f"] + g["n_p"]
         qq = qf.index_select(0, g["q_rows"])  # [N, bq, D]

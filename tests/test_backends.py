@@ -123,6 +123,7 @@ def test_auto_picks_cpu_on_cpu_and_logs_why_once(registry, caplog):
             warnings.simplefilter("error")  # auto's choice is a log line, never a warning
             for _ in range(2):
                 vidattn.sparse_attention(q, k, v, Dense(block_size=16), lay)
+    assert registry.ran.get("cpu", 0) >= 2  # what ran is recorded (for reports)
     lines = [r.getMessage() for r in caplog.records if "backend 'auto'" in r.getMessage()]
     assert len(lines) == 1 and "'cpu'" in lines[0] and "triton:" in lines[0], lines
 
@@ -247,3 +248,17 @@ def test_cpu_backend_refuses_fused_rectification(registry):
     torch.testing.assert_close(out.double(), oracle(q, k, v, torch.ones(1, S, S, dtype=torch.bool)), atol=1e-5,
                                rtol=1e-5)
     assert PARTIAL == 1
+
+
+# ----------------------------------------------------------------------------- torch.compile
+@pytest.mark.parametrize("make", [lambda: Dense(block_size=16), lambda: Neighborhood(kernel_size=(3, 3))])
+def test_sparse_attention_compiles_fullgraph_with_pattern_built_inside(make):
+    lay = TokenLayout((4, 8))
+    q, k, v = _qkv(S=lay.seq_len)
+
+    def f(q, k, v):
+        return vidattn.sparse_attention(q, k, v, make(), lay, backend="cpu")
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="eager")(q, k, v)
+    torch.testing.assert_close(out.double(), oracle(q, k, v, make().mask(lay)), atol=1e-5, rtol=1e-5)

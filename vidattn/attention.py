@@ -7,7 +7,8 @@ Backends (all execute the same :class:`~vidattn.plan.BlockPlan`, registered in
 * ``"cpu"`` — per query block, SDPA over its gathered key blocks (``vidattn.kernels.cpu_gather``);
 * ``"flex"`` — torch FlexAttention ``BlockMask`` built from the plan (``vidattn.kernels.flex``);
 * ``"triton"`` — the fused Triton kernel (``vidattn.kernels.sparse_flash``);
-* ``"auto"`` — the first of triton / cpu / reference that can run the case.
+* ``"auto"`` — the first of triton (CUDA) / cpu (CPU) / flex (CUDA, e.g. with gradients) / reference
+  that can run the case.
 
 A backend that cannot run a case says so (``can_run`` before the call, or
 ``BackendUnsupported`` during it); the dispatcher then falls back along the backend's chain
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import numbers
+import os
 import weakref
 from dataclasses import replace
 from typing import Callable, Dict, Optional
@@ -139,8 +141,9 @@ def check_scale(scale) -> Optional[float]:
 
 
 def _finite_check_off() -> bool:
-    """No finiteness pass while compiling or capturing a CUDA graph (it needs one host sync)."""
-    if torch.compiler.is_compiling():
+    """No finiteness pass while compiling or capturing a CUDA graph (it needs one host sync), or
+    with ``VIDATTN_CHECK_FINITE=0`` (then non-finite inputs give whatever the backend computes)."""
+    if torch.compiler.is_compiling() or os.environ.get("VIDATTN_CHECK_FINITE", "1") == "0":
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -272,6 +275,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
                                                       f"trying the next backend")
             continue
         break
+    _backends.ran[be.name] = _backends.ran.get(be.name, 0) + 1
     out = res[0] if return_lse else res
     if grad_required(q, k, v) and out.grad_fn is None:
         raise RuntimeError(f"backend {be.name!r} returned an output without autograd history while q/k/v require "
@@ -325,9 +329,14 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     non-finite key token makes every channel (and the LSE) of those rows NaN; a non-finite
     query row makes that row NaN. Other rows are unaffected. Rows with no allowed key (fully
     masked) are 0 with LSE ``-inf``. ``scale`` must be a finite real number (else
-    ``ValueError`` / ``TypeError``). Checking finiteness costs one fused pass over q, k, v and
-    one host sync per call (skipped while compiling or capturing a CUDA graph, where non-finite
-    inputs give whatever the backend computes).
+    ``ValueError`` / ``TypeError``).
+
+    Under ``torch.compile`` a static pattern (Dense, Neighborhood, Radial) without ``return_lse``
+    runs through the ``vidattn::sparse_attn`` custom op (:mod:`vidattn.ops`), so
+    ``fullgraph=True`` holds, the pattern may be constructed inside the compiled region too.
+    Checking finiteness costs one fused pass over q, k, v and
+    one host sync per call (skipped while compiling or capturing a CUDA graph, or with
+    ``VIDATTN_CHECK_FINITE=0``; non-finite inputs then give whatever the backend computes).
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a vidattn pattern (Neighborhood, Dense, ...), got {type(pattern).__name__}")
@@ -335,6 +344,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
     if backend not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse:
+        # under torch.compile a static pattern goes through the vidattn::sparse_attn custom op
+        # (the plan is looked up inside it), so the caller's graph has no break
+        from .ops import sparse_attention_op
+
+        return sparse_attention_op(q, k, v, pattern, layout, backend=backend, scale=check_scale(scale))
     check_qkv(q, k, v, layout)
     scale = check_scale(scale)
     pattern.validate(layout)

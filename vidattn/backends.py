@@ -4,8 +4,9 @@ can run, and the dispatcher asks before it calls.
 A backend is a :class:`Backend`: ``run(q, k, v, plan, scale=, return_lse=)`` plus
 ``can_run(plan, q, k, v) -> (ok, reason)``. :func:`choose_backend` resolves a requested name:
 
-* ``"auto"``: the first backend of :data:`AUTO_ORDER` (``triton`` on CUDA, else ``cpu``, else
-  ``reference``) whose ``can_run`` says yes; the choice and the reasons of the ones skipped are
+* ``"auto"``: the first backend of :data:`AUTO_ORDER` whose ``can_run`` says yes: ``triton`` on
+  CUDA, ``cpu`` on CPU, ``flex`` on CUDA when the Triton path cannot (e.g. gradients are needed:
+  the Triton kernel has no backward registered), else ``reference``; the choice and the reasons of the ones skipped are
   logged once per distinct outcome (``logging`` at INFO, logger ``"vidattn"``);
 * a name: that backend if it can run the case, else the next of its ``fallback`` chain that can,
   with one ``RuntimeWarning`` per distinct reason.
@@ -32,13 +33,13 @@ import torch
 from .errors import BackendUnsupported
 from .plan import BlockPlan
 
-__all__ = ["Backend", "register_backend", "get_backend", "backend_names", "choose_backend", "AUTO_ORDER",
+__all__ = ["Backend", "ran", "register_backend", "get_backend", "backend_names", "choose_backend", "AUTO_ORDER",
            "grad_required"]
 
 log = logging.getLogger("vidattn")
 
 Verdict = Tuple[bool, str]
-AUTO_ORDER: Tuple[str, ...] = ("triton", "cpu", "reference")
+AUTO_ORDER: Tuple[str, ...] = ("triton", "cpu", "flex", "reference")
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Backend:
 
 
 _registry: Dict[str, Backend] = {}
+ran: Dict[str, int] = {}  # backend name -> calls it ran (run_plan counts; reports say which backend really ran)
 _warned: set = set()
 _logged: set = set()
 
@@ -221,25 +223,40 @@ def _triton_can_run(plan, q, k, v) -> Verdict:
     return True, ""
 
 
-def _lazy(module: str, attr: str) -> Callable:
-    def run(*args, **kwargs):
-        import importlib
+# plain import statements (not importlib) so Dynamo can trace through the lazy imports
+def _run_reference(*args, **kwargs):
+    from vidattn.kernels.reference import block_sparse_attention_reference
 
-        return getattr(importlib.import_module(module), attr)(*args, **kwargs)
+    return block_sparse_attention_reference(*args, **kwargs)
 
-    run.__name__ = attr
-    return run
+
+def _run_cpu(*args, **kwargs):
+    from vidattn.kernels.cpu_gather import block_sparse_attention_cpu
+
+    return block_sparse_attention_cpu(*args, **kwargs)
+
+
+def _run_flex(*args, **kwargs):
+    from vidattn.kernels.flex import block_sparse_attention_flex
+
+    return block_sparse_attention_flex(*args, **kwargs)
+
+
+def _run_triton(*args, **kwargs):
+    # the differentiable wrapper: Triton forward saving the LSE + Triton backward (dq, dk, dv)
+    from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd
+
+    return block_sparse_attention_triton_autograd(*args, **kwargs)
 
 
 def _register_builtins() -> None:
-    register_backend("reference", _lazy("vidattn.kernels.reference", "block_sparse_attention_reference"),
+    register_backend("reference", _run_reference,
                      _reference_can_run, differentiable=True, fallback=())
-    register_backend("cpu", _lazy("vidattn.kernels.cpu_gather", "block_sparse_attention_cpu"), _cpu_can_run,
+    register_backend("cpu", _run_cpu, _cpu_can_run,
                      differentiable=True, fallback=("reference",))
-    register_backend("flex", _lazy("vidattn.kernels.flex", "block_sparse_attention_flex"), _flex_can_run,
-                     differentiable=True, fallback=("reference",))
-    # the differentiable wrapper: Triton forward saving the LSE + Triton backward (dq, dk, dv)
-    register_backend("triton", _lazy("vidattn.kernels.sparse_flash_autograd", "block_sparse_attention_triton_autograd"),
+    register_backend("flex", _run_flex, _flex_can_run,
+                     differentiable=True, fallback=("reference",), auto_devices=("cuda",))
+    register_backend("triton", _run_triton,
                      _triton_can_run, differentiable=True, fallback=("flex", "reference"), auto_devices=("cuda",))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Callable, Dict, Optional
 
@@ -31,10 +32,7 @@ def _identity(pattern: "Pattern"):
         return ("id", id(pattern))
 
 
-@torch.compiler.assume_constant_result  # run for real while tracing: the key is a constant of the graph
-def pattern_key(pattern: "Pattern") -> int:
-    """A process-unique integer for ``pattern``'s value (equal patterns share it), assigned on
-    first use, so compiled graphs can refer to a pattern by a plain int (see ``vidattn.ops``)."""
+def _register(pattern: "Pattern") -> int:
     ident = _identity(pattern)
     key = _key_of.get(ident)
     if key is None:
@@ -42,6 +40,35 @@ def pattern_key(pattern: "Pattern") -> int:
         _key_of[ident] = key
         _by_key[key] = pattern
     return key
+
+
+@torch.compiler.assume_constant_result  # run for real while tracing, on plain constants
+def _register_value(cls: type, fields: tuple) -> int:
+    return _register(cls(**dict(fields)))
+
+
+@torch.compiler.assume_constant_result  # run for real while tracing (a pattern made outside the graph)
+def _register_object(pattern: "Pattern") -> int:
+    return _register(pattern)
+
+
+def _plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_plain(x) for x in value)
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def pattern_key(pattern: "Pattern") -> int:
+    """A process-unique integer for ``pattern``'s value (equal patterns share it), assigned on
+    first use, so compiled graphs can refer to a pattern by a plain int (see ``vidattn.ops``).
+    Under Dynamo the pattern's init fields (plain constants) are handed to an eagerly run
+    registration, so a pattern constructed inside the compiled region gets its real key."""
+    if torch.compiler.is_compiling():
+        fields = tuple((f.name, getattr(pattern, f.name)) for f in dataclasses.fields(pattern) if f.init)
+        if all(_plain(v) for _, v in fields):
+            return _register_value(type(pattern), fields)
+        return _register_object(pattern)  # fields that are not plain constants (e.g. a fixed plan)
+    return _register(pattern)
 
 
 def pattern_by_key(key: int) -> "Pattern":
