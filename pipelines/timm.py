@@ -20,10 +20,23 @@ Frame-based patterns can run with ``rows_as_frames=True`` on ``TokenLayout((Hp, 
 rows as frames, same token order): the default for ``PermutedGrid``, whose spatial / temporal /
 grid heads then mean bands of rows / columns / strided columns.
 
-Supported attention classes (exact forward semantics reproduced, including qk-norm, scale-norm,
-gating, EVA's separate q/v biases, rotary embeddings on the grid tokens and GQA):
-``timm.layers.Attention`` (ViT, DeiT, ViT with registers, DINOv2), ``timm.layers.AttentionRope``
-and ``timm.models.eva.EvaAttention`` (EVA-02, ``vit_*_rope_*``). Anything else raises ``TypeError``.
+How the swap runs: a :class:`SparseTimmAttention` runs *timm's own* ``forward`` of the original
+class (the same code object, re-bound to globals in which ``F`` is torch.nn.functional except for
+``F.scaled_dot_product_attention``, which becomes :func:`vidattn.sparse_attention` on the recorded
+layout), with timm's fused-attention branch forced on. qk-norm, scale-norm, gating, EVA's separate
+q/v biases, rotary embeddings, GQA and any later change timm makes around the attention call are
+therefore timm's code, not a copy. Supported classes: ``timm.layers.Attention`` (ViT, DeiT, ViT
+with registers, DINOv2), ``timm.layers.AttentionRope`` and ``timm.models.eva.EvaAttention``
+(EVA-02, ``vit_*_rope_*``). Anything else raises ``TypeError``.
+
+Tracing: swapped models are FX-traceable. timm's FX helpers (``create_feature_extractor``,
+``get_graph_node_names``) keep a swapped module as one leaf node (registered with
+``timm.layers.register_notrace_module``); plain ``torch.fx.symbolic_trace`` traces through timm's
+forward and records the attention call as the leaf function ``_sparse_sdpa`` (the layout is read
+when the graph runs). Under FX the grid is the one of the model's last eager ``patch_embed`` call
+(or its default ``grid_size``), because traced graphs call ``patch_embed``'s children, not its hook.
+TorchScript is not supported: ``torch.jit.script`` raises a ``TypeError`` that says so (use
+``torch.compile``/FX, or :func:`restore_attention` first).
 
 Not supported (clear errors): ``attn_mask`` / ``is_causal`` at call time, attention dropout > 0
 in training mode, token dropping (``patch_drop``) that breaks the grid, patterns that need frames
@@ -34,10 +47,14 @@ different resolutions.
 
 from __future__ import annotations
 
+import contextvars
 import math
+import types
+import weakref
 from typing import Iterable, List, Optional, Tuple
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -165,6 +182,8 @@ class SparseTimmAttention(nn.Module):
         for name, b in original._buffers.items():
             self._buffers[name] = b
         self._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+        self.fused_attn = True  # timm's forward takes its F.scaled_dot_product_attention branch
+        _register_fx_leaf()
 
     # attributes that are not tensors/modules (num_heads, scale, gate=None, ...) come from the original
     def __getattr__(self, name):
@@ -197,48 +216,6 @@ class SparseTimmAttention(nn.Module):
         return (f"block={self.block_index}, original={type(self.original).__name__}, pattern={self.pattern!r}, "
                 f"backend={self.backend!r}" + (", rows_as_frames=True" if self.rows_as_frames else ""))
 
-    # ----------------------------------------------------------------- pieces of the timm forward
-    def _attr(self, name):
-        """A parameter/buffer/module of the original by name, or None (timm sets absent ones to None)."""
-        for store in (self._parameters, self._buffers, self._modules):
-            if name in store:
-                return store[name]
-        return getattr(self.original, name, None)
-
-    def _project(self, x: torch.Tensor):
-        """x ``[B, N, C]`` -> q ``[B, N, H, D]``, k/v ``[B, N, Hk, D]`` (views, timm's weights)."""
-        B, N, _ = x.shape
-        heads = self.original.num_heads
-        qkv_lin = self._attr("qkv")
-        if qkv_lin is not None:
-            q_bias = self._attr("q_bias")
-            if q_bias is None:
-                qkv = qkv_lin(x)
-            else:  # EVA: q/v biases as parameters, k bias a zero buffer
-                bias = torch.cat((q_bias, self._attr("k_bias"), self._attr("v_bias")))
-                if getattr(self.original, "qkv_bias_separate", False):
-                    qkv = qkv_lin(x) + bias
-                else:
-                    qkv = F.linear(x, weight=qkv_lin.weight, bias=bias)
-            q, k, v = qkv.reshape(B, N, 3, heads, -1).unbind(2)
-        else:
-            kv_heads = getattr(self.original, "num_kv_heads", heads)
-            q = self._attr("q_proj")(x).reshape(B, N, heads, -1)
-            k = self._attr("k_proj")(x).reshape(B, N, kv_heads, -1)
-            v = self._attr("v_proj")(x).reshape(B, N, kv_heads, -1)
-        return q, k, v
-
-    def _apply_rope(self, t: torch.Tensor, rope: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding on the non-prefix tokens of ``t`` ``[B, N, H, D]``, computed in timm's
-        ``[B, H, N, D]`` layout so every rope shape timm produces broadcasts as in timm."""
-        from timm.layers import apply_rot_embed_cat
-
-        npt = int(getattr(self.original, "num_prefix_tokens", 0))
-        half = bool(getattr(self.original, "rotate_half", False))
-        th = t.transpose(1, 2)
-        th = torch.cat([th[:, :, :npt, :], apply_rot_embed_cat(th[:, :, npt:, :], rope, half=half)], dim=2)
-        return th.type_as(like).transpose(1, 2)
-
     def _layout(self, num_tokens: int) -> TokenLayout:
         grid = self._tracker.grid
         prefix = self.num_prefix_tokens_layout
@@ -250,45 +227,108 @@ class SparseTimmAttention(nn.Module):
                 f"model.patch_embed is not supported by swapped sparse attention")
         return _token_layout(grid, prefix, self.rows_as_frames)
 
-    def _attend(self, x: torch.Tensor, rope: Optional[torch.Tensor], attn_mask, is_causal: bool) -> torch.Tensor:
-        if attn_mask is not None or is_causal:
-            raise ValueError(f"vidattn.timm (block {self.block_index}): attn_mask / is_causal cannot be combined with "
-                             f"a sparse attention pattern; call vidattn.timm.restore_attention(model) first")
-        if not isinstance(x, torch.Tensor) or x.dim() != 3:
-            raise ValueError(f"x must be a tensor [B, N, C], got {getattr(x, 'shape', type(x))}")
-        drop = self._attr("attn_drop")
-        if self.training and drop is not None and getattr(drop, "p", 0.0) > 0:
-            raise ValueError(f"vidattn.timm (block {self.block_index}): attention dropout (p={drop.p}) is not "
-                             f"supported by sparse attention in training mode; set blocks[i].attn.attn_drop.p = 0")
-        B, N, _ = x.shape
-        layout = self._layout(N)
-        gate_lin = self._attr("gate")
-        gate = gate_lin(x).sigmoid() if gate_lin is not None else None
-        q, k, v = self._project(x)
-        q, k = self._attr("q_norm")(q), self._attr("k_norm")(k)
-        if rope is not None:
-            q, k = self._apply_rope(q, rope, v), self._apply_rope(k, rope, v)
-        scale = getattr(self.original, "scale", None)
-        out = sparse_attention(q, k, v, self.pattern, layout, backend=self.backend, scale=scale)
-        out = out.reshape(B, N, -1)
-        out = self._attr("norm")(out)
-        if gate is not None:
-            out = out * gate
-        out = self._attr("proj")(out)
-        return self._attr("proj_drop")(out)
+    def forward(self, *args, **kwargs):
+        """timm's own forward of the original class (same signature: ``x [B, N, C]`` plus ``rope`` for
+        rotary modules, ``attn_mask``, ``is_causal``), with only its ``F.scaled_dot_product_attention``
+        call replaced by :func:`vidattn.sparse_attention` on the recorded layout."""
+        state = [self, False]
+        token = _CURRENT.set(state)
+        try:
+            out = _timm_forward(type(self.original))(self, *args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+        if not state[1]:
+            raise RuntimeError(f"vidattn.timm (block {self.block_index}): {type(self.original).__name__}.forward did "
+                               f"not call F.scaled_dot_product_attention, so the sparse pattern was not applied")
+        return out
 
-    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False):
-        """x ``[B, N, C]`` -> ``[B, N, dim_out]`` (signature of ``timm.layers.Attention``)."""
-        return self._attend(x, None, attn_mask, is_causal)
+    def __prepare_scriptable__(self):
+        raise TypeError(
+            "vidattn.timm: a model with swapped sparse attention cannot be compiled with torch.jit.script "
+            "(TorchScript cannot compile the plan construction, the grid tracking hook or the Triton/flex "
+            "backends). Use torch.compile, torch.fx (timm's create_feature_extractor works) or eager mode, "
+            "or call vidattn.timm.restore_attention(model) before scripting")
 
 
-class SparseTimmRopeAttention(SparseTimmAttention):
-    """:class:`SparseTimmAttention` for rotary modules (``EvaAttention``, ``AttentionRope``)."""
+# SparseTimmAttention is one class for every supported signature (the forward is timm's own);
+# the name of the rotary variant is kept for code that refers to it
+SparseTimmRopeAttention = SparseTimmAttention
 
-    def forward(self, x: torch.Tensor, rope: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None,
-                is_causal: bool = False):
-        """x ``[B, N, C]``, rope as timm builds it for the grid tokens -> ``[B, N, dim_out]``."""
-        return self._attend(x, rope, attn_mask, is_causal)
+
+# --------------------------------------------------------------------------- the attention call
+_CURRENT: "contextvars.ContextVar[list]" = contextvars.ContextVar("vidattn_timm_current")
+_by_id: "weakref.WeakValueDictionary[int, SparseTimmAttention]" = weakref.WeakValueDictionary()
+
+
+def _sparse_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, module_id: int, attn_mask=None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of swapped module ``module_id`` on ``q [B, H, N, D]``,
+    ``k/v [B, Hk, N, D]`` -> ``[B, H, N, Dv]`` (a leaf function for torch.fx: the layout is read when
+    it runs, never while tracing)."""
+    module = _by_id[module_id]
+    if attn_mask is not None or is_causal:
+        raise ValueError(f"vidattn.timm (block {module.block_index}): attn_mask / is_causal cannot be combined with "
+                         f"a sparse attention pattern; call vidattn.timm.restore_attention(model) first")
+    if dropout_p > 0:
+        raise ValueError(f"vidattn.timm (block {module.block_index}): attention dropout (p={dropout_p}) is not "
+                         f"supported by sparse attention in training mode; set blocks[i].attn.attn_drop.p = 0")
+    layout = module._layout(q.shape[2])
+    out = sparse_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), module.pattern, layout,
+                           backend=module.backend, scale=scale)
+    return out.transpose(1, 2)
+
+
+torch.fx.wrap("_sparse_sdpa")
+
+
+class _SparseFunctional:
+    """Stands for ``torch.nn.functional`` inside timm's forward: ``scaled_dot_product_attention`` is
+    the swapped module's sparse attention, every other name is torch's."""
+
+    def __getattr__(self, name):
+        return getattr(F, name)
+
+    @staticmethod
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                     enable_gqa=False):
+        state = _CURRENT.get()
+        state[1] = True
+        module = state[0]
+        _by_id[id(module)] = module
+        return _sparse_sdpa(query, key, value, id(module), attn_mask, dropout_p, is_causal, scale)
+
+
+_SPARSE_F = _SparseFunctional()
+_forwards: dict = {}
+
+
+def _timm_forward(cls):
+    """``cls.forward`` re-bound to globals where ``F`` is :class:`_SparseFunctional` (the timm
+    code object itself, unchanged)."""
+    fn = _forwards.get(cls)
+    if fn is None:
+        orig = cls.forward
+        code = orig.__code__
+        if "F" not in code.co_names or "scaled_dot_product_attention" not in code.co_names:
+            raise TypeError(f"{cls.__name__}.forward does not call F.scaled_dot_product_attention; vidattn.timm "
+                            f"cannot replace its attention")
+        glb = dict(orig.__globals__)
+        glb["F"] = _SPARSE_F
+        fn = types.FunctionType(code, glb, orig.__name__, orig.__defaults__, orig.__closure__)
+        fn.__kwdefaults__ = orig.__kwdefaults__
+        _forwards[cls] = fn
+    return fn
+
+
+def _register_fx_leaf() -> None:
+    """Make timm's FX helpers (``create_feature_extractor``, ``get_graph_node_names``) keep a swapped
+    module as one node (plain ``torch.fx.symbolic_trace`` traces through it: the attention call is a
+    leaf function)."""
+    try:
+        from timm.layers import register_notrace_module
+    except ImportError:  # pragma: no cover - very old timm
+        return
+    register_notrace_module(SparseTimmAttention)
 
 
 # --------------------------------------------------------------------------- public API
@@ -396,8 +436,7 @@ def swap_attention(model: nn.Module, pattern: Pattern, blocks: Optional[Iterable
         originals[i] = attn
     tracker = _install_tracker(model)
     for i, attn in originals.items():
-        cls = SparseTimmRopeAttention if _attention_kind(attn) == "rope" else SparseTimmAttention
-        model.blocks[i].attn = cls(attn, pattern, tracker, model.num_prefix_tokens, backend=backend, block_index=i,
+        model.blocks[i].attn = SparseTimmAttention(attn, pattern, tracker, model.num_prefix_tokens, backend=backend, block_index=i,
                                    rows_as_frames=rows_as_frames)
     return model
 

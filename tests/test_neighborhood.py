@@ -71,7 +71,7 @@ def test_mask_matches_brute_force_definition(case):
     assert torch.equal(pat.plan(layout).token_mask()[0, 0], m)
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=na_case(max_tokens=120), heads=st.sampled_from([(2, 2), (4, 2), (3, 1)]), batch=st.integers(1, 2))
 def test_reference_and_flex_equal_dense_sdpa_with_mask(case, heads, batch):
     layout, k, d, s, c, block = case
@@ -136,8 +136,8 @@ def test_plan_is_cached_and_reports_density():
     assert p1.block_density >= p1.token_density
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=na_case(max_tokens=140))
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=na_case(max_tokens=140))  # more NATTEN cases: tests/test_natten_compat.py
 def test_na_functions_match_natten(case):
     natten = pytest.importorskip("natten")
     layout, k, d, s, c, _ = case

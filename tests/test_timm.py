@@ -457,3 +457,54 @@ def test_radial_needs_frames_is_refused():
 def test_import_surface():
     assert vidattn.timm.swap_attention is swap_attention
     assert vidattn.timm.restore_attention is restore_attention
+
+
+# ----------------------------------------------------------------------------- tracing / scripting
+def test_vidattn_timm_module_imports():
+    import importlib
+
+    mod = importlib.import_module("vidattn.timm")
+    from vidattn.timm import swap_attention as sa
+
+    assert sa is swap_attention and mod.restore_attention is restore_attention
+
+
+def test_swapped_forward_is_timms_own_code():
+    from timm.layers import Attention
+
+    from vidattn.pipelines.timm import _timm_forward
+
+    model = _model("vit_tiny_patch16_224", img_size=64, depth=1)
+    swap_attention(model, vidattn.Neighborhood(kernel_size=3))
+    assert _timm_forward(Attention).__code__ is Attention.forward.__code__  # only F is re-bound
+    attn = model.blocks[0].attn
+    assert attn.fused_attn is True and attn.original.fused_attn is not None
+
+
+@pytest.mark.parametrize("name,kw,size", [("vit_tiny_patch16_224", dict(img_size=64, depth=2), 64),
+                                          ("eva02_tiny_patch14_224", dict(img_size=56, depth=1), 56)])
+def test_fx_trace_and_feature_extractor_match_eager(name, kw, size):
+    from timm.models import create_feature_extractor
+
+    from vidattn.pipelines.timm import _sparse_sdpa
+
+    model = _model(name, **kw)
+    img = _img(size)
+    pat = vidattn.Neighborhood(kernel_size=3)
+    masked = _masked_reference(model, img, pat)
+    swap_attention(model, pat, backend="reference")
+    with torch.no_grad():
+        eager = model(img)
+        assert _maxdiff(eager, masked) < TOL
+        gm = torch.fx.symbolic_trace(model)  # traces through timm's forward; the attention call is a leaf
+        assert sum(n.target is _sparse_sdpa for n in gm.graph.nodes) == len(model.blocks)
+        assert _maxdiff(gm(img), eager) < 1e-6
+        fe = create_feature_extractor(model, return_nodes=["norm"])  # timm keeps the swapped module as a leaf
+        assert _maxdiff(fe(img)["norm"], model.forward_features(img)) < 1e-6
+
+
+def test_torchscript_is_refused_with_a_clear_error():
+    model = _model("vit_tiny_patch16_224", img_size=64, depth=1)
+    swap_attention(model, vidattn.Neighborhood(kernel_size=3))
+    with pytest.raises(TypeError, match="torch.jit.script.*restore_attention"):
+        torch.jit.script(model)
