@@ -186,7 +186,8 @@ class _Recorder:
             return
         lat = latents.detach().float().cpu()
         x0 = None
-        sig = getattr(getattr(pipe, "scheduler", None), "sigmas", None)
+        sch = getattr(pipe, "scheduler", None)
+        sig = getattr(sch, "sigmas", None) if "FlowMatch" in type(sch).__name__ else None
         if sig is not None and self.prev_t is not None and len(sig) > i + 1:
             s0, s1 = float(sig[i]), float(sig[i + 1])
             if s1 != s0:

@@ -43,17 +43,17 @@ def test_dense_cache_key_includes_scheduler_config(pipe, tmp_path):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     exact = {"exact": vidattn.Dense()}
-    rep1 = _run(pipe, tmp_path, exact, "a", seed=0)  # the pre-fix API: one seed
+    rep1 = _run(pipe, tmp_path, exact, "a", seed=0, write=False)  # the pre-fix API: one seed
     assert not rep1["dense"]["cached"]
     old = pipe.scheduler
     try:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(old.config, shift=3.0)
-        rep2 = _run(pipe, tmp_path, exact, "b", seed=0)
+        rep2 = _run(pipe, tmp_path, exact, "b", seed=0, write=False)
         # a different schedule is a different dense video: never served from the cache
         assert not rep2["dense"]["cached"]
         # an exactly dense run (Dense pattern through the sparse path) scores as identical
         assert rep2["configs"][0]["metrics"]["psnr"] > 60
-        rep3 = _run(pipe, tmp_path, exact, "c", seed=0)
+        rep3 = _run(pipe, tmp_path, exact, "c", seed=0, write=False)
         assert rep3["dense"]["cached"]
     finally:
         pipe.scheduler = old
@@ -188,13 +188,13 @@ def test_cache_holds_videos_only_and_no_cache(pipe, tmp_path):
     with np.load(cache / files[0]) as z:
         meta = json.loads(str(z["meta"]))
         assert not any("wall" in k or "time" in k or "attention" in k for k in list(z.files) + list(meta))
-    rep2 = _run(pipe, tmp_path, {"nbr": Neighborhood(kernel_size=(1, 3, 3))}, "n2", cache_dir=str(cache))
+    rep2 = _run(pipe, tmp_path, {"nbr": Neighborhood(kernel_size=(1, 3, 3))}, "n2", cache_dir=str(cache), write=False)
     assert rep2["dense"]["cached"]
     # timings are measured in this process even with a cached dense video
     assert rep2["dense"]["timing"]["step_s"] > 0 and rep2["configs"][0]["timing"]["step_s"] > 0
     assert rep2["configs"][0]["speedup"] is not None
     rep3 = _run(pipe, tmp_path, {"nbr": Neighborhood(kernel_size=(1, 3, 3))}, "n3", cache_dir=str(tmp_path / "c3"),
-                use_cache=False)
+                use_cache=False, write=False, timing=False)
     assert not rep3["dense"]["cached"] and not os.path.exists(tmp_path / "c3")
 
 
