@@ -21,6 +21,8 @@ _LAZY = {
     "apply": ("vidattn.pipelines.apply", "apply"),
     "remove": ("vidattn.pipelines.apply", "remove"),
     "SparseAttentionConfig": ("vidattn.pipelines.apply", "SparseAttentionConfig"),
+    "SparseAttnProcessor": ("vidattn.pipelines.processors", "SparseAttnProcessor"),
+    "context_parallel": ("vidattn.context_parallel", None),
     "timm": ("vidattn.pipelines.timm", None),
     "kernels": ("vidattn.kernels", None),
     "pipelines": ("vidattn.pipelines", None),
@@ -60,4 +62,5 @@ __all__ = [
     "apply",
     "remove",
     "SparseAttentionConfig",
+    "SparseAttnProcessor",
 ]
