@@ -210,11 +210,18 @@ def run(args) -> dict:
         raise SystemExit(f"error: world size {max(args.world_sizes)} > {torch.cuda.device_count()} GPUs")
     report = dict(spec=spec, runs=[])
     with tempfile.TemporaryDirectory() as tmp:
-        spec["baseline_dir"] = tmp
+        base_dir = args.baseline_dir or tmp
+        os.makedirs(base_dir, exist_ok=True)
+        spec["baseline_dir"] = base_dir
         sizes = sorted(set(args.world_sizes) | {1})
+        single_json = os.path.join(base_dir, "single-1.json")
         for world in sizes:
+            if world == 1 and args.baseline_dir and os.path.exists(single_json):
+                with open(single_json) as f:  # single-GPU baseline of an earlier call
+                    report["runs"].append(json.load(f))
+                continue
             for mode in (args.modes if world > 1 else ["single"]):
-                out = os.path.join(tmp, f"{mode}-{world}.json")
+                out = os.path.join(base_dir if world == 1 else tmp, f"{mode}-{world}.json")
                 s = dict(spec, mode=mode)
                 mp.spawn(bench_worker, args=(world, _free_port(), s, out), nprocs=world, join=True)
                 with open(out) as f:
@@ -258,6 +265,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--kernel-backend", default="auto", help="vidattn kernel backend: auto|triton|flex|reference")
     p.add_argument("--dense-backend", default="_native_cudnn",
                    help="diffusers backend of dense attention on GPU (must support CP with LSE for Ring)")
+    p.add_argument("--baseline-dir", default=None,
+                   help="keep the single-GPU outputs / times here and reuse them in later calls (one call per "
+                        "world size fits a 10-minute device limit)")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU over gloo (CI smoke path)")
     p.add_argument("--json", default=None, help="write the report here")
     return p
