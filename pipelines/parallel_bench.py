@@ -45,17 +45,19 @@ def latent_shape(cfg: dict, frames: int, height: int, width: int):
     return (1, cfg["in_channels"], f, h, w), (f // pt, h // ph, w // pw)
 
 
-def make_pattern(name: str, grid):
-    """``radial`` (Radial Attention, Wan preset), ``neighborhood`` (window ~1/4 of each spatial axis,
-    3 frames), ``rectified`` (RectifiedSparse keep 0.25), ``permuted_grid``."""
+def make_pattern(name: str, grid, density: float = 0.1):
+    """``radial`` (Radial Attention, Wan preset), ``neighborhood`` (3-D window covering ~``density``
+    of the grid, e.g. (9, 21, 37) on 21 x 45 x 80), ``rectified`` (RectifiedSparse keep 0.25),
+    ``permuted_grid``."""
     import vidattn
 
     if name == "radial":
         from vidattn.patterns.radial import Radial
 
         return Radial() if grid[1] * grid[2] >= 256 else Radial(block_size=8, decay_factor=0.5, sink_frames=0)
-    if name == "neighborhood":
-        ks = tuple(min(g, k) for g, k in zip(grid, (3, max(3, grid[1] // 4 | 1), max(3, grid[2] // 4 | 1))))
+    if name == "neighborhood":  # window covering ~density of the grid (odd sizes, NATTEN-style)
+        f = density ** (1.0 / 3.0)
+        ks = tuple(min(g, max(1, int(round((g * f - 1) / 2)) * 2 + 1)) for g in grid)
         return vidattn.Neighborhood(kernel_size=ks, block_size=128 if grid[1] * grid[2] >= 256 else 8)
     if name == "rectified":
         from vidattn.patterns.rectified import RectifiedSparse
@@ -107,9 +109,11 @@ def run_worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> N
         model = model.eval().requires_grad_(False)
         shape, grid = latent_shape(cfg, spec["frames"], spec["height"], spec["width"])
         g = torch.Generator(device="cpu").manual_seed(1)
+        B = int(spec.get("batch", 1))
+        shape = (B,) + tuple(shape[1:])
         inputs = dict(hidden_states=torch.randn(shape, generator=g).to(dev, dtype),
-                      encoder_hidden_states=torch.randn(1, spec["text_tokens"], cfg["text_dim"], generator=g).to(dev, dtype),
-                      timestep=torch.tensor([500], device=dev), return_dict=False)
+                      encoder_hidden_states=torch.randn(B, spec["text_tokens"], cfg["text_dim"], generator=g).to(dev, dtype),
+                      timestep=torch.full((B,), 500, device=dev), return_dict=False)
         if world > 1:
             from diffusers import ContextParallelConfig
 
@@ -118,8 +122,14 @@ def run_worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> N
         if spec.get("dense_backend"):
             model.set_attention_backend(spec["dense_backend"])
         for name in spec["patterns"]:
-            h = None if name == "dense" else vidattn.apply(model, vidattn.SparseAttentionConfig(
-                make_pattern(name, grid), backend=spec.get("kernel_backend", "auto")))
+            if name == "dense" and not cuda and world > 1 and spec["mode"] == "ring":
+                # diffusers' native backend cannot return the LSE Ring needs on CPU: vidattn's exact
+                # dense op (what vidattn.Dense() runs under context parallelism)
+                vidattn.apply(model, vidattn.Dense())
+                h = None
+            else:
+                h = None if name == "dense" else vidattn.apply(model, vidattn.SparseAttentionConfig(
+                    make_pattern(name, grid, spec.get("density", 0.1)), backend=spec.get("kernel_backend", "auto")))
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(dev)
@@ -159,8 +169,7 @@ def run_worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> N
                     d = (out.float().cpu() - ref).abs().max().item()
                     entry.update(max_abs_diff_vs_1gpu=d, rel_diff_vs_1gpu=d / max(ref.abs().max().item(), 1e-12))
             res["results"][name] = entry
-            if h is not None:
-                vidattn.remove(model)
+            vidattn.remove(model)
     except Exception:
         import traceback
 
@@ -194,17 +203,25 @@ def run(args) -> dict:
     spec = dict(config="tiny" if args.tiny else "wan14b", device="cuda" if cuda else "cpu",
                 dtype="float32" if args.tiny else "bfloat16", frames=args.frames, height=args.height,
                 width=args.width, text_tokens=args.text_tokens, patterns=args.patterns, warmup=args.warmup,
-                reps=args.reps, kernel_backend=args.kernel_backend, threads=1,
+                reps=args.reps, kernel_backend=args.kernel_backend, threads=1, batch=args.batch,
+                density=args.density,
                 dense_backend=args.dense_backend if cuda else None)
     if cuda and max(args.world_sizes) > torch.cuda.device_count():
         raise SystemExit(f"error: world size {max(args.world_sizes)} > {torch.cuda.device_count()} GPUs")
     report = dict(spec=spec, runs=[])
     with tempfile.TemporaryDirectory() as tmp:
-        spec["baseline_dir"] = tmp
+        base_dir = args.baseline_dir or tmp
+        os.makedirs(base_dir, exist_ok=True)
+        spec["baseline_dir"] = base_dir
         sizes = sorted(set(args.world_sizes) | {1})
+        single_json = os.path.join(base_dir, "single-1.json")
         for world in sizes:
+            if world == 1 and args.baseline_dir and os.path.exists(single_json):
+                with open(single_json) as f:  # single-GPU baseline of an earlier call
+                    report["runs"].append(json.load(f))
+                continue
             for mode in (args.modes if world > 1 else ["single"]):
-                out = os.path.join(tmp, f"{mode}-{world}.json")
+                out = os.path.join(base_dir if world == 1 else tmp, f"{mode}-{world}.json")
                 s = dict(spec, mode=mode)
                 mp.spawn(bench_worker, args=(world, _free_port(), s, out), nprocs=world, join=True)
                 with open(out) as f:
@@ -241,11 +258,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=720, help="pixels")
     p.add_argument("--width", type=int, default=1280, help="pixels")
     p.add_argument("--text-tokens", type=int, default=512, help="T5 text tokens")
+    p.add_argument("--batch", type=int, default=2, help="batch (2 = CFG's conditional + unconditional)")
+    p.add_argument("--density", type=float, default=0.1, help="neighborhood: fraction of the grid each query sees")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     p.add_argument("--reps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--kernel-backend", default="auto", help="vidattn kernel backend: auto|triton|flex|reference")
-    p.add_argument("--dense-backend", default="_native_flash",
+    p.add_argument("--dense-backend", default="_native_cudnn",
                    help="diffusers backend of dense attention on GPU (must support CP with LSE for Ring)")
+    p.add_argument("--baseline-dir", default=None,
+                   help="keep the single-GPU outputs / times here and reuse them in later calls (one call per "
+                        "world size fits a 10-minute device limit)")
     p.add_argument("--tiny", action="store_true", help="tiny config on CPU over gloo (CI smoke path)")
     p.add_argument("--json", default=None, help="write the report here")
     return p
@@ -260,7 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             args.frames, args.height, args.width, args.text_tokens = 9, 64, 64, 8
         if args.patterns == ["dense", "radial"]:
             args.patterns = ["dense", "radial", "rectified"]
-        args.reps = min(args.reps, 2)
+        args.reps, args.warmup, args.batch = min(args.reps, 1), 0, 1
     for m in args.modes:
         if m not in ("ulysses", "ring"):
             print(f"error: --modes takes ulysses,ring; got {m!r}", file=sys.stderr)

@@ -145,10 +145,8 @@ class SparseAttnProcessor:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if isinstance(dense_steps, bool) or not isinstance(dense_steps, int) or dense_steps < 0:
             raise ValueError(f"dense_steps must be an int >= 0, got {dense_steps!r}")
-        from vidattn.patterns.dense import Dense
-
         self.pattern = pattern
-        self.always_dense = pattern is None or type(pattern) is Dense  # Dense() needs no grid
+        self.always_dense = pattern is None  # Dense() runs its full plan when a layout exists, else dense
         self.inner = inner
         self.backend = backend
         self.dense_steps = dense_steps

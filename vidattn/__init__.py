@@ -23,6 +23,8 @@ _LAZY = {
     "remove": ("vidattn.pipelines.apply", "remove"),
     "SparseAttentionConfig": ("vidattn.pipelines.apply", "SparseAttentionConfig"),
     "timm": ("vidattn.timm", None),
+    "SparseAttnProcessor": ("vidattn.pipelines.processors", "SparseAttnProcessor"),
+    "context_parallel": ("vidattn.context_parallel", None),
     "kernels": ("vidattn.kernels", None),
     "pipelines": ("vidattn.pipelines", None),
     "quality": ("vidattn.quality", None),
@@ -66,4 +68,5 @@ __all__ = [
     "SparseAttentionConfig",
     "load_plan",
     "save_plan",
+    "SparseAttnProcessor",
 ]

@@ -211,7 +211,7 @@ def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal
                                     return_lse=True, restrict=lambda p: restrict_plan_rows(p, rows))
     out = out.index_select(1, local_canon)
     lse = lse.index_select(2, local_canon).transpose(1, 2).contiguous()  # [B, s, h]
-    _record(proc, state, layout, layer, plan, head_off)
+    _record(proc, state, layout, layer, plan, head_off, H_loc)
     return out, lse
 
 
@@ -228,23 +228,24 @@ def _ulysses_compute(proc, q, k, v, layout, scale, head_off, total, world, text_
         if lse is not None:
             lse = lse.index_select(2, canon_of_cp)
     if record:
-        _record(proc, state, layout, layer, plan, head_off)
+        _record(proc, state, layout, layer, plan, head_off, q.shape[2])
     return out, (lse.transpose(1, 2).contiguous() if lse is not None else None)
 
 
-def _record(proc, state, layout, layer, plan, head_off) -> None:
+def _record(proc, state, layout, layer, plan, head_off, heads) -> None:
     if torch.compiler.is_compiling():
         return
     proc._record(state, layout, layer, plan, cp=True)
-    if plan is not None and layer is not None:
-        state.stats.head_work[layer] = _head_blocks(plan, head_off)
+    if plan is not None and layer is not None and proc.heads is None:
+        state.stats.head_work[layer] = _head_blocks(plan, head_off, heads)
 
 
-def _head_blocks(plan, head_off: int) -> Dict[int, float]:
-    """Global head id -> key blocks computed by that head's plan (summed over query blocks)."""
+def _head_blocks(plan, head_off: int, heads: int) -> Dict[int, float]:
+    """Global head id -> key blocks computed by that head's plan (summed over query blocks);
+    a plan shared by all heads counts once per head."""
     tot = (plan.kv_num_blocks.float() + plan.full_kv_num_blocks.float()).sum(dim=(0, 2))  # [Hp]
     if tot.numel() == 1:
-        return {head_off: float(tot[0])}
+        return {head_off + i: float(tot[0]) for i in range(heads)}
     return {head_off + i: float(x) for i, x in enumerate(tot.tolist())}
 
 

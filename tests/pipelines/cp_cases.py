@@ -54,6 +54,8 @@ def run_cases(rank, world):
         model, inputs, _ = build()
         ref = {"dense": run(model, inputs)}
         for name, mk in pats.items():
+            if name == "dense":  # Dense() under CP must equal diffusers' own single-process dense output
+                continue
             vidattn.apply(model, mk())
             ref[name] = run(model, inputs)
             vidattn.remove(model)
@@ -136,6 +138,68 @@ def worker(rank, world, port, out_path):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         res = run_cases(rank, world)
+    except Exception:
+        res = {"fatal": dict(error=traceback.format_exc())}
+    if rank == 0:
+        torch.save(res, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_unified_cases():
+    """Ring-2 x Ulysses-2 (4 processes): tiny Wan / FLUX with 4 heads."""
+    import vidattn
+    from diffusers import ContextParallelConfig, FluxTransformer2DModel, WanTransformer3DModel
+    from vidattn.patterns.rectified import RectifiedSparse
+
+    from tiny_models import run, tiny_flux, tiny_wan
+
+    res = {}
+    for fam in ("wan", "flux"):
+        torch.manual_seed(0)
+        if fam == "wan":
+            model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=8,
+                                          in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                          num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                          rope_max_seq_len=32).eval()
+            _, inputs, _ = tiny_wan(frames=4)
+            pats = {"neighborhood": vidattn.Neighborhood(kernel_size=(1, 3, 3), block_size=8)}
+        else:
+            model = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
+                                           pooled_projection_dim=32, axes_dims_rope=[4, 4, 8]).eval()
+            _, inputs, _ = tiny_flux(height=8, width=8, text=4)
+            pats = {"neighborhood": vidattn.Neighborhood(kernel_size=(3, 3), block_size=8)}
+        pats["rectified"] = RectifiedSparse(block_size=8, keep=0.5)
+        ref = {}
+        for name, p in pats.items():
+            vidattn.apply(model, p)
+            ref[name] = run(model, inputs)
+            vidattn.remove(model)
+        model.enable_parallelism(config=ContextParallelConfig(ring_degree=2, ulysses_degree=2))
+        for name, p in pats.items():
+            try:
+                h = vidattn.apply(model, p)
+                out = run(model, inputs)
+                res[f"{fam}/{name}"] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls)
+                vidattn.remove(model)
+            except Exception:
+                res[f"{fam}/{name}"] = dict(error=traceback.format_exc())
+    return res
+
+
+def worker_unified(rank, world, port, out_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.accelerator.device_count = lambda: 1
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        res = run_unified_cases()
     except Exception:
         res = {"fatal": dict(error=traceback.format_exc())}
     if rank == 0:
