@@ -173,7 +173,7 @@ def _single_run(pipe, name: str, pattern, s: GenerateSettings, progress: bool) -
     try:
         with rec:
             res = generate(pipe, prompt=s.prompt, num_frames=s.frames, height=s.height, width=s.width, steps=s.steps,
-                           seed=s.seed, progress=progress, call_kwargs=s.call_kwargs())
+                           seed=s.seed, progress=progress, call_kwargs=s.call_kwargs(), desc=name)
     finally:
         if pattern is not None:
             vidattn.remove(pipe)
@@ -184,7 +184,8 @@ def _single_run(pipe, name: str, pattern, s: GenerateSettings, progress: bool) -
     return res
 
 
-def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int) -> Dict[str, Any]:
+def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int, progress: bool = False,
+               label: str = "") -> Dict[str, Any]:
     """Per-step time of ``pattern`` (None: dense) on ``pipe``: one untimed warm-up step, then
     ``timing_steps`` timed denoising steps in one pipeline call of ``1 + timing_steps`` steps.
 
@@ -205,12 +206,20 @@ def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int) -> Dict[st
     marks = []
     timer = ModuleTimer(mods, dev)
     attn = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"timing {label or ('dense' if pattern is None else 'sparse')}", leave=False,
+                   unit="step")
 
     def on_step_end(p, i, t, kw):
         sync(dev)
         marks.append(time.perf_counter())
         attn.append(timer.total_ms())
         timer.reset()
+        if bar is not None:
+            bar.update(1)
         return {}
 
     if pattern is not None:
@@ -227,6 +236,8 @@ def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int) -> Dict[st
                  callback_on_step_end=on_step_end, **kwargs)
     finally:
         timer.remove()
+        if bar is not None:
+            bar.close()
         if pattern is not None:
             vidattn.remove(pipe)
     starts = [t0] + marks[:-1]
@@ -340,8 +351,8 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
         runs = [run]
     gen["backend"] = run["backend"]
     if compare and pattern is not None and timing_steps > 0:
-        d = time_steps(pipe, None, s, timing_steps)
-        sp = time_steps(pipe, pattern, s, timing_steps)
+        d = time_steps(pipe, None, s, timing_steps, progress, "dense")
+        sp = time_steps(pipe, pattern, s, timing_steps, progress, pattern_name)
         gen["timing"] = _speed(d, sp)
     gen["runs"] = runs
 
