@@ -285,6 +285,19 @@ def embed_video_in_html(html_text: str, video_path: str, title: str = "side by s
     return block + html_text
 
 
+def _honest_speedup(report: Dict[str, Any], timing: Optional[Dict[str, Any]]) -> None:
+    """Replace the harness's wall-clock ``speedup`` of each config (dense possibly from the cache,
+    sparse timed with the attention probes on) by the step speedup measured by :func:`time_steps`,
+    or by null when there is no such measurement and the dense run came from the cache."""
+    for c in report.get("configs", []):
+        if timing is not None:
+            c["speedup"] = timing.get("step_speedup")
+            c["speedup_source"] = "vidattn generate timing pass (1 warm-up step, same-way timed steps)"
+        elif report.get("dense", {}).get("cached"):
+            c["speedup"] = None
+            c["speedup_source"] = "not measured (dense frames from the cache; --timing-steps 0)"
+
+
 def _write(fn, *args, **kw):
     """Call a file writer; an ``OSError`` (full disk, permissions) becomes :class:`OutputError`."""
     try:
@@ -334,7 +347,7 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
             harness_report = _write(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
                                     seed=s.seed, out_dir=out.staging, cache_dir=cache_dir, progress=progress,
                                     apply_kwargs=dict(dense_steps=s.dense_steps, backend=s.backend),
-                                    model_name=model_name, videos_out=videos)
+                                    model_name=model_name, videos_out=videos, write=False)
         frames, dense_frames = videos[pattern_name], videos["dense"]
         c = harness_report["configs"][0]
         run = dict(name=pattern_name, plan_density=(c.get("density") or {}).get("token") or 1.0,
@@ -359,8 +372,10 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
     _write(write_video, frames, out.path(files["video"]), fps=s.fps)
     _write(write_png_grid, frames, out.path(files["frames"]))
     if harness_report is not None:
-        from vidattn.quality.report import write_side_by_side_mp4
+        from vidattn.quality.report import write_report, write_side_by_side_mp4
 
+        _honest_speedup(harness_report, gen.get("timing"))
+        _write(write_report, out.staging, harness_report, videos, fps=s.fps)  # report.json/.html, side_by_side.mp4
         _write(write_video, dense_frames, out.path(files["dense_video"]), fps=s.fps)
         sbs = out.path(files["side_by_side"])
         if files["side_by_side"] != "side_by_side.mp4":

@@ -246,6 +246,7 @@ def test_cache_is_documented_and_never_times(capsys, timed_twice):
     t = second["generate"]["timing"]  # measured in this run, whatever the cache held
     assert t["dense"]["steps_timed"] == 2 and t["dense"]["step_ms"] > 0 and t["sparse"]["step_ms"] > 0
     assert t["dense"]["step_ms_all"] != first["generate"]["timing"]["dense"]["step_ms_all"]
+    assert second["configs"][0]["speedup"] == pytest.approx(t["step_speedup"])  # not cached dense wall / probed run
 
 
 def test_speed_column_is_warm_and_amdahl_bounded(timed_twice, capsys):
