@@ -306,6 +306,16 @@ def _write(fn, *args, **kw):
         raise OutputError(f"cannot write the output ({e.strerror or e})") from None
 
 
+def _write_cache(fn, *args, **kw):
+    """Call the harness (which writes only the dense-baseline cache here); an ``OSError`` becomes
+    :class:`OutputError` naming the cache."""
+    try:
+        return fn(*args, **kw)
+    except OSError as e:
+        raise OutputError(f"cannot write the dense-baseline cache {kw.get('cache_dir')!r} "
+                          f"({e.strerror or e}); --no-cache or --cache-dir DIR") from None
+
+
 # ----------------------------------------------------------------------------- the job
 def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet, *, pattern_name: str,
                  compare: bool = False, cache_dir: Optional[str] = None, timing_steps: int = 3,
@@ -341,10 +351,9 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
         call_kwargs = dict(prompt=s.prompt, num_frames=s.frames, height=s.height, width=s.width,
                            num_inference_steps=s.steps, **default_call_kwargs(pipe), **s.call_kwargs())
         videos: Dict[str, Any] = {}
-        pipe.set_progress_bar_config(disable=True)  # the harness draws one bar per run
         rec = BackendRecorder(s.backend, dev)
         with rec:
-            harness_report = _write(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
+            harness_report = _write_cache(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
                                     seed=s.seed, out_dir=out.staging, cache_dir=cache_dir, progress=progress,
                                     apply_kwargs=dict(dense_steps=s.dense_steps, backend=s.backend),
                                     model_name=model_name, videos_out=videos, write=False)

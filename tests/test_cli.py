@@ -113,6 +113,7 @@ def test_model_dir_roundtrip(tmp_path, capsys):
     assert run(["generate", "--out", str(a), "--quiet"] + SMALL_DENSE, capsys)[0] == 0
     rc, _, err = run(["generate", "--out", str(b), "--quiet"] + SMALL_DENSE + ["--model", str(tmp_path / "ckpt")], capsys)
     assert rc == 0, err
+    assert "Loading" not in err and "it/s" not in err, err  # --quiet: no diffusers loading/step bars
     va, vb = read_mp4(str(a / VIDEO)), read_mp4(str(b / VIDEO))
     assert np.abs(va.astype(int) - vb.astype(int)).max() <= 2  # same weights, same seed
     assert json.loads((b / "report.json").read_text())["family"] == "wan"
