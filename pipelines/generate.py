@@ -180,7 +180,7 @@ def default_call_kwargs(pipe) -> Dict[str, Any]:
 
 
 def generate(pipe, *, prompt: str, num_frames: int, height: int, width: int, steps: int, seed: int,
-             progress: bool = True, call_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+             progress: bool = True, call_kwargs: Optional[Dict[str, Any]] = None, desc: str = "generate") -> Dict[str, Any]:
     """Run ``pipe`` once.
 
     Returns a dict: ``frames`` float32 ndarray ``[F, H, W, C]`` in [0, 1]; ``step_times_s`` (list
@@ -200,9 +200,17 @@ def generate(pipe, *, prompt: str, num_frames: int, height: int, width: int, ste
             sync()
             first_call.append(time.perf_counter())
 
+    bar = None
+    if progress:  # one bar for every pipeline (the reference pipeline draws none of its own)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, leave=False, unit="step")
+
     def on_step_end(p, i, t, cb_kwargs):
         sync()
         marks.append(time.perf_counter())
+        if bar is not None:
+            bar.update(1)
         return {}
 
     densities = []
@@ -211,7 +219,7 @@ def generate(pipe, *, prompt: str, num_frames: int, height: int, width: int, ste
         densities.append(float(plan.token_density))
 
     hook = pipe.transformer.register_forward_pre_hook(pre_hook) if getattr(pipe, "transformer", None) is not None else None
-    pipe.set_progress_bar_config(disable=not progress, leave=False)
+    pipe.set_progress_bar_config(disable=True)
     kwargs = dict(default_call_kwargs(pipe), **(call_kwargs or {}))
     t0 = time.perf_counter()
     try:
@@ -222,6 +230,8 @@ def generate(pipe, *, prompt: str, num_frames: int, height: int, width: int, ste
     finally:
         if hook is not None:
             hook.remove()
+        if bar is not None:
+            bar.close()
     sync()
     total = time.perf_counter() - t0
     frames = out.frames[0] if hasattr(out, "frames") else out[0][0]

@@ -173,7 +173,7 @@ def _single_run(pipe, name: str, pattern, s: GenerateSettings, progress: bool) -
     try:
         with rec:
             res = generate(pipe, prompt=s.prompt, num_frames=s.frames, height=s.height, width=s.width, steps=s.steps,
-                           seed=s.seed, progress=progress, call_kwargs=s.call_kwargs())
+                           seed=s.seed, progress=progress, call_kwargs=s.call_kwargs(), desc=name)
     finally:
         if pattern is not None:
             vidattn.remove(pipe)
@@ -184,7 +184,8 @@ def _single_run(pipe, name: str, pattern, s: GenerateSettings, progress: bool) -
     return res
 
 
-def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int) -> Dict[str, Any]:
+def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int, progress: bool = False,
+               label: str = "") -> Dict[str, Any]:
     """Per-step time of ``pattern`` (None: dense) on ``pipe``: one untimed warm-up step, then
     ``timing_steps`` timed denoising steps in one pipeline call of ``1 + timing_steps`` steps.
 
@@ -205,12 +206,20 @@ def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int) -> Dict[st
     marks = []
     timer = ModuleTimer(mods, dev)
     attn = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, desc=f"timing {label or ('dense' if pattern is None else 'sparse')}", leave=False,
+                   unit="step")
 
     def on_step_end(p, i, t, kw):
         sync(dev)
         marks.append(time.perf_counter())
         attn.append(timer.total_ms())
         timer.reset()
+        if bar is not None:
+            bar.update(1)
         return {}
 
     if pattern is not None:
@@ -227,6 +236,8 @@ def time_steps(pipe, pattern, s: GenerateSettings, timing_steps: int) -> Dict[st
                  callback_on_step_end=on_step_end, **kwargs)
     finally:
         timer.remove()
+        if bar is not None:
+            bar.close()
         if pattern is not None:
             vidattn.remove(pipe)
     starts = [t0] + marks[:-1]
@@ -274,12 +285,35 @@ def embed_video_in_html(html_text: str, video_path: str, title: str = "side by s
     return block + html_text
 
 
+def _honest_speedup(report: Dict[str, Any], timing: Optional[Dict[str, Any]]) -> None:
+    """Replace the harness's wall-clock ``speedup`` of each config (dense possibly from the cache,
+    sparse timed with the attention probes on) by the step speedup measured by :func:`time_steps`,
+    or by null when there is no such measurement and the dense run came from the cache."""
+    for c in report.get("configs", []):
+        if timing is not None:
+            c["speedup"] = timing.get("step_speedup")
+            c["speedup_source"] = "vidattn generate timing pass (1 warm-up step, same-way timed steps)"
+        elif report.get("dense", {}).get("cached"):
+            c["speedup"] = None
+            c["speedup_source"] = "not measured (dense frames from the cache; --timing-steps 0)"
+
+
 def _write(fn, *args, **kw):
     """Call a file writer; an ``OSError`` (full disk, permissions) becomes :class:`OutputError`."""
     try:
         return fn(*args, **kw)
     except OSError as e:
         raise OutputError(f"cannot write the output ({e.strerror or e})") from None
+
+
+def _write_cache(fn, *args, **kw):
+    """Call the harness (which writes only the dense-baseline cache here); an ``OSError`` becomes
+    :class:`OutputError` naming the cache."""
+    try:
+        return fn(*args, **kw)
+    except OSError as e:
+        raise OutputError(f"cannot write the dense-baseline cache {kw.get('cache_dir')!r} "
+                          f"({e.strerror or e}); --no-cache or --cache-dir DIR") from None
 
 
 # ----------------------------------------------------------------------------- the job
@@ -317,13 +351,12 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
         call_kwargs = dict(prompt=s.prompt, num_frames=s.frames, height=s.height, width=s.width,
                            num_inference_steps=s.steps, **default_call_kwargs(pipe), **s.call_kwargs())
         videos: Dict[str, Any] = {}
-        pipe.set_progress_bar_config(disable=True)  # the harness draws one bar per run
         rec = BackendRecorder(s.backend, dev)
         with rec:
-            harness_report = _write(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
+            harness_report = _write_cache(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
                                     seeds=[s.seed], out_dir=out.staging, cache_dir=cache_dir, progress=progress,
                                     apply_kwargs=dict(dense_steps=s.dense_steps, backend=s.backend),
-                                    model_name=model_name, videos_out=videos)
+                                    model_name=model_name, videos_out=videos, write=False)
         frames, dense_frames = videos[pattern_name], videos["dense"]
         c = harness_report["configs"][0]
         run = dict(name=pattern_name, plan_density=(c.get("density") or {}).get("token") or 1.0,
@@ -340,16 +373,18 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
         runs = [run]
     gen["backend"] = run["backend"]
     if compare and pattern is not None and timing_steps > 0:
-        d = time_steps(pipe, None, s, timing_steps)
-        sp = time_steps(pipe, pattern, s, timing_steps)
+        d = time_steps(pipe, None, s, timing_steps, progress, "dense")
+        sp = time_steps(pipe, pattern, s, timing_steps, progress, pattern_name)
         gen["timing"] = _speed(d, sp)
     gen["runs"] = runs
 
     _write(write_video, frames, out.path(files["video"]), fps=s.fps)
     _write(write_png_grid, frames, out.path(files["frames"]))
     if harness_report is not None:
-        from vidattn.quality.report import write_side_by_side_mp4
+        from vidattn.quality.report import write_report, write_side_by_side_mp4
 
+        _honest_speedup(harness_report, gen.get("timing"))
+        _write(write_report, out.staging, harness_report, videos, fps=s.fps)  # report.json/.html, side_by_side.mp4
         _write(write_video, dense_frames, out.path(files["dense_video"]), fps=s.fps)
         sbs = out.path(files["side_by_side"])
         if files["side_by_side"] != "side_by_side.mp4":

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,9 @@ def _cache_in_tmp(tmp_path, monkeypatch):
     monkeypatch.setenv("VIDATTN_CACHE_DIR", str(tmp_path / "dense-cache"))  # never the user's ~/.cache
 
 
+TQDM = re.compile(r"(it/s|s/it|step/s|s/step)\]")  # a progress-bar redraw (fast or slow machine)
+
+
 def run(argv, capsys):
     rc = cli.main(argv)
     out, err = capsys.readouterr()
@@ -34,7 +38,7 @@ def run(argv, capsys):
 def assert_usage_error(argv, capsys, match):
     rc, out, err = run(argv, capsys)
     # ignore progress-bar redraws (tqdm writes "...it/s]" with carriage returns) if any ran before the error
-    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "it/s]" not in ln and "\x1b[A" not in ln]
+    lines = [ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and not TQDM.search(ln) and "\x1b[A" not in ln]
     assert rc == 2, (rc, err)
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert match in lines[0], lines[0]
@@ -113,6 +117,7 @@ def test_model_dir_roundtrip(tmp_path, capsys):
     assert run(["generate", "--out", str(a), "--quiet"] + SMALL_DENSE, capsys)[0] == 0
     rc, _, err = run(["generate", "--out", str(b), "--quiet"] + SMALL_DENSE + ["--model", str(tmp_path / "ckpt")], capsys)
     assert rc == 0, err
+    assert "Loading" not in err and "it/s" not in err, err  # --quiet: no diffusers loading/step bars
     va, vb = read_mp4(str(a / VIDEO)), read_mp4(str(b / VIDEO))
     assert np.abs(va.astype(int) - vb.astype(int)).max() <= 2  # same weights, same seed
     assert json.loads((b / "report.json").read_text())["family"] == "wan"

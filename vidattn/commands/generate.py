@@ -288,6 +288,9 @@ def _print_table(report: dict, file=None):
         print(f"speed: median of {t['sparse']['steps_timed']} steps after {t['sparse']['warmup_steps']} warm-up step, "
               f"dense and sparse timed the same way in this run (never from the cache); Amdahl max = "
               f"1 / (1 - dense attention share)", file=file)
+        if t.get("step_speedup") and t.get("amdahl_bound") and t["step_speedup"] > 1.05 * t["amdahl_bound"]:
+            print(f"note: the step speedup {t['step_speedup']:.2f}x exceeds its Amdahl bound "
+                  f"{t['amdahl_bound']:.2f}x: timing noise (a busy machine?); try more --timing-steps", file=file)
     b = gen.get("backend") or {}
     if b.get("ran"):
         print(f"backend: {b['ran']} (requested {b['requested']})", file=file)

@@ -37,6 +37,10 @@ def run(a) -> int:
     else:
         print("gpu         none (CPU only)")
         dev = "cpu"
+    from vidattn.pipelines.video_io import browser_video_ext, video_codec
+
+    ext = browser_video_ext()
+    print(f"video       {ext[1:]} ({video_codec(ext)}{'' if ext == '.mp4' else '; this OpenCV has no H.264 encoder'})")
     print(f"backends on {dev}:")
     for name, status in vidattn.available_backends(dev).items():
         print(f"  {name:<10} {status}")
