@@ -253,6 +253,23 @@ def sparse_configs(setup, tiny):
     return out
 
 
+def preset_configs(setup, spec: str):
+    """(name, pattern, note) for ``spec`` = comma-separated ``preset@sparsity`` (e.g.
+    ``neighborhood@0.75,svg@0.9``): the quality harness's presets (:mod:`vidattn.quality.presets`)
+    fitted to this model's token grid, so a configuration measured for quality on the reference
+    model is timed here at the same family and sparsity."""
+    from vidattn.quality.presets import fit_pattern
+
+    out = []
+    for item in [x.strip() for x in (spec or "").split(",") if x.strip()]:
+        name, _, lv = item.partition("@")
+        if not lv:
+            raise ValueError(f"--presets entries are preset@sparsity, e.g. neighborhood@0.75; got {item!r}")
+        out.append((f"{name}@{lv}", lambda n=name, s=float(lv): fit_pattern(n, s, setup.grid),
+                    dict(preset=name, target_sparsity=float(lv))))
+    return out
+
+
 # ----------------------------------------------------------------------------- timing (shared helpers)
 def _sync(dev):
     sync(dev)
@@ -439,6 +456,7 @@ def run_benchmark(args, setup, model, results, notes):
     if args.patterns:
         keep = set(p.strip() for p in args.patterns.split(",") if p.strip())
         configs = [c for c in configs if c[0] in keep or c[0].split("-")[0] in keep]
+    configs += preset_configs(setup, args.presets)
     for name, make, meta in configs:
         backend = meta.get("backend", args.backend)
         try:
@@ -580,6 +598,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=None, help="batch (wan 2 = CFG; hunyuan, flux 1: guidance-distilled)")
     p.add_argument("--text-tokens", type=int, default=None, help="text tokens (wan 512, hunyuan 256, flux 512)")
     p.add_argument("--text-pad", type=int, default=0, help="hunyuan: mask out the last N text tokens (padded prompt)")
+    p.add_argument("--presets", default="", help="comma-separated preset@sparsity (quality presets fitted to the grid), "
+                   "e.g. neighborhood@0.75,svg@0.9: the configurations of the quality Pareto table")
     p.add_argument("--patterns", default="", help="comma-separated vidattn config names (or families) to run: "
                    "dense-flex, neighborhood-90, neighborhood-75, neighborhood-wide-90, radial, radial-block, rectified-75, rectified-90, "
                    "grid (default: all that fit the model)")
