@@ -292,7 +292,9 @@ def finetune(pipe, pattern, *, lora_rank: int = 8, steps: int = 100, lr: float =
     latents = dense = None
     if eval_seeds:
         latents = _seed_latents(pipe, eval_seeds, frames, height, width)
+        t_eval = time.time()
         dense = _sample(pipe, latents, num_inference_steps, frames, height, width)
+        log(f"dense reference sampled ({time.time() - t_eval:.0f} s)")
         res.psnr_before_per_seed = evaluate_psnr(pipe, pattern, dense, latents, num_inference_steps=num_inference_steps,
                                                  frames=frames, height=height, width=width, backend=backend)
         res.psnr_before = float(np.mean(res.psnr_before_per_seed))
