@@ -22,7 +22,8 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     """Run a plan exactly.
 
     Args:
-        q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` with Hk dividing H. Any float dtype.
+        q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` with Hk dividing H. float16/bfloat16/float32
+            (computed in float32) or float64 (computed in float64).
         plan: the BlockPlan (Bp in {1, B}, Hp in {1, H}). Fused rectification terms are executed;
             an output epilogue (``out_scale`` / ``out_shift``) is ignored here (``vidattn.run_plan``
             applies it after every backend).
@@ -36,14 +37,15 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     Dv = v.shape[-1]
     scale = D ** -0.5 if scale is None else scale
     dev = q.device
-    qh = to_plan_order(q.transpose(1, 2).float(), plan.perm)
-    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H).float(), plan.perm)
-    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H).float(), plan.perm)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 stays float64
+    qh = to_plan_order(q.transpose(1, 2).to(cdt), plan.perm)
+    kh = to_plan_order(expand_kv_heads(k.transpose(1, 2), H).to(cdt), plan.perm)
+    vh = to_plan_order(expand_kv_heads(v.transpose(1, 2), H).to(cdt), plan.perm)
     bq, bk = plan.block_q, plan.block_k
     nqb, nkb = plan.num_q_blocks, plan.num_k_blocks
     perm = plan.perm.to(dev) if plan.perm is not None else torch.arange(S, device=dev)[None]
     rect = plan.rectification
-    out = torch.zeros(B, H, S, Dv, dtype=torch.float32, device=dev)
+    out = torch.zeros(B, H, S, Dv, dtype=cdt, device=dev)
     lse = torch.full((B, H, S), -math.inf, dtype=torch.float32, device=dev)
 
     def bh(t):  # broadcast plan tensor [Bp, Hp, ...] to [B, H, ...]
@@ -83,9 +85,9 @@ def block_sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
         s = s.masked_fill(~allowed, -math.inf)
         vals = vv
         if rect is not None and rect.has_pooled:
-            pk = bh(rect.pooled_k).float()  # [B, H, NKB, D]
-            pv = bh(rect.pooled_v).float()
-            pw = bh(rect.pooled_log_weight)[:, :, i].float()  # [B, H, NKB]
+            pk = bh(rect.pooled_k).to(cdt)  # [B, H, NKB, D]
+            pv = bh(rect.pooled_v).to(cdt)
+            pw = bh(rect.pooled_log_weight)[:, :, i].to(cdt)  # [B, H, NKB]
             sp = torch.einsum("bhqd,bhkd->bhqk", qi, pk) * scale + pw[:, :, None, :]
             s = torch.cat([s, sp], dim=-1)
             vals = torch.cat([vv, pv], dim=2)

@@ -135,18 +135,25 @@ def test_op_backward_opcheck():
 # ----------------------------------------------------------------------------- guard
 def test_detached_backend_output_raises(monkeypatch):
     """A backend that returns an output without grad_fn for grad-requiring inputs is an error,
-    never a silent detach."""
-    import vidattn.attention as A
+    never a silent detach (even if it wrongly declares itself differentiable)."""
+    from vidattn import backends
+    from vidattn.kernels.reference import block_sparse_attention_reference
 
     def detached(q, k, v, plan, scale=None, return_lse=False):
         with torch.no_grad():
-            return A._get_backend("reference")(q, k, v, plan, scale=scale, return_lse=return_lse)
+            return block_sparse_attention_reference(q, k, v, plan, scale=scale, return_lse=return_lse)
 
-    A._get_backend("reference")
-    monkeypatch.setitem(A._registry, "flex", detached)
+    monkeypatch.setitem(backends._registry, "detached_test", backends.Backend(
+        "detached_test", detached, lambda plan, q, k, v: (True, ""), True, (), None))
     layout = TokenLayout((3, 4))
     q, k, v = _qkv(1, layout.seq_len, 1, 8, seed=7)
-    with pytest.raises(RuntimeError, match="without grad_fn"):
-        vidattn.sparse_attention(q, k, v, Neighborhood(kernel_size=3), layout, backend="flex")
+    with pytest.raises(RuntimeError, match="without autograd history"):
+        vidattn.sparse_attention(q, k, v, Neighborhood(kernel_size=3), layout, backend="detached_test")
     with torch.no_grad():  # no grad wanted: fine
-        vidattn.sparse_attention(q, k, v, Neighborhood(kernel_size=3), layout, backend="flex")
+        vidattn.sparse_attention(q, k, v, Neighborhood(kernel_size=3), layout, backend="detached_test")
+
+
+def test_triton_backend_is_registered_differentiable():
+    from vidattn import backends
+
+    assert backends.get_backend("triton").differentiable

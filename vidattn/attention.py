@@ -1,14 +1,19 @@
 """``sparse_attention``: validate inputs, compile the pattern to a plan, pick a backend, run it.
 
-Backends (all execute the same :class:`~vidattn.plan.BlockPlan`):
+Backends (all execute the same :class:`~vidattn.plan.BlockPlan`, registered in
+:mod:`vidattn.backends`, each declaring what it can run):
 
 * ``"reference"`` — exact pure PyTorch, chunked (``vidattn.kernels.reference``);
+* ``"cpu"`` — per query block, SDPA over its gathered key blocks (``vidattn.kernels.cpu_gather``);
 * ``"flex"`` — torch FlexAttention ``BlockMask`` built from the plan (``vidattn.kernels.flex``);
 * ``"triton"`` — the fused Triton kernel (``vidattn.kernels.sparse_flash``);
-* ``"auto"`` — triton on CUDA, reference on CPU.
+* ``"auto"`` — the first of triton (CUDA) / cpu (CPU) / flex (CUDA, e.g. with gradients) / reference
+  that can run the case.
 
-A backend that cannot handle a case raises ``BackendUnsupported`` internally; the dispatcher
-then falls back (triton -> flex -> reference) with a one-time warning naming the reason.
+A backend that cannot run a case says so (``can_run`` before the call, or
+``BackendUnsupported`` during it); the dispatcher then falls back along the backend's chain
+(triton -> flex -> reference, cpu -> reference) with a one-time warning naming the reason. Any
+other exception inside a backend is a bug and propagates.
 
 A plan's output *epilogue* (``Rectification.out_scale`` / ``out_shift``, RectifiedSparse's
 authors' method) is applied here, in :func:`run_plan`, after whichever backend ran: backends
@@ -18,28 +23,29 @@ receive the plan without those terms and compute plain block-sparse attention.
 from __future__ import annotations
 
 import logging
-import warnings
+import math
+import numbers
+import os
 import weakref
 from dataclasses import replace
 from typing import Callable, Dict, Optional
 
 import torch
 
+from . import backends as _backends
+from .backends import _warned, backend_names, grad_required, register_backend  # noqa: F401  (_warned: tests)
 from .errors import BackendUnsupported
 from .layout import TokenLayout
 from .patterns.base import Pattern
 from .plan import BlockPlan
 
 __all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupported", "available_backends",
-           "check_qkv", "add_observer", "apply_epilogue", "backend_plan"]
+           "check_qkv", "add_observer", "apply_epilogue", "backend_plan", "BACKENDS"]
 
 log = logging.getLogger("vidattn")
 
-BACKENDS = ("reference", "flex", "triton", "auto")
+BACKENDS = ("reference", "cpu", "flex", "triton", "auto")  # the built-ins (vidattn.backends.backend_names(): all)
 
-
-_registry: Dict[str, Callable] = {}
-_warned: set = set()
 _observers: Dict[int, Callable] = {}
 
 
@@ -66,64 +72,41 @@ def add_observer(fn: Callable) -> _ObserverHandle:
     return _ObserverHandle(key)
 
 
-def register_backend(name: str, fn: Callable) -> None:
-    """Register ``fn(q, k, v, plan, scale, return_lse)`` under ``name`` (q/k/v ``[B, S, H, D]``)."""
-    _registry[name] = fn
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-        log.warning(msg)
-
-
-def _get_backend(name: str) -> Callable:
-    if name in _registry:
-        return _registry[name]
-    if name == "reference":
-        from vidattn.kernels.reference import block_sparse_attention_reference as fn
-    elif name == "flex":
-        from vidattn.kernels.flex import block_sparse_attention_flex as fn
-    elif name == "triton":
-        try:
-            # the differentiable wrapper (Triton backward from the saved LSE); plain forward without grad
-            from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd as fn
-        except ImportError as e:  # kernel module missing or triton not installed
-            raise BackendUnsupported(f"triton backend unavailable: {e}") from e
-    else:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    _registry[name] = fn
-    return fn
-
-
 def available_backends(device: torch.device | str = "cpu") -> Dict[str, str]:
-    """Map backend name -> 'ok' or the reason it cannot run on ``device``."""
+    """Map backend name -> 'ok' or the reason it cannot run on ``device`` (a tiny float16 dense
+    probe case; a backend may still refuse particular plans or dtypes)."""
+    from .plan import FULL, plan_from_block_mask
+
     dev = torch.device(device)
-    out = {"reference": "ok"}
-    try:
-        from torch.nn.attention import flex_attention as _flex  # noqa: F401  (plain `import torch.x` would make torch local)
-        out["flex"] = "ok" if dev.type == "cuda" else "ok (eager, slow on CPU)"
-    except Exception as e:  # pragma: no cover
-        out["flex"] = f"unavailable: {e}"
-    try:
-        _get_backend("triton")
-        out["triton"] = "ok" if dev.type == "cuda" else "interpreter only (TRITON_INTERPRET=1)"
-    except BackendUnsupported as e:
-        out["triton"] = str(e)
+    x = torch.zeros(1, 16, 1, 16, dtype=torch.float16 if dev.type == "cuda" else torch.float32, device=dev)
+    cls = torch.full((1, 1, 1, 1), FULL, dtype=torch.int8, device=dev)
+    plan = plan_from_block_mask(cls, seq_len=16, block_q=16, block_k=16, rule=None, token_density=1.0)
+    out = {}
+    for name in backend_names():
+        if name == "auto":
+            continue
+        ok, why = _backends.get_backend(name).can_run(plan, x, x, x)
+        out[name] = "ok" if ok else why
     return out
 
 
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def check_qkv(q, k, v, layout: Optional[TokenLayout] = None) -> None:
-    """Validate ``q [B, S, H, D]``, ``k``/``v [B, S, Hk, D]`` (Hk divides H), float dtypes, same
+    """Validate ``q [B, S, H, D]``, ``k``/``v [B, S, Hk, D]`` (Hk divides H; every dimension >= 1),
+    one dtype of float16/bfloat16/float32/float64 (float8 and integer tensors are rejected), one
     device; and ``S`` against ``layout``. Raises ``TypeError``/``ValueError`` naming the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor [B, S, heads, D], got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"{name} must have shape [B, S, heads, D], got {tuple(t.shape)}")
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must be float16/bfloat16/float32, got {t.dtype}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+        for dim, label in zip(t.shape, ("batch size B", "sequence length S", "heads", "head dim D")):
+            if dim < 1:
+                raise ValueError(f"{name} must have {label} >= 1, got shape {tuple(t.shape)} [B, S, heads, D]")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
@@ -142,6 +125,57 @@ def check_qkv(q, k, v, layout: Optional[TokenLayout] = None) -> None:
         raise ValueError(f"k head dim {k.shape[3]} must equal q head dim {D}")
     if layout is not None:
         layout.check_seq_len(S, name="q")
+
+
+def check_scale(scale) -> Optional[float]:
+    """``None`` (``D ** -0.5``) or a finite real number, returned as a float. Raises ``TypeError``
+    for other types (strings, tensors, bools) and ``ValueError`` for NaN / infinite values."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return scale
+
+
+def _finite_check_off() -> bool:
+    """No finiteness pass while compiling or capturing a CUDA graph (it needs one host sync), or
+    with ``VIDATTN_CHECK_FINITE=0`` (then non-finite inputs give whatever the backend computes)."""
+    if torch.compiler.is_compiling() or os.environ.get("VIDATTN_CHECK_FINITE", "1") == "0":
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
+    """``be.run`` with the documented non-finite semantics (see :func:`sparse_attention`).
+
+    Finite inputs (the normal case: one fused check, one host sync) run unchanged. Otherwise the
+    backend runs on inputs with the non-finite entries zeroed, plus one indicator pass (float32)
+    whose output is, per row and channel, the softmax weight on non-finite value entries or
+    non-finite key tokens; entries with a non-zero weight, and rows of non-finite queries, are set
+    to NaN."""
+    if _finite_check_off() or bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+        return be.run(q, k, v, plan, scale=scale, return_lse=return_lse)
+    q_bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, S, H, 1]
+    k_bad = ~torch.isfinite(k).all(-1, keepdim=True)  # [B, S, Hk, 1]
+    v_bad = ~torch.isfinite(v)  # [B, S, Hk, Dv]
+    q0, k0, v0 = q.masked_fill(q_bad, 0), k.masked_fill(k_bad, 0), v.masked_fill(v_bad, 0)
+    res = be.run(q0, k0, v0, plan, scale=scale, return_lse=return_lse)
+    out, lse = (res if return_lse else (res, None))
+    qf, kf = q0.detach().float(), k0.detach().float()
+    with torch.no_grad():
+        hit = be.run(qf, kf, (v_bad | k_bad).float(), plan, scale=scale) > 0  # [B, S, H, Dv]
+    nan = torch.full((), float("nan"), dtype=out.dtype, device=out.device)
+    out = torch.where(hit | q_bad, nan, out)
+    if lse is None:
+        return out
+    with torch.no_grad():
+        k_hit = q_bad[..., 0]
+        if bool(k_bad.any()):
+            k_hit = k_hit | (be.run(qf, kf, k_bad.float().expand_as(v).contiguous(), plan, scale=scale)[..., 0] > 0)
+    return out, lse.masked_fill(k_hit.transpose(1, 2), float("nan"))
 
 
 _backend_plans: "weakref.WeakKeyDictionary[BlockPlan, BlockPlan]" = weakref.WeakKeyDictionary()
@@ -207,26 +241,21 @@ def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return res.to(out.dtype)
 
 
-def _check_not_detached(name: str, out: torch.Tensor, q, k, v) -> None:
-    """A grad-requiring input must never get a silently detached output (a LoRA on the attention
-    projections would receive no gradient): raise instead."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) and not out.requires_grad:
-        raise RuntimeError(f"vidattn: backend {name!r} returned an output without grad_fn for inputs that require "
-                           "grad; run under torch.no_grad() or use a differentiable backend")
-
-
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
              return_lse: bool = False):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
-    :func:`sparse_attention`. Falls back triton -> flex -> reference with a one-time warning.
+    :func:`sparse_attention`. A backend that cannot run the case is skipped along its fallback
+    chain with a one-time warning; an exception inside a backend propagates.
 
     The backend runs :func:`backend_plan` (the plan without its output epilogue); the epilogue,
     if any, is then applied here by :func:`apply_epilogue`, identically for every backend. The
     LSE returned with ``return_lse`` is that of the sparse softmax only (what the backend
     computed): the epilogue is not a softmax over a key set, so it has no log-sum-exp; do not
     merge an epilogue plan's output with other attention partials through its LSE."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    names = backend_names()
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+    scale = check_scale(scale)
     B, S, H, _ = q.shape
     if plan.seq_len != S:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")
@@ -234,33 +263,44 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
         raise ValueError(f"plan batch/heads {plan.plan_batch}/{plan.plan_heads} do not fit q {tuple(q.shape)}")
     if plan.device != q.device:
         plan = plan.to(q.device)
-    if backend == "auto":
-        backend = "triton" if q.device.type == "cuda" else "reference"
-    chain = {"triton": ["triton", "flex", "reference"], "flex": ["flex", "reference"], "reference": ["reference"]}[backend]
-    last_err = None
     bplan = backend_plan(plan)
-    for i, name in enumerate(chain):
+    tried: tuple = ()
+    while True:
+        be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried)
         try:
-            fn = _get_backend(name)
-            res = fn(q, k, v, bplan, scale=scale, return_lse=return_lse)
-            _check_not_detached(name, res[0] if return_lse else res, q, k, v)
-            if bplan is not plan:
-                res = (apply_epilogue(res[0], plan), res[1]) if return_lse else apply_epilogue(res, plan)
-            if _observers:
-                out = res[0] if return_lse else res
-                for obs in list(_observers.values()):
-                    obs(q, k, v, plan, out, scale)
-            return res
-        except (BackendUnsupported, NotImplementedError) as e:
-            last_err = e
-        except Exception as e:  # flex raises its own error types
-            if name == "reference" or type(e).__name__ not in ("FlexUnsupported", "TritonUnsupported"):
-                raise
-            last_err = e
-        nxt = chain[i + 1]
-        _warn_once(f"{name}->{nxt}:{type(last_err).__name__}:{last_err}",
-                   f"vidattn: backend {name!r} cannot run this case ({last_err}); falling back to {nxt!r}")
-    raise RuntimeError(f"no backend could run this case: {last_err}")
+            res = _run_guarded(be, q, k, v, bplan, scale, return_lse)
+        except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
+            tried += (be.name,)
+            _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "
+                                                      f"trying the next backend")
+            continue
+        break
+    _backends.ran[be.name] = _backends.ran.get(be.name, 0) + 1
+    out = res[0] if return_lse else res
+    if grad_required(q, k, v) and out.grad_fn is None:
+        raise RuntimeError(f"backend {be.name!r} returned an output without autograd history while q/k/v require "
+                           f"grad: it has no backward (register it with differentiable=False so the dispatcher "
+                           f"skips it when gradients are needed)")
+    if bplan is not plan:
+        res = (apply_epilogue(res[0], plan), res[1]) if return_lse else apply_epilogue(res, plan)
+    if _observers:
+        out = res[0] if return_lse else res
+        for obs in list(_observers.values()):
+            obs(q, k, v, plan, out, scale)
+    return res
+
+
+_takes_values: Dict[type, bool] = {}
+
+
+def _plan_takes_values(cls: type) -> bool:
+    """Whether ``cls.plan`` has the ``plan(layout, q, k, v, *, scale, ...)`` signature."""
+    if cls not in _takes_values:
+        import inspect
+
+        params = inspect.signature(cls.plan).parameters
+        _takes_values[cls] = "v" in params and "scale" in params
+    return _takes_values[cls]
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
@@ -272,22 +312,49 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         k, v: ``[B, S, Hk, D]`` (Hk divides H: GQA/MQA), same dtype/device as q.
         pattern: a :class:`~vidattn.patterns.base.Pattern` (Neighborhood, Dense, Radial, ...).
         layout: :class:`~vidattn.layout.TokenLayout` with ``seq_len == S``.
-        backend: ``"reference" | "flex" | "triton" | "auto"``.
+        backend: ``"auto" | "reference" | "cpu" | "flex" | "triton"`` or a name registered with
+            :func:`vidattn.backends.register_backend`.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the lse).
+
+    Dtypes: float16 / bfloat16 are computed with float32 accumulation; float64 is computed in
+    float64 by the reference and cpu backends (and flex on CPU); the triton backend declares
+    float64 unsupported (fallback with one warning). float8 and integer inputs raise TypeError.
+
+    Non-finite inputs (the same on every backend, applied by :func:`run_plan`): NaN is
+    propagated only where the math puts it. A non-finite value entry ``v[b, j, h, c]`` makes
+    channel ``c`` NaN in exactly the rows that give key ``j`` non-zero softmax weight; a
+    non-finite key token makes every channel (and the LSE) of those rows NaN; a non-finite
+    query row makes that row NaN. Other rows are unaffected. Rows with no allowed key (fully
+    masked) are 0 with LSE ``-inf``. ``scale`` must be a finite real number (else
+    ``ValueError`` / ``TypeError``).
+
+    Under ``torch.compile`` a static pattern (Dense, Neighborhood, Radial) without ``return_lse``
+    runs through the ``vidattn::sparse_attn`` custom op (:mod:`vidattn.ops`), so
+    ``fullgraph=True`` holds, the pattern may be constructed inside the compiled region too.
+    Checking finiteness costs one fused pass over q, k, v and
+    one host sync per call (skipped while compiling or capturing a CUDA graph, or with
+    ``VIDATTN_CHECK_FINITE=0``; non-finite inputs then give whatever the backend computes).
     """
     if not isinstance(pattern, Pattern):
         raise TypeError(f"pattern must be a vidattn pattern (Neighborhood, Dense, ...), got {type(pattern).__name__}")
     if not isinstance(layout, TokenLayout):
         raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backend_names():
+        raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse:
+        # under torch.compile a static pattern goes through the vidattn::sparse_attn custom op
+        # (the plan is looked up inside it), so the caller's graph has no break
+        from .ops import sparse_attention_op
+
+        return sparse_attention_op(q, k, v, pattern, layout, backend=backend, scale=check_scale(scale))
     check_qkv(q, k, v, layout)
+    scale = check_scale(scale)
     pattern.validate(layout)
-    if getattr(pattern, "needs_values", False):  # e.g. RectifiedSparse: pooled V columns, scale-aware selection
+    if _plan_takes_values(type(pattern)):
         plan = pattern.plan(layout, q, k, v=v, scale=scale, num_heads=q.shape[2], device=q.device)
-    else:
+    else:  # families still on the older plan(layout, q, k, *, num_heads, device) signature
         plan = pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device)
     return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)

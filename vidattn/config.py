@@ -14,10 +14,12 @@ import json
 import os
 from typing import Any, Dict, List
 
-__all__ = ["PATTERNS", "pattern_class", "pattern_from_dict", "pattern_to_dict", "load_configs", "save_config",
+__all__ = ["PATTERNS", "PATTERN_NAMES", "pattern_class", "pattern_name", "pattern_from_dict", "pattern_to_dict", "load_configs", "save_config",
            "parse_value", "parse_int_tuple"]
 
-# CLI / config name -> (module, class)
+# The one pattern-name registry: CLI / config / harness / docs name -> (module, class). A new
+# family adds one line here; everything else (CLI choices, config parsing, the quality harness)
+# reads PATTERN_NAMES / pattern_class / pattern_name.
 PATTERNS = {
     "dense": ("vidattn.patterns.dense", "Dense"),
     "neighborhood": ("vidattn.patterns.neighborhood", "Neighborhood"),
@@ -26,9 +28,21 @@ PATTERNS = {
     "rectified": ("vidattn.patterns.rectified", "RectifiedSparse"),
 }
 
+PATTERN_NAMES = tuple(PATTERNS)  # ("dense", "neighborhood", "radial", "grid", "rectified")
+
+
+def pattern_name(pattern) -> str:
+    """The registry name of a pattern instance or class (``TypeError`` for an unregistered one)."""
+    cls = pattern if isinstance(pattern, type) else type(pattern)
+    for name, (mod, clsname) in PATTERNS.items():
+        if cls.__name__ == clsname and cls.__module__ == mod:
+            return name
+    raise TypeError(f"pattern must be one of the registered vidattn pattern classes ({', '.join(PATTERN_NAMES)}), "
+                    f"got {cls.__name__}")
+
 
 def pattern_class(name: str):
-    """The pattern class for a config name (``dense|neighborhood|radial|grid|rectified``).
+    """The pattern class for a registry name (one of :data:`PATTERN_NAMES`).
 
     Raises ``ValueError`` for an unknown name, or when the family is not part of this build."""
     import importlib
@@ -82,12 +96,7 @@ def pattern_from_dict(cfg: Dict[str, Any]):
 def pattern_to_dict(pattern, *, only_changed: bool = False) -> Dict[str, Any]:
     """Inverse of :func:`pattern_from_dict`: ``{"pattern": name, **fields}`` (tuples as lists,
     JSON/YAML-safe). ``only_changed`` drops fields equal to their default."""
-    for name, (_, clsname) in PATTERNS.items():
-        if type(pattern).__name__ == clsname:
-            break
-    else:
-        raise TypeError(f"pattern must be one of the vidattn pattern classes, got {type(pattern).__name__}")
-    out: Dict[str, Any] = {"pattern": name}
+    out: Dict[str, Any] = {"pattern": pattern_name(pattern)}
     for f in dataclasses.fields(pattern):
         if not f.init or f.name.startswith("_"):
             continue

@@ -30,7 +30,6 @@ import torch
 __all__ = [
     "BlockPlan",
     "TokenRule",
-    "DenseRule",
     "Rectification",
     "indices_from_block_mask",
     "plan_from_rule",
@@ -56,26 +55,10 @@ class TokenRule:
         that broadcast together. Returns a BoolTensor of the broadcast shape."""
         raise NotImplementedError
 
-    def cache_key(self):
-        """Hashable identity of the rule (for plan caches)."""
-        return (type(self).__name__, id(self))
-
     def kernel_form(self):
         """The rule's kernel-neutral compiled form (a dataclass of :mod:`vidattn.rules`) for
         backends that evaluate it in-kernel, or None (backends then use the torch rule)."""
         return None
-
-
-@dataclass(frozen=True)
-class DenseRule(TokenRule):
-    """Every pair allowed."""
-
-    def __call__(self, h, q_idx, k_idx):
-        return torch.ones(torch.broadcast_shapes(torch.as_tensor(h).shape, q_idx.shape, k_idx.shape),
-                          dtype=torch.bool, device=q_idx.device)
-
-    def cache_key(self):
-        return ("DenseRule",)
 
 
 @dataclass(frozen=True, eq=False)
@@ -179,6 +162,12 @@ class BlockPlan:
     rectification: Optional[Rectification] = None
     token_density: Union[float, torch.Tensor] = 1.0
     meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("seq_len", "block_q", "block_k"):
+            val = getattr(self, name)
+            if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+                raise ValueError(f"BlockPlan {name} must be an int >= 1, got {val!r}")
 
     # ------------------------------------------------------------ geometry
     @property

@@ -9,7 +9,7 @@ import torch
 
 from ..layout import TokenLayout
 from ..plan import FULL, BlockPlan, plan_from_block_mask
-from .base import StaticPattern, default_block_size
+from .base import StaticPattern, check_block_size, default_block_size
 
 __all__ = ["Dense"]
 
@@ -20,15 +20,19 @@ class Dense(StaticPattern):
 
     block_size: Optional[int] = None
 
+    def __post_init__(self):
+        check_block_size(self.block_size)
+
     def mask(self, layout: TokenLayout, num_heads: int = 1) -> torch.Tensor:
         """BoolTensor ``[1, S, S]`` of all True."""
         S = layout.seq_len
         return torch.ones(1, S, S, dtype=torch.bool)
 
-    def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
-        """Every key block full for every query block."""
+    def plan(self, layout: TokenLayout, q=None, k=None, v=None, *, scale=None, num_heads: int = 1,
+             device=None) -> BlockPlan:
+        """Every key block full for every query block (q, k, v, scale, num_heads are not needed)."""
         dev = torch.device(device) if device is not None else (q.device if q is not None else torch.device("cpu"))
-        bs = self.block_size or default_block_size(dev)
+        bs = default_block_size() if self.block_size is None else self.block_size
 
         def build():
             S = layout.seq_len

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
@@ -75,25 +75,17 @@ def check_na_against_grid(grid, kernel_size, dilation):
 
 
 @dataclass(frozen=True)
-class NeighborhoodRule(TokenRule):
-    """Token rule of :class:`Neighborhood` on a layout (fields are what a kernel needs)."""
-
-    grid: Tuple[int, ...]
-    prefix: int
-    suffix: int
-    kernel_size: Tuple[int, ...]
-    dilation: Tuple[int, ...]
-    stride: Tuple[int, ...]
-    is_causal: Tuple[bool, ...]
-    dense_nongrid: bool = True
+class NeighborhoodRule(NeighborhoodForm, TokenRule):
+    """Token rule of :class:`Neighborhood` on a layout; its fields (grid, prefix, suffix,
+    kernel_size, dilation, stride, is_causal, dense_nongrid) are those of its kernel form
+    :class:`vidattn.rules.NeighborhoodForm`."""
 
     def cache_key(self):
         return ("NeighborhoodRule",) + tuple(self.__dict__.values())
 
     def kernel_form(self) -> NeighborhoodForm:
-        """The in-kernel form: the same fields, as a :class:`vidattn.rules.NeighborhoodForm`."""
-        return NeighborhoodForm(self.grid, self.prefix, self.suffix, self.kernel_size, self.dilation, self.stride,
-                                self.is_causal, self.dense_nongrid)
+        """The in-kernel form: the rule itself (a :class:`vidattn.rules.NeighborhoodForm`)."""
+        return self
 
     def axis_allowed(self, a: int, xq: torch.Tensor, xk: torch.Tensor) -> torch.Tensor:
         """Per-axis rule on grid coordinates (integer tensors that broadcast)."""
