@@ -57,3 +57,10 @@ def test_finetune_rejects_bad_arguments():
         finetune(pipe, pat, lora_rank=0, steps=1, **SIZE)
     with pytest.raises(ValueError, match="data"):
         finetune(pipe, pat, data="/nonexistent/folder", steps=1, **SIZE)
+
+
+def test_cli_finetune_rejects_unknown_pattern(tmp_path, capsys):
+    from vidattn.cli import main
+
+    assert main(["finetune", "--pattern", "nosuch", "--out", str(tmp_path / "o")]) == 2
+    assert "--pattern" in capsys.readouterr().err
