@@ -2,6 +2,8 @@
 layout), xformers (if it loads) and vidattn's Triton kernel, on production video shapes.
 
     python benchmarks/attention.py [--json out.json] [--quick]
+    python benchmarks/attention.py --backward [--json out.json]   # forward+backward, peak memory
+    python benchmarks/attention.py --peers [--json out.json]      # FA4 / flex FLASH / SageAttention
     vidattn bench attention [...]
 
 Effective TFLOP/s = 4 * B * H * D * (computed key blocks * block tokens per query block) / time,
@@ -173,11 +175,190 @@ def run(args, log):
         torch.cuda.empty_cache()
 
 
+BWD_DENSITIES = (0.5, 0.25, 0.125, 0.0625)
+
+
+def _bench_mem(fn):
+    """(median ms, peak allocated MiB above the start) of ``fn``."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return _bench(fn), round(peak, 1)
+
+
+def run_backward(args, log):
+    """Forward+backward time and peak memory at the Wan-1.3B shape: SDPA cuDNN / flash (dense),
+    FlexAttention (compiled, same block layout) and vidattn's Triton forward + block-sparse
+    backward on the same plans (random block-sparse at densities 0.0625-0.5, dense, a 3-D
+    neighborhood). Effective TFLOP/s counts 2.5x the forward FLOPs of the computed blocks
+    (FA2 convention: backward = 2.5 forward matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import vidattn
+    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan, flex_kernel_options
+    from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd as tri_fn
+    from vidattn.plan_order import to_plan_order
+
+    flex = _compiled_flex()
+    B, H, grid, text, D = SHAPES["wan1.3b-480p-81f"]
+    label = "wan1.3b-480p-81f"
+    layout = vidattn.TokenLayout(grid, suffix=text)
+    S = layout.seq_len
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    dense_fb = 3.5 * 4 * B * H * S * S * D  # forward + backward FLOPs of dense attention
+
+    def fb(fwd, inputs, grad):
+        def step():
+            out = fwd()
+            torch.autograd.grad(out, inputs, grad)
+        return step
+
+    def rec(name, ms, mem, flops, **extra):
+        r = dict(shape=label, mode="fwd+bwd", name=name, ms=round(ms, 3), peak_mib=mem,
+                 tflops=round(flops / (ms * 1e-3) / 1e12, 1), **extra)
+        log(r)
+        return r
+
+    qh, kh, vh = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v))
+    doh = dout.transpose(1, 2).contiguous()
+    base = {}
+    for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION):
+        try:
+            with sdpa_kernel([be]):
+                ms, mem = _bench_mem(fb(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh),
+                                        (qh, kh, vh), doh))
+            base[be.name] = rec(f"sdpa-{be.name}", ms, mem, dense_fb)["ms"]
+        except Exception as e:
+            log(dict(shape=label, mode="fwd+bwd", name=f"sdpa-{be.name}", skipped=repr(e)[:200]))
+    cudnn = base.get("CUDNN_ATTENTION")
+
+    def both(name, plan):
+        fl = plan.block_density * dense_fb
+        f_ms = None
+        try:
+            bm = block_mask_from_plan(plan, H)
+            if plan.perm is not None:
+                qp, kp, vp = (to_plan_order(t.detach(), plan.perm).contiguous().requires_grad_(True) for t in (qh, kh, vh))
+            else:
+                qp, kp, vp = qh, kh, vh
+            f_ms, f_mem = _bench_mem(fb(lambda: flex(qp, kp, vp, block_mask=bm, kernel_options=flex_kernel_options(plan)),
+                                        (qp, kp, vp), doh))
+            rec(f"flex-{name}", f_ms, f_mem, fl, block_density=round(plan.block_density, 4))
+        except Exception as e:
+            log(dict(shape=label, mode="fwd+bwd", name=f"flex-{name}", skipped=repr(e)[:300]))
+        t_ms, t_mem = _bench_mem(fb(lambda: tri_fn(q, k, v, plan), (q, k, v), dout))
+        rec(f"triton-{name}", t_ms, t_mem, fl, block_density=round(plan.block_density, 4),
+            vs_flex=round(f_ms / t_ms, 3) if f_ms else None, vs_cudnn_dense=round(cudnn / t_ms, 3) if cudnn else None)
+
+    if not args.skip_check:  # gradients vs the reference on a small case first
+        lay = vidattn.TokenLayout((4, 12, 16), suffix=5)
+        plan = vidattn.Neighborhood(kernel_size=(3, 5, 7)).plan(lay, device="cuda")
+        xs = [torch.randn(1, lay.seq_len, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        g = torch.randn_like(xs[0])
+        got = torch.autograd.grad(tri_fn(*xs, plan), xs, g)
+        ref = torch.autograd.grad(vidattn.run_plan(*xs, plan, backend="reference"), xs, g)
+        log(dict(check="backward_rel_err", value=[round(float((a.float() - b.float()).norm() / b.float().norm()), 5)
+                                                  for a, b in zip(got, ref)]))
+    both("dense", vidattn.Dense().plan(layout, device="cuda"))
+    for dens in BWD_DENSITIES:
+        both(f"blocksparse-d{dens}", _random_block_plan(S, H, dens, 128))
+    both("neighborhood(9,15,27)", vidattn.Neighborhood(kernel_size=(9, 15, 27)).plan(layout, device="cuda"))
+
+
+def _fa4_block_sparse(plan, H):
+    """FlashAttention-4's block-sparse tensors from a full-block-only plan, or raise."""
+    from flash_attn.cute import flash_attn_func  # noqa: F401  (import check)
+
+    try:
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except ImportError as e:
+        raise RuntimeError(f"flash_attn.cute has no BlockSparseTensorsTorch: {e}") from e
+    fnum = plan.full_kv_num_blocks.expand(1, H, -1).contiguous().int()
+    fidx = plan.full_kv_indices.expand(1, H, -1, -1).contiguous().int()
+    pnum = torch.zeros_like(fnum)
+    pidx = torch.zeros_like(fidx)
+    return BlockSparseTensorsTorch(mask_block_cnt=pnum, mask_block_idx=pidx, full_block_cnt=fnum, full_block_idx=fidx)
+
+
+def run_peers(args, log):
+    """Peers side by side on the same block layouts (Wan shape, bf16, forward): cuDNN SDPA,
+    FlexAttention (Triton), FlexAttention ``BACKEND="FLASH"``, FlashAttention-4 block-sparse
+    (``flash_attn.cute.flash_attn_func(..., block_sparse_tensors=...)``), SageAttention (dense) and
+    vidattn's Triton kernel. A peer that does not load is skipped with the reason."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import vidattn
+    from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan, flex_kernel_options
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
+
+    flex = _compiled_flex()
+    B, H, grid, text, D = SHAPES["wan1.3b-480p-81f"]
+    label = "wan1.3b-480p-81f"
+    S = vidattn.TokenLayout(grid, suffix=text).seq_len
+    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    dense = 4 * B * H * S * S * D
+
+    def rec(name, fn, flops, **extra):
+        try:
+            ms = _bench(fn)
+            r = dict(shape=label, mode="peers", name=name, ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                     **extra)
+        except Exception as e:
+            r = dict(shape=label, mode="peers", name=name, skipped=repr(e)[:300], **extra)
+        log(r)
+        return r
+
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        rec("sdpa-cudnn-dense", lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh), dense)
+    try:
+        from sageattention import sageattn
+
+        rec("sageattention-dense", lambda: sageattn(qh, kh, vh, tensor_layout="HND"), dense)
+    except Exception as e:
+        log(dict(shape=label, mode="peers", name="sageattention-dense", skipped=f"does not load: {e!r}"[:300]))
+    try:
+        from flash_attn.cute import flash_attn_func as fa4
+        fa4_err = None
+    except Exception as e:
+        fa4, fa4_err = None, f"flash_attn.cute (flash-attn-4) does not load: {e!r}"[:300]
+    for dens in (1.0, 0.5, 0.25, 0.125, 0.0625):
+        plan = vidattn.Dense().plan(vidattn.TokenLayout(grid), device="cuda") if dens == 1.0 else \
+            _random_block_plan(S, H, dens, 128)
+        fl = plan.block_density * dense
+        extra = dict(block_density=round(plan.block_density, 4))
+        bm = block_mask_from_plan(plan, H)
+        rec(f"flex-triton-d{dens}", lambda: flex(qh, kh, vh, block_mask=bm, kernel_options=flex_kernel_options(plan)),
+            fl, **extra)
+        rec(f"flex-FLASH-d{dens}", lambda: flex(qh, kh, vh, block_mask=bm, kernel_options={"BACKEND": "FLASH"}), fl,
+            **extra)
+        if fa4 is None:
+            log(dict(shape=label, mode="peers", name=f"fa4-blocksparse-d{dens}", skipped=fa4_err, **extra))
+        else:
+            try:
+                bst = _fa4_block_sparse(plan, H)
+                rec(f"fa4-blocksparse-d{dens}", lambda: fa4(q, k, v, block_sparse_tensors=bst), fl, **extra)
+            except Exception as e:
+                log(dict(shape=label, mode="peers", name=f"fa4-blocksparse-d{dens}", skipped=repr(e)[:300], **extra))
+        rec(f"triton-d{dens}", lambda: tri_fn(q, k, v, plan), fl, **extra)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vidattn bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="", help="write all records here")
     p.add_argument("--quick", action="store_true", help="Wan shape only")
     p.add_argument("--skip-check", action="store_true")
+    p.add_argument("--backward", action="store_true",
+                   help="forward+backward time and peak memory (SDPA cuDNN/flash, FlexAttention, vidattn Triton) "
+                        "at the Wan-1.3B shape, densities 0.0625-0.5")
+    p.add_argument("--peers", action="store_true",
+                   help="peers side by side: cuDNN, FlexAttention (Triton and BACKEND=FLASH), FlashAttention-4 "
+                        "block-sparse, SageAttention dense, vidattn Triton (each skipped with a reason if it does not load)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("vidattn bench attention needs a CUDA GPU", file=sys.stderr)
@@ -191,10 +372,19 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
 
     log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__))
-    if not args.skip_check:
-        worst = correctness(log)
-        log(dict(check="worst_rel_err", value=worst))
-    run(args, log)
+    if args.backward or args.peers:
+        if args.backward:
+            run_backward(args, log)
+        if args.peers:
+            run_peers(args, log)
+    else:
+        if not args.skip_check:
+            worst = correctness(log)
+            log(dict(check="worst_rel_err", value=worst))
+        run(args, log)
+    if args.json:  # written before the table, so a table error never loses the records
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
     print("\n%-20s %-40s %9s %8s %8s %8s" % ("shape", "name", "ms", "TFLOP/s", "vs flex", "vs cuDNN"))
     for r in records:
         if "ms" in r:

@@ -272,6 +272,8 @@ def finetune(pipe, pattern, *, lora_rank: int = 8, steps: int = 100, lr: float =
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if loss == "flow" and isinstance(data, str) and data == "noise":
         raise ValueError("data='noise' only makes sense with loss='distill'")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1:
+        raise ValueError(f"lora_rank must be an int >= 1, got {lora_rank!r}")
     log = log or (lambda s: None)
     frames, height, width = _video_size(pipe, num_frames, height, width)
     if num_inference_steps is None:
@@ -288,11 +290,14 @@ def finetune(pipe, pattern, *, lora_rank: int = 8, steps: int = 100, lr: float =
                                      frames=frames, height=height, width=width,
                                      num_inference_steps=num_inference_steps, pattern=repr(pattern),
                                      data=data if isinstance(data, str) else "callable", seed=seed))
+    it = _data_iter(pipe, data, batch_size, frames, height, width, seed)  # validates ``data`` before any work
     vidattn.remove(pipe)
     latents = dense = None
     if eval_seeds:
         latents = _seed_latents(pipe, eval_seeds, frames, height, width)
+        t_eval = time.time()
         dense = _sample(pipe, latents, num_inference_steps, frames, height, width)
+        log(f"dense reference sampled ({time.time() - t_eval:.0f} s)")
         res.psnr_before_per_seed = evaluate_psnr(pipe, pattern, dense, latents, num_inference_steps=num_inference_steps,
                                                  frames=frames, height=height, width=width, backend=backend)
         res.psnr_before = float(np.mean(res.psnr_before_per_seed))
@@ -312,7 +317,6 @@ def finetune(pipe, pattern, *, lora_rank: int = 8, steps: int = 100, lr: float =
     sigmas = fm.sigmas[:-1].float()  # the inference trajectory's noise levels (last = 0 is the end point)
     timesteps = fm.timesteps.float()
     gen = torch.Generator().manual_seed(seed + 1)
-    it = _data_iter(pipe, data, batch_size, frames, height, width, seed)
     ctx = pipe.encode_prompt([""] * batch_size) if hasattr(pipe, "encode_prompt") else None
     handle = vidattn.apply(pipe, pattern, backend=backend)
     tr.train()

@@ -243,7 +243,8 @@ def _run_flex(*args, **kwargs):
 
 
 def _run_triton(*args, **kwargs):
-    # the differentiable wrapper: Triton forward saving the LSE + Triton backward (dq, dk, dv)
+    # the differentiable wrapper: plain forward without grad; with grad, the Triton block-sparse
+    # backward from the saved LSE (vidattn.kernels.sparse_flash_autograd)
     from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd
 
     return block_sparse_attention_triton_autograd(*args, **kwargs)

@@ -57,6 +57,12 @@ rms_d(sqrt(Vvar_b)) * sqrt(expm1(2 g_ab))``, where ``g_ab = 0.5 s^2 sum_d q̄_a[
 renormalised together with the pooled columns (``kept_log_scale`` stays 0). Fused in the
 reference and Triton kernels; FlexAttention cannot fuse it and falls back to the reference.
 
+Gradients (both methods): the block *selection* (critical / pooled / rejected sets, kept blocks,
+pooled columns) is piecewise constant and not differentiated; the rectification terms
+(``out_scale``, ``out_shift``, ``pooled_k``, ``pooled_v``, ``pooled_log_weight``) are built under
+autograd whenever q, k or v require grad, so the gradient is that of the method's output with the
+selection held fixed (matches central finite differences: ``tests/test_gradients.py``).
+
 Both: plan with Bp = batch and Hp = heads (selection per sample and head), full blocks only (no
 token rule); ``keep=1.0, rectify=False`` is dense attention exactly, and so is
 ``keep=1.0, rectify=True`` with ``method="authors"`` (``R = 1``, nothing pooled). Without ``v``
