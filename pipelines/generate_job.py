@@ -78,9 +78,8 @@ _FALLBACK = re.compile(r"backend '(\w+)' cannot run .* falling back to '(\w+)'",
 class BackendRecorder:
     """Counts which vidattn backend ran each attention call while active (``with``).
 
-    The count comes from the library when it reports it (an observer called with a ``backend``
-    keyword); otherwise :attr:`ran` is predicted from the requested backend, the device's
-    :func:`vidattn.available_backends` and the fallback warnings seen, and :attr:`source` says so.
+    The counts are the library's own (:data:`vidattn.backends.ran`, incremented by ``run_plan`` for
+    the backend that actually ran each call), taken as the difference over the ``with`` block.
     """
 
     def __init__(self, requested: str, device):
@@ -92,13 +91,12 @@ class BackendRecorder:
 
     def _observe(self, q, k, v, plan, out, scale, **kw):
         self.calls += 1
-        name = kw.get("backend")
-        if name:
-            self.counts[str(name)] += 1
 
     def __enter__(self):
+        from vidattn import backends
         from vidattn.attention import add_observer
 
+        self._ran0 = dict(backends.ran)
         self._handle = add_observer(self._observe)
         self._warn = warnings.catch_warnings(record=True)
         self._seen = self._warn.__enter__()
@@ -106,8 +104,11 @@ class BackendRecorder:
         return self
 
     def __exit__(self, *exc):
+        from vidattn import backends
+
         self._warn.__exit__(*exc)
         self._handle.remove()
+        self.counts = Counter({k: n - self._ran0.get(k, 0) for k, n in backends.ran.items() if n > self._ran0.get(k, 0)})
         for w in self._seen:
             m = _FALLBACK.search(str(w.message))
             if m and m.groups() not in self._fallbacks:
@@ -117,41 +118,25 @@ class BackendRecorder:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return False
 
-    def _predicted(self) -> Optional[str]:
-        """Walk the requested backend's fallback chain, skipping every backend this process has
-        warned it fell back from (the dispatcher warns once per cause)."""
-        from vidattn import attention
-
-        chains = {"auto": ["triton", "flex", "reference"] if self.device.type == "cuda" else ["reference"],
-                  "triton": ["triton", "flex", "reference"], "flex": ["flex", "reference"], "reference": ["reference"]}
-        warned = [str(k) for k in getattr(attention, "_warned", ())]
-        fell = {f for f, _ in self._fallbacks} | {k.split("->", 1)[0] for k in warned if "->" in k}
-        chain = chains.get(self.requested, [self.requested])
-        for name in chain:
-            if name not in fell:
-                return name
-        return chain[-1]
-
     def summary(self) -> Dict[str, Any]:
         """``{"requested", "ran", "calls", "counts", "source", "fallbacks"}`` (JSON-ready); ``ran`` is
-        None when no vidattn attention call ran (dense SDPA)."""
-        if self.calls == 0:
-            return dict(requested=self.requested, ran=None, calls=0, counts={}, source="no vidattn attention call",
-                        fallbacks=[])
-        if self.counts:
-            ran = self.counts.most_common(1)[0][0]
-            src = "library"
-        else:
-            ran = self._predicted()
-            src = "predicted from available_backends and fallback warnings (this vidattn does not report it)"
-        return dict(requested=self.requested, ran=ran, calls=self.calls, counts=dict(self.counts), source=src,
+        the backend that ran most calls (``vidattn.backends.ran``), None when no vidattn attention
+        call ran (dense SDPA)."""
+        if self.calls == 0 or not self.counts:
+            return dict(requested=self.requested, ran=None, calls=self.calls, counts={},
+                        source="no vidattn attention call", fallbacks=[])
+        return dict(requested=self.requested, ran=self.counts.most_common(1)[0][0], calls=self.calls,
+                    counts=dict(self.counts), source="vidattn.backends.ran",
                     fallbacks=[f"{a} -> {b}" for a, b in self._fallbacks])
 
 
 # ----------------------------------------------------------------------------- runs
 def _apply(pipe, pattern, s: GenerateSettings):
     import vidattn
+    from vidattn.pipelines.apply import SparseAttentionConfig
 
+    if isinstance(pattern, SparseAttentionConfig):  # a plan file (vidattn calibrate): runs as written
+        return vidattn.apply(pipe, pattern)
     return vidattn.apply(pipe, pattern, dense_steps=s.dense_steps, backend=s.backend)
 
 
@@ -355,8 +340,10 @@ def run_generate(pipe, family: str, pattern, s: GenerateSettings, out: OutputSet
         with rec:
             harness_report = _write_cache(run_comparison, pipe, {pattern_name: pattern}, call_kwargs=call_kwargs,
                                     seeds=[s.seed], out_dir=out.staging, cache_dir=cache_dir, progress=progress,
-                                    apply_kwargs=dict(dense_steps=s.dense_steps, backend=s.backend),
-                                    model_name=model_name, videos_out=videos, write=False)
+                                    apply_kwargs=None if not hasattr(pattern, "validate")
+                                    else dict(dense_steps=s.dense_steps, backend=s.backend),
+                                    model_name=model_name, videos_out=videos, write=False,
+                                    timing=False)  # timed below, both sides the same way
         frames, dense_frames = videos[pattern_name], videos["dense"]
         c = harness_report["configs"][0]
         run = dict(name=pattern_name, plan_density=(c.get("density") or {}).get("token") or 1.0,

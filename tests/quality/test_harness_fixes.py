@@ -206,7 +206,10 @@ def test_quality_attention_stats_in_report(tmp_path, capsys):
                                  attention_stats=True, no_cache=True)
     assert cli_entry(args) == 0
     rep = json.load(open(tmp_path / "q" / "report.json"))
-    assert rep["attention_stats"]["summary"]["heads"] == 8 * 4
+    from vidattn.quality.reference_model.model import load_config
+
+    tc = load_config()["transformer"]  # the default reference version's layers x heads
+    assert rep["attention_stats"]["summary"]["heads"] == tc["num_layers"] * tc["num_attention_heads"]
     assert "local or temporal" in capsys.readouterr().out
 
 

@@ -42,6 +42,12 @@ CACHE_HELP = ("Dense-baseline cache (--compare dense): the dense run's frames an
               "sparse the same way). Delete the folder to clear it; --no-cache neither reads nor writes it.")
 
 
+def _pattern_names():
+    from vidattn.config import PATTERN_NAMES
+
+    return PATTERN_NAMES
+
+
 def add_parser(sub):
     g = sub.add_parser("generate", help="generate a video with sparse attention, with a speed/quality report",
                        description="Generate a video (browser-playable mp4/webm + PNG frame grid) with sparse "
@@ -51,7 +57,7 @@ def add_parser(sub):
     g.add_argument("--model", default="reference",
                    help="reference (default: the shipped reference DiT v2), reference-v1, reference-v2, tiny "
                         "(random-weight tiny Wan pipeline, for tests), or a local diffusers checkpoint folder")
-    g.add_argument("--pattern", default=None, choices=["dense", "neighborhood", "radial", "grid", "rectified"],
+    g.add_argument("--pattern", default=None, choices=list(_pattern_names()),
                    help="attention pattern (default: neighborhood, or the one in --config)")
     g.add_argument("--config", default=None, help="pattern config file (.yaml/.yml/.json), same schema as the pattern "
                                                   "dataclasses: {pattern: neighborhood, kernel_size: [3, 5, 5]}")
@@ -71,7 +77,7 @@ def add_parser(sub):
                                                    "pattern's; 32 for the tiny model)")
     po.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="any other pattern field, e.g. --set tile_shape=1,4,4 (repeatable)")
-    po.add_argument("--backend", default="auto", choices=["auto", "reference", "flex", "triton"],
+    po.add_argument("--backend", default="auto", choices=["auto", "reference", "cpu", "flex", "triton"],
                     help="vidattn backend (auto: triton on CUDA, reference on CPU); the report records the one "
                          "that ran")
     vo = g.add_argument_group("video")
@@ -182,6 +188,38 @@ def _grid_guess(a, family):
         pt, ph, pw = a._patch
         return (-(-a.frames // pt), a.height // ph, a.width // pw)
     return None
+
+
+def _plan_file(a):
+    """The :class:`~vidattn.SparseAttentionConfig` of ``--config`` when it is a plan file written by
+    ``vidattn calibrate`` / ``vidattn.save_plan`` (a ``version`` key and a nested ``pattern``
+    mapping), else None (a plain pattern config)."""
+    if not a.config:
+        return None
+    import yaml
+
+    try:
+        with open(a.config) as fh:
+            doc = yaml.safe_load(fh)  # JSON is YAML
+    except (OSError, yaml.YAMLError):
+        return None  # reported by the pattern-config reader with its own message
+    if not (isinstance(doc, dict) and "version" in doc and isinstance(doc.get("pattern"), dict)):
+        return None
+    from vidattn.plan_file import load_plan
+
+    if a.pattern or a.dense_steps:
+        raise UsageError(f"--config {a.config} is a plan file (it sets the pattern and dense steps itself): "
+                         "drop --pattern / --dense-steps")
+    try:
+        return load_plan(a.config)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _plan_dict(plan) -> dict:
+    from vidattn.plan_file import config_to_dict
+
+    return {"pattern": "plan", "plan": config_to_dict(plan)}
 
 
 def _pattern_config(a, grid, tiny: bool) -> dict:
@@ -350,9 +388,13 @@ def _run_staged(a, out, tiny, guess, cuda) -> dict:
     device = a.device or ("cuda" if cuda else "cpu")
     dtype = getattr(torch, a.dtype)
     grid_guess = _grid_guess(a, guess)
+    plan = _plan_file(a)
     try:  # validate the pattern config before the (slow) model load, on the expected grid
-        cfg = _pattern_config(a, grid_guess, tiny)
-        pattern = pattern_from_dict(cfg)
+        if plan is not None:
+            cfg, pattern = {"pattern": "plan"}, plan
+        else:
+            cfg = _pattern_config(a, grid_guess, tiny)
+            pattern = pattern_from_dict(cfg)
     except UsageError:
         raise
     except (ValueError, TypeError) as e:
@@ -369,7 +411,8 @@ def _run_staged(a, out, tiny, guess, cuda) -> dict:
         cfg["kernel_size"] = [min(g, max(3, (g // 2) | 1)) for g in grid]
         pattern = pattern_from_dict(cfg)
     try:
-        pattern.validate(TokenLayout(grid))
+        for p_ in (plan.patterns() if plan is not None else [pattern]):
+            p_.validate(TokenLayout(grid))
     except (ValueError, TypeError) as e:
         raise UsageError(f"--pattern {cfg['pattern']} on token grid {grid}: {e}") from None
     s = GenerateSettings(prompt=a.prompt, frames=a.frames, height=a.height, width=a.width, steps=a.steps, seed=a.seed,
@@ -380,6 +423,7 @@ def _run_staged(a, out, tiny, guess, cuda) -> dict:
         return run_generate(pipe, family, None if is_dense else pattern, s, out, pattern_name=cfg["pattern"],
                             compare=a.compare == "dense", cache_dir=None if a.no_cache else (a.cache_dir or default_cache_dir()),
                             timing_steps=a.timing_steps, progress=not (a.quiet or a.json), model_name=a.model,
-                            load_s=load_s, dtype_name=a.dtype, token_grid=grid, config=pattern_to_dict(pattern))
+                            load_s=load_s, dtype_name=a.dtype, token_grid=grid,
+                            config=_plan_dict(plan) if plan is not None else pattern_to_dict(pattern))
     except OutputError as e:
         raise UsageError(str(e)) from None
