@@ -275,17 +275,6 @@ def _explicit_fields(a) -> set:
     return fields
 
 
-def _explicit_fields(a) -> set:
-    """Pattern fields the user set on the command line or in --config."""
-    from vidattn.config import load_configs
-
-    fields = {PATTERN_FLAGS[d][0] for d in PATTERN_FLAGS if getattr(a, d) not in (None, False)}
-    fields |= {item.split("=", 1)[0].strip().replace("-", "_") for item in a.set}
-    if a.config:
-        fields |= set(load_configs(a.config)[0])
-    return fields
-
-
 def _fmt(x, f):
     return "-" if x is None else format(x, f)
 
