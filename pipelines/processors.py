@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.nn.functional as _F
 
-from vidattn.attention import BACKENDS, run_plan
+from vidattn.attention import BACKENDS, _profiler_range, run_plan
 from vidattn.layout import TokenLayout
 from vidattn.patterns.base import Pattern
 
@@ -443,13 +443,14 @@ class SparseAttnProcessor:
         global _IN_FLIGHT_LAYER
         prev, _IN_FLIGHT_LAYER = _IN_FLIGHT_LAYER, layer
         try:
-            if keep is None:
-                (out, lse), plan = self._attend(q, k, v, layout, scale, return_lse=return_lse)
-            else:
-                if return_lse:
-                    raise ValueError("return_lse with a text key-padding mask is not supported by vidattn")
-                out, lse = self._attend_padded(q, k, v, layout, keep, scale), None
-                plan = None
+            with _profiler_range("vidattn::sparse_call"):  # torch.profiler range (vidattn.bench.breakdown)
+                if keep is None:
+                    (out, lse), plan = self._attend(q, k, v, layout, scale, return_lse=return_lse)
+                else:
+                    if return_lse:
+                        raise ValueError("return_lse with a text key-padding mask is not supported by vidattn")
+                    out, lse = self._attend_padded(q, k, v, layout, keep, scale), None
+                    plan = None
         finally:
             _IN_FLIGHT_LAYER = prev
         self._record(state, layout, layer, plan)

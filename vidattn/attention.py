@@ -30,6 +30,8 @@ import weakref
 from dataclasses import replace
 from typing import Callable, Dict, Optional
 
+import contextlib
+
 import torch
 
 from . import backends as _backends
@@ -146,6 +148,16 @@ def _finite_check_off() -> bool:
     if torch.compiler.is_compiling() or os.environ.get("VIDATTN_CHECK_FINITE", "1") == "0":
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+PROFILER_RANGES = True  # run_plan and the processors emit torch.profiler ranges (vidattn.bench.breakdown reads them)
+
+
+def _profiler_range(name: str):
+    """A ``torch.profiler.record_function`` range in eager mode (a no-op context while compiling)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(name)
 
 
 def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
@@ -268,7 +280,8 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     while True:
         be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried)
         try:
-            res = _run_guarded(be, q, k, v, bplan, scale, return_lse)
+            with _profiler_range("vidattn::run_plan"):
+                res = _run_guarded(be, q, k, v, bplan, scale, return_lse)
         except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
             tried += (be.name,)
             _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "

@@ -4,8 +4,8 @@ sparse overhead outside the attention kernel.
 :func:`profile_step` runs one step under ``torch.profiler`` and :func:`breakdown_from_profile`
 classifies it. vidattn's own time is found through ``record_function`` ranges named
 :data:`REGION_CALL` (the processor call) and :data:`REGION_RUN` (the backend run). The library
-is meant to emit these ranges itself (``vidattn.attention.PROFILER_RANGES = True`` says it does);
-for a library that does not yet, :func:`vidattn_annotations` adds them for the profiled step only.
+emits these ranges itself (``vidattn.attention.PROFILER_RANGES``): nothing here patches library
+globals.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ import torch
 
 from vidattn.bench.timing import sync as _sync
 
-__all__ = ["ATTN_KERNEL", "LINEAR_KERNEL", "ATTN_OP", "LINEAR_OPS", "REGION_CALL", "REGION_RUN", "library_ranges",
-           "vidattn_annotations", "breakdown_from_profile", "profile_step"]
+__all__ = ["ATTN_KERNEL", "LINEAR_KERNEL", "ATTN_OP", "LINEAR_OPS", "REGION_CALL", "REGION_RUN", "breakdown_from_profile", "profile_step"]
 
 
 ATTN_KERNEL = re.compile(r"sparse_flash|flash|fmha|sdpa|attention|flex", re.I)
@@ -31,46 +30,6 @@ LINEAR_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::ma
               "aten::addmv", "aten::mv", "aten::_scaled_mm"}
 REGION_CALL = ("vidattn::sparse_call", "vidattn::sparse_attn")  # vidattn processor call / compiled custom op
 REGION_RUN = "vidattn::run_plan"  # the backend run (attention kernel + permutation gathers)
-
-
-def library_ranges() -> bool:
-    """True when vidattn emits the :data:`REGION_CALL` / :data:`REGION_RUN` ranges itself."""
-    import vidattn.attention as attention
-
-    return bool(getattr(attention, "PROFILER_RANGES", False))
-
-
-@contextlib.contextmanager
-def vidattn_annotations():
-    """Make sure vidattn's processor call and backend run carry ``record_function`` ranges for
-    one profiled eager step: nothing to do when the library emits them (:func:`library_ranges`);
-    otherwise (older library) they are wrapped around the calls for the duration of the block."""
-    if library_ranges():
-        yield
-        return
-    import vidattn.ops as ops
-    import vidattn.pipelines.processors as procs
-    from torch.profiler import record_function
-
-    orig_sparse, orig_rp_proc, orig_rp_ops = procs.SparseAttnProcessor._sparse, procs.run_plan, ops.run_plan
-
-    def _sparse(self, *a, **k):
-        with record_function(REGION_CALL[0]):
-            return orig_sparse(self, *a, **k)
-
-    def _wrap(fn):
-        def run_plan(*a, **k):
-            with record_function(REGION_RUN):
-                return fn(*a, **k)
-        return run_plan
-
-    procs.SparseAttnProcessor._sparse = _sparse
-    procs.run_plan, ops.run_plan = _wrap(orig_rp_proc), _wrap(orig_rp_ops)
-    try:
-        yield
-    finally:
-        procs.SparseAttnProcessor._sparse = orig_sparse
-        procs.run_plan, ops.run_plan = orig_rp_proc, orig_rp_ops
 
 
 def _chain(e):
@@ -212,7 +171,7 @@ def breakdown_from_profile(prof, wall_ms, dev):
     return out
 
 
-def profile_step(step_fn, dev, annotate):
+def profile_step(step_fn, dev, annotate=True):
     """Run one step under torch.profiler and return its breakdown (or ``{"error": ...}``)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -220,8 +179,6 @@ def profile_step(step_fn, dev, annotate):
     try:
         _sync(dev)
         with contextlib.ExitStack() as stack:
-            if annotate:
-                stack.enter_context(vidattn_annotations())
             prof = stack.enter_context(profile(activities=acts))
             t0 = time.perf_counter()
             with record_function("bench::step"):

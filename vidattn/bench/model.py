@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from vidattn.bench.breakdown import breakdown_from_profile, profile_step, vidattn_annotations  # noqa: F401
+from vidattn.bench.breakdown import breakdown_from_profile, profile_step  # noqa: F401
 from vidattn.bench.timing import sync, time_ms
 
 # ----------------------------------------------------------------------------- configs

@@ -45,3 +45,15 @@ def check_out(out: str, overwrite: bool) -> None:
         raise UsageError(f"--out {out!r} exists and is not a folder")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise UsageError(f"--out {out!r} is not empty (use --overwrite to write into it)")
+
+
+def preset_list(text: str, flag: str) -> list:
+    """The comma-separated quality-preset names of ``text`` (``--patterns`` / ``--families``),
+    each checked against :func:`vidattn.quality.presets.preset_names`; UsageError otherwise."""
+    from vidattn.quality.presets import preset_names
+
+    names = [x.strip() for x in str(text).split(",") if x.strip()]
+    known = preset_names()
+    if not names or [x for x in names if x not in known]:
+        raise UsageError(f"{flag} must be a comma-separated subset of {','.join(known)}, got {text!r}")
+    return names

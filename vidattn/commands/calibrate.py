@@ -7,7 +7,7 @@ import os
 
 from vidattn.pipelines.generate import ModelError
 
-from . import UsageError, check_device
+from . import UsageError, check_device, preset_list
 
 __all__ = ["add_parser", "run"]
 
@@ -46,7 +46,6 @@ def run(a) -> int:
         import torch
 
         from vidattn.quality.calibration import calibrate
-        from vidattn.quality.presets import preset_names
         from vidattn.quality.run import default_call, load_model, parse_seeds
     except ImportError as e:
         raise UsageError(f"vidattn calibrate: the quality harness is not available in this build ({e})") from None
@@ -54,10 +53,7 @@ def run(a) -> int:
         raise UsageError(f"--target-psnr must be > 0 dB, got {a.target_psnr}")
     if not str(a.out).lower().endswith((".yaml", ".yml", ".json")):
         raise UsageError(f"--out must end in .yaml, .yml or .json, got {a.out!r}")
-    fams = [f.strip() for f in a.families.split(",") if f.strip()]
-    bad = [f for f in fams if f not in preset_names()]
-    if not fams or bad:
-        raise UsageError(f"--families must be a comma-separated subset of {','.join(preset_names())}, got {a.families!r}")
+    fams = preset_list(a.families, "--families")
     try:
         levels = [float(x) for x in a.levels.split(",")]
         cs, hs = parse_seeds(a.calib_seeds), parse_seeds(a.heldout_seeds)

@@ -6,7 +6,7 @@ import os
 
 from vidattn.pipelines.generate import ModelError
 
-from . import UsageError, check_device, check_out
+from . import UsageError, check_device, check_out, preset_list
 
 __all__ = ["add_parser", "run"]
 
@@ -41,15 +41,10 @@ def add_parser(sub):
 
 def run(a) -> int:
     try:
-        from vidattn.quality.presets import preset_names
         from vidattn.quality.run import cli_entry, parse_seeds
     except ImportError as e:
         raise UsageError(f"vidattn quality: the quality harness is not available in this build ({e})") from None
-    pats = [p.strip() for p in a.patterns.split(",") if p.strip()]
-    known = preset_names()
-    bad = [p for p in pats if p not in known]
-    if not pats or bad:
-        raise UsageError(f"--patterns must be a comma-separated subset of {','.join(known)}, got {a.patterns!r}")
+    pats = preset_list(a.patterns, "--patterns")
     if a.seeds is not None:
         try:
             a.seeds = parse_seeds(a.seeds)
