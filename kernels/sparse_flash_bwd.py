@@ -43,7 +43,7 @@ from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, from_plan_order, to_plan_order
 
-from .sparse_flash_kernel import LOG2E, RuleMode, _na_axis_ok
+from .sparse_flash_kernel import LOG2E, RuleMode, _na_axis_ok, _nongrid_policy
 from .sparse_flash_launch import check_triton_inputs
 from .sparse_flash_tables import _plan_cache, plan_launch_tables
 
@@ -139,12 +139,7 @@ def _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS_BLK, row_in_blk, col_in_blk,
                               n1, k1, d1, s1, C1)
         ok = ok & _na_axis_ok(tl.load(tq + 5 * S), tl.load(tq + 6 * S), tl.load(tk + 5 * S), tl.load(tk + 6 * S),
                               n2, k2, d2, s2, C2)
-        both = q_in[:, None] & k_in[None, :]
-        ok = ok & both
-        if DENSE_NONGRID:
-            ok = ok | (~both)
-        else:
-            ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
+        ok = _nongrid_policy(ok, q_in, k_in, DENSE_NONGRID)
     else:  # RULE == 2: the precomputed mask of this (query block, key block)
         ptr = BITS_BLK + row_in_blk[:, None] * PLAN_BK + col_in_blk[None, :]
         ok = tl.load(ptr) != 0

@@ -59,6 +59,20 @@ def _na_axis_ok(gq, aq, gk, bk, n, k, d, s, causal: tl.constexpr):
 
 
 @triton.jit
+def _nongrid_policy(ok, q_in, k_in, DENSE_NONGRID: tl.constexpr):
+    """Combine the grid-window test ``ok`` ``[M, N]`` with the non-grid (text) token policy:
+    grid-grid pairs keep ``ok``; with ``DENSE_NONGRID`` every pair touching a non-grid token is
+    allowed, else only non-grid-to-non-grid pairs are."""
+    both = q_in[:, None] & k_in[None, :]
+    ok = ok & both
+    if DENSE_NONGRID:
+        ok = ok | (~both)
+    else:
+        ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
+    return ok
+
+
+@triton.jit
 def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks, stride_vs, n_cols, D,
              TAIL: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_D: tl.constexpr):
@@ -268,12 +282,7 @@ def _sparse_flash_fwd(
             ok = _na_axis_ok(qg0, qa0, tl.load(tk + S), tl.load(tk + 2 * S), n0, k0, d0, s0, C0)
             ok = ok & _na_axis_ok(qg1, qa1, tl.load(tk + 3 * S), tl.load(tk + 4 * S), n1, k1, d1, s1, C1)
             ok = ok & _na_axis_ok(qg2, qa2, tl.load(tk + 5 * S), tl.load(tk + 6 * S), n2, k2, d2, s2, C2)
-            both = q_in[:, None] & k_in[None, :]
-            ok = ok & both
-            if DENSE_NONGRID:
-                ok = ok | (~both)
-            else:
-                ok = ok | ((~q_in[:, None]) & (~k_in[None, :]))
+            ok = _nongrid_policy(ok, q_in, k_in, DENSE_NONGRID)
         elif RULE == RULE_BLOCK_MASKS:
             m_off = (slot0 + j // SUB_N) * (PLAN_BQ * PLAN_BK) + (j % SUB_N) * BLOCK_N + m_row_off
             mptr = BITS + m_off[:, None] + offs_n[None, :]
