@@ -231,3 +231,14 @@ def test_dispatcher_triton_output_is_differentiable():
     ref = vidattn.sparse_attention(q, k, v, pat, layout, backend="reference")
     rq = torch.autograd.grad(ref.square().sum(), q)[0]
     assert _rel(gq, rq) <= 1e-4
+
+
+@pytest.mark.parametrize("dense_nongrid", [True, False])
+def test_nongrid_token_policy_forward_and_backward(dense_nongrid):
+    """The in-kernel neighborhood rule with text tokens on both sides: with ``dense_nongrid`` text
+    attends / is attended by everything, without it text only sees text (forward and gradients vs
+    the float64 oracle)."""
+    layout = TokenLayout((4, 8), prefix=3, suffix=2)
+    plan = Neighborhood(kernel_size=(3, 3), block_size=16, dense_nongrid=dense_nongrid).plan(layout)
+    q, k, v = _qkv(1, layout.seq_len, 2, 2, 16, torch.float32, seed=11)
+    _check(q, k, v, plan)
