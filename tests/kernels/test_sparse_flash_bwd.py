@@ -19,6 +19,8 @@ pytest.importorskip("triton")
 from vidattn.kernels import sparse_flash_tables  # noqa: E402
 from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd as tri  # noqa: E402
 from vidattn.kernels.sparse_flash_bwd import transposed_tables  # noqa: E402
+from vidattn.kernels.sparse_flash_kernel import RuleMode  # noqa: E402
+from vidattn.kernels.sparse_flash_tables import plan_launch_tables  # noqa: E402
 from vidattn_testutils import dense_masked_attention  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -234,11 +236,13 @@ def test_dispatcher_triton_output_is_differentiable():
 
 
 @pytest.mark.parametrize("dense_nongrid", [True, False])
-def test_nongrid_token_policy_forward_and_backward(dense_nongrid):
-    """The in-kernel neighborhood rule with text tokens on both sides: with ``dense_nongrid`` text
-    attends / is attended by everything, without it text only sees text (forward and gradients vs
-    the float64 oracle)."""
+def test_nongrid_token_policy_forward_and_backward(monkeypatch, dense_nongrid):
+    """The in-kernel neighborhood rule (forced: no mask budget) with text tokens on both sides:
+    with ``dense_nongrid`` text attends / is attended by everything, without it text only sees text
+    (forward and gradients vs the float64 oracle)."""
+    monkeypatch.setattr(sparse_flash_tables, "MASK_BUDGET_BYTES", 0)
     layout = TokenLayout((4, 8), prefix=3, suffix=2)
     plan = Neighborhood(kernel_size=(3, 3), block_size=16, dense_nongrid=dense_nongrid).plan(layout)
+    assert plan_launch_tables(plan)["rule_mode"] == RuleMode.NEIGHBORHOOD
     q, k, v = _qkv(1, layout.seq_len, 2, 2, 16, torch.float32, seed=11)
     _check(q, k, v, plan)
