@@ -44,7 +44,7 @@ from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, from_plan_order, to_plan_order
 
 from .sparse_flash_kernel import LOG2E, RuleMode, _na_axis_ok, _nongrid_policy
-from .sparse_flash_launch import check_triton_inputs
+from .sparse_flash_launch import prepare_call
 from .sparse_flash_tables import _plan_cache, plan_launch_tables
 
 __all__ = ["block_sparse_attention_backward", "transposed_tables", "bwd_launch_config"]
@@ -374,12 +374,9 @@ def block_sparse_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     if not deterministic:
         raise TritonUnsupported("the atomic (non-deterministic) dq variant is not implemented")
-    check_triton_inputs(q, k, v, plan)
+    plan, scale = prepare_call(q, k, v, plan, scale)
     B, S, H, D = q.shape
     Hk = k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
-    if plan.device != q.device:
-        plan = plan.to(q.device)
     perm = plan.perm
     dt = q.dtype
     # plan order, heads expanded, head-major contiguous [B, H, S, D]

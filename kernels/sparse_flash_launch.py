@@ -46,6 +46,14 @@ def _bh_strides(t: torch.Tensor):
     return sb, sh
 
 
+def prepare_call(q, k, v, plan, scale):
+    """The shared start of a kernel call (forward and backward): :func:`check_triton_inputs`, the
+    default softmax scale ``D ** -0.5`` and the plan on q's device. Returns ``(plan, scale)``."""
+    check_triton_inputs(q, k, v, plan)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return (plan.to(q.device) if plan.device != q.device else plan), scale
+
+
 def check_triton_inputs(q, k, v, plan) -> None:
     """Raise :class:`TritonUnsupported` for a case the kernel does not handle (device, dtype, head
     dim, block sizes, rule rank); ``ValueError`` when the plan does not fit the tensors' length."""
@@ -180,12 +188,9 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     Raises:
         TritonUnsupported: for cases the kernel does not handle (the dispatcher falls back).
     """
-    check_triton_inputs(q, k, v, plan)
+    plan, scale = prepare_call(q, k, v, plan, scale)
     B, S, H, D = q.shape
     Hk = k.shape[2]
-    scale = D ** -0.5 if scale is None else float(scale)
-    if plan.device != q.device:
-        plan = plan.to(q.device)
     dev = q.device
     # Q and O stay [B, S, H, D] in the original token order, read / written in place ((batch, head,
     # token) strides); with a token permutation the kernel maps its rows through the plan's perm
