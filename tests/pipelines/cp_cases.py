@@ -126,7 +126,9 @@ def run_cases(rank, world):
     return res
 
 
-def worker(rank, world, port, out_path):
+def worker(rank, world, port, out_path, cases="run_cases"):
+    """One gloo process: run ``cases`` (the name of a case runner in this module) and let rank 0
+    save its result dict to ``out_path``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.accelerator.device_count = lambda: 1  # diffusers divides by it; 0 on a CPU-only machine
     torch.set_num_threads(1)
@@ -137,7 +139,7 @@ def worker(rank, world, port, out_path):
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = run_cases(rank, world)
+        res = run_unified_cases() if cases == "run_unified_cases" else run_cases(rank, world)
     except Exception:
         res = {"fatal": dict(error=traceback.format_exc())}
     if rank == 0:
@@ -186,23 +188,3 @@ def run_unified_cases():
             except Exception:
                 res[f"{fam}/{name}"] = dict(error=traceback.format_exc())
     return res
-
-
-def worker_unified(rank, world, port, out_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.accelerator.device_count = lambda: 1
-    torch.set_num_threads(1)
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        res = run_unified_cases()
-    except Exception:
-        res = {"fatal": dict(error=traceback.format_exc())}
-    if rank == 0:
-        torch.save(res, out_path)
-    dist.barrier()
-    dist.destroy_process_group()
