@@ -5,7 +5,6 @@ case, these tests check its results).
 Reference: the same model in a single process, fp32 - vidattn's sparse output for each pattern,
 diffusers' dense output for ``Dense()``. Tolerance 1e-5 relative."""
 
-import os
 import socket
 
 import pytest
