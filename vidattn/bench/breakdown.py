@@ -171,7 +171,7 @@ def breakdown_from_profile(prof, wall_ms, dev):
     return out
 
 
-def profile_step(step_fn, dev, annotate=True):
+def profile_step(step_fn, dev):
     """Run one step under torch.profiler and return its breakdown (or ``{"error": ...}``)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 

@@ -400,7 +400,7 @@ def run_benchmark(args, setup, model, results, notes):
         print(json.dumps(r), flush=True)
         return r
 
-    def timed(fn, name, annotate=False, **extra):
+    def timed(fn, name, **extra):
         """First call (timed alone), remaining warmup, timed reps, optional profiled step."""
         _reset_peak(dev)
         t0 = time.perf_counter()
@@ -409,7 +409,7 @@ def run_benchmark(args, setup, model, results, notes):
         first = time.perf_counter() - t0
         ms = _time_ms(fn, dev, warmup=max(0, args.warmup - 1), reps=args.reps)
         peak = _peak_gib(dev)
-        bd = profile_step(fn, dev, annotate) if args.breakdown else None
+        bd = profile_step(fn, dev) if args.breakdown else None
         r = rec(name, ms, first_call_s=round(first, 2), **extra)
         r["peak_gib"] = peak
         if bd is not None:
@@ -464,7 +464,7 @@ def run_benchmark(args, setup, model, results, notes):
             t0 = time.perf_counter()
             handle = vidattn.apply(model, pattern, backend=backend)
             apply_s = time.perf_counter() - t0
-            r = timed(lambda: step(model), f"{name}-eager", annotate=True,
+            r = timed(lambda: step(model), f"{name}-eager",
                       **{k: v for k, v in meta.items() if k != "backend"})
             r["density"], r["block_density"] = _density(handle)
             r["backend"] = backend
@@ -517,7 +517,7 @@ def run_benchmark(args, setup, model, results, notes):
                         compile_s = time.perf_counter() - t0
                         ms = _time_ms(lambda: step(cm), dev, warmup=1, reps=args.reps)
                         peak = _peak_gib(dev)
-                        bd = profile_step(lambda: step(cm), dev, False) if args.breakdown else None
+                        bd = profile_step(lambda: step(cm), dev) if args.breakdown else None
                 extra = dict(compile_s=round(compile_s, 1), graph_breaks=diag["graph_breaks"], sdpa=dk)
                 if mode == "reduce-overhead":
                     skips = diag["cudagraph_skips"]
