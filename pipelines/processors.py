@@ -30,7 +30,7 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.nn.functional as _F
 
-from vidattn.attention import BACKENDS, _profiler_range, run_plan
+from vidattn.attention import BACKENDS, _profiler_range, plan_for_call, run_plan
 from vidattn.layout import TokenLayout
 from vidattn.patterns.base import Pattern
 
@@ -367,9 +367,7 @@ class SparseAttnProcessor:
         if getattr(p, "uses_state_key", False) and getattr(self, "_state_layer", None) is not None:
             # per-layer (and head subset) warm start of stateful dynamic patterns, e.g. Clustered
             extra["state_key"] = (getattr(self, "_state_layer", None), None if head_ids is None else tuple(head_ids))
-        if getattr(p, "needs_values", False):
-            return p.plan(layout, q, k, v=v, scale=scale, num_heads=h, device=q.device, **extra)
-        return p.plan(layout, q, k, num_heads=h, device=q.device, **extra)
+        return plan_for_call(p, layout, q, k, v, scale=scale, **extra)
 
     def _attend(self, q, k, v, layout, scale, head_offset: int = 0, total_heads: Optional[int] = None,
                 return_lse: bool = False, restrict=None):

@@ -114,8 +114,7 @@ def test_triton_kernel_runs_every_family():
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton  # raises TritonUnsupported, no fallback
 
     for pat in pats:
-        kw = dict(v=v) if getattr(pat, "needs_values", False) else {}
-        plan = backend_plan(pat.plan(lay, q, k, num_heads=2, **kw))  # what run_plan hands a backend
+        plan = backend_plan(pat.plan(lay, q, k, v, num_heads=2))  # what run_plan hands a backend
         out = block_sparse_attention_triton(q, k, v, plan)
         want = block_sparse_attention_reference(q, k, v, plan)
         torch.testing.assert_close(out, want, atol=5e-5, rtol=1e-4)

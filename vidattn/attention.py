@@ -303,17 +303,28 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     return res
 
 
-_takes_values: Dict[type, bool] = {}
+_takes_values: Dict[type, tuple] = {}  # plan class -> (takes v, takes scale)
 
 
-def _plan_takes_values(cls: type) -> bool:
-    """Whether ``cls.plan`` has the ``plan(layout, q, k, v, *, scale, ...)`` signature."""
+def plan_for_call(pattern: Pattern, layout: TokenLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  scale: Optional[float], **kwargs) -> BlockPlan:
+    """``pattern.plan`` for one call on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]`` (``num_heads`` = H,
+    on q's device; ``kwargs`` passed on, e.g. ``state_key``). Every built-in family has the
+    ``plan(layout, q, k, v, *, scale, num_heads, device)`` protocol; a user pattern still on the
+    older ``plan(layout, q, k, *, num_heads, device)`` signature gets ``v`` / ``scale`` only where
+    its signature names them."""
+    cls = type(pattern)
     if cls not in _takes_values:
         import inspect
 
         params = inspect.signature(cls.plan).parameters
-        _takes_values[cls] = "v" in params and "scale" in params
-    return _takes_values[cls]
+        _takes_values[cls] = ("v" in params, "scale" in params)
+    takes_v, takes_scale = _takes_values[cls]
+    if takes_v:
+        kwargs["v"] = v
+    if takes_scale:
+        kwargs["scale"] = scale
+    return pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device, **kwargs)
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
@@ -366,8 +377,5 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     check_qkv(q, k, v, layout)
     scale = check_scale(scale)
     pattern.validate(layout)
-    if _plan_takes_values(type(pattern)):
-        plan = pattern.plan(layout, q, k, v=v, scale=scale, num_heads=q.shape[2], device=q.device)
-    else:  # families still on the older plan(layout, q, k, *, num_heads, device) signature
-        plan = pattern.plan(layout, q, k, num_heads=q.shape[2], device=q.device)
+    plan = plan_for_call(pattern, layout, q, k, v, scale=scale)
     return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)

@@ -236,8 +236,9 @@ class Clustered(Pattern):
                     k_sizes=nk, iters=iters)
 
     # ---------------------------------------------------------------- plan
-    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, *,
-             num_heads: int = 1, device=None, scale: Optional[float] = None, state_key=None) -> BlockPlan:
+    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
+             v: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, num_heads: int = 1, device=None,
+             state_key=None) -> BlockPlan:
         """Cluster ``q``/``k`` (``[B, S, H, D]`` / ``[B, S, Hk, D]``) and return the plan
         (Bp = B, Hp = H, ``perm`` query order, ``kv_perm`` key order). With ``exact=False`` no
         host synchronisation happens."""

@@ -344,8 +344,9 @@ class PermutedGrid(Pattern):
         return plan_from_block_mask(cls[None].to(torch.int8), seq_len=S, block_q=bs, block_k=bs, rule=rule, perm=perm,
                                     token_density=sum(per_head) / H, meta=m)
 
-    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, *,
-             num_heads: int = 1, device=None) -> BlockPlan:
+    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
+             v: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, num_heads: int = 1,
+             device=None) -> BlockPlan:
         """Classify heads from ``q``/``k`` (``[B, S, H, D]``/``[B, S, Hk, D]``), reusing the last
         classification for ``profile_every`` calls, and return the per-head permuted plan."""
         if q is None or k is None:

@@ -318,7 +318,8 @@ class Neighborhood(StaticPattern):
         return neighborhood_plan_analytic(self.rule(layout), layout, block_size, block_size, perm, regrouped,
                                           device=device, meta=meta)
 
-    def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
+    def plan(self, layout: TokenLayout, q=None, k=None, v=None, *, scale=None, num_heads: int = 1,
+             device=None) -> BlockPlan:
         """Block plan (cached per layout/device): tiled token order, full blocks where the
         whole block pair is inside the windows, partial blocks evaluated with the rule.
 

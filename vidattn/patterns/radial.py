@@ -450,7 +450,8 @@ class Radial(StaticPattern):
             pair = pair | text[:, None] | text[None]
         return pair
 
-    def plan(self, layout: TokenLayout, q=None, k=None, *, num_heads: int = 1, device=None) -> BlockPlan:
+    def plan(self, layout: TokenLayout, q=None, k=None, v=None, *, scale=None, num_heads: int = 1,
+             device=None) -> BlockPlan:
         """Block plan (Bp = Hp = 1, block ``block_size``), cached per (layout, device).
 
         Built once by evaluating the rule on the :meth:`candidate_blocks` only, in bounded chunks

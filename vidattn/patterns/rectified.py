@@ -221,7 +221,6 @@ class RectifiedSparse(Pattern):
     first_frame_square: bool = False
 
     is_dynamic = True
-    needs_values = True
 
     def __post_init__(self):
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
@@ -275,8 +274,8 @@ class RectifiedSparse(Pattern):
                    dense_text=True, method="authors", top_k=1, min_keep=1 - drop,
                    first_frame_square=model != "flux")
 
-    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, *,
-             v: Optional[torch.Tensor] = None, scale: Optional[float] = None, num_heads: int = 1,
+    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
+             v: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, num_heads: int = 1,
              device=None) -> BlockPlan:
         """Select blocks from pooled Q/K and build the rectified plan.
 

@@ -231,8 +231,9 @@ class SparseVideoGen(Pattern):
         return plan_from_block_mask(cls[None, None].expand(1, H, nb, nb).contiguous(), seq_len=S, block_q=bs,
                                     block_k=bs, rule=rule, perm=perm, token_density=density, meta=meta)
 
-    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None, *,
-             num_heads: int = 1, device=None, v: Optional[torch.Tensor] = None, scale: Optional[float] = None) -> BlockPlan:
+    def plan(self, layout: TokenLayout, q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None,
+             v: Optional[torch.Tensor] = None, *, scale: Optional[float] = None, num_heads: int = 1,
+             device=None) -> BlockPlan:
         """Profile heads on ``q``/``k``/``v`` and return the plan (cached per choice)."""
         if q is None or k is None or v is None:
             raise ValueError("SparseVideoGen profiles output MSE: plan() needs q, k and v [B, S, heads, D]")
@@ -249,4 +250,3 @@ class SparseVideoGen(Pattern):
             plan = cache[key] = self.plan_for(layout, kinds, dev)
         return plan
 
-    needs_values = True
