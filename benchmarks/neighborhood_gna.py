@@ -62,6 +62,8 @@ def run_case(name, grid, kernel, stride, args):
     useful = 4 * B * H * D * S * S * float(plan.token_density)
     ms = _time_cuda(lambda: vidattn.na3d(q, k, v, kernel_size=kernel, stride=stride), args.iters)
     rec.update(vidattn_ms=round(ms, 4), vidattn_useful_tflops=round(useful / ms / 1e9, 1))
+    if args.variants:
+        _variants(rec, plan, layout, kernel, stride, q, k, v, useful, args)
     qd, kd, vd = (t.reshape(B, S, H, D).transpose(1, 2) for t in (q, k, v))
     ms_d = _time_cuda(lambda: torch.nn.functional.scaled_dot_product_attention(qd, kd, vd), args.iters)
     rec.update(sdpa_dense_ms=round(ms_d, 4), dense_tflops=round(4 * B * H * D * S * S / ms_d / 1e9, 1),
@@ -76,6 +78,42 @@ def run_case(name, grid, kernel, stride, args):
     return rec
 
 
+def _variants(rec, plan, layout, kernel, stride, q, k, v, useful, args):
+    """Where the time goes (``--variants``): the same call without the finiteness pass, the kernel
+    on the plan directly (no API layer), the 64-token-block plan, and a random full-block plan of
+    the same block density and block size without a token permutation."""
+    import os
+
+    from kernels.sparse_flash import block_sparse_attention_triton
+    from vidattn.plan import FULL, plan_from_block_mask
+
+    B, H, D = args.batch, args.heads, args.head_dim
+    S = layout.seq_len
+    qs, ks, vs = (t.reshape(B, S, H, D) for t in (q, k, v))
+    os.environ["VIDATTN_CHECK_FINITE"] = "0"
+    try:
+        ms = _time_cuda(lambda: vidattn.na3d(q, k, v, kernel_size=kernel, stride=stride), args.iters)
+    finally:
+        os.environ.pop("VIDATTN_CHECK_FINITE")
+    rec.update(nocheck_ms=round(ms, 4))
+    ms = _time_cuda(lambda: block_sparse_attention_triton(qs, ks, vs, plan), args.iters)
+    rec.update(kernel_ms=round(ms, 4), kernel_useful_tflops=round(useful / ms / 1e9, 1))
+    if plan.block_q != 64:
+        p64 = Neighborhood(kernel_size=kernel, stride=stride, block_size=64).plan(layout, device=q.device)
+        ms = _time_cuda(lambda: block_sparse_attention_triton(qs, ks, vs, p64), args.iters)
+        rec.update(block64_ms=round(ms, 4), block64_tile=p64.meta.get("tile_shape"),
+                   block64_partial=int(p64.kv_num_blocks.sum()))
+    b = plan.block_q
+    nb = -(-S // b)
+    g = torch.Generator().manual_seed(0)
+    keep = max(1, round(plan.block_density * nb))
+    idx = torch.argsort(torch.rand(nb, nb, generator=g), -1)[:, :keep]
+    cls = torch.zeros(nb, nb, dtype=torch.int8).scatter_(1, idx, FULL)[None, None]
+    rnd = plan_from_block_mask(cls, seq_len=S, block_q=b, block_k=b, rule=None, token_density=keep / nb).to(q.device)
+    ms = _time_cuda(lambda: block_sparse_attention_triton(qs, ks, vs, rnd), args.iters)
+    rec.update(random_same_density_ms=round(ms, 4))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="", help="write the JSON records here")
@@ -84,6 +122,9 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--variants", action="store_true",
+                   help="also time: no finiteness pass, the kernel on the plan directly, 64-token blocks, "
+                        "a random full-block plan of the same density")
     args = p.parse_args(argv)
     recs = []
     for case in PLAN_ONLY_1D + CASES:

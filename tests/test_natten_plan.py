@@ -120,3 +120,19 @@ def test_stride_aligned_tile_with_fixed_block_size():
     assert odd.has_partial
     assert torch.equal(odd.token_mask()[0, 0], Neighborhood(kernel_size=(3, 9, 9), stride=(1, 3, 3)).mask(
         TokenLayout((4, 18, 18)))[0])
+
+
+def test_stride_aligned_plan_prefers_the_larger_tile_on_equal_cost():
+    """Stride (4, 4, 8): tiles (2, 4, 8) (64 tokens) and (4, 4, 8) (128) both give only full blocks
+    and the same key tokens per query; the 128-token tile (the kernel's faster query tile) wins."""
+    small = TokenLayout((12, 16, 32))
+    pat = Neighborhood(kernel_size=(12, 12, 24), stride=(4, 4, 8))
+    plan = pat.plan(small)
+    assert plan.block_q == 128 and tuple(plan.meta["tile_shape"]) == (4, 4, 8) and not plan.has_partial
+    assert torch.equal(plan.token_mask()[0, 0], pat.mask(small)[0])
+    layout = TokenLayout((20, 32, 48))  # the Wan-like grid of benchmarks/neighborhood_gna.py
+    plan = pat.plan(layout)
+    assert plan.block_q == 128 and tuple(plan.meta["tile_shape"]) == (4, 4, 8) and not plan.has_partial
+    p64 = Neighborhood(kernel_size=(12, 12, 24), stride=(4, 4, 8), block_size=64).plan(layout)
+    assert p64.block_q == 64 and not p64.has_partial
+    assert math.isclose(p64.block_density, plan.block_density, rel_tol=1e-12)

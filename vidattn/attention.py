@@ -160,6 +160,15 @@ def _profiler_range(name: str):
     return torch.profiler.record_function(name)
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every entry of ``tensors`` (any float dtype and shape) is finite: one read pass per
+    tensor (a float32 / float64 sum, which is non-finite whenever an entry is) and one host sync. A
+    sum of finite entries can overflow; such inputs then take the guarded path, which returns the
+    same result, only slower."""
+    sums = [t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).double() for t in tensors]
+    return bool(torch.isfinite(torch.stack(sums)).all())
+
+
 def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
     """``be.run`` with the documented non-finite semantics (see :func:`sparse_attention`).
 
@@ -168,7 +177,7 @@ def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
     whose output is, per row and channel, the softmax weight on non-finite value entries or
     non-finite key tokens; entries with a non-zero weight, and rows of non-finite queries, are set
     to NaN."""
-    if _finite_check_off() or bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
+    if _finite_check_off() or _all_finite(q, k, v):
         return be.run(q, k, v, plan, scale=scale, return_lse=return_lse)
     q_bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, S, H, 1]
     k_bad = ~torch.isfinite(k).all(-1, keepdim=True)  # [B, S, Hk, 1]

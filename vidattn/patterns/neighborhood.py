@@ -346,22 +346,28 @@ class Neighborhood(StaticPattern):
     def _best_plan(self, layout, bs, dev, meta):
         """Plan in the candidate order with the lowest estimated cost, ``(listed + partial / 2)``
         key tokens per query token (sampled query blocks; partial blocks also pay the mask), ties:
-        earlier candidate. Candidates: row-major order, the tiles of :func:`rank_tile_shapes`, and
-        the stride-aligned tiles of :func:`stride_aligned_tiles` (GNA: with ``block_size=None``
-        their block is the tile size). Only the winner is built in full."""
+        the larger block (larger query tiles run full blocks at a higher rate), then the earlier
+        candidate. Candidates: row-major order, the
+        tiles of :func:`rank_tile_shapes`, and the stride-aligned tiles of
+        :func:`stride_aligned_tiles` (GNA: with ``block_size=None`` the largest tile whose block is
+        the tile size, and a 128-token one when that is smaller). Only the winner is built in full."""
         rule = self.rule(layout)
         k, d, s, c = self.resolved(layout)
         cands = [(bs, t, p) for t, p in self._candidate_orders(layout, bs)]
         seen = {t for _, t, _ in cands}
-        for t in stride_aligned_tiles(layout.grid, s, self.block_size):
+        tiles = stride_aligned_tiles(layout.grid, s, self.block_size)
+        if self.block_size is None and tiles:  # also the 128-token stride-aligned tiles below the largest
+            tiles += [t for t in stride_aligned_tiles(layout.grid, s, 128) if t not in tiles][:1]
+        for t in tiles:
             if t not in seen:
+                seen.add(t)
                 cands.append((math.prod(t), t, self.permutation(layout, math.prod(t), tile=t)))
         best = 0
         if layout.seq_len > bs or len(cands) > 1:
             def cost(i):
                 b, _, perm = cands[i]
                 listed, partial = neighborhood_block_counts(rule, layout, b, perm, perm is not None)
-                return ((listed + 0.5 * partial) * b, i)
+                return ((listed + 0.5 * partial) * b, -b, i)
 
             best = min(range(len(cands)), key=cost)
         b, tile, perm = cands[best]
