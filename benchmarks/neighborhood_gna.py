@@ -84,7 +84,7 @@ def _variants(rec, plan, layout, kernel, stride, q, k, v, useful, args):
     the same block density and block size without a token permutation."""
     import os
 
-    from kernels.sparse_flash import block_sparse_attention_triton
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton
     from vidattn.plan import FULL, plan_from_block_mask
 
     B, H, D = args.batch, args.heads, args.head_dim
