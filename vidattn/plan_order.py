@@ -23,8 +23,9 @@ def to_plan_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor
     if perm is None:
         return x
     B, H, S, D = x.shape
-    idx = perm.to(x.device).expand(H, S) if perm.shape[0] == 1 else perm.to(x.device)
-    return torch.gather(x, 2, idx[None, :, :, None].expand(B, H, S, D))
+    if perm.shape[0] == 1:  # one order for all heads: whole-row copies (no per-element index)
+        return x.index_select(2, perm[0].to(x.device))
+    return torch.gather(x, 2, perm.to(x.device)[None, :, :, None].expand(B, H, S, D))
 
 
 def from_plan_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tensor:
@@ -35,7 +36,9 @@ def from_plan_order(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Tens
     if squeeze:
         x = x[..., None]
     B, H, S, D = x.shape
-    idx = perm.to(x.device).expand(H, S) if perm.shape[0] == 1 else perm.to(x.device)
     out = torch.empty_like(x)
-    out.scatter_(2, idx[None, :, :, None].expand(B, H, S, D), x)
+    if perm.shape[0] == 1:
+        out = out.index_copy(2, perm[0].to(x.device), x) if x.requires_grad else out.index_copy_(2, perm[0].to(x.device), x)
+    else:
+        out.scatter_(2, perm.to(x.device)[None, :, :, None].expand(B, H, S, D), x)
     return out[..., 0] if squeeze else out
