@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["TokenLayout", "invert_permutation", "apply_permutation", "check_permutation",
-           "tile_major_order"]
+           "tile_major_order", "grid_position"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,15 @@ def tile_major_order(coords: torch.Tensor, grid: Sequence[int], tile: Sequence[i
         tile_key = tile_key * num_tiles[a] + coords[:, a] // tile[a]
         in_key = in_key * tile[a] + coords[:, a] % tile[a]
     return torch.argsort(tile_key * math.prod(tile) + in_key)
+
+
+def grid_position(idx: torch.Tensor, prefix: int, num_grid: int):
+    """Grid positions of sequence indices ``idx`` (integer tensor, any shape) in a layout with
+    ``prefix`` tokens before ``num_grid`` grid tokens. Returns ``(pos, in_grid)``: the position
+    ``idx - prefix`` clamped to ``[0, num_grid)`` (meaningless for non-grid tokens) and the bool
+    tensor of the indices that are grid tokens, both of ``idx``'s shape."""
+    g = idx - prefix
+    return g.clamp(0, num_grid - 1), (g >= 0) & (g < num_grid)
 
 
 def check_permutation(perm: torch.Tensor, n: int, name: str = "perm") -> None:
