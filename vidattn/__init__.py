@@ -14,10 +14,7 @@ __version__ = "0.1.0"
 
 # Names resolved on first use, so importing vidattn stays light (no diffusers/timm import).
 __getattr__ = lazy_attributes(globals(), {
-    "vidattn.patterns.radial": ("Radial",),
-    "vidattn.patterns.grid": ("PermutedGrid",),
-    "vidattn.patterns.rectified": ("RectifiedSparse",),
-    "vidattn.patterns.clustered": ("Clustered",),
+    "vidattn.patterns": ("Radial", "PermutedGrid", "RectifiedSparse", "Clustered"),  # lazy there too
     "vidattn.pipelines.apply": ("apply", "remove", "SparseAttentionConfig"),
     "vidattn.pipelines.processors": ("SparseAttnProcessor",),
     "vidattn.plan_file": ("load_plan", "save_plan"),
