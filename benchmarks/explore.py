@@ -122,11 +122,11 @@ def main(argv=None):
     p.add_argument("--perm-check", action="store_true", help="permuted plans: triton vs reference on small cases, "
                    "then kernel time and the cost of the Q gather / O scatter it no longer needs")
     args = p.parse_args(argv)
-    import triton
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vidattn
     from attention import _bench
+    from vidattn.bench.records import environment_record, record_logger
     from vidattn.kernels.flex import _compiled_flex, block_mask_from_plan, flex_kernel_options
     from vidattn.kernels import sparse_flash
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri
@@ -176,12 +176,8 @@ def main(argv=None):
         return 0
 
     rows = []
-
-    def log(r):
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-
-    log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__))
+    log = record_logger(rows)
+    log(environment_record())
     flex = _compiled_flex()
     for B in (1, 2):
         q, k, v, qh, kh, vh = inputs(B)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .plan_order_triton import token_of_position
+
 __all__ = ["block_pool_triton", "STAT_NONE", "STAT_MAD", "STAT_VAR"]
 
 STAT_NONE, STAT_MAD, STAT_VAR = 0, 1, 2
@@ -31,10 +33,7 @@ def _block_pool_kernel(X, MEAN, STAT, PERM, S, H, NB, D, stride_b, stride_s, str
     ok = rows < S
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    if HAS_PERM:
-        src = tl.load(PERM + h * perm_h + rows, mask=ok, other=0)
-    else:
-        src = rows
+    src = token_of_position(PERM, h * perm_h, rows, ok, HAS_PERM)
     ptrs = X + b.to(tl.int64) * stride_b + h * stride_h + src.to(tl.int64)[:, None] * stride_s + offs_d[None, :]
     x = tl.load(ptrs, mask=ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     cnt = tl.minimum(S - nb * BLOCK, BLOCK).to(tl.float32)

@@ -107,15 +107,29 @@ def transposed_tables(plan: BlockPlan) -> dict:
 
 # ----------------------------------------------------------------------------- device code
 @triton.jit
+def _load_rows(X, base, idx, idx_ok, D, BLOCK_D: tl.constexpr):
+    """Rows ``idx`` ``[n]`` of the ``[S, D]`` matrix at ``X + base`` as an ``[n, BLOCK_D]`` tile (0
+    outside ``idx_ok`` and past ``D``)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    return tl.load(X + base + idx[:, None] * D + offs_d[None, :], mask=idx_ok[:, None] & (offs_d < D)[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _store_rows(X, base, idx, idx_ok, val, D, BLOCK_D: tl.constexpr):
+    """Store the ``[n, BLOCK_D]`` tile ``val`` into rows ``idx`` of the ``[S, D]`` matrix at ``X + base``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(X + base + idx[:, None] * D + offs_d[None, :], val, mask=idx_ok[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
 def _bwd_preprocess(O, DO, DLSE, DELTA, S, D, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # O, DO: [BH, S, D] contiguous (plan order); DELTA, DLSE: [BH, S] fp32
     bh = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    msk = (rows < S)[:, None] & (offs_d < D)[None, :]
     base = bh.to(tl.int64) * S * D
-    o = tl.load(O + base + rows[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
-    do = tl.load(DO + base + rows[:, None] * D + offs_d[None, :], mask=msk, other=0.0).to(tl.float32)
+    o = _load_rows(O, base, rows, rows < S, D, BLOCK_D).to(tl.float32)
+    do = _load_rows(DO, base, rows, rows < S, D, BLOCK_D).to(tl.float32)
     delta = tl.sum(o * do, 1)
     if HAS_DLSE:
         delta = delta - tl.load(DLSE + bh.to(tl.int64) * S + rows, mask=rows < S, other=0.0)
@@ -123,27 +137,82 @@ def _bwd_preprocess(O, DO, DLSE, DELTA, S, D, HAS_DLSE: tl.constexpr, BLOCK_M: t
 
 
 @triton.jit
-def _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS_BLK, row_in_blk, col_in_blk,
-               n0, k0, d0, s0, n1, k1, d1, s1, n2, k2, d2, s2,
-               C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, DENSE_NONGRID: tl.constexpr,
-               RULE: tl.constexpr, PLAN_BK: tl.constexpr):
-    """The token rule on a ``[M, N]`` tile of plan positions ``rows`` x ``cols`` (partial blocks);
-    ``BITS_BLK`` points at this block's ``[PLAN_BQ, PLAN_BK]`` uint8 mask (RULE 2)."""
+def _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS, midx, row_in_blk, col_in_blk, NA, CAUSAL: tl.constexpr,
+               DENSE_NONGRID: tl.constexpr, RULE: tl.constexpr, PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr):
+    """The token rule on a ``[M, N]`` tile of plan positions ``rows`` x ``cols`` (partial blocks):
+    the neighborhood rule (RULE 1; ``NA`` the 12 per-axis (size, kernel, dilation, stride) ints,
+    ``CAUSAL`` the 3 per-axis flags), or (RULE 2) the ``[PLAN_BQ, PLAN_BK]`` uint8 mask number
+    ``midx`` of ``BITS``."""
     if RULE == 1:
         tq = NA_TAB + h * na_h + tl.minimum(rows, S - 1)
         tk = NA_TAB + h * na_h + tl.minimum(cols, S - 1)
         q_in = tl.load(tq) != 0
         k_in = tl.load(tk) != 0
-        ok = _na_axis_ok(tl.load(tq + S), tl.load(tq + 2 * S), tl.load(tk + S), tl.load(tk + 2 * S), n0, k0, d0, s0, C0)
+        ok = _na_axis_ok(tl.load(tq + S), tl.load(tq + 2 * S), tl.load(tk + S), tl.load(tk + 2 * S),
+                         NA[0], NA[1], NA[2], NA[3], CAUSAL[0])
         ok = ok & _na_axis_ok(tl.load(tq + 3 * S), tl.load(tq + 4 * S), tl.load(tk + 3 * S), tl.load(tk + 4 * S),
-                              n1, k1, d1, s1, C1)
+                              NA[4], NA[5], NA[6], NA[7], CAUSAL[1])
         ok = ok & _na_axis_ok(tl.load(tq + 5 * S), tl.load(tq + 6 * S), tl.load(tk + 5 * S), tl.load(tk + 6 * S),
-                              n2, k2, d2, s2, C2)
+                              NA[8], NA[9], NA[10], NA[11], CAUSAL[2])
         ok = _nongrid_policy(ok, q_in, k_in, DENSE_NONGRID)
     else:  # RULE == 2: the precomputed mask of this (query block, key block)
-        ptr = BITS_BLK + row_in_blk[:, None] * PLAN_BK + col_in_blk[None, :]
+        ptr = BITS + midx * (PLAN_BQ * PLAN_BK) + row_in_blk[:, None] * PLAN_BK + col_in_blk[None, :]
         ok = tl.load(ptr) != 0
     return ok
+
+
+@triton.jit
+def _owned_tile(H, S, BLOCK: tl.constexpr, PLAN_B: tl.constexpr):
+    """The tile this program owns (``program_id`` = (tile, batch x head)): ``BLOCK`` plan positions,
+    ``PLAN_B // BLOCK`` tiles to a plan block. Returns ``(b, h, blk, idx, in_blk, idx < S, row_base)``:
+    batch, head, plan block, positions ``[BLOCK]``, their offsets inside the block, and the int64
+    offset of this (batch, head)'s ``[S]`` row statistics (its ``[S, D]`` matrices start at ``row_base * D``)."""
+    SUB: tl.constexpr = PLAN_B // BLOCK
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    idx = t * BLOCK + tl.arange(0, BLOCK)
+    in_blk = (t % SUB) * BLOCK + tl.arange(0, BLOCK)
+    return bh // H, bh % H, t // SUB, idx, in_blk, idx < S, bh.to(tl.int64) * S
+
+
+@triton.jit
+def _listed_tiles(NUM, IDX, b, h, blk, num_b, num_h, idx_b, idx_h, idx_blk, BLOCK: tl.constexpr,
+                  PLAN_B: tl.constexpr):
+    """``(number of tiles, pointer to the first entry)`` of block ``blk``'s list in ``NUM [Bp, Hp, NB]``
+    / ``IDX [Bp, Hp, NB, M]`` (broadcast dims with stride 0); ``PLAN_B // BLOCK`` tiles per listed block."""
+    return tl.load(NUM + b * num_b + h * num_h + blk) * (PLAN_B // BLOCK), IDX + b * idx_b + h * idx_h + blk * idx_blk
+
+
+@triton.jit
+def _listed_tile(lst, j, S, BLOCK: tl.constexpr, PLAN_B: tl.constexpr):
+    """Tile ``j`` of the blocks listed at ``lst``. Returns ``(e, blk, in_blk, idx, idx < S)``: its list
+    entry, plan block, offsets inside the block and positions ``[BLOCK]``."""
+    SUB: tl.constexpr = PLAN_B // BLOCK
+    e = j // SUB
+    blk = tl.load(lst + e)
+    in_blk = (j % SUB) * BLOCK + tl.arange(0, BLOCK)
+    idx = blk * PLAN_B + in_blk
+    return e, blk, in_blk, idx, idx < S
+
+
+@triton.jit
+def _load_query_side(Q, DO, LSE2, DELTA, row_base, rows, row_ok, D, BLOCK_D: tl.constexpr):
+    """``q, do`` ``[M, BLOCK_D]`` and ``lse2, delta`` ``[M]`` of query rows ``rows`` of one (batch, head)."""
+    q = _load_rows(Q, row_base * D, rows, row_ok, D, BLOCK_D)
+    do = _load_rows(DO, row_base * D, rows, row_ok, D, BLOCK_D)
+    lse2 = tl.load(LSE2 + row_base + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + row_base + rows, mask=row_ok, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _kept_bias(zero, KEPT, b, h, qb, kb, kept_b, kept_h, kept_q, HAS_KEPT: tl.constexpr):
+    """The logit bias (log2 units) of the (query block, key block) tile: RectifiedSparse's
+    ``kept_log_scale`` with HAS_KEPT, else ``zero``."""
+    bias = zero
+    if HAS_KEPT:
+        bias = zero + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
+    return bias
 
 
 @triton.jit
@@ -167,60 +236,33 @@ def _sparse_flash_bwd_dkdv(
     TF_NUM, TF_IDX, TP_NUM, TP_IDX, TP_MASK, NA_TAB, BITS, KEPT,
     S, H, qk_scale, sm_scale, D,
     tfn_b, tfn_h, tfi_b, tfi_h, tfi_k, tpn_b, tpn_h, tpi_b, tpi_h, tpi_k, na_h, kept_b, kept_h, kept_q,
-    n0, k0, d0, s0, n1, k1, d1, s1, n2, k2, d2, s2,
-    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, DENSE_NONGRID: tl.constexpr,
-    RULE: tl.constexpr, HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr,
-    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    NA, CAUSAL: tl.constexpr, DENSE_NONGRID: tl.constexpr, RULE: tl.constexpr, HAS_KEPT: tl.constexpr,
+    FP32_DOT: tl.constexpr, PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    SUB_M: tl.constexpr = PLAN_BQ // BLOCK_M
-    SUB_N: tl.constexpr = PLAN_BK // BLOCK_N
-    kt = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kb = kt // SUB_N
-    cols = kt * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_in_blk = (kt % SUB_N) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    col_ok = cols < S
-    base = bh.to(tl.int64) * S * D
-    k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-    v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+    """dK, dV of one key tile (``BLOCK_N`` keys) over the query blocks listing its key block."""
+    b, h, kb, cols, col_in_blk, col_ok, row_base = _owned_tile(H, S, BLOCK_N, PLAN_BK)
+    k = _load_rows(K, row_base * D, cols, col_ok, D, BLOCK_D)
+    v = _load_rows(V, row_base * D, cols, col_ok, D, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     true_mn = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
     for part in tl.static_range(2):
         if part == 0:
-            nq = tl.load(TF_NUM + b * tfn_b + h * tfn_h + kb)
-            lst = TF_IDX + b * tfi_b + h * tfi_h + kb * tfi_k
+            nt, lst = _listed_tiles(TF_NUM, TF_IDX, b, h, kb, tfn_b, tfn_h, tfi_b, tfi_h, tfi_k, BLOCK_M, PLAN_BQ)
         else:
-            nq = tl.load(TP_NUM + b * tpn_b + h * tpn_h + kb)
-            lst = TP_IDX + b * tpi_b + h * tpi_h + kb * tpi_k
-            mlst = TP_MASK + b * tpi_b + h * tpi_h + kb * tpi_k
-        for j in range(0, nq * SUB_M):
-            qb = tl.load(lst + j // SUB_M)
-            row_in_blk = (j % SUB_M) * BLOCK_M + offs_m
-            rows = qb * PLAN_BQ + row_in_blk
-            row_ok = rows < S
-            q = tl.load(Q + base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            do = tl.load(DO + base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                         other=0.0)
-            lse2 = tl.load(LSE2 + bh.to(tl.int64) * S + rows, mask=row_ok, other=float("inf"))
-            delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
-            bias = zero
-            if HAS_KEPT:
-                bias = zero + tl.load(KEPT + b * kept_b + h * kept_h + qb * kept_q + kb) * 1.4426950408889634
+            nt, lst = _listed_tiles(TP_NUM, TP_IDX, b, h, kb, tpn_b, tpn_h, tpi_b, tpi_h, tpi_k, BLOCK_M, PLAN_BQ)
+            mlst = TP_MASK + b * tpi_b + h * tpi_h + kb * tpi_k  # laid out as TP_IDX
+        for j in range(0, nt):
+            e, qb, row_in_blk, rows, row_ok = _listed_tile(lst, j, S, BLOCK_M, PLAN_BQ)
+            q, do, lse2, delta = _load_query_side(Q, DO, LSE2, DELTA, row_base, rows, row_ok, D, BLOCK_D)
             ok = true_mn & row_ok[:, None]
             if part == 1:
                 if RULE != 0:
-                    midx = tl.load(mlst + j // SUB_M)
-                    ok = ok & _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS + midx * (PLAN_BQ * PLAN_BK),
-                                         row_in_blk, col_in_blk, n0, k0, d0, s0, n1, k1, d1, s1, n2, k2, d2, s2,
-                                         C0, C1, C2, DENSE_NONGRID, RULE, PLAN_BK)
+                    ok = ok & _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS, tl.load(mlst + e), row_in_blk,
+                                         col_in_blk, NA, CAUSAL, DENSE_NONGRID, RULE, PLAN_BQ, PLAN_BK)
+            bias = _kept_bias(zero, KEPT, b, h, qb, kb, kept_b, kept_h, kept_q, HAS_KEPT)
             p, ds = _bwd_tile_grads(q, do, k, v, lse2, delta, qk_scale, bias, ok, FP32_DOT)
             if FP32_DOT:
                 dv = tl.dot(tl.trans(p), do.to(tl.float32), dv, input_precision="ieee")
@@ -228,9 +270,8 @@ def _sparse_flash_bwd_dkdv(
             else:
                 dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
                 dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
-    msk = col_ok[:, None] & d_ok[None, :]
-    tl.store(DK + base + cols[:, None] * D + offs_d[None, :], dk * sm_scale, mask=msk)
-    tl.store(DV + base + cols[:, None] * D + offs_d[None, :], dv, mask=msk)
+    _store_rows(DK, row_base * D, cols, col_ok, dk * sm_scale, D, BLOCK_D)
+    _store_rows(DV, row_base * D, cols, col_ok, dv, D, BLOCK_D)
 
 
 @triton.jit
@@ -239,69 +280,40 @@ def _sparse_flash_bwd_dq(
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX, SLOT, NA_TAB, BITS, KEPT,
     S, H, qk_scale, sm_scale, D,
     fn_b, fn_h, fi_b, fi_h, fi_q, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h, na_h, kept_b, kept_h, kept_q,
-    n0, k0, d0, s0, n1, k1, d1, s1, n2, k2, d2, s2,
-    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, DENSE_NONGRID: tl.constexpr,
-    RULE: tl.constexpr, HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr,
-    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    NA, CAUSAL: tl.constexpr, DENSE_NONGRID: tl.constexpr, RULE: tl.constexpr, HAS_KEPT: tl.constexpr,
+    FP32_DOT: tl.constexpr, PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    SUB_M: tl.constexpr = PLAN_BQ // BLOCK_M
-    SUB_N: tl.constexpr = PLAN_BK // BLOCK_N
-    qt = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qb = qt // SUB_M
-    rows = qt * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_in_blk = (qt % SUB_M) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    row_ok = rows < S
-    base = bh.to(tl.int64) * S * D
-    q = tl.load(Q + base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    do = tl.load(DO + base + rows[:, None] * D + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    lse2 = tl.load(LSE2 + bh.to(tl.int64) * S + rows, mask=row_ok, other=float("inf"))
-    delta = tl.load(DELTA + bh.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+    """dQ of one query tile (``BLOCK_M`` rows) over the key blocks its query block lists (as the forward)."""
+    b, h, qb, rows, row_in_blk, row_ok, row_base = _owned_tile(H, S, BLOCK_M, PLAN_BQ)
+    q, do, lse2, delta = _load_query_side(Q, DO, LSE2, DELTA, row_base, rows, row_ok, D, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     zero = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     true_mn = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
-    kept_row = KEPT + b * kept_b + h * kept_h + qb * kept_q
+    slot0 = 0
     if RULE == 2:
         slot0 = tl.load(SLOT + b * slot_b + h * slot_h + qb).to(tl.int64)
     for part in tl.static_range(2):
         if part == 0:
-            nk = tl.load(FULL_NUM + b * fn_b + h * fn_h + qb)
-            lst = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+            nt, lst = _listed_tiles(FULL_NUM, FULL_IDX, b, h, qb, fn_b, fn_h, fi_b, fi_h, fi_q, BLOCK_N, PLAN_BK)
         else:
-            nk = tl.load(PART_NUM + b * pn_b + h * pn_h + qb)
-            lst = PART_IDX + b * pi_b + h * pi_h + qb * pi_q
-        for j in range(0, nk * SUB_N):
-            kb = tl.load(lst + j // SUB_N)
-            col_in_blk = (j % SUB_N) * BLOCK_N + offs_n
-            cols = kb * PLAN_BK + col_in_blk
-            col_ok = cols < S
-            kmsk = col_ok[:, None] & d_ok[None, :]
-            k = tl.load(K + base + cols[:, None] * D + offs_d[None, :], mask=kmsk, other=0.0)
-            v = tl.load(V + base + cols[:, None] * D + offs_d[None, :], mask=kmsk, other=0.0)
-            bias = zero
-            if HAS_KEPT:
-                bias = zero + tl.load(kept_row + kb) * 1.4426950408889634
+            nt, lst = _listed_tiles(PART_NUM, PART_IDX, b, h, qb, pn_b, pn_h, pi_b, pi_h, pi_q, BLOCK_N, PLAN_BK)
+        for j in range(0, nt):
+            e, kb, col_in_blk, cols, col_ok = _listed_tile(lst, j, S, BLOCK_N, PLAN_BK)
+            k = _load_rows(K, row_base * D, cols, col_ok, D, BLOCK_D)
+            v = _load_rows(V, row_base * D, cols, col_ok, D, BLOCK_D)
             ok = true_mn & col_ok[None, :]
             if part == 1:
                 if RULE != 0:
-                    midx = 0
-                    if RULE == 2:
-                        midx = slot0 + j // SUB_N
-                    ok = ok & _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS + midx * (PLAN_BQ * PLAN_BK),
-                                         row_in_blk, col_in_blk, n0, k0, d0, s0, n1, k1, d1, s1, n2, k2, d2, s2,
-                                         C0, C1, C2, DENSE_NONGRID, RULE, PLAN_BK)
+                    ok = ok & _tile_rule(NA_TAB, na_h, h, rows, cols, S, BITS, slot0 + e, row_in_blk, col_in_blk,
+                                         NA, CAUSAL, DENSE_NONGRID, RULE, PLAN_BQ, PLAN_BK)
+            bias = _kept_bias(zero, KEPT, b, h, qb, kb, kept_b, kept_h, kept_q, HAS_KEPT)
             p, ds = _bwd_tile_grads(q, do, k, v, lse2, delta, qk_scale, bias, ok, FP32_DOT)
             if FP32_DOT:
                 dq = tl.dot(ds, k.to(tl.float32), dq, input_precision="ieee")
             else:
                 dq = tl.dot(ds.to(k.dtype), k, dq)
-    tl.store(DQ + base + rows[:, None] * D + offs_d[None, :], dq * sm_scale, mask=row_ok[:, None] & d_ok[None, :])
+    _store_rows(DQ, row_base * D, rows, row_ok, dq * sm_scale, D, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -404,8 +416,7 @@ def block_sparse_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     kept_b, kept_h = _bh_strides(kept_t)
     na, bits = t["na"], t["bits"]
     na_h = 0 if na.shape[0] == 1 else na.stride(0)
-    rule = dict(zip(("n0", "k0", "d0", "s0", "n1", "k1", "d1", "s1", "n2", "k2", "d2", "s2"), t["na_args"]))
-    rule.update(C0=t["causal"][0], C1=t["causal"][1], C2=t["causal"][2], DENSE_NONGRID=t["dense_nongrid"],
+    rule = dict(NA=tuple(t["na_args"]), CAUSAL=tuple(t["causal"]), DENSE_NONGRID=t["dense_nongrid"],
                 RULE=int(t["rule_mode"]), HAS_KEPT=kept is not None,
                 FP32_DOT=dt == torch.float32 or _interpreting(),
                 PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D)

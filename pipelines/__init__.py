@@ -1,20 +1,8 @@
 """vidattn.pipelines: diffusers processors, apply/remove, timm swaps, tiny offline pipelines."""
 
-import importlib
+from vidattn._lazy import lazy_attributes
 
-_LAZY = {
-    "SparseAttnProcessor": ("vidattn.pipelines.processors", "SparseAttnProcessor"),
-    "SparseAttentionConfig": ("vidattn.pipelines.apply", "SparseAttentionConfig"),
-    "SparseAttentionHandle": ("vidattn.pipelines.apply", "SparseAttentionHandle"),
-    "apply": ("vidattn.pipelines.apply", "apply"),
-    "remove": ("vidattn.pipelines.apply", "remove"),
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        mod, attr = _LAZY[name]
-        val = getattr(importlib.import_module(mod), attr)
-        globals()[name] = val
-        return val
-    raise AttributeError(f"module 'vidattn.pipelines' has no attribute {name!r}")
+__getattr__ = lazy_attributes(globals(), {
+    "vidattn.pipelines.processors": ("SparseAttnProcessor",),
+    "vidattn.pipelines.apply": ("SparseAttentionConfig", "SparseAttentionHandle", "apply", "remove"),
+})

@@ -47,6 +47,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 import torch
 
+from .video_io import iter_video_frames
+
 __all__ = ["finetune", "FinetuneResult", "add_lora", "save_adapter", "evaluate_psnr", "reference_clips",
            "video_folder_clips", "LORA_TARGETS"]
 
@@ -94,16 +96,7 @@ def reference_clips(version: int, batch_size: int, frames: int, height: int, wid
 def _read_mp4(path: str, frames: int, height: int, width: int, rng: np.random.Generator) -> Optional[np.ndarray]:
     import cv2
 
-    cap = cv2.VideoCapture(path)
-    out = []
-    try:
-        while True:
-            ok, fr = cap.read()
-            if not ok:
-                break
-            out.append(cv2.resize(cv2.cvtColor(fr, cv2.COLOR_BGR2RGB), (width, height), interpolation=cv2.INTER_AREA))
-    finally:
-        cap.release()
+    out = [cv2.resize(fr, (width, height), interpolation=cv2.INTER_AREA) for fr in iter_video_frames(path)]
     if len(out) < frames:
         return None
     s = int(rng.integers(0, len(out) - frames + 1))

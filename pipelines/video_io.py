@@ -16,10 +16,11 @@ import json
 import os
 import tempfile
 from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
-__all__ = ["to_uint8", "write_video", "write_mp4", "read_mp4", "read_video", "browser_video_ext", "video_codec", "frame_grid", "write_png_grid", "atomic_write_text",
+__all__ = ["to_uint8", "write_video", "write_mp4", "read_mp4", "read_video", "iter_video_frames", "browser_video_ext", "video_codec", "frame_grid", "write_png_grid", "atomic_write_text",
            "atomic_write_json", "atomic_path"]
 
 
@@ -172,20 +173,25 @@ def write_mp4(frames, path: str, fps: int = 8) -> None:
     write_video(frames, path, fps=fps)
 
 
-def read_video(path: str) -> np.ndarray:
-    """Decode a video (mp4 or webm) with OpenCV -> uint8 RGB ``[F, H, W, 3]``."""
+def iter_video_frames(path: str) -> Iterator[np.ndarray]:
+    """Decode a video (mp4 or webm) with OpenCV, one uint8 RGB frame ``[H, W, 3]`` at a time (the
+    capture is released when the frames run out or the iterator is closed)."""
     import cv2
 
     cap = cv2.VideoCapture(path)
-    frames = []
     try:
         while True:
             ok, f = cap.read()
             if not ok:
                 break
-            frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+            yield cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
     finally:
         cap.release()
+
+
+def read_video(path: str) -> np.ndarray:
+    """Decode a video (mp4 or webm) with OpenCV -> uint8 RGB ``[F, H, W, 3]``."""
+    frames = list(iter_video_frames(path))
     if not frames:
         raise ValueError(f"no frames decoded from {path}")
     return np.stack(frames)

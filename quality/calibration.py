@@ -29,7 +29,6 @@ with no online profiling. The search:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from . import metrics as M
+from .report import jsonable
 
 __all__ = ["calibrate", "estimated_cost", "dense_plan"]
 
@@ -324,18 +324,6 @@ def calibrate(pipe, *, target_psnr: float, call_kwargs: Mapping[str, Any], targe
                                        "heldout_seeds")}
         meta["call_kwargs"] = {k: v for k, v in call.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
         meta["finalists"] = [{k: v for k, v in f.items() if isinstance(v, (int, float, str, bool, type(None)))} for f in fin]
-        save_plan(plan, out, meta=_plain(meta))
+        save_plan(plan, out, meta=jsonable(meta, nonfinite=lambda x: None))
         result["path"] = out
     return result
-
-
-def _plain(o):
-    if isinstance(o, dict):
-        return {str(k): _plain(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_plain(v) for v in o]
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o

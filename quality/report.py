@@ -43,7 +43,7 @@ import html
 import io
 import json
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -354,15 +354,22 @@ LPIPS: {e('skipped: ' + lp.get('reason', '') if lp['skipped'] else 'computed')}<
 <h2>raw report</h2><pre>{e(json.dumps(report, indent=1)[:20000])}</pre></body></html>"""
 
 
-def _jsonable(o):
+def _clip_nonfinite(x: float) -> float:
+    return 1e9 if x > 0 else -1e9
+
+
+def jsonable(o, nonfinite: Callable[[float], Any] = _clip_nonfinite):
+    """``o`` (nested dicts / lists / tuples of scalars) as plain JSON data: keys as str, tuples as
+    lists, numpy scalars as Python numbers, a non-finite Python float as ``nonfinite(x)`` (default
+    +-1e9, as ``report.json`` stores it)."""
     if isinstance(o, dict):
-        return {str(k): _jsonable(v) for k, v in o.items()}
+        return {str(k): jsonable(v, nonfinite) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
-        return [_jsonable(v) for v in o]
+        return [jsonable(v, nonfinite) for v in o]
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, float) and not np.isfinite(o):
-        return 1e9 if o > 0 else -1e9
+        return nonfinite(o)
     return o
 
 
@@ -375,7 +382,7 @@ def write_report(out_dir: str, report: Dict[str, Any], videos: Mapping[str, Any]
             mp4 and the frame panel; other names are the configs.
     Returns: dict of the written paths.
     """
-    report = _jsonable(report)
+    report = jsonable(report)
     validate_report(report)
     os.makedirs(out_dir, exist_ok=True)
     paths = {k: os.path.join(out_dir, f) for k, f in

@@ -9,6 +9,8 @@ from hypothesis import HealthCheck, given, reject, settings, strategies as st
 
 import vidattn
 
+from natten_cases import draw_na_axes
+
 natten = pytest.importorskip("natten")
 
 OURS = {1: vidattn.na1d, 2: vidattn.na2d, 3: vidattn.na3d}
@@ -17,16 +19,10 @@ THEIRS = {1: natten.na1d, 2: natten.na2d, 3: natten.na3d}
 
 @st.composite
 def natten_case(draw):
-    ndim = draw(st.integers(1, 3))
-    k, d, s, c, grid = [], [], [], [], []
-    for _ in range(ndim):
-        ka = draw(st.integers(2, 4))
-        da = draw(st.integers(1, 2))
-        k.append(ka), d.append(da), s.append(draw(st.integers(1, ka))), c.append(draw(st.booleans()))
-        grid.append(draw(st.integers(ka * da, ka * da + (5 if ndim < 3 else 2))))
+    grid, k, d, s, c = draw_na_axes(draw, kernel=(2, 4), dilation=(1, 2), slack=(5, 2))
     extra = draw(st.sampled_from([0, 0, 1, 7]))
     heads = draw(st.sampled_from([(2, 2), (4, 2)]))
-    return tuple(grid), tuple(k), tuple(d), tuple(s), tuple(c), extra, heads
+    return grid, k, d, s, c, extra, heads
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

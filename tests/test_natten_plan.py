@@ -11,20 +11,16 @@ from vidattn.patterns.neighborhood import NeighborhoodRule
 from vidattn.patterns.neighborhood_plan import neighborhood_plan_analytic
 from vidattn.plan import plan_from_rule
 
+from natten_cases import draw_na_axes
+
 
 @st.composite
 def plan_case(draw):
-    ndim = draw(st.integers(1, 3))
-    k, d, s, c, grid = [], [], [], [], []
-    for _ in range(ndim):
-        ka = draw(st.integers(1, 5))
-        da = draw(st.integers(1, 3))
-        k.append(ka), d.append(da), s.append(draw(st.integers(1, ka))), c.append(draw(st.booleans()))
-        grid.append(draw(st.integers(ka * da, ka * da + (7 if ndim < 3 else 3))))
-    layout = TokenLayout(tuple(grid), draw(st.integers(0, 5)), draw(st.integers(0, 5)))
+    grid, k, d, s, c = draw_na_axes(draw, kernel=(1, 5), dilation=(1, 3), slack=(7, 3))
+    layout = TokenLayout(grid, draw(st.integers(0, 5)), draw(st.integers(0, 5)))
     block = draw(st.sampled_from([4, 8, 16, 32]))
-    tile = draw(st.one_of(st.none(), st.just(False), st.tuples(*[st.sampled_from([1, 2, 3, 4])] * ndim)))
-    return layout, tuple(k), tuple(d), tuple(s), tuple(c), block, tile, draw(st.booleans())
+    tile = draw(st.one_of(st.none(), st.just(False), st.tuples(*[st.sampled_from([1, 2, 3, 4])] * len(grid))))
+    return layout, k, d, s, c, block, tile, draw(st.booleans())
 
 
 def _slow(pat, layout, block):

@@ -22,7 +22,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["TokenLayout", "invert_permutation", "apply_permutation", "check_permutation"]
+__all__ = ["TokenLayout", "invert_permutation", "apply_permutation", "check_permutation",
+           "tile_major_order", "grid_position"]
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,7 @@ class TokenLayout:
         grid = tuple(grid)
         if not 1 <= len(grid) <= 3:
             raise ValueError(f"grid must have 1, 2 or 3 axes ((L,), (H, W) or (T, H, W)), got {grid}")
-        for g in grid:
-            if isinstance(g, bool) or not isinstance(g, int):
-                raise TypeError(f"grid entries must be ints, got {grid}")
-            if g < 1:
-                raise ValueError(f"grid entries must be >= 1, got {grid}")
+        _check_positive_ints("grid", grid)
         for name in ("prefix", "suffix"):
             val = getattr(self, name)
             if isinstance(val, bool) or not isinstance(val, int):
@@ -148,15 +145,7 @@ class TokenLayout:
             LongTensor ``[S]`` with ``permuted = x.index_select(dim, perm)``.
         """
         tile = _check_tuple("tile_shape", tile_shape, self.ndim)
-        c = self.coords(device)
-        num_tiles = [math.ceil(g / t) for g, t in zip(self.grid, tile)]
-        tile_key = torch.zeros(c.shape[0], dtype=torch.long, device=c.device)
-        in_key = torch.zeros_like(tile_key)
-        for a in range(self.ndim):
-            tile_key = tile_key * num_tiles[a] + c[:, a] // tile[a]
-            in_key = in_key * tile[a] + c[:, a] % tile[a]
-        key = tile_key * math.prod(tile) + in_key
-        return self._grid_perm_to_seq(torch.argsort(key))
+        return self._grid_perm_to_seq(tile_major_order(self.coords(device), self.grid, tile))
 
     def transpose_permutation(self, axes: Sequence[int], device=None) -> torch.Tensor:
         """Grid tokens reordered as if the grid axes were transposed to ``axes``.
@@ -185,12 +174,39 @@ def _check_tuple(name, value, ndim):
         value = (value,) * ndim
     if not isinstance(value, (tuple, list)) or len(value) != ndim:
         raise ValueError(f"{name} must be an int or a tuple of {ndim} ints, got {value!r}")
-    for v in value:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"{name} entries must be ints, got {value!r}")
-        if v < 1:
-            raise ValueError(f"{name} entries must be >= 1, got {value!r}")
+    _check_positive_ints(name, value)
     return tuple(value)
+
+
+def _check_positive_ints(name, values):
+    """Raise unless every entry of the tuple/list ``values`` is an int (not a bool) >= 1."""
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} entries must be ints, got {values!r}")
+        if v < 1:
+            raise ValueError(f"{name} entries must be >= 1, got {values!r}")
+
+
+def tile_major_order(coords: torch.Tensor, grid: Sequence[int], tile: Sequence[int]) -> torch.Tensor:
+    """The order visiting the points ``coords`` (LongTensor ``[N, ndim]``, within ``grid``) tile by
+    tile: tiles of shape ``tile`` row-major, points within a tile row-major (edge tiles smaller).
+    Returns LongTensor ``[N]``, the point indices in that order."""
+    num_tiles = [math.ceil(g / t) for g, t in zip(grid, tile)]
+    tile_key = torch.zeros(coords.shape[0], dtype=torch.long, device=coords.device)
+    in_key = torch.zeros_like(tile_key)
+    for a in range(len(grid)):
+        tile_key = tile_key * num_tiles[a] + coords[:, a] // tile[a]
+        in_key = in_key * tile[a] + coords[:, a] % tile[a]
+    return torch.argsort(tile_key * math.prod(tile) + in_key)
+
+
+def grid_position(idx: torch.Tensor, prefix: int, num_grid: int):
+    """Grid positions of sequence indices ``idx`` (integer tensor, any shape) in a layout with
+    ``prefix`` tokens before ``num_grid`` grid tokens. Returns ``(pos, in_grid)``: the position
+    ``idx - prefix`` clamped to ``[0, num_grid)`` (meaningless for non-grid tokens) and the bool
+    tensor of the indices that are grid tokens, both of ``idx``'s shape."""
+    g = idx - prefix
+    return g.clamp(0, num_grid - 1), (g >= 0) & (g < num_grid)
 
 
 def check_permutation(perm: torch.Tensor, n: int, name: str = "perm") -> None:

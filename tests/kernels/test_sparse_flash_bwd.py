@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dataclasses  # noqa: E402
+import functools  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -13,7 +14,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 import vidattn  # noqa: E402
 from vidattn import Neighborhood, TokenLayout  # noqa: E402
-from vidattn.plan import Rectification, TokenRule, plan_from_rule  # noqa: E402
+from vidattn.plan import Rectification, plan_from_rule  # noqa: E402
 
 pytest.importorskip("triton")
 from vidattn.kernels import sparse_flash_tables  # noqa: E402
@@ -21,6 +22,7 @@ from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_
 from vidattn.kernels.sparse_flash_bwd import transposed_tables  # noqa: E402
 from vidattn.kernels.sparse_flash_kernel import RuleMode  # noqa: E402
 from vidattn.kernels.sparse_flash_tables import plan_launch_tables  # noqa: E402
+from kernel_cases import StripeRule, per_head_permuted_plan, random_qkv  # noqa: E402
 from vidattn_testutils import dense_masked_attention  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -29,18 +31,7 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 # relative to the largest reference gradient entry
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
-
-class _StripeRule(TokenRule):
-    """A rule without an in-kernel form (per-block mask path); every query keeps its own key."""
-
-    def __call__(self, h, q_idx, k_idx):
-        return ((q_idx + 2 * k_idx + h) % 3 != 0) | (q_idx == k_idx)
-
-
-def _qkv(B, S, H, Hk, D, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    ts = [torch.randn(B, S, n, D, generator=g).to(dtype).requires_grad_(True) for n in (H, Hk, Hk)]
-    return ts
+_qkv = functools.partial(random_qkv, requires_grad=True)  # q, k, v leaves of the gradient checks
 
 
 def _oracle_grads(q, k, v, plan, dout, scale=None):
@@ -107,9 +98,7 @@ def test_rule_mode_is_what_the_test_asks_for(monkeypatch):
 
 def test_generic_rule_per_head_permutation_gqa_and_unequal_blocks():
     S, H = 45, 2
-    g = torch.Generator().manual_seed(1)
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(H)])
-    plan = plan_from_rule(_StripeRule(), seq_len=S, block_q=16, block_k=32, num_heads=H, perm=perm)
+    plan = per_head_permuted_plan(StripeRule(), S, H, block_q=16, block_k=32, seed=1)
     q, k, v = _qkv(1, S, H, 1, 16, torch.float32, seed=3)
     _check(q, k, v, plan, scale=0.3)
 

@@ -191,10 +191,9 @@ def make_oracle(pattern, grid, text_pos, heads=None):
     return dispatch, functional
 
 
-ORACLE_TARGET = {
-    "wan": ("diffusers.models.transformers.transformer_wan", "dispatch_attention_fn"),
-    "hunyuan_video": ("diffusers.models.transformers.transformer_hunyuan_video", "dispatch_attention_fn"),
-    "ltx_video": ("diffusers.models.transformers.transformer_ltx", "dispatch_attention_fn"),
-    "flux": ("diffusers.models.transformers.transformer_flux", "dispatch_attention_fn"),
-    "cogvideox": ("diffusers.models.attention_processor", "F"),
-}
+# Where the oracle replaces each family's attention call: diffusers' dispatch_attention_fn as the
+# family's transformer module imported it (CogVideoX calls torch.nn.functional directly).
+ORACLE_TARGET = {family: (f"diffusers.models.transformers.transformer_{module}", "dispatch_attention_fn")
+                 for family, module in (("wan", "wan"), ("hunyuan_video", "hunyuan_video"), ("ltx_video", "ltx"),
+                                        ("flux", "flux"))}
+ORACLE_TARGET["cogvideox"] = ("diffusers.models.attention_processor", "F")

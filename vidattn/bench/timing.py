@@ -37,20 +37,20 @@ class Stopwatch:
         self.cuda = _is_cuda(device)
         self._a = self._b = None
 
+    def _mark(self):
+        """The current time: a CUDA event recorded on the current stream, or ``perf_counter``."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
     def start(self) -> "Stopwatch":
-        if self.cuda:
-            self._a = torch.cuda.Event(enable_timing=True)
-            self._a.record()
-        else:
-            self._a = time.perf_counter()
+        self._a = self._mark()
         return self
 
     def stop(self) -> "Stopwatch":
-        if self.cuda:
-            self._b = torch.cuda.Event(enable_timing=True)
-            self._b.record()
-        else:
-            self._b = time.perf_counter()
+        self._b = self._mark()
         return self
 
     def elapsed_ms(self) -> float:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 
 from vidattn.pipelines.generate import ModelError
 
 from . import UsageError, check_device, preset_list
+from .harness_options import add_harness_model, add_quiet_json, add_size_options, check_harness_model, harness_imports
 
 __all__ = ["add_parser", "run"]
 
@@ -18,7 +18,7 @@ def add_parser(sub):
                                    "for the fastest plan whose quality vs dense on held-out seeds meets the target; "
                                    "speed is measured (dense re-timed in the same process; dense wins unless beaten). "
                                    "Run the result with vidattn.apply(pipe, vidattn.load_plan(PATH)).")
-    c.add_argument("--model", default="reference", help="reference (default), tiny-wan or a local checkpoint dir")
+    add_harness_model(c)
     c.add_argument("--version", type=int, default=None, help="reference model version (1 or 2)")
     c.add_argument("--target-psnr", type=float, required=True, help="dB, PSNR over the whole video vs dense (mean of seeds)")
     c.add_argument("--target-ssim", type=float, default=None)
@@ -27,28 +27,22 @@ def add_parser(sub):
     c.add_argument("--levels", default="0.5,0.75,0.9", help="comma-separated sparsity levels of the base candidates")
     c.add_argument("--calib-seeds", default="0,1")
     c.add_argument("--heldout-seeds", default="100,101")
-    c.add_argument("--frames", type=int, default=None)
-    c.add_argument("--height", type=int, default=None)
-    c.add_argument("--width", type=int, default=None)
-    c.add_argument("--steps", type=int, default=None)
+    add_size_options(c)
     c.add_argument("--max-evals", type=int, default=40, help="quality evaluations allowed in the search")
     c.add_argument("--max-measure", type=int, default=3, help="finalists checked on held-out seeds and timed")
     c.add_argument("--device", default=None)
     c.add_argument("--dtype", default="float32", choices=("float32", "bf16", "bfloat16", "fp16", "float16"))
     c.add_argument("--backend", default="auto")
-    c.add_argument("--quiet", action="store_true")
-    c.add_argument("--json", action="store_true", help="print the result summary as JSON")
+    add_quiet_json(c, "print the result summary as JSON")
     return c
 
 
 def run(a) -> int:
-    try:
+    with harness_imports("calibrate"):
         import torch
 
         from vidattn.quality.calibration import calibrate
         from vidattn.quality.run import default_call, load_model, parse_seeds
-    except ImportError as e:
-        raise UsageError(f"vidattn calibrate: the quality harness is not available in this build ({e})") from None
     if not a.target_psnr > 0:
         raise UsageError(f"--target-psnr must be > 0 dB, got {a.target_psnr}")
     if not str(a.out).lower().endswith((".yaml", ".yml", ".json")):
@@ -67,8 +61,7 @@ def run(a) -> int:
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
              "float16": torch.float16}[a.dtype]
-    if a.model not in ("reference", "tiny-wan") and not os.path.isdir(a.model):
-        raise UsageError(f"--model {a.model!r}: not reference, tiny-wan, or an existing local checkpoint folder")
+    check_harness_model(a.model)
     try:
         pipe = load_model(a.model, device=device, dtype=dtype, version=a.version)
     except FileNotFoundError as e:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from . import UsageError, check_device, check_out
+from .harness_options import add_size_options
 
 __all__ = ["add_parser", "run"]
 
@@ -29,10 +30,7 @@ def add_parser(sub):
     p.add_argument("--loss", default="distill", choices=["distill", "flow"],
                    help="distill: match the dense model's prediction (default); flow: data velocity noise - x0")
     p.add_argument("--data", default="reference", help="reference (the model's data generator), noise, or a folder of .mp4")
-    p.add_argument("--frames", type=int, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--inference-steps", type=int, default=None, help="sampling steps (training sigmas and evaluation)")
+    add_size_options(p, "--inference-steps", "sampling steps (training sigmas and evaluation)")
     p.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--eval-seeds", default="0,1,2,3", help="comma list of seeds for PSNR vs dense ('' = no evaluation)")
     p.add_argument("--backend", default="auto", choices=["auto", "reference", "flex", "triton"])

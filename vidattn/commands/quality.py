@@ -7,6 +7,7 @@ import os
 from vidattn.pipelines.generate import ModelError
 
 from . import UsageError, check_device, check_out, preset_list
+from .harness_options import add_harness_model, add_quiet_json, add_size_options, check_harness_model, harness_imports
 
 __all__ = ["add_parser", "run"]
 
@@ -15,15 +16,12 @@ def add_parser(sub):
     q = sub.add_parser("quality", help="sparse vs dense quality harness (report.json/report.html/side_by_side.mp4)",
                        description="Run dense once and one config per pattern family at a target sparsity, with "
                                    "PSNR/SSIM/temporal/attention-level errors and timings (the quality harness).")
-    q.add_argument("--model", default="reference", help="reference (default), tiny-wan or a local checkpoint dir")
+    add_harness_model(q)
     q.add_argument("--patterns", default="neighborhood,radial,grid,rectified",
                    help="comma-separated presets (pattern families, fitted to the model's token grid; default: the four "
                         "built-in families)")
     q.add_argument("--sparsity", default="0.75", help="target sparsity, or comma-separated levels (e.g. 0.5,0.75,0.9)")
-    q.add_argument("--frames", type=int, default=None)
-    q.add_argument("--height", type=int, default=None)
-    q.add_argument("--width", type=int, default=None)
-    q.add_argument("--steps", type=int, default=None)
+    add_size_options(q)
     q.add_argument("--seed", type=int, default=None, help="first seed (4 seeds from it) unless --seeds is given")
     q.add_argument("--seeds", default=None, help="seeds, e.g. 0,1,2,3 or 0-3 (default 0-3), batched")
     q.add_argument("--version", type=int, default=None, help="reference model version (1 or 2; default: shipped default)")
@@ -33,17 +31,14 @@ def add_parser(sub):
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     q.add_argument("--out", default="quality_out", help="output folder (must be empty or new unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
-    q.add_argument("--quiet", action="store_true")
-    q.add_argument("--json", action="store_true", help="print report.json on stdout")
+    add_quiet_json(q, "print report.json on stdout")
     return q
 
 
 
 def run(a) -> int:
-    try:
+    with harness_imports("quality"):
         from vidattn.quality.run import cli_entry, parse_seeds
-    except ImportError as e:
-        raise UsageError(f"vidattn quality: the quality harness is not available in this build ({e})") from None
     pats = preset_list(a.patterns, "--patterns")
     if a.seeds is not None:
         try:
@@ -65,8 +60,7 @@ def run(a) -> int:
         if v is not None and v < 1:
             raise UsageError(f"--{name} must be >= 1, got {v}")
     check_device(a.device)
-    if a.model not in ("reference", "tiny-wan") and not os.path.isdir(a.model):
-        raise UsageError(f"--model {a.model!r}: not reference, tiny-wan, or an existing local checkpoint folder")
+    check_harness_model(a.model)
     check_out(a.out, a.overwrite)
     if a.device is None:
         import torch

@@ -3,26 +3,18 @@
 One file per family: dense.py, neighborhood.py, radial.py, grid.py (PermutedGrid), rectified.py.
 """
 
-import importlib
+from vidattn._lazy import lazy_attributes
 
 from .base import Pattern, StaticPattern
 from .dense import Dense
 from .neighborhood import Neighborhood, NeighborhoodRule
 
-_LAZY = {
-    "Radial": "vidattn.patterns.radial",
-    "PermutedGrid": "vidattn.patterns.grid",
-    "RectifiedSparse": "vidattn.patterns.rectified",
-    "Clustered": "vidattn.patterns.clustered",
-}
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        val = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = val
-        return val
-    raise AttributeError(f"module 'vidattn.patterns' has no attribute {name!r}")
+__getattr__ = lazy_attributes(globals(), {
+    "vidattn.patterns.radial": ("Radial",),
+    "vidattn.patterns.grid": ("PermutedGrid",),
+    "vidattn.patterns.rectified": ("RectifiedSparse",),
+    "vidattn.patterns.clustered": ("Clustered",),
+})
 
 
 __all__ = ["Pattern", "StaticPattern", "Dense", "Neighborhood", "NeighborhoodRule", "Radial", "PermutedGrid",

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from ..layout import TokenLayout
+from ..layout import TokenLayout, tile_major_order
 from ..plan import BlockPlan, TokenRule
 from ..rules import NeighborhoodForm
 from .base import StaticPattern
@@ -298,14 +298,7 @@ class Neighborhood(StaticPattern):
             sizes = torch.tensor([(n - gg + da - 1) // da for gg in range(da)], device=coords.device)
             offsets = torch.cumsum(sizes, 0) - sizes
             regrouped.append(offsets[g] + x // da)
-        c2 = torch.stack(regrouped, -1)
-        num_tiles = [math.ceil(g / t) for g, t in zip(layout.grid, tile)]
-        tile_key = torch.zeros(c2.shape[0], dtype=torch.long, device=coords.device)
-        in_key = torch.zeros_like(tile_key)
-        for a in range(layout.ndim):
-            tile_key = tile_key * num_tiles[a] + c2[:, a] // tile[a]
-            in_key = in_key * tile[a] + c2[:, a] % tile[a]
-        grid_perm = torch.argsort(tile_key * math.prod(tile) + in_key)
+        grid_perm = tile_major_order(torch.stack(regrouped, -1), layout.grid, tile)
         return layout.custom_permutation(grid_perm)
 
     def _candidate_orders(self, layout, block_size):

@@ -62,7 +62,7 @@ from typing import Tuple
 
 import torch
 
-from ..layout import TokenLayout
+from ..layout import TokenLayout, grid_position
 from ..plan import EMPTY, FULL, PARTIAL, BlockPlan, TokenRule, plan_from_block_mask, plan_from_rule
 from .base import StaticPattern
 
@@ -173,12 +173,9 @@ class RadialBlockTableRule(TokenRule):
 
     def __call__(self, h, q_idx, k_idx):
         """Bool tensor of the broadcast shape of ``q_idx``/``k_idx`` (original token indices)."""
-        n = self.num_grid
-        gq, gk = q_idx - self.prefix, k_idx - self.prefix
-        q_in = (gq >= 0) & (gq < n)
-        k_in = (gk >= 0) & (gk < n)
-        tab = self._table(q_idx.device)
-        allowed = tab[gq.clamp(0, n - 1) // self.block_size, gk.clamp(0, n - 1) // self.block_size]
+        gq, q_in = grid_position(q_idx, self.prefix, self.num_grid)
+        gk, k_in = grid_position(k_idx, self.prefix, self.num_grid)
+        allowed = self._table(q_idx.device)[gq // self.block_size, gk // self.block_size]
         return (q_in & k_in & allowed) | ~q_in | ~k_in
 
     def cache_key(self):
@@ -231,11 +228,8 @@ class RadialRule(TokenRule):
     def __call__(self, h, q_idx, k_idx):
         """Bool tensor of the broadcast shape of ``q_idx``/``k_idx`` (original token indices)."""
         tpf, T = self.tokens_per_frame, self.num_frames
-        n = T * tpf
-        gq, gk = q_idx - self.prefix, k_idx - self.prefix
-        q_in = (gq >= 0) & (gq < n)
-        k_in = (gk >= 0) & (gk < n)
-        gq, gk = gq.clamp(0, n - 1), gk.clamp(0, n - 1)
+        gq, q_in = grid_position(q_idx, self.prefix, T * tpf)
+        gk, k_in = grid_position(k_idx, self.prefix, T * tpf)
         fq, fk = gq // tpf, gk // tpf
         d = (fq - fk).abs()
         bl = torch.zeros_like(d)

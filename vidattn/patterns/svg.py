@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..layout import TokenLayout
+from ..layout import TokenLayout, grid_position
 from ..plan import EMPTY, FULL, PARTIAL, BlockPlan, TokenRule, plan_from_block_mask
 from .base import Pattern
 
@@ -90,13 +90,11 @@ class SVGRule(TokenRule):
 
     def __call__(self, h, q_idx, k_idx):
         F, tpf = self.num_frames, self.tokens_per_frame
-        n = F * tpf
-        gq, gk = q_idx - self.prefix, k_idx - self.prefix
-        q_in = (gq >= 0) & (gq < n)
-        k_in = (gk >= 0) & (gk < n)
+        gq, q_in = grid_position(q_idx, self.prefix, F * tpf)
+        gk, k_in = grid_position(k_idx, self.prefix, F * tpf)
         kind = self._kinds(q_idx.device)[torch.as_tensor(h, device=q_idx.device)]
-        pq = _plan_positions(gq.clamp(0, n - 1), kind, F, tpf)
-        pk = _plan_positions(gk.clamp(0, n - 1), kind, F, tpf)
+        pq = _plan_positions(gq, kind, F, tpf)
+        pk = _plan_positions(gk, kind, F, tpf)
         ok = (pk < tpf) | ((pq - pk).abs() <= self.band)
         return (q_in & k_in & ok) | ~q_in | ~k_in
 
