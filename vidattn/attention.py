@@ -160,21 +160,22 @@ def _profiler_range(name: str):
     return torch.profiler.record_function(name)
 
 
-def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
+def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse, precision=None):
     """``be.run`` with the documented non-finite semantics (see :func:`sparse_attention`).
 
     Finite inputs (the normal case: one fused check, one host sync) run unchanged. Otherwise the
     backend runs on inputs with the non-finite entries zeroed, plus one indicator pass (float32)
     whose output is, per row and channel, the softmax weight on non-finite value entries or
     non-finite key tokens; entries with a non-zero weight, and rows of non-finite queries, are set
-    to NaN."""
+    to NaN. ``precision`` (None or e.g. ``"fp8"``) is passed to the main run only when set."""
+    opts = {} if precision is None else dict(precision=precision)
     if _finite_check_off() or bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
-        return be.run(q, k, v, plan, scale=scale, return_lse=return_lse)
+        return be.run(q, k, v, plan, scale=scale, return_lse=return_lse, **opts)
     q_bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, S, H, 1]
     k_bad = ~torch.isfinite(k).all(-1, keepdim=True)  # [B, S, Hk, 1]
     v_bad = ~torch.isfinite(v)  # [B, S, Hk, Dv]
     q0, k0, v0 = q.masked_fill(q_bad, 0), k.masked_fill(k_bad, 0), v.masked_fill(v_bad, 0)
-    res = be.run(q0, k0, v0, plan, scale=scale, return_lse=return_lse)
+    res = be.run(q0, k0, v0, plan, scale=scale, return_lse=return_lse, **opts)
     out, lse = (res if return_lse else (res, None))
     qf, kf = q0.detach().float(), k0.detach().float()
     with torch.no_grad():
@@ -254,7 +255,7 @@ def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
 
 
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
-             return_lse: bool = False):
+             return_lse: bool = False, precision: Optional[str] = None):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
     :func:`sparse_attention`. A backend that cannot run the case is skipped along its fallback
     chain with a one-time warning; an exception inside a backend propagates.
@@ -268,6 +269,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     if backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
     scale = check_scale(scale)
+    precision = _backends.check_precision(precision)
     B, S, H, _ = q.shape
     if plan.seq_len != S:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")
@@ -278,10 +280,10 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     bplan = backend_plan(plan)
     tried: tuple = ()
     while True:
-        be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried)
+        be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried, precision=precision)
         try:
             with _profiler_range("vidattn::run_plan"):
-                res = _run_guarded(be, q, k, v, bplan, scale, return_lse)
+                res = _run_guarded(be, q, k, v, bplan, scale, return_lse, precision)
         except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
             tried += (be.name,)
             _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "
@@ -328,7 +330,8 @@ def plan_for_call(pattern: Pattern, layout: TokenLayout, q: torch.Tensor, k: tor
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
-                     backend: str = "auto", scale: Optional[float] = None, return_lse: bool = False):
+                     backend: str = "auto", scale: Optional[float] = None, return_lse: bool = False,
+                     precision: Optional[str] = None):
     """Sparse attention of ``pattern`` over ``layout``.
 
     Args:
@@ -340,6 +343,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
             :func:`vidattn.backends.register_backend`.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
+        precision: None (compute in the inputs' dtype, fp32 accumulate) or ``"fp8"``: the triton
+            backend's opt-in e4m3 path (per-block Q/K quantisation with K smoothing, FP8 P.V;
+            :mod:`vidattn.kernels.quant_fp8`): forward only, CUDA compute capability >= 8.9,
+            no pooled rectification; no other backend offers it, so a case it cannot run raises
+            ``BackendUnsupported`` with the reason (never a silent bf16 fallback). Output in q's
+            dtype; expect ~2-5% relative L2 error vs exact attention (e4m3 has 3 mantissa bits).
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the lse).
 
@@ -368,7 +377,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
     if backend not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
-    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse:
+    precision = _backends.check_precision(precision)
+    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse and precision is None:
         # under torch.compile a static pattern goes through the vidattn::sparse_attn custom op
         # (the plan is looked up inside it), so the caller's graph has no break
         from .ops import sparse_attention_op
@@ -378,4 +388,4 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     scale = check_scale(scale)
     pattern.validate(layout)
     plan = plan_for_call(pattern, layout, q, k, v, scale=scale)
-    return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)
+    return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse, precision=precision)
