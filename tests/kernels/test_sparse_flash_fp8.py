@@ -300,3 +300,25 @@ def test_capability_refusal(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, why = quant_fp8.fp8_support(torch.device("cpu"))
     assert not ok and "CUDA" in why
+
+
+def test_benchmark_fp8_rows_run_on_cpu(monkeypatch):
+    """benchmarks/attention.py --precision fp8 end to end on a tiny shape under the interpreter
+    (timing stubbed): every row is produced, accuracy rows carry fp8-vs-bf16 numbers."""
+    from benchmarks import attention as bench
+
+    monkeypatch.setattr(bench, "DEVICE", "cpu")
+    monkeypatch.setattr(bench, "SHAPES", {"tiny": (1, 2, (4, 8), 3, 32)})
+    monkeypatch.setattr(bench, "FP8_DENSITIES", (1.0, 0.25))
+    monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
+    records = []
+    args = bench.argparse.Namespace(quick=False, skip_check=True, no_ws=False)
+    bench.run_fp8(args, records.append)
+    names = {r.get("name") for r in records}
+    for want in ("triton-bf16-dense", "triton-fp8-dense", "triton-fp8-blocksparse-d0.25", "accuracy-dense",
+                 "triton-fp8-dense-bn128-w8", "triton-fp8-dense-ws-tma0", "sageattention-dense"):
+        assert want in names, (want, names)
+    rows = {r["name"]: r for r in records if "name" in r}
+    assert "ms" in rows["triton-fp8-dense"] and "ms" in rows["triton-fp8-dense-ws-tma1"], rows
+    acc = rows["accuracy-dense"]["fp8_vs_bf16"]
+    assert acc["rel_l2"] < REL_L2_TOL and acc["cos"] > COS_TOL
