@@ -501,15 +501,17 @@ def run_fp8(args, log):
             fl = plan.block_density * dense_flops
             extra = dict(block_density=round(plan.block_density, 4))
             rb = rec(f"triton-bf16-{tag}", lambda: tri_fn(q, k, v, plan), fl, **extra)
-            prologue = None
-            try:
-                kb, vb = k.transpose(1, 2), v.transpose(1, 2)
-                prologue = round(_bench(lambda: quant_fp8.quantize_fp8_operands(q, kb, vb, plan.perm, plan.block_q,
-                                                                                  plan.block_k)), 3)
-            except Exception as e:  # noqa: BLE001
-                log(dict(shape=label, mode="fp8", name=f"fp8-prologue-{tag}", skipped=repr(e)[:300]))
-            rf = rec(f"triton-fp8-{tag}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl, prologue_ms=prologue,
-                     **extra)
+            prologue = {}
+            kb, vb = k.transpose(1, 2), v.transpose(1, 2)
+            for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
+                try:
+                    prologue[impl] = round(_bench(lambda: quant_fp8.quantize_fp8_operands(
+                        q, kb, vb, plan.perm, plan.block_q, plan.block_k, impl=impl)), 3)
+                except Exception as e:  # noqa: BLE001
+                    log(dict(shape=label, mode="fp8", name=f"fp8-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
+            rf = rec(f"triton-fp8-{tag}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
+                     prologue_ms=prologue.get("triton"), prologue_torch_ms=prologue.get("torch"), **extra)
+            prologue = prologue.get("triton")
             if "ms" in rf and "ms" in rb:
                 rf["speedup_vs_bf16"] = round(rb["ms"] / rf["ms"], 3)
                 if prologue is not None and rf["ms"] > prologue:

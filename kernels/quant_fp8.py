@@ -17,6 +17,11 @@ quantisation with K smoothing, and an FP8 P.V with per-channel V scales):
   their cast to e4m3, and the accumulator is divided by it (and multiplied by the V channel
   scales) once at the end.
 
+Two implementations with identical results: torch ops (:func:`quantize_q_blocks`,
+:func:`smooth_quantize_k`, :func:`quantize_v_channels`; the reference) and three small Triton
+kernels that read each tensor once more than the reductions need and write e4m3 directly (the
+default where Triton runs; ``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL` selects).
+
 Capability: :func:`fp8_support` (CUDA compute capability >= 8.9, or the CPU interpreter).
 """
 
@@ -27,16 +32,23 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "P_SCALE", "PRECISIONS", "check_precision", "fp8_support", "quantize_q_blocks",
            "smooth_quantize_k", "quantize_v_channels", "FP8Operands", "quantize_fp8_operands", "round_to_e4m3",
-           "lse_smoothing_correction"]
+           "lse_smoothing_correction", "DEFAULT_IMPL"]
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite e4m3fn value
 P_SCALE = 448.0  # softmax numerators p in [0, 1] are cast as p * P_SCALE
 PRECISIONS = (None, "fp8")  # None: compute in the inputs' dtype (fp32 accumulate)
 _TINY = 1e-12  # scale floor for all-zero blocks / channels
+DEFAULT_IMPL = "triton"  # prologue implementation: "triton" (kernels below) or "torch"
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_precision(precision) -> Optional[str]:
@@ -157,6 +169,128 @@ def quantize_v_channels(v: torch.Tensor, pad_to: int = 16):
     return vt8, scale.contiguous()
 
 
+
+# ----------------------------------------------------------------------------- device code
+@triton.jit
+def _round_e4m3(x):
+    """Non-negative fp32 ``x`` (<= 448) rounded to the nearest e4m3 value, as fp32 (normal range:
+    the mantissa rounded to 3 bits, nearest even; subnormals: multiples of 2^-9). Used only under
+    the CPU interpreter, whose fp32 -> e4m3 cast mis-rounds when the mantissa carries into the
+    exponent; a value already on the e4m3 grid converts exactly there. GPUs cast in hardware."""
+    bits = x.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+    sub = tl.floor(x * 512.0 + 0.5) * 0.001953125
+    return tl.where(x < 0.015625, sub, normal)
+
+
+@triton.jit
+def _cast_e4m3(x, EMU_CAST: tl.constexpr):
+    """Saturating fp32 -> e4m3 cast of a tensor already divided by its scale (round to nearest)."""
+    x = tl.minimum(tl.maximum(x, -448.0), 448.0)
+    if EMU_CAST:
+        r = _round_e4m3(tl.abs(x))
+        x = tl.where(x < 0, -r, r)
+    return x.to(tl.float8e4nv)
+
+
+@triton.jit
+def _quant_rows_kernel(X, X8, SCALE, MEAN, PERM, perm_h, S, H, D,
+                       sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
+                       HAS_PERM: tl.constexpr, SMOOTH: tl.constexpr, EMU_CAST: tl.constexpr,
+                       BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (plan block, batch x head) per program: the block's rows (through ``PERM`` when set)
+    minus the head's mean (``SMOOTH``), one fp32 scale ``amax / 448`` for the block, e4m3 rows."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    pos = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (pos < S)[:, None] & (offs_d < D)[None, :]
+    if HAS_PERM:
+        tok = tl.load(PERM + h * perm_h + pos, mask=pos < S, other=0)
+    else:
+        tok = pos
+    x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + tok[:, None].to(tl.int64) * sx_s + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    if SMOOTH:
+        mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
+        x = tl.where(ok, x - mean[None, :], 0.0)
+    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) / 448.0, 1e-12)
+    tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
+    x8 = _cast_e4m3(x / scale, EMU_CAST)
+    tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + tok[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
+
+
+@triton.jit
+def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    EMU_CAST: tl.constexpr):
+    """One (token tile, batch x head) per program: V rows divided by the channel scales, stored
+    transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S .. S_PAD written as 0)."""
+    tt = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
+                mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    sc = tl.load(VSC + bh * D + offs_d, mask=d_ok, other=1.0)
+    x8 = tl.trans(_cast_e4m3(x / sc[None, :], EMU_CAST))  # [BLOCK_D, BLOCK_T]
+    dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + t[None, :]
+    tl.store(dst, x8, mask=d_ok[:, None] & (t < S_PAD)[None, :])
+
+
+def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, perm, block, mean=None):
+    """Launch :func:`_quant_rows_kernel` over ``x`` of sizes ``(B, H, S, D)`` with (batch, head,
+    token) strides ``bhs_strides`` into ``out`` (strides ``out_strides``); returns the fp32
+    scales ``[B, H, ceil(S / block)]``."""
+    B, H, S, D = sizes
+    nb = -(-S // block)
+    scale = torch.empty(B, H, nb, dtype=torch.float32, device=out.device)
+    perm_t = perm.to(device=out.device, dtype=torch.int32).contiguous() if perm is not None else scale
+    perm_h = 0 if perm is None or perm.shape[0] == 1 else perm_t.stride(0)
+    mean_t = mean if mean is not None else scale
+    mn_b, mn_h = (mean.stride(0), mean.stride(1)) if mean is not None else (0, 0)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    _quant_rows_kernel[(nb, B * H)](
+        x, out, scale, mean_t, perm_t, perm_h, S, H, D, *bhs_strides, *out_strides, scale.stride(0), scale.stride(1),
+        mn_b, mn_h, HAS_PERM=perm is not None, SMOOTH=mean is not None, EMU_CAST=_interpreting(), BLOCK=block,
+        BLOCK_D=BLOCK_D, num_warps=8 if block * BLOCK_D >= 128 * 128 else 4)
+    return scale
+
+
+def _quantize_q_triton(q, perm, block_q):
+    B, S, H, D = q.shape
+    q8 = torch.empty(B, S, H, D, dtype=FP8_DTYPE, device=q.device)
+    qs = _quant_rows_triton(q, (q.stride(0), q.stride(2), q.stride(1)), (B, H, S, D), q8,
+                            (q8.stride(0), q8.stride(2), q8.stride(1)), perm, block_q)
+    return q8, qs
+
+
+def _smooth_quantize_k_triton(k, block_k):
+    B, Hk, S, D = k.shape
+    mean = k.float().mean(2)  # [B, Hk, D]
+    k8 = torch.empty(B, Hk, S, D, dtype=FP8_DTYPE, device=k.device)
+    ks = _quant_rows_triton(k, (k.stride(0), k.stride(1), k.stride(2)), (B, Hk, S, D), k8,
+                            (k8.stride(0), k8.stride(1), k8.stride(2)), None, block_k, mean=mean)
+    return k8, ks, mean
+
+
+def _quantize_v_triton(v, pad_to=16):
+    B, Hk, S, D = v.shape
+    scale = (v.abs().amax(2).float() / FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
+    s_pad = -(-S // pad_to) * pad_to
+    vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_T = 64 if BLOCK_D <= 128 else 32
+    _quant_v_kernel[(triton.cdiv(s_pad, BLOCK_T), B * Hk)](
+        v, vt8, scale, S, s_pad, Hk, D, v.stride(0), v.stride(1), v.stride(2), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
+        EMU_CAST=_interpreting(), num_warps=4)
+    return vt8, scale
+
+
 @dataclass
 class FP8Operands:
     """What the kernel's FP8 variant reads (shapes as in the functions above)."""
@@ -171,15 +305,27 @@ class FP8Operands:
 
 
 def quantize_fp8_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: torch.Tensor, perm: Optional[torch.Tensor],
-                          block_q: int, block_k: int) -> FP8Operands:
-    """The whole prologue: ``q [B, S, H, D]`` (original order), ``k_plan, v_plan [B, Hk, S, D]``
-    (plan key order, any strides), the plan's query ``perm`` ``[Hp, S]`` or None and block sizes."""
+                          block_q: int, block_k: int, impl: Optional[str] = None) -> FP8Operands:
+    """The whole prologue: ``q [B, S, H, D]`` (original order, unit last stride), ``k_plan,
+    v_plan [B, Hk, S, D]`` (plan key order, any strides with a unit last one), the plan's query
+    ``perm`` ``[Hp, S]`` or None and block sizes. ``impl``: ``"triton"`` / ``"torch"`` (default:
+    ``VIDATTN_FP8_PROLOGUE`` or :data:`DEFAULT_IMPL`; torch where Triton cannot run)."""
     if FP8_DTYPE is None:
         raise TypeError(f"torch {torch.__version__} has no float8_e4m3fn")
+    impl = impl or os.environ.get("VIDATTN_FP8_PROLOGUE") or DEFAULT_IMPL
+    if impl not in ("triton", "torch"):
+        raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+    if q.device.type != "cuda" and not _interpreting():
+        impl = "torch"
     with torch.no_grad():
-        q8, qs = quantize_q_blocks(q, perm, block_q)
-        k8, ks, km = smooth_quantize_k(k_plan, block_k)
-        vt8, vs = quantize_v_channels(v_plan)
+        if impl == "triton":
+            q8, qs = _quantize_q_triton(q, perm, block_q)
+            k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k)
+            vt8, vs = _quantize_v_triton(v_plan)
+        else:
+            q8, qs = quantize_q_blocks(q, perm, block_q)
+            k8, ks, km = smooth_quantize_k(k_plan, block_k)
+            vt8, vs = quantize_v_channels(v_plan)
     return FP8Operands(q8, qs, k8, ks, km, vt8, vs)
 
 

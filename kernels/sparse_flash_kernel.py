@@ -28,6 +28,8 @@ from enum import IntEnum
 import triton
 import triton.language as tl
 
+from .quant_fp8 import _round_e4m3
+
 __all__ = ["RuleMode", "LOG2E", "_sparse_flash_fwd"]
 
 LOG2E = 1.4426950408889634
@@ -115,18 +117,6 @@ def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, vt_row0, col0, off
                 kt = tl.load(kt_ptrs, mask=(offs_d < D)[:, None], other=0.0)
                 v = tl.load(v_ptrs, mask=(offs_d < D)[None, :], other=0.0)
     return kt, v
-
-
-@triton.jit
-def _round_e4m3(x):
-    """Non-negative fp32 ``x`` (<= 448) rounded to the nearest e4m3 value, as fp32 (normal range:
-    the mantissa rounded to 3 bits, nearest even; subnormals: multiples of 2^-9). Used only under
-    the CPU interpreter, whose fp32 -> e4m3 cast mis-rounds when the mantissa carries into the
-    exponent; a value already on the e4m3 grid converts exactly there. GPUs cast in hardware."""
-    bits = x.to(tl.int32, bitcast=True)
-    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-    sub = tl.floor(x * 512.0 + 0.5) * 0.001953125
-    return tl.where(x < 0.015625, sub, normal)
 
 
 @triton.jit

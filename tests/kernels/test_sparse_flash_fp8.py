@@ -71,7 +71,7 @@ def _check(q, k, v, plan, scale=None, rel_tol=REL_L2_TOL):
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from vidattn.kernels.sparse_flash_kernel import _round_e4m3  # noqa: E402
+from vidattn.kernels.quant_fp8 import _round_e4m3  # noqa: E402
 
 
 @triton.jit
@@ -241,6 +241,7 @@ def test_a_broken_smoothing_or_scale_fails_the_tolerance(monkeypatch, broken):
     v = v * torch.logspace(-1, 1, 32).to(v.dtype)  # channels of distinct scale
     _check(q, k, v, plan)  # intact
     name, wrap = BROKEN[broken]
+    monkeypatch.setattr(quant_fp8, "DEFAULT_IMPL", "torch")  # the torch prologue (equal to the Triton one, tested below)
     monkeypatch.setattr(quant_fp8, name, wrap(getattr(quant_fp8, name)))
     with pytest.raises(AssertionError):
         _check(q, k, v, plan)
@@ -322,3 +323,23 @@ def test_benchmark_fp8_rows_run_on_cpu(monkeypatch):
     assert "ms" in rows["triton-fp8-dense"] and "ms" in rows["triton-fp8-dense-ws-tma1"], rows
     acc = rows["accuracy-dense"]["fp8_vs_bf16"]
     assert acc["rel_l2"] < REL_L2_TOL and acc["cos"] > COS_TOL
+
+
+@pytest.mark.parametrize("perm_heads", [0, 1, 3])
+def test_triton_prologue_equals_torch_prologue(perm_heads):
+    """The Triton quantisation kernels give bit-identical e4m3 tensors and scales to the torch
+    reference (plan permutation shared or per head, ragged blocks, D not a power of two,
+    non-contiguous inputs)."""
+    B, S, H, Hk, D = 2, 45, 3, 3, 24
+    g = torch.Generator().manual_seed(12)
+    qkv = torch.randn(B, S, 3, H, D, generator=g).to(torch.bfloat16) * 3
+    q = qkv[:, :, 0]
+    k = (qkv[:, :, 1] + 4 * torch.randn(D, generator=g)).transpose(1, 2)  # [B, Hk, S, D] view
+    v = qkv[:, :, 2].transpose(1, 2)
+    perm = None if perm_heads == 0 else torch.stack([torch.randperm(S, generator=g) for _ in range(perm_heads)])
+    a = quant_fp8.quantize_fp8_operands(q, k, v, perm, 16, 32, impl="triton")
+    b = quant_fp8.quantize_fp8_operands(q, k, v, perm, 16, 32, impl="torch")
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert x.dtype == y.dtype and x.shape == y.shape, f.name
+        assert torch.equal(x.float(), y.float()), f.name
