@@ -419,19 +419,45 @@ def fp8_check(log):
     return worst
 
 
+FP8_VARIANTS = ((64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 8, 2))  # (BLOCK_N, warps, stages)
+
+
+def _fp8_inputs(label):
+    B, H, grid, text, D = SHAPES[label]
+    import vidattn
+
+    layout = vidattn.TokenLayout(grid, suffix=text)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, layout.seq_len, H, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    return layout, q, k, v
+
+
+def _fp8_plans(layout, H):
+    import vidattn
+
+    for dens in FP8_DENSITIES:
+        if dens == 1.0:
+            yield "dense", vidattn.Dense().plan(layout, device=DEVICE)
+        else:
+            yield f"blocksparse-d{dens}", _random_block_plan(layout.seq_len, H, dens, 128)
+
+
 def run_fp8(args, log):
     """``--precision fp8``: the FP8 (e4m3) path of vidattn's Triton kernel next to its bf16 path and
     SageAttention, on the dense plan and random block-sparse plans (densities 0.5-0.0625, 128-token
     blocks), Wan and HunyuanVideo shapes, bf16 inputs.
 
-    Rows (``mode="fp8"``): ``triton-bf16-*`` / ``triton-fp8-*`` (fp8 time includes the quantisation
-    prologue; ``prologue_ms`` is timed alone), ``sageattention-dense``, fp8 launch variants
-    (BLOCK_N / warps) on the dense plan, and Triton's automatic warp specialisation
-    (``VIDATTN_WARP_SPECIALIZE=1``, with and without TMA) for bf16 and fp8. Accuracy on the same
-    inputs: on the dense plan fp8, bf16 and SageAttention vs an fp32 SDPA reference and fp8 vs
-    SageAttention; on every plan fp8 vs the bf16 kernel. Effective TFLOP/s = computed blocks'
-    FLOPs (4 B H D x block tokens) / time, dense-equivalent on the dense plan."""
-    import vidattn
+    Rows (``mode="fp8"``), in this order: per shape ``sdpa-cudnn-dense``, ``sageattention-dense``,
+    and per plan ``triton-bf16-*`` / ``triton-fp8-*`` (fp8 time includes the quantisation prologue;
+    ``prologue_ms`` / ``prologue_torch_ms`` time the Triton / torch prologue alone) and
+    ``accuracy-*``; then, on the Wan shape's dense and d0.25 plans, fp8 launch variants
+    (``-bn{BLOCK_N}-w{warps}-s{stages}``) and, last (a miscompile there cannot cost the other
+    rows), Triton's automatic warp specialisation (``VIDATTN_WARP_SPECIALIZE=1``, with and without
+    TMA: ``-ws-tma1`` / ``-ws-tma0``) for bf16 and fp8. Accuracy on the same inputs: on the dense
+    plan fp8, bf16 and SageAttention vs an fp32 SDPA reference and fp8 vs SageAttention; on every
+    plan fp8 vs the bf16 kernel. Effective TFLOP/s = computed blocks' FLOPs (4 B H D x block
+    tokens) / time, dense-equivalent on the dense plan."""
     from vidattn.kernels import quant_fp8
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
     from vidattn.kernels.sparse_flash import last_launch
@@ -447,29 +473,26 @@ def run_fp8(args, log):
         return
     if not args.skip_check:
         log(dict(check="fp8_worst_rel_err", value=fp8_check(log)))
-    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k.startswith("wan")}
-    for label, (B, H, grid, text, D) in shapes.items():
-        layout = vidattn.TokenLayout(grid, suffix=text)
-        S = layout.seq_len
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        q, k, v = (torch.randn(B, S, H, D, device=DEVICE, dtype=torch.bfloat16, generator=g) for _ in range(3))
+
+    def rec(label, name, fn, flops, **extra):
+        try:
+            ms = _bench(fn)
+            r = dict(shape=label, mode="fp8", name=name, ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                     **extra)
+            if name.startswith("triton"):
+                r["regs_spills"] = last_launch.get("regs_spills")
+        except Exception as e:  # noqa: BLE001 - a row that does not run is a skip with its reason
+            r = dict(shape=label, mode="fp8", name=name, skipped=repr(e)[:300], **extra)
+        log(r)
+        return r
+
+    shapes = [k for k in SHAPES if not args.quick or k.startswith("wan")]
+    for label in shapes:
+        layout, q, k, v = _fp8_inputs(label)
+        B, S, H, D = q.shape
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         dense_flops = 4 * B * H * S * S * D
-
-        def rec(name, fn, flops, **extra):
-            try:
-                ms = _bench(fn)
-                r = dict(shape=label, mode="fp8", name=name, ms=round(ms, 3),
-                         tflops=round(flops / (ms * 1e-3) / 1e12, 1), **extra)
-                if name.startswith("triton"):
-                    r["regs_spills"] = last_launch.get("regs_spills")
-            except Exception as e:  # noqa: BLE001 - a row that does not run is a skip with its reason
-                r = dict(shape=label, mode="fp8", name=name, skipped=repr(e)[:300], **extra)
-            log(r)
-            return r
-
-        # accuracy reference on the dense plan: fp32 SDPA (memory-efficient kernel, O(S) memory)
-        ref = None
+        ref = None  # accuracy reference on the dense plan: fp32 SDPA (memory-efficient kernel, O(S) memory)
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -481,7 +504,7 @@ def run_fp8(args, log):
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                rec("sdpa-cudnn-dense", lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh),
+                rec(label, "sdpa-cudnn-dense", lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh),
                     dense_flops)
         except Exception as e:  # noqa: BLE001
             log(dict(shape=label, mode="fp8", name="sdpa-cudnn-dense", skipped=repr(e)[:300]))
@@ -489,18 +512,16 @@ def run_fp8(args, log):
         if sageattn is None:
             log(dict(shape=label, mode="fp8", name="sageattention-dense", skipped=sage_err))
         else:
-            rec("sageattention-dense", lambda: sageattn(qh, kh, vh, tensor_layout="HND", is_causal=False),
+            rec(label, "sageattention-dense", lambda: sageattn(qh, kh, vh, tensor_layout="HND", is_causal=False),
                 dense_flops)
             try:
                 sage_out = sageattn(qh, kh, vh, tensor_layout="HND", is_causal=False)
             except Exception as e:  # noqa: BLE001
                 log(dict(shape=label, mode="fp8", name="sageattention-accuracy", skipped=repr(e)[:300]))
-        for dens in FP8_DENSITIES:
-            plan = vidattn.Dense().plan(layout, device=DEVICE) if dens == 1.0 else _random_block_plan(S, H, dens, 128)
-            tag = "dense" if dens == 1.0 else f"blocksparse-d{dens}"
+        for tag, plan in _fp8_plans(layout, H):
             fl = plan.block_density * dense_flops
             extra = dict(block_density=round(plan.block_density, 4))
-            rb = rec(f"triton-bf16-{tag}", lambda: tri_fn(q, k, v, plan), fl, **extra)
+            rb = rec(label, f"triton-bf16-{tag}", lambda: tri_fn(q, k, v, plan), fl, **extra)
             prologue = {}
             kb, vb = k.transpose(1, 2), v.transpose(1, 2)
             for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
@@ -509,19 +530,18 @@ def run_fp8(args, log):
                         q, kb, vb, plan.perm, plan.block_q, plan.block_k, impl=impl)), 3)
                 except Exception as e:  # noqa: BLE001
                     log(dict(shape=label, mode="fp8", name=f"fp8-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
-            rf = rec(f"triton-fp8-{tag}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
+            rf = rec(label, f"triton-fp8-{tag}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
                      prologue_ms=prologue.get("triton"), prologue_torch_ms=prologue.get("torch"), **extra)
-            prologue = prologue.get("triton")
             if "ms" in rf and "ms" in rb:
                 rf["speedup_vs_bf16"] = round(rb["ms"] / rf["ms"], 3)
-                if prologue is not None and rf["ms"] > prologue:
-                    rf["kernel_tflops_est"] = round(fl / ((rf["ms"] - prologue) * 1e-3) / 1e12, 1)
-            # accuracy on the same inputs
-            try:
+                p_ms = prologue.get("triton")
+                if p_ms is not None and rf["ms"] > p_ms:
+                    rf["kernel_tflops_est"] = round(fl / ((rf["ms"] - p_ms) * 1e-3) / 1e12, 1)
+            try:  # accuracy on the same inputs
                 ob = tri_fn(q, k, v, plan)
                 o8 = tri_fn(q, k, v, plan, precision="fp8")
                 acc = dict(shape=label, mode="fp8", name=f"accuracy-{tag}", fp8_vs_bf16=_err(o8, ob))
-                if dens == 1.0:
+                if tag == "dense":
                     o8h, obh = o8.transpose(1, 2), ob.transpose(1, 2)
                     if ref is not None:
                         acc.update(fp8_vs_fp32=_err(o8h, ref), bf16_vs_fp32=_err(obh, ref))
@@ -533,21 +553,34 @@ def run_fp8(args, log):
                 del ob, o8
             except Exception as e:  # noqa: BLE001
                 log(dict(shape=label, mode="fp8", name=f"accuracy-{tag}", skipped=repr(e)[:300]))
-            # launch variants of the fp8 path (dense plan and density 0.25 only)
-            if dens in (1.0, 0.25):
-                for bn, warps in ((128, 4), (128, 8), (64, 8)):
-                    with _env(VIDATTN_TRITON_BLOCK_N=bn, VIDATTN_TRITON_WARPS=warps):
-                        rec(f"triton-fp8-{tag}-bn{bn}-w{warps}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
-                            **extra)
-            if dens in (1.0, 0.25) and not args.no_ws:
-                for tma in ("1", "0"):
-                    with _env(VIDATTN_WARP_SPECIALIZE=1, VIDATTN_TRITON_TMA=tma):
-                        rec(f"triton-bf16-{tag}-ws-tma{tma}", lambda: tri_fn(q, k, v, plan), fl, **extra)
-                        rec(f"triton-fp8-{tag}-ws-tma{tma}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
-                            **extra)
         del q, k, v, qh, kh, vh, ref, sage_out
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
+
+    # launch variants of the fp8 path, then warp specialisation (last), on the first shape
+    label = shapes[0]
+    layout, q, k, v = _fp8_inputs(label)
+    B, S, H, D = q.shape
+    for tag, plan in _fp8_plans(layout, H):
+        if tag not in ("dense", "blocksparse-d0.25"):
+            continue
+        fl = plan.block_density * 4 * B * H * S * S * D
+        extra = dict(block_density=round(plan.block_density, 4))
+        for bn, warps, stages in FP8_VARIANTS:
+            with _env(VIDATTN_TRITON_BLOCK_N=bn, VIDATTN_TRITON_WARPS=warps, VIDATTN_TRITON_STAGES=stages):
+                rec(label, f"triton-fp8-{tag}-bn{bn}-w{warps}-s{stages}",
+                    lambda: tri_fn(q, k, v, plan, precision="fp8"), fl, **extra)
+    if not args.no_ws:
+        for tag, plan in _fp8_plans(layout, H):
+            if tag not in ("dense", "blocksparse-d0.25"):
+                continue
+            fl = plan.block_density * 4 * B * H * S * S * D
+            extra = dict(block_density=round(plan.block_density, 4))
+            for tma in ("1", "0"):
+                with _env(VIDATTN_WARP_SPECIALIZE=1, VIDATTN_TRITON_TMA=tma):
+                    rec(label, f"triton-bf16-{tag}-ws-tma{tma}", lambda: tri_fn(q, k, v, plan), fl, **extra)
+                    rec(label, f"triton-fp8-{tag}-ws-tma{tma}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
+                        **extra)
 
 
 def main(argv=None) -> int:
@@ -576,6 +609,9 @@ def main(argv=None) -> int:
     def log(r):
         records.append(r)
         print(json.dumps(r), flush=True)
+        if args.json:  # rewritten after every record: a crash or a time-out keeps what ran
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
 
     log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__))
     if args.precision == "fp8":

@@ -317,7 +317,7 @@ def test_benchmark_fp8_rows_run_on_cpu(monkeypatch):
     bench.run_fp8(args, records.append)
     names = {r.get("name") for r in records}
     for want in ("triton-bf16-dense", "triton-fp8-dense", "triton-fp8-blocksparse-d0.25", "accuracy-dense",
-                 "triton-fp8-dense-bn128-w8", "triton-fp8-dense-ws-tma0", "sageattention-dense"):
+                 "triton-fp8-dense-bn128-w8-s3", "triton-fp8-dense-ws-tma0", "sageattention-dense"):
         assert want in names, (want, names)
     rows = {r["name"]: r for r in records if "name" in r}
     assert "ms" in rows["triton-fp8-dense"] and "ms" in rows["triton-fp8-dense-ws-tma1"], rows
