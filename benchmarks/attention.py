@@ -576,10 +576,11 @@ def run_fp8(args, log):
                 continue
             fl = plan.block_density * 4 * B * H * S * S * D
             extra = dict(block_density=round(plan.block_density, 4))
-            for tma in ("1", "0"):
-                with _env(VIDATTN_WARP_SPECIALIZE=1, VIDATTN_TRITON_TMA=tma):
-                    rec(label, f"triton-bf16-{tag}-ws-tma{tma}", lambda: tri_fn(q, k, v, plan), fl, **extra)
-                    rec(label, f"triton-fp8-{tag}-ws-tma{tma}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
+            for tma, warps in (("1", None), ("0", None), ("1", 8)):
+                sfx = f"-ws-tma{tma}" + (f"-w{warps}" if warps else "")
+                with _env(VIDATTN_WARP_SPECIALIZE=1, VIDATTN_TRITON_TMA=tma, VIDATTN_TRITON_WARPS=warps):
+                    rec(label, f"triton-bf16-{tag}{sfx}", lambda: tri_fn(q, k, v, plan), fl, **extra)
+                    rec(label, f"triton-fp8-{tag}{sfx}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
                         **extra)
 
 

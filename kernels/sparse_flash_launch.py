@@ -331,6 +331,11 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         except CompilationError as e:  # e.g. an older Triton without a language feature used here
             raise TritonUnsupported(f"kernel does not compile with triton {triton.__version__}: "
                                     f"{str(e).splitlines()[0][:200]}") from e
+        except RuntimeError as e:  # an MLIR pass failure of the opt-in warp specialisation
+            if not cfg["warp_specialize"]:
+                raise
+            raise TritonUnsupported(f"VIDATTN_WARP_SPECIALIZE=1 does not compile with triton {triton.__version__} "
+                                    f"({cfg['num_warps']} warps): {str(e).splitlines()[0][:200]}") from e
     else:
         raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
     if fp8 and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
