@@ -17,6 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
 import vidattn  # noqa: E402
 from vidattn import Neighborhood, TokenLayout  # noqa: E402
@@ -207,6 +208,22 @@ def _roll(res, i):
     res = list(res)
     res[i] = res[i].roll(1, -1)
     return tuple(res)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(grid=st.tuples(st.integers(3, 6), st.integers(4, 9)), kern=st.tuples(st.integers(1, 3), st.integers(1, 4)),
+       dil=st.sampled_from([(1, 1), (1, 2)]), causal=st.sampled_from([(False, False), (True, False)]),
+       text=st.integers(0, 3), heads=st.sampled_from([(2, 2), (2, 1)]), block=st.sampled_from([16, 32]),
+       tiled=st.booleans(), seed=st.integers(0, 3))
+def test_fp8_neighborhood_sweep(grid, kern, dil, causal, text, heads, block, tiled, seed):
+    """fp8 on drawn 2-D neighborhoods: causal axes, dilation, text tokens (dense non-grid policy),
+    GQA, 16/32 blocks, with and without a tiled token order."""
+    kern = tuple(min(k, g // d) for k, g, d in zip(kern, grid, dil))
+    tile = (2, 4) if tiled and block == 16 else None
+    layout = TokenLayout(grid, suffix=text)
+    plan = Neighborhood(kernel_size=kern, dilation=dil, is_causal=causal, block_size=block, tile_shape=tile).plan(layout)
+    q, k, v = _qkv(1, layout.seq_len, heads[0], heads[1], 32, seed=seed, k_offset=2.0)
+    _check(q, k, v, plan)
 
 
 BROKEN = {  # name -> (quant_fp8 function replaced, replacement built from the original)
