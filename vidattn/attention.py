@@ -160,22 +160,21 @@ def _profiler_range(name: str):
     return torch.profiler.record_function(name)
 
 
-def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse, precision=None):
+def _run_guarded(be, q, k, v, plan: BlockPlan, scale, return_lse):
     """``be.run`` with the documented non-finite semantics (see :func:`sparse_attention`).
 
     Finite inputs (the normal case: one fused check, one host sync) run unchanged. Otherwise the
     backend runs on inputs with the non-finite entries zeroed, plus one indicator pass (float32)
     whose output is, per row and channel, the softmax weight on non-finite value entries or
     non-finite key tokens; entries with a non-zero weight, and rows of non-finite queries, are set
-    to NaN. ``precision`` (None or e.g. ``"fp8"``) is passed to the main run only when set."""
-    opts = {} if precision is None else dict(precision=precision)
+    to NaN."""
     if _finite_check_off() or bool(torch.isfinite(q).all() & torch.isfinite(k).all() & torch.isfinite(v).all()):
-        return be.run(q, k, v, plan, scale=scale, return_lse=return_lse, **opts)
+        return be.run(q, k, v, plan, scale=scale, return_lse=return_lse)
     q_bad = ~torch.isfinite(q).all(-1, keepdim=True)  # [B, S, H, 1]
     k_bad = ~torch.isfinite(k).all(-1, keepdim=True)  # [B, S, Hk, 1]
     v_bad = ~torch.isfinite(v)  # [B, S, Hk, Dv]
     q0, k0, v0 = q.masked_fill(q_bad, 0), k.masked_fill(k_bad, 0), v.masked_fill(v_bad, 0)
-    res = be.run(q0, k0, v0, plan, scale=scale, return_lse=return_lse, **opts)
+    res = be.run(q0, k0, v0, plan, scale=scale, return_lse=return_lse)
     out, lse = (res if return_lse else (res, None))
     qf, kf = q0.detach().float(), k0.detach().float()
     with torch.no_grad():
@@ -283,7 +282,9 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
         be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried, precision=precision)
         try:
             with _profiler_range("vidattn::run_plan"):
-                res = _run_guarded(be, q, k, v, bplan, scale, return_lse, precision)
+                # a precision other than None binds into the backend's run (the non-finite
+                # indicator passes then run in that precision too, consistent with its output)
+                res = _run_guarded(_backends.with_precision(be, precision), q, k, v, bplan, scale, return_lse)
         except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
             tried += (be.name,)
             _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "

@@ -23,9 +23,10 @@ fused kernel, forward only). Register more with :func:`register_backend`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -34,7 +35,7 @@ from .errors import BackendUnsupported
 from .plan import BlockPlan
 
 __all__ = ["Backend", "ran", "register_backend", "get_backend", "backend_names", "choose_backend", "AUTO_ORDER",
-           "grad_required", "precision_names", "check_precision"]
+           "grad_required", "precision_names", "check_precision", "with_precision"]
 
 log = logging.getLogger("vidattn")
 
@@ -119,6 +120,13 @@ def check_precision(precision) -> Optional[str]:
     if precision not in names:
         raise ValueError(f"precision must be one of {names} (None: the inputs' dtype), got {precision!r}")
     return precision
+
+
+def with_precision(be: Backend, precision: Optional[str]) -> Backend:
+    """``be`` itself for precision None, else a copy whose ``run`` passes ``precision=precision``."""
+    if precision is None:
+        return be
+    return replace(be, run=functools.partial(be.run, precision=precision))
 
 
 def grad_required(q, k, v) -> bool:

@@ -360,3 +360,18 @@ def test_triton_prologue_equals_torch_prologue(perm_heads):
         x, y = getattr(a, f.name), getattr(b, f.name)
         assert x.dtype == y.dtype and x.shape == y.shape, f.name
         assert torch.equal(x.float(), y.float()), f.name
+
+
+def test_non_finite_values_propagate_through_the_fp8_path():
+    """The dispatcher's non-finite semantics hold with precision='fp8' (its indicator passes run
+    in fp8 too): a NaN value entry makes exactly that channel NaN in the rows that attend to it."""
+    layout = TokenLayout((4, 6))
+    pat = Neighborhood(kernel_size=3, block_size=16)
+    q, k, v = _qkv(1, layout.seq_len, 2, 2, 16, seed=13)
+    v[0, 7, 1, 5] = float("nan")
+    out = vidattn.sparse_attention(q, k, v, pat, layout, backend="triton", precision="fp8")
+    ref = vidattn.sparse_attention(q.double(), k.double(), v.double(), pat, layout, backend="reference")
+    assert torch.equal(out.isnan(), ref.isnan()) and ref.isnan().any()
+    fin = ~ref.isnan()
+    rel, cos = _errors(out[fin], ref[fin])
+    assert rel <= REL_L2_TOL and cos >= COS_TOL
