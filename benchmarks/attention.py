@@ -487,7 +487,8 @@ def run_fp8(args, log):
         return r
 
     shapes = [k for k in SHAPES if not args.quick or k.startswith("wan")]
-    for label in shapes:
+    part = getattr(args, "fp8_part", "all")
+    for label in shapes if part in ("all", "main") else ():
         layout, q, k, v = _fp8_inputs(label)
         B, S, H, D = q.shape
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -558,6 +559,8 @@ def run_fp8(args, log):
             torch.cuda.empty_cache()
 
     # launch variants of the fp8 path, then warp specialisation (last), on the first shape
+    if part == "main":
+        return
     label = shapes[0]
     layout, q, k, v = _fp8_inputs(label)
     B, S, H, D = q.shape
@@ -599,6 +602,9 @@ def main(argv=None) -> int:
                    help="fp8: the kernel's FP8 (e4m3) path next to bf16 and SageAttention (times, TFLOP/s, relative "
                         "L2 / cosine on the same inputs), launch variants and warp-specialisation rows")
     p.add_argument("--no-ws", action="store_true", help="with --precision fp8: skip the warp-specialisation rows")
+    p.add_argument("--fp8-part", choices=("all", "main", "tune"), default="all",
+                   help="with --precision fp8: main = fp8/bf16/SageAttention rows of every shape; tune = launch "
+                        "variants and warp specialisation on the Wan shape; all = both (one call may need > 10 min)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("vidattn bench attention needs a CUDA GPU", file=sys.stderr)

@@ -330,7 +330,7 @@ def test_benchmark_fp8_rows_run_on_cpu(monkeypatch):
     monkeypatch.setattr(bench, "FP8_DENSITIES", (1.0, 0.25))
     monkeypatch.setattr(bench, "_bench", lambda fn: (fn(), 1.0)[1])
     records = []
-    args = bench.argparse.Namespace(quick=False, skip_check=True, no_ws=False)
+    args = bench.argparse.Namespace(quick=False, skip_check=True, no_ws=False, fp8_part="all")
     bench.run_fp8(args, records.append)
     names = {r.get("name") for r in records}
     for want in ("triton-bf16-dense", "triton-fp8-dense", "triton-fp8-blocksparse-d0.25", "accuracy-dense",
