@@ -4,6 +4,7 @@ layout), xformers (if it loads) and vidattn's Triton kernel, on production video
     python benchmarks/attention.py [--json out.json] [--quick]
     python benchmarks/attention.py --backward [--json out.json]   # forward+backward, peak memory
     python benchmarks/attention.py --peers [--json out.json]      # FA4 / flex FLASH / SageAttention
+    python benchmarks/attention.py --precision fp8 [--json out.json]  # FP8 path vs bf16 / SageAttention
     vidattn bench attention [...]
 
 Effective TFLOP/s = 4 * B * H * D * (computed key blocks * block tokens per query block) / time,
@@ -29,6 +30,9 @@ SHAPES = {
 }
 
 
+DEVICE = "cuda"  # the benchmark's device (the CPU smoke test of --precision fp8 sets "cpu" under the interpreter)
+
+
 def _bench(fn):
     import triton
 
@@ -42,9 +46,9 @@ def _random_block_plan(S, heads, density, block, seed=0):
 
     nb = math.ceil(S / block)
     kcnt = max(1, int(round(density * nb)))
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    idx = torch.argsort(torch.rand(1, heads, nb, nb, device="cuda", generator=g), dim=-1)[..., :kcnt]
-    cls = torch.zeros(1, heads, nb, nb, dtype=torch.int8, device="cuda")
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    idx = torch.argsort(torch.rand(1, heads, nb, nb, device=DEVICE, generator=g), dim=-1)[..., :kcnt]
+    cls = torch.zeros(1, heads, nb, nb, dtype=torch.int8, device=DEVICE)
     cls.scatter_(-1, idx, FULL)
     return plan_from_block_mask(cls, seq_len=S, block_q=block, block_k=block, rule=None, token_density=kcnt / nb,
                                 meta=dict(pattern=f"random-{density}"))
@@ -348,6 +352,241 @@ def run_peers(args, log):
         rec(f"triton-d{dens}", lambda: tri_fn(q, k, v, plan), fl, **extra)
 
 
+FP8_DENSITIES = (1.0, 0.5, 0.25, 0.125, 0.0625)  # 1.0: the dense plan
+
+
+class _env:
+    """Set environment variables for a block (None: unset), restoring them after."""
+
+    def __init__(self, **kv):
+        self.kv, self.old = kv, {}
+
+    def __enter__(self):
+        for k, v in self.kv.items():
+            self.old[k] = os.environ.get(k)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = str(v)
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _err(out, ref):
+    """(relative L2, cosine) of ``out`` against ``ref`` (same shape), computed in float64 chunks."""
+    o, r = out.reshape(-1), ref.reshape(-1)
+    num = den = dot = oo = 0.0
+    for i in range(0, o.numel(), 1 << 26):
+        a, b = o[i:i + (1 << 26)].double(), r[i:i + (1 << 26)].double()
+        num += float(((a - b) ** 2).sum())
+        den += float((b * b).sum())
+        dot += float((a * b).sum())
+        oo += float((a * a).sum())
+    return dict(rel_l2=round(math.sqrt(num / den), 5), cos=round(dot / math.sqrt(den * oo), 6))
+
+
+def fp8_check(log):
+    """fp8 kernel vs the reference backend on small CUDA cases (every plan kind)."""
+    import vidattn
+    from vidattn.kernels.reference import block_sparse_attention_reference as ref_fn
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
+
+    cases = [
+        (vidattn.TokenLayout((6, 10, 12), suffix=7), vidattn.Neighborhood(kernel_size=(3, 5, 5), dilation=(1, 2, 1))),
+        (vidattn.TokenLayout((8, 16, 16)), vidattn.Neighborhood(kernel_size=(3, 7, 7), tile_shape=(2, 8, 8))),
+        (vidattn.TokenLayout((8, 16, 16), suffix=5), vidattn.Dense()),
+    ]
+    worst = 0.0
+    for layout, pat in cases:
+        for D, (H, Hk) in ((128, (4, 4)), (64, (4, 2))):
+            S = layout.seq_len
+            q, k, v = (torch.randn(2, S, h, D, device=DEVICE, dtype=torch.bfloat16) for h in (H, Hk, Hk))
+            k = k + 2 * torch.randn(D, device=DEVICE, dtype=torch.bfloat16)  # a channel offset (smoothing)
+            plan = pat.plan(layout, device=DEVICE, num_heads=H)
+            try:
+                out = tri_fn(q, k, v, plan, precision="fp8")
+            except Exception as e:
+                log(dict(check=f"fp8-{type(pat).__name__}", D=D, skipped=repr(e)[:300]))
+                continue
+            e = _err(out, ref_fn(q.float(), k.float(), v.float(), plan))
+            worst = max(worst, e["rel_l2"])
+            log(dict(check=f"fp8-{type(pat).__name__}", grid=layout.grid, D=D, heads=[H, Hk], **e))
+    return worst
+
+
+FP8_VARIANTS = ((64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 8, 2))  # (BLOCK_N, warps, stages)
+
+
+def _fp8_inputs(label):
+    B, H, grid, text, D = SHAPES[label]
+    import vidattn
+
+    layout = vidattn.TokenLayout(grid, suffix=text)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(B, layout.seq_len, H, D, device=DEVICE, dtype=torch.bfloat16, generator=g)
+               for _ in range(3))
+    return layout, q, k, v
+
+
+def _fp8_plans(layout, H):
+    import vidattn
+
+    for dens in FP8_DENSITIES:
+        if dens == 1.0:
+            yield "dense", vidattn.Dense().plan(layout, device=DEVICE)
+        else:
+            yield f"blocksparse-d{dens}", _random_block_plan(layout.seq_len, H, dens, 128)
+
+
+def run_fp8(args, log):
+    """``--precision fp8``: the FP8 (e4m3) path of vidattn's Triton kernel next to its bf16 path and
+    SageAttention, on the dense plan and random block-sparse plans (densities 0.5-0.0625, 128-token
+    blocks), Wan and HunyuanVideo shapes, bf16 inputs.
+
+    Rows (``mode="fp8"``), in this order: per shape ``sdpa-cudnn-dense``, ``sageattention-dense``,
+    and per plan ``triton-bf16-*`` / ``triton-fp8-*`` (fp8 time includes the quantisation prologue;
+    ``prologue_ms`` / ``prologue_torch_ms`` time the Triton / torch prologue alone) and
+    ``accuracy-*``; then, on the Wan shape's dense and d0.25 plans, fp8 launch variants
+    (``-bn{BLOCK_N}-w{warps}-s{stages}``) and, last (a miscompile there cannot cost the other
+    rows), Triton's automatic warp specialisation (``VIDATTN_WARP_SPECIALIZE=1``, with and without
+    TMA: ``-ws-tma1`` / ``-ws-tma0``) for bf16 and fp8. Accuracy on the same inputs: on the dense
+    plan fp8, bf16 and SageAttention vs an fp32 SDPA reference and fp8 vs SageAttention; on every
+    plan fp8 vs the bf16 kernel. Effective TFLOP/s = computed blocks' FLOPs (4 B H D x block
+    tokens) / time, dense-equivalent on the dense plan."""
+    from vidattn.kernels import quant_fp8
+    from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
+    from vidattn.kernels.sparse_flash import last_launch
+
+    try:
+        from sageattention import sageattn
+        sage_err = None
+    except Exception as e:  # noqa: BLE001 - any import failure is a skip reason
+        sageattn, sage_err = None, f"sageattention does not load: {e!r}"[:300]
+    ok, why = quant_fp8.fp8_support(torch.device(DEVICE))
+    if not ok:
+        log(dict(mode="fp8", skipped=why))
+        return
+    if not args.skip_check:
+        log(dict(check="fp8_worst_rel_err", value=fp8_check(log)))
+
+    def rec(label, name, fn, flops, **extra):
+        try:
+            ms = _bench(fn)
+            r = dict(shape=label, mode="fp8", name=name, ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
+                     **extra)
+            if name.startswith("triton"):
+                r["regs_spills"] = last_launch.get("regs_spills")
+        except Exception as e:  # noqa: BLE001 - a row that does not run is a skip with its reason
+            r = dict(shape=label, mode="fp8", name=name, skipped=repr(e)[:300], **extra)
+        log(r)
+        return r
+
+    shapes = [k for k in SHAPES if not args.quick or k.startswith("wan")]
+    part = getattr(args, "fp8_part", "all")
+    for label in shapes if part in ("all", "main") else ():
+        layout, q, k, v = _fp8_inputs(label)
+        B, S, H, D = q.shape
+        qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        dense_flops = 4 * B * H * S * S * D
+        ref = None  # accuracy reference on the dense plan: fp32 SDPA (memory-efficient kernel, O(S) memory)
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+                ref = torch.nn.functional.scaled_dot_product_attention(qh.float(), kh.float(), vh.float())
+        except Exception as e:  # noqa: BLE001
+            log(dict(shape=label, mode="fp8", name="fp32-reference", skipped=repr(e)[:300]))
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                rec(label, "sdpa-cudnn-dense", lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh),
+                    dense_flops)
+        except Exception as e:  # noqa: BLE001
+            log(dict(shape=label, mode="fp8", name="sdpa-cudnn-dense", skipped=repr(e)[:300]))
+        sage_out = None
+        if sageattn is None:
+            log(dict(shape=label, mode="fp8", name="sageattention-dense", skipped=sage_err))
+        else:
+            rec(label, "sageattention-dense", lambda: sageattn(qh, kh, vh, tensor_layout="HND", is_causal=False),
+                dense_flops)
+            try:
+                sage_out = sageattn(qh, kh, vh, tensor_layout="HND", is_causal=False)
+            except Exception as e:  # noqa: BLE001
+                log(dict(shape=label, mode="fp8", name="sageattention-accuracy", skipped=repr(e)[:300]))
+        for tag, plan in _fp8_plans(layout, H):
+            fl = plan.block_density * dense_flops
+            extra = dict(block_density=round(plan.block_density, 4))
+            rb = rec(label, f"triton-bf16-{tag}", lambda: tri_fn(q, k, v, plan), fl, **extra)
+            prologue = {}
+            kb, vb = k.transpose(1, 2), v.transpose(1, 2)
+            for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
+                try:
+                    prologue[impl] = round(_bench(lambda: quant_fp8.quantize_fp8_operands(
+                        q, kb, vb, plan.perm, plan.block_q, plan.block_k, impl=impl)), 3)
+                except Exception as e:  # noqa: BLE001
+                    log(dict(shape=label, mode="fp8", name=f"fp8-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
+            rf = rec(label, f"triton-fp8-{tag}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
+                     prologue_ms=prologue.get("triton"), prologue_torch_ms=prologue.get("torch"), **extra)
+            if "ms" in rf and "ms" in rb:
+                rf["speedup_vs_bf16"] = round(rb["ms"] / rf["ms"], 3)
+                p_ms = prologue.get("triton")
+                if p_ms is not None and rf["ms"] > p_ms:
+                    rf["kernel_tflops_est"] = round(fl / ((rf["ms"] - p_ms) * 1e-3) / 1e12, 1)
+            try:  # accuracy on the same inputs
+                ob = tri_fn(q, k, v, plan)
+                o8 = tri_fn(q, k, v, plan, precision="fp8")
+                acc = dict(shape=label, mode="fp8", name=f"accuracy-{tag}", fp8_vs_bf16=_err(o8, ob))
+                if tag == "dense":
+                    o8h, obh = o8.transpose(1, 2), ob.transpose(1, 2)
+                    if ref is not None:
+                        acc.update(fp8_vs_fp32=_err(o8h, ref), bf16_vs_fp32=_err(obh, ref))
+                    if sage_out is not None:
+                        acc.update(sage_vs_bf16=_err(sage_out, obh), fp8_vs_sage=_err(o8h, sage_out))
+                        if ref is not None:
+                            acc["sage_vs_fp32"] = _err(sage_out, ref)
+                log(acc)
+                del ob, o8
+            except Exception as e:  # noqa: BLE001
+                log(dict(shape=label, mode="fp8", name=f"accuracy-{tag}", skipped=repr(e)[:300]))
+        del q, k, v, qh, kh, vh, ref, sage_out
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+    # launch variants of the fp8 path, then warp specialisation (last), on the first shape
+    if part == "main":
+        return
+    label = shapes[0]
+    layout, q, k, v = _fp8_inputs(label)
+    B, S, H, D = q.shape
+    for tag, plan in _fp8_plans(layout, H):
+        if tag not in ("dense", "blocksparse-d0.25"):
+            continue
+        fl = plan.block_density * 4 * B * H * S * S * D
+        extra = dict(block_density=round(plan.block_density, 4))
+        for bn, warps, stages in FP8_VARIANTS:
+            with _env(VIDATTN_TRITON_BLOCK_N=bn, VIDATTN_TRITON_WARPS=warps, VIDATTN_TRITON_STAGES=stages):
+                rec(label, f"triton-fp8-{tag}-bn{bn}-w{warps}-s{stages}",
+                    lambda: tri_fn(q, k, v, plan, precision="fp8"), fl, **extra)
+    if not args.no_ws:
+        for tag, plan in _fp8_plans(layout, H):
+            if tag not in ("dense", "blocksparse-d0.25"):
+                continue
+            fl = plan.block_density * 4 * B * H * S * S * D
+            extra = dict(block_density=round(plan.block_density, 4))
+            for tma, warps in (("1", None), ("0", None), ("1", 8)):
+                sfx = f"-ws-tma{tma}" + (f"-w{warps}" if warps else "")
+                with _env(VIDATTN_WARP_SPECIALIZE=1, VIDATTN_TRITON_TMA=tma, VIDATTN_TRITON_WARPS=warps):
+                    rec(label, f"triton-bf16-{tag}{sfx}", lambda: tri_fn(q, k, v, plan), fl, **extra)
+                    rec(label, f"triton-fp8-{tag}{sfx}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
+                        **extra)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="vidattn bench attention", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default="", help="write all records here")
@@ -359,6 +598,13 @@ def main(argv=None) -> int:
     p.add_argument("--peers", action="store_true",
                    help="peers side by side: cuDNN, FlexAttention (Triton and BACKEND=FLASH), FlashAttention-4 "
                         "block-sparse, SageAttention dense, vidattn Triton (each skipped with a reason if it does not load)")
+    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
+                   help="fp8: the kernel's FP8 (e4m3) path next to bf16 and SageAttention (times, TFLOP/s, relative "
+                        "L2 / cosine on the same inputs), launch variants and warp-specialisation rows")
+    p.add_argument("--no-ws", action="store_true", help="with --precision fp8: skip the warp-specialisation rows")
+    p.add_argument("--fp8-part", choices=("all", "main", "tune"), default="all",
+                   help="with --precision fp8: main = fp8/bf16/SageAttention rows of every shape; tune = launch "
+                        "variants and warp specialisation on the Wan shape; all = both (one call may need > 10 min)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("vidattn bench attention needs a CUDA GPU", file=sys.stderr)
@@ -370,9 +616,14 @@ def main(argv=None) -> int:
     def log(r):
         records.append(r)
         print(json.dumps(r), flush=True)
+        if args.json:  # rewritten after every record: a crash or a time-out keeps what ran
+            with open(args.json, "w") as f:
+                json.dump(records, f, indent=1)
 
     log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__))
-    if args.backward or args.peers:
+    if args.precision == "fp8":
+        run_fp8(args, log)
+    elif args.backward or args.peers:
         if args.backward:
             run_backward(args, log)
         if args.peers:

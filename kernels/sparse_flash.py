@@ -6,7 +6,9 @@ A facade over three modules with one job each:
 * :mod:`.sparse_flash_tables`: per-plan launch tables (block lists, schedules, the neighborhood
   lowering, per-partial-block masks), cached per plan;
 * :mod:`.sparse_flash_launch`: input checks, launch configuration (env overrides, TMA) and the
-  launcher :func:`block_sparse_attention_triton`.
+  launcher :func:`block_sparse_attention_triton`;
+* :mod:`.quant_fp8`: the quantisation prologue of the opt-in ``precision="fp8"`` variant (e4m3
+  Q/K per block with K smoothing, per-channel V) and its capability check.
 
 Anything unsupported raises :class:`~vidattn.errors.TritonUnsupported` (a ``BackendUnsupported``).
 """

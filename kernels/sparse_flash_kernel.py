@@ -11,7 +11,11 @@ over the plan's listed key blocks only:
 * rectification: ``kept_log_scale`` added to kept logits, pooled key-block columns merged into the
   same softmax after the block loop;
 * token permutation: Q is read and O / LSE written at the original token positions through the
-  plan's permutation; K/V arrive in plan order.
+  plan's permutation; K/V arrive in plan order;
+* ``FP8`` (``precision="fp8"``, the same loops): e4m3 Q/K tiles with fp32 per-block
+  dequantisation scales folded into the logit scale, e4m3 P.V against a transposed per-channel
+  quantised V, dequantised in the epilogue (the prologue is :mod:`.quant_fp8`);
+* ``WARP_SPEC``: Triton's automatic warp specialisation of the full-block loop (opt-in).
 
 This module holds device code only: no plan, pattern or dispatcher import. The per-plan tables
 are built by :mod:`.sparse_flash_tables`, the launch by :mod:`.sparse_flash_launch`.
@@ -23,6 +27,8 @@ from enum import IntEnum
 
 import triton
 import triton.language as tl
+
+from .quant_fp8 import _round_e4m3
 
 __all__ = ["RuleMode", "LOG2E", "_sparse_flash_fwd"]
 
@@ -73,19 +79,28 @@ def _nongrid_policy(ok, q_in, k_in, DENSE_NONGRID: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks, stride_vs, n_cols, D,
-             TAIL: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr,
-             BLOCK_D: tl.constexpr):
+def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, vt_row0, col0, offs_n, offs_d, stride_ks, stride_vs,
+             n_cols, D, TAIL: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """K^T tile ``[BLOCK_D, BLOCK_N]`` and V tile ``[BLOCK_N, BLOCK_D]`` of key columns ``col0 + offs_n``.
     With ``USE_TMA`` the tiles come through tensor descriptors (bulk copies; rows past the
-    sequence are either zero-filled or finite neighbouring rows, masked out by the caller)."""
+    sequence are either zero-filled or finite neighbouring rows, masked out by the caller).
+    With ``V_T`` V is stored transposed (``[D, S_pad]`` per head, tokens contiguous; ``stride_vs``
+    is then the stride of one channel row and ``vt_row0`` the descriptor row of channel 0): the
+    FP8 path's layout, whose P.V operand has its reduction axis contiguous."""
     if USE_TMA:
         kt = desc_k.load([kv_row0 + col0, kv_col]).T
-        v = desc_v.load([kv_row0 + col0, kv_col])
+        if V_T:
+            v = desc_v.load([vt_row0, col0]).T
+        else:
+            v = desc_v.load([kv_row0 + col0, kv_col])
     else:
         cols = col0 + offs_n
         kt_ptrs = k_base + offs_d[:, None] + cols[None, :] * stride_ks
-        v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
+        if V_T:
+            v_ptrs = v_base + cols[:, None] + offs_d[None, :] * stride_vs
+        else:
+            v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
         if TAIL:
             col_ok = cols < n_cols
             if EVEN_D:
@@ -106,10 +121,18 @@ def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, col0, offs_n, offs
 
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowed, bias, MASKED: tl.constexpr,
-                 TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr):
+                 TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, FP8: tl.constexpr,
+                 EMU_CAST: tl.constexpr):
     """One key tile of the online softmax (base 2). ``m_i`` starts finite (-1e30), so a fully
-    masked tile leaves the state unchanged without any NaN guard."""
-    if FP32_DOT:
+    masked tile leaves the state unchanged without any NaN guard.
+
+    ``FP8``: q, kt, v are e4m3 (``qk_scale`` then includes this tile's Q and K dequantisation
+    scales); the numerators ``p`` in [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the
+    epilogue divides by 448 and applies the V channel scales), ``l_i`` sums the fp32 ``p``.
+    ``EMU_CAST``: round ``p`` on the e4m3 grid before the cast (interpreter only)."""
+    if FP8:
+        qk = tl.dot(q, kt)
+    elif FP32_DOT:
         qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
     else:
         qk = tl.dot(q, kt)
@@ -133,7 +156,12 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if FP32_DOT:
+    if FP8:
+        p8 = p * 448.0
+        if EMU_CAST:
+            p8 = _round_e4m3(p8)
+        acc = tl.dot(p8.to(v.dtype), v, acc)
+    elif FP32_DOT:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -141,10 +169,11 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
 
 
 @triton.jit
-def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base, v_base, desc_k, desc_v, kv_row0,
-               kv_col, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, TAIL: tl.constexpr,
-               HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
-               SUB_N: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base, v_base, desc_k, desc_v,
+               kv_row0, kv_col, vt_row0, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, TAIL: tl.constexpr,
+               HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, FP8: tl.constexpr, EMU_CAST: tl.constexpr,
+               EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, SUB_N: tl.constexpr, PLAN_BK: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key tile ``j`` of a query block's full-block list (``SUB_N`` tiles per listed plan block):
     no token rule; ``TAIL`` masks columns past the sequence (the ragged last block only)."""
     kb = tl.load(f_idx + j // SUB_N)
@@ -152,10 +181,13 @@ def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base
     bias = no_bias
     if HAS_KEPT:
         bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
-    kt, v = _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks, stride_vs, S,
-                     D, TAIL, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
-    return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ones, bias, False, TAIL, HAS_KEPT,
-                        FP32_DOT)
+    tile_scale = qk_scale
+    if FP8:  # this key block's K dequantisation scale
+        tile_scale = qk_scale * tl.load(KSC + ks_row + kb)
+    kt, v = _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, vt_row0, col0, offs_n, offs_d, stride_ks,
+                     stride_vs, S, D, TAIL, EVEN_D, USE_TMA, FP8, BLOCK_N, BLOCK_D)
+    return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, ones, bias, False, TAIL, HAS_KEPT,
+                        FP32_DOT, FP8, EMU_CAST)
 
 
 @triton.jit
@@ -165,6 +197,9 @@ def _sparse_flash_fwd(
     # ---- plan tables: block lists, rule tables, rectification inputs
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     NA_TAB, BITS, SLOT, KEPT, PK, PV, PW,
+    # ---- FP8 dequantisation scales (FP8): Q per (b, h, query block), K per (b, kv head, key block),
+    # V per (b, kv head, channel)
+    QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h,
     # ---- scalars
     S, H, HK_GROUP, qk_scale, NQT,
     # ---- strides of the inputs / outputs (batch, head, token)
@@ -185,7 +220,8 @@ def _sparse_flash_fwd(
     # ---- modes and tile sizes
     RULE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_POOLED: tl.constexpr, RETURN_LSE: tl.constexpr,
     FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
-    RAGGED: tl.constexpr, Q_PERM: tl.constexpr,
+    RAGGED: tl.constexpr, Q_PERM: tl.constexpr, FP8: tl.constexpr, EMU_CAST: tl.constexpr,
+    WARP_SPEC: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -224,6 +260,10 @@ def _sparse_flash_fwd(
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
     kv_row0 = b * ROW_B + hk * ROW_H  # descriptor row of token 0 of this (batch, kv head)
     kv_col = hk * COL_H
+    vt_row0 = (b * (H // HK_GROUP) + hk) * D  # FP8: descriptor row of channel 0 of this V^T head
+    ks_row = b * ks_b + hk * ks_h
+    if FP8:  # the query block's Q dequantisation scale joins the softmax scale
+        qk_scale = qk_scale * tl.load(QSC + b * qs_b + h * qs_h + qb)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -240,17 +280,18 @@ def _sparse_flash_fwd(
         last = tl.load(f_idx + tl.maximum(nfb - 1, 0))
         nmain = tl.where((nfb > 0) & (last == NKB - 1), nfb - 1, nfb)
     kept_row = b * kept_b + h * kept_h + qb * kept_q
-    for j in range(0, nmain * SUB_N):
-        acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base, v_base,
-                                   DESC_K, DESC_V, kv_row0, kv_col, offs_n, offs_d, stride_ks, stride_vs, S, D,
-                                   qk_scale, False, HAS_KEPT, FP32_DOT, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N,
-                                   BLOCK_D)
+    # WARP_SPEC: Triton's automatic warp specialisation of the main loop (opt-in, Hopper+)
+    for j in tl.range(0, nmain * SUB_N, warp_specialize=WARP_SPEC):
+        acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base,
+                                   v_base, DESC_K, DESC_V, kv_row0, kv_col, vt_row0, offs_n, offs_d, stride_ks,
+                                   stride_vs, S, D, qk_scale, False, HAS_KEPT, FP32_DOT, FP8, EMU_CAST, EVEN_D,
+                                   USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D)
     if RAGGED:
         for j in range(nmain * SUB_N, nfb * SUB_N):
-            acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, no_bias, ones, k_base, v_base,
-                                       DESC_K, DESC_V, kv_row0, kv_col, offs_n, offs_d, stride_ks, stride_vs, S, D,
-                                       qk_scale, True, HAS_KEPT, FP32_DOT, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N,
-                                       BLOCK_D)
+            acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones,
+                                       k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, vt_row0, offs_n, offs_d,
+                                       stride_ks, stride_vs, S, D, qk_scale, True, HAS_KEPT, FP32_DOT, FP8, EMU_CAST,
+                                       EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D)
 
     # ---- partial blocks: the token rule in-kernel
     npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb) * SUB_N
@@ -292,11 +333,14 @@ def _sparse_flash_fwd(
         bias = no_bias
         if HAS_KEPT:
             bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
-        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, col0, offs_n, offs_d, stride_ks,
-                         stride_vs, S, D, True, EVEN_D, USE_TMA, BLOCK_N, BLOCK_D)
+        tile_scale = qk_scale
+        if FP8:
+            tile_scale = qk_scale * tl.load(KSC + ks_row + kb)
+        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, vt_row0, col0, offs_n, offs_d, stride_ks,
+                         stride_vs, S, D, True, EVEN_D, USE_TMA, FP8, BLOCK_N, BLOCK_D)
         # RULE 2 masks are 0 past the sequence end: no separate tail mask on the logits
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, qk_scale, ok, bias,
-                                     True, RULE != RULE_BLOCK_MASKS, HAS_KEPT, FP32_DOT)
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, ok, bias,
+                                     True, RULE != RULE_BLOCK_MASKS, HAS_KEPT, FP32_DOT, FP8, EMU_CAST)
 
     # ---- pooled columns of rectification (one per key block, weight -inf = absent)
     if HAS_POOLED:
@@ -304,14 +348,17 @@ def _sparse_flash_fwd(
             pc = c0 + offs_n
             pw = tl.load(PW + b * pw_b + h * pw_h + qb * pw_q + pc, mask=pc < NKB, other=float("-inf"))
             present = pw > float("-inf")
-            kt, v = _load_kv(PK + b * pk_b + h * pk_h, PV + b * pv_b + h * pv_h, DESC_K, DESC_V, 0, 0, c0, offs_n,
-                             offs_d, pk_s, pv_s, NKB, D, True, EVEN_D, False, BLOCK_N, BLOCK_D)
+            kt, v = _load_kv(PK + b * pk_b + h * pk_h, PV + b * pv_b + h * pv_h, DESC_K, DESC_V, 0, 0, 0, c0,
+                             offs_n, offs_d, pk_s, pv_s, NKB, D, True, EVEN_D, False, False, BLOCK_N, BLOCK_D)
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, c0, offs_n, NKB, qk_scale, ones & present[None, :],
                                          no_bias + tl.where(present, pw, 0.0)[None, :] * 1.4426950408889634,
-                                         True, True, True, FP32_DOT)
+                                         True, True, True, FP32_DOT, False, False)
 
     denom = tl.where(l_i > 0, l_i, 1.0)
     out = acc / denom[:, None]
+    if FP8:  # dequantise P.V: the P factor 448 and the V channel scales
+        vsc = tl.load(VSC + b * vs_b + hk * vs_h + offs_d, mask=offs_d < D, other=0.0)
+        out = out * (vsc * (1.0 / 448.0))[None, :]
     out = tl.where((l_i > 0)[:, None], out, 0.0)
     o_ptrs = O + b.to(tl.int64) * stride_ob + h * stride_oh + qtok[:, None] * stride_os + offs_d[None, :]
     if EVEN_D:

@@ -26,6 +26,7 @@ from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, to_plan_order
 from vidattn.rules import NeighborhoodForm
 
+from .quant_fp8 import check_precision, fp8_support, lse_smoothing_correction, quantize_fp8_operands
 from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
 from .sparse_flash_tables import ProgramOrder, plan_launch_tables, plan_perm_int32, program_schedule
 
@@ -90,11 +91,13 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     overrides: ``VIDATTN_TRITON_BLOCK_M``, ``VIDATTN_TRITON_BLOCK_N``, ``VIDATTN_TRITON_WARPS``,
     ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0 natural order, 1 heaviest query tiles
     first, 2 all heads of a query tile adjacent),
-    ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads).
+    ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads), ``VIDATTN_WARP_SPECIALIZE``
+    (1: Triton's automatic warp specialisation of the full-block loop, ``tl.range(...,
+    warp_specialize=True)``; off by default, an experiment for Hopper).
 
     Returns:
         dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
-        ``sched`` (:class:`ProgramOrder`, NATURAL = the 2-D grid).
+        ``sched`` (:class:`ProgramOrder`, NATURAL = the 2-D grid), ``warp_specialize`` (bool).
     """
     bd = max(16, triton.next_power_of_2(head_dim))
     bm = min(plan.block_q, 128)
@@ -122,7 +125,8 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     # block-sparse plans but 11% slower on Radial (block) plans, whose neighbouring query tiles share
     # key blocks in L2 (H200, interleaved A/B in benchmarks/RESULTS.md).
     sched = ProgramOrder(_env_int("VIDATTN_TRITON_SCHED") or 0)
-    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched)
+    warp_spec = os.environ.get("VIDATTN_WARP_SPECIALIZE", "0") == "1"
+    return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched, warp_specialize=warp_spec)
 
 
 
@@ -172,7 +176,8 @@ def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_l
 
 
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
-                                  scale: Optional[float] = None, return_lse: bool = False):
+                                  scale: Optional[float] = None, return_lse: bool = False,
+                                  precision: Optional[str] = None):
     """Run ``plan`` with the fused Triton kernel.
 
     Args:
@@ -183,12 +188,26 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         plan: a BlockPlan on q's device (Bp in {1, B}, Hp in {1, H}); block sizes powers of two.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
+        precision: None (compute in the inputs' dtype) or ``"fp8"``: Q/K/V quantised to e4m3
+            (:mod:`.quant_fp8`: per-block Q/K scales with K smoothing, per-channel V scales) and
+            both matmuls on e4m3 operands with fp32 accumulation; forward only (no autograd
+            history), CUDA compute capability >= 8.9 (or the interpreter), no pooled
+            rectification columns. Output still in q's dtype.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the LSE).
     Raises:
         TritonUnsupported: for cases the kernel does not handle (the dispatcher falls back).
+        ValueError: ``precision`` is not None / ``"fp8"``.
     """
+    fp8 = check_precision(precision) == "fp8"
     plan, scale = prepare_call(q, k, v, plan, scale)
+    if fp8:
+        ok, why = fp8_support(q.device)
+        if not ok:
+            raise TritonUnsupported(why)
+        if plan.rectification is not None and plan.rectification.has_pooled:
+            raise TritonUnsupported("precision='fp8' does not fuse pooled rectification columns")
+    q_in = q
     B, S, H, D = q.shape
     Hk = k.shape[2]
     dev = q.device
@@ -210,6 +229,13 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         kh = to_plan_order(k.transpose(1, 2), kperm).contiguous()
         vh = to_plan_order(v.transpose(1, 2), kperm).contiguous()
         kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    fp8_ops = None
+    if fp8:  # quantisation prologue: e4m3 Q (original order), smoothed K and transposed V (plan order)
+        k_bhsd = kh if kperm is not None else kh.transpose(1, 2)
+        v_bhsd = vh if kperm is not None else vh.transpose(1, 2)
+        fp8_ops = quantize_fp8_operands(q, k_bhsd, v_bhsd, plan.perm, plan.block_q, plan.block_k)
+        q, kh, vh = fp8_ops.q8, fp8_ops.k8, fp8_ops.vt8
+        kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731  (V^T: channel-row stride)
     qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 
@@ -231,14 +257,18 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pw_t = pw if pooled else fdummy
 
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    cfg = launch_config(plan, D, q.dtype, rule_mode)
+    cfg = launch_config(plan, D, q_in.dtype, rule_mode)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     nqt = triton.cdiv(S, BM)
     use_tma = BLOCK_D == D and _tma_ok(dev) and q.dtype != torch.float32
     dk = dv = None
     if use_tma:
         dk = kv_descriptor(kh, kv_bhs(kh), B, Hk, S, BN)
-        dv = kv_descriptor(vh, kv_bhs(vh), B, Hk, S, BN)
+        if fp8:  # V^T [B, Hk, D, S_pad] as rows (b, h, channel) x tokens; boxes of D channels x BN tokens
+            dv = (TensorDescriptor(vh, shape=[B * Hk * D, vh.shape[-1]], strides=[vh.shape[-1], 1],
+                                   block_shape=[D, BN]),) + (dk[1:] if dk is not None else ())
+        else:
+            dv = kv_descriptor(vh, kv_bhs(vh), B, Hk, S, BN)
         use_tma = dk is not None and dv is not None and dk[1:] == dv[1:]
     if use_tma:
         desc_k, desc_v, (row_b, row_h, col_h) = dk[0], dv[0], dk[1:]
@@ -255,6 +285,12 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               qperm_h=0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0))
     plan_tables = dict(FULL_NUM=fnum, FULL_IDX=fidx, PART_NUM=pnum, PART_IDX=pidx, NA_TAB=na, BITS=bits, SLOT=slot,
                        KEPT=kept_t, PK=pk_t, PV=pv_t, PW=pw_t)
+    if fp8:
+        qsc, ksc, vsc = fp8_ops.q_scale, fp8_ops.k_scale, fp8_ops.v_scale
+        fp8_scales = dict(QSC=qsc, KSC=ksc, VSC=vsc, qs_b=qsc.stride(0), qs_h=qsc.stride(1), ks_b=ksc.stride(0),
+                          ks_h=ksc.stride(1), vs_b=vsc.stride(0), vs_h=vsc.stride(1))
+    else:
+        fp8_scales = dict(QSC=fdummy, KSC=fdummy, VSC=fdummy, qs_b=0, qs_h=0, ks_b=0, ks_h=0, vs_b=0, vs_h=0)
     scalars = dict(S=S, H=H, HK_GROUP=H // Hk, qk_scale=scale * LOG2E, NQT=nqt, NKB=plan.num_k_blocks, D=D)
     io_strides = dict(zip(("stride_qb", "stride_qh", "stride_qs"), q_bhs(q)))
     io_strides.update(zip(("stride_kb", "stride_kh", "stride_ks"), kv_bhs(kh)))
@@ -275,12 +311,14 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         RULE=int(rule_mode), HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
         FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
+        FP8=fp8, EMU_CAST=fp8 and _interpreting(), WARP_SPEC=cfg["warp_specialize"],
         EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != ProgramOrder.NATURAL, USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D,
     )
-    kernel_args = {**io, **plan_tables, **scalars, **io_strides, **table_strides, **rule_params, **modes}
-    key = (BM, BN, BLOCK_D, q.dtype, int(rule_mode), pooled, use_tma, cfg["num_warps"], tuple(cfg["stages"]))
+    kernel_args = {**io, **plan_tables, **fp8_scales, **scalars, **io_strides, **table_strides, **rule_params, **modes}
+    key = (BM, BN, BLOCK_D, q.dtype, int(rule_mode), pooled, use_tma, cfg["num_warps"], tuple(cfg["stages"]),
+           cfg["warp_specialize"])
     last = None
     for stages in ([_stages_ok[key]] if key in _stages_ok else cfg["stages"]):
         try:
@@ -293,6 +331,13 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         except CompilationError as e:  # e.g. an older Triton without a language feature used here
             raise TritonUnsupported(f"kernel does not compile with triton {triton.__version__}: "
                                     f"{str(e).splitlines()[0][:200]}") from e
+        except RuntimeError as e:  # an MLIR pass failure of the opt-in warp specialisation
+            if not cfg["warp_specialize"]:
+                raise
+            raise TritonUnsupported(f"VIDATTN_WARP_SPECIALIZE=1 does not compile with triton {triton.__version__} "
+                                    f"({cfg['num_warps']} warps): {str(e).splitlines()[0][:200]}") from e
     else:
         raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
+    if fp8 and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
+        lse = lse + lse_smoothing_correction(q_in, fp8_ops.k_mean, scale)
     return (out, lse) if return_lse else out

@@ -263,7 +263,7 @@ def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
 
 
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
-             return_lse: bool = False):
+             return_lse: bool = False, precision: Optional[str] = None):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
     :func:`sparse_attention`. A backend that cannot run the case is skipped along its fallback
     chain with a one-time warning; an exception inside a backend propagates.
@@ -277,6 +277,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     if backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
     scale = check_scale(scale)
+    precision = _backends.check_precision(precision)
     B, S, H, _ = q.shape
     if plan.seq_len != S:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")
@@ -287,10 +288,12 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     bplan = backend_plan(plan)
     tried: tuple = ()
     while True:
-        be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried)
+        be = _backends.choose_backend(backend, bplan, q, k, v, skip=tried, precision=precision)
         try:
             with _profiler_range("vidattn::run_plan"):
-                res = _run_guarded(be, q, k, v, bplan, scale, return_lse)
+                # a precision other than None binds into the backend's run (the non-finite
+                # indicator passes then run in that precision too, consistent with its output)
+                res = _run_guarded(_backends.with_precision(be, precision), q, k, v, bplan, scale, return_lse)
         except BackendUnsupported as e:  # declared while running (e.g. the kernel does not fit the GPU)
             tried += (be.name,)
             _backends.warn_once(f"{be.name}:run:{e}", f"vidattn: backend {be.name!r} cannot run this case ({e}); "
@@ -337,7 +340,8 @@ def plan_for_call(pattern: Pattern, layout: TokenLayout, q: torch.Tensor, k: tor
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, layout: TokenLayout,
-                     backend: str = "auto", scale: Optional[float] = None, return_lse: bool = False):
+                     backend: str = "auto", scale: Optional[float] = None, return_lse: bool = False,
+                     precision: Optional[str] = None):
     """Sparse attention of ``pattern`` over ``layout``.
 
     Args:
@@ -349,6 +353,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
             :func:`vidattn.backends.register_backend`.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
+        precision: None (compute in the inputs' dtype, fp32 accumulate) or ``"fp8"``: the triton
+            backend's opt-in e4m3 path (per-block Q/K quantisation with K smoothing, FP8 P.V;
+            :mod:`vidattn.kernels.quant_fp8`): forward only, CUDA compute capability >= 8.9,
+            no pooled rectification; no other backend offers it, so a case it cannot run raises
+            ``BackendUnsupported`` with the reason (never a silent bf16 fallback). Output in q's
+            dtype; expect ~2-5% relative L2 error vs exact attention (e4m3 has 3 mantissa bits).
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the lse).
 
@@ -377,7 +387,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         raise TypeError(f"layout must be a vidattn.TokenLayout, got {type(layout).__name__}")
     if backend not in backend_names():
         raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
-    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse:
+    precision = _backends.check_precision(precision)
+    if torch.compiler.is_compiling() and not pattern.is_dynamic and not return_lse and precision is None:
         # under torch.compile a static pattern goes through the vidattn::sparse_attn custom op
         # (the plan is looked up inside it), so the caller's graph has no break
         from .ops import sparse_attention_op
@@ -387,4 +398,4 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
     scale = check_scale(scale)
     pattern.validate(layout)
     plan = plan_for_call(pattern, layout, q, k, v, scale=scale)
-    return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse)
+    return run_plan(q, k, v, plan, backend=backend, scale=scale, return_lse=return_lse, precision=precision)

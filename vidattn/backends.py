@@ -23,9 +23,10 @@ fused kernel, forward only). Register more with :func:`register_backend`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -34,7 +35,7 @@ from .errors import BackendUnsupported
 from .plan import BlockPlan
 
 __all__ = ["Backend", "ran", "register_backend", "get_backend", "backend_names", "choose_backend", "AUTO_ORDER",
-           "grad_required"]
+           "grad_required", "precision_names", "check_precision", "with_precision"]
 
 log = logging.getLogger("vidattn")
 
@@ -56,6 +57,9 @@ class Backend:
         fallback: names tried next, in order, when this backend cannot run a case.
         auto_devices: device types on which ``"auto"`` may pick it (None: any); e.g. the Triton
             kernel runs on CPU only under ``TRITON_INTERPRET=1``, a debugging path auto never takes.
+        precisions: compute precisions it offers: None (the inputs' dtype) and e.g. ``"fp8"``. For a
+            precision other than None the dispatcher calls ``can_run(..., precision=p)`` and
+            ``run(..., precision=p)``; a backend that does not list it is never chosen for it.
     """
 
     name: str
@@ -64,6 +68,7 @@ class Backend:
     differentiable: bool = False
     fallback: Tuple[str, ...] = ("reference",)
     auto_devices: Optional[Tuple[str, ...]] = None
+    precisions: Tuple[Optional[str], ...] = (None,)
 
 
 _registry: Dict[str, Backend] = {}
@@ -74,7 +79,8 @@ _logged: set = set()
 
 def register_backend(name: str, run: Callable, can_run: Optional[Callable[..., Verdict]] = None, *,
                      differentiable: bool = False, fallback: Tuple[str, ...] = ("reference",),
-                     auto_devices: Optional[Tuple[str, ...]] = None) -> Backend:
+                     auto_devices: Optional[Tuple[str, ...]] = None,
+                     precisions: Tuple[Optional[str], ...] = (None,)) -> Backend:
     """Register (or replace) backend ``name``; see :class:`Backend` for the arguments
     (``can_run=None``: runs everything). Returns the :class:`Backend`."""
     if not isinstance(name, str) or not name or name == "auto":
@@ -82,7 +88,8 @@ def register_backend(name: str, run: Callable, can_run: Optional[Callable[..., V
     if not callable(run):
         raise TypeError(f"run must be callable, got {type(run).__name__}")
     be = Backend(name, run, can_run or (lambda plan, q, k, v: (True, "")), bool(differentiable),
-                 tuple(f for f in fallback if f != name), None if auto_devices is None else tuple(auto_devices))
+                 tuple(f for f in fallback if f != name), None if auto_devices is None else tuple(auto_devices),
+                 tuple(precisions))
     _registry[name] = be
     return be
 
@@ -99,15 +106,43 @@ def backend_names() -> Tuple[str, ...]:
     return tuple(_registry) + ("auto",)
 
 
+def precision_names() -> Tuple[Optional[str], ...]:
+    """Every precision some registered backend offers (None first)."""
+    out = [None]
+    for be in _registry.values():
+        out += [p for p in be.precisions if p not in out]
+    return tuple(out)
+
+
+def check_precision(precision) -> Optional[str]:
+    """``precision`` if a registered backend offers it, else ``ValueError`` naming the argument."""
+    names = precision_names()
+    if precision not in names:
+        raise ValueError(f"precision must be one of {names} (None: the inputs' dtype), got {precision!r}")
+    return precision
+
+
+def with_precision(be: Backend, precision: Optional[str]) -> Backend:
+    """``be`` itself for precision None, else a copy whose ``run`` passes ``precision=precision``."""
+    if precision is None:
+        return be
+    return replace(be, run=functools.partial(be.run, precision=precision))
+
+
 def grad_required(q, k, v) -> bool:
     """True when autograd is on and any of q, k, v requires grad."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
 
 
-def _verdict(be: Backend, plan: BlockPlan, q, k, v) -> Verdict:
+def _verdict(be: Backend, plan: BlockPlan, q, k, v, precision: Optional[str] = None) -> Verdict:
+    if precision not in be.precisions:
+        return False, f"{be.name} does not offer precision={precision!r}"
     if grad_required(q, k, v) and not be.differentiable:
         return False, f"{be.name} has no backward and q/k/v require grad"
-    ok, reason = be.can_run(plan, q, k, v)
+    if precision is None:
+        ok, reason = be.can_run(plan, q, k, v)
+    else:
+        ok, reason = be.can_run(plan, q, k, v, precision=precision)
     return bool(ok), str(reason)
 
 
@@ -137,9 +172,11 @@ def candidates(requested: str) -> List[str]:
     return _chain(requested)
 
 
-def choose_backend(requested: str, plan: BlockPlan, q, k, v, skip: Tuple[str, ...] = ()) -> Backend:
+def choose_backend(requested: str, plan: BlockPlan, q, k, v, skip: Tuple[str, ...] = (),
+                   precision: Optional[str] = None) -> Backend:
     """The backend that runs this case (see the module docstring); ``skip``: names already found
-    unable at run time. Raises ``BackendUnsupported`` when no candidate can run it."""
+    unable at run time; ``precision``: only backends offering it are candidates. Raises
+    ``BackendUnsupported`` when no candidate can run it."""
     reasons = []
     for name in candidates(requested):
         if name in skip:
@@ -148,7 +185,7 @@ def choose_backend(requested: str, plan: BlockPlan, q, k, v, skip: Tuple[str, ..
         if requested == "auto" and be.auto_devices is not None and q.device.type not in be.auto_devices:
             ok, why = False, f"auto uses it on {'/'.join(be.auto_devices)} only"
         else:
-            ok, why = _verdict(be, plan, q, k, v)
+            ok, why = _verdict(be, plan, q, k, v, precision)
         if ok:
             if requested == "auto":
                 key = (name, tuple(reasons))
@@ -209,7 +246,7 @@ def _flex_can_run(plan, q, k, v) -> Verdict:
     return True, ""
 
 
-def _triton_can_run(plan, q, k, v) -> Verdict:
+def _triton_can_run(plan, q, k, v, precision=None) -> Verdict:
     try:
         from vidattn.kernels.sparse_flash import check_triton_inputs
     except ImportError as e:  # triton not installed
@@ -218,6 +255,15 @@ def _triton_can_run(plan, q, k, v) -> Verdict:
         check_triton_inputs(q, k, v, plan)
     except BackendUnsupported as e:
         return False, str(e)
+    if precision == "fp8":
+        from vidattn.kernels.quant_fp8 import fp8_support
+
+        if grad_required(q, k, v):
+            return False, "precision='fp8' is forward only (q/k/v require grad; the backward is bf16)"
+        rect = plan.rectification
+        if rect is not None and rect.has_pooled:
+            return False, "precision='fp8' does not fuse pooled rectification columns"
+        return fp8_support(q.device)
     if plan.kv_perm is not None and grad_required(q, k, v):
         return False, "the Triton backward does not support a separate key order (kv_perm, Clustered)"
     return True, ""
@@ -242,9 +288,14 @@ def _run_flex(*args, **kwargs):
     return block_sparse_attention_flex(*args, **kwargs)
 
 
-def _run_triton(*args, **kwargs):
+def _run_triton(*args, precision=None, **kwargs):
     # the differentiable wrapper: plain forward without grad; with grad, the Triton block-sparse
-    # backward from the saved LSE (vidattn.kernels.sparse_flash_autograd)
+    # backward from the saved LSE (vidattn.kernels.sparse_flash_autograd). precision="fp8" is the
+    # forward only (can_run refuses it when gradients are needed)
+    if precision is not None:
+        from vidattn.kernels.sparse_flash import block_sparse_attention_triton
+
+        return block_sparse_attention_triton(*args, precision=precision, **kwargs)
     from vidattn.kernels.sparse_flash_autograd import block_sparse_attention_triton_autograd
 
     return block_sparse_attention_triton_autograd(*args, **kwargs)
@@ -258,7 +309,8 @@ def _register_builtins() -> None:
     register_backend("flex", _run_flex, _flex_can_run,
                      differentiable=True, fallback=("reference",), auto_devices=("cuda",))
     register_backend("triton", _run_triton,
-                     _triton_can_run, differentiable=True, fallback=("flex", "reference"), auto_devices=("cuda",))
+                     _triton_can_run, differentiable=True, fallback=("flex", "reference"), auto_devices=("cuda",),
+                     precisions=(None, "fp8"))
 
 
 _register_builtins()
