@@ -337,3 +337,9 @@ def test_bench_and_quality_dispatch(capsys, monkeypatch, tmp_path):
     assert rc == 0 and "--kernel-size" in out and "--compare" in out
     rc, out, err = run(["bench", "--help"], capsys)
     assert rc == 0 and "attention" in out
+
+
+def test_quality_fp8_needs_a_cuda_device(tmp_path, capsys):
+    assert_usage_error(["quality", "--model", "tiny-wan", "--precision", "fp8", "--device", "cpu",
+                        "--out", str(tmp_path / "q")], capsys, "--precision fp8 needs a CUDA GPU")
+    assert not (tmp_path / "q").exists()

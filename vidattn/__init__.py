@@ -4,7 +4,7 @@ Data path: TokenLayout -> Pattern -> BlockPlan -> backend (triton | flex | refer
 """
 
 from ._lazy import lazy_attributes
-from .attention import available_backends, run_plan, sparse_attention
+from .attention import available_backends, precision, run_plan, sparse_attention
 from .layout import TokenLayout, apply_permutation, invert_permutation
 from .natten_compat import na1d, na2d, na3d
 from .patterns import Dense, Neighborhood, Pattern
@@ -37,6 +37,7 @@ __all__ = [
     "Rectification",
     "sparse_attention",
     "run_plan",
+    "precision",
     "available_backends",
     "na1d",
     "na2d",

@@ -31,6 +31,7 @@ from dataclasses import replace
 from typing import Callable, Dict, Optional
 
 import contextlib
+import contextvars
 
 import torch
 
@@ -41,7 +42,7 @@ from .layout import TokenLayout
 from .patterns.base import Pattern
 from .plan import BlockPlan
 
-__all__ = ["sparse_attention", "run_plan", "register_backend", "BackendUnsupported", "available_backends",
+__all__ = ["sparse_attention", "run_plan", "precision", "register_backend", "BackendUnsupported", "available_backends",
            "check_qkv", "add_observer", "apply_epilogue", "backend_plan", "BACKENDS"]
 
 log = logging.getLogger("vidattn")
@@ -262,6 +263,27 @@ def apply_epilogue(out: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return res.to(out.dtype)
 
 
+_PRECISION: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("vidattn_precision", default=None)
+
+
+@contextlib.contextmanager
+def precision(name: Optional[str]):
+    """Context manager: every vidattn attention call inside it that names no ``precision`` of its
+    own runs in ``name`` (None or ``"fp8"``), e.g. a whole pipeline call::
+
+        with vidattn.precision("fp8"):
+            video = pipe(...)
+
+    Calls that diffusers or timm run without vidattn (dense layers vidattn leaves alone) are not
+    affected. A backend that cannot run the precision is skipped like any other "cannot"; if none
+    can, the call raises (no silent fallback to another precision). Per thread / async context."""
+    token = _PRECISION.set(_backends.check_precision(name))
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
 def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[float] = None,
              return_lse: bool = False, precision: Optional[str] = None):
     """Execute a prebuilt plan on ``q [B, S, H, D]``, ``k/v [B, S, Hk, D]``; see
@@ -277,7 +299,7 @@ def run_plan(q, k, v, plan: BlockPlan, backend: str = "auto", scale: Optional[fl
     if backend not in names:
         raise ValueError(f"backend must be one of {names}, got {backend!r}")
     scale = check_scale(scale)
-    precision = _backends.check_precision(precision)
+    precision = _backends.check_precision(precision if precision is not None else _PRECISION.get())
     B, S, H, _ = q.shape
     if plan.seq_len != S:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q has {S}")

@@ -375,3 +375,22 @@ def test_non_finite_values_propagate_through_the_fp8_path():
     fin = ~ref.isnan()
     rel, cos = _errors(out[fin], ref[fin])
     assert rel <= REL_L2_TOL and cos >= COS_TOL
+
+
+def test_precision_context_manager_sets_the_default_and_restores_it():
+    layout = TokenLayout((4, 6))
+    pat = Neighborhood(kernel_size=3, block_size=16)
+    q, k, v = _qkv(1, layout.seq_len, 2, 2, 16, seed=11)
+    explicit = vidattn.sparse_attention(q, k, v, pat, layout, backend="triton", precision="fp8")
+    plain = vidattn.sparse_attention(q, k, v, pat, layout, backend="triton")
+    with vidattn.precision("fp8"):
+        inside = vidattn.sparse_attention(q, k, v, pat, layout, backend="triton")
+        with vidattn.precision(None):  # nested: back to the inputs' dtype
+            assert torch.equal(vidattn.sparse_attention(q, k, v, pat, layout, backend="triton"), plain)
+        with pytest.raises(BackendUnsupported, match="does not offer precision='fp8'"):
+            vidattn.sparse_attention(q, k, v, pat, layout, backend="reference")
+    assert torch.equal(inside, explicit) and not torch.equal(inside, plain)
+    assert torch.equal(vidattn.sparse_attention(q, k, v, pat, layout, backend="triton"), plain)  # restored
+    with pytest.raises(ValueError, match="precision"):
+        with vidattn.precision("int8"):
+            pass

@@ -28,6 +28,9 @@ def add_parser(sub):
     q.add_argument("--attention-stats", action="store_true",
                    help="also measure the attention structure (quality/attention_stats.py) into the report and print it")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the dense-video cache")
+    q.add_argument("--precision", choices=("native", "fp8"), default="native",
+                   help="precision of vidattn's sparse calls: native (the model's dtype, fp32 accumulate) or fp8 "
+                        "(e4m3, triton backend on compute capability >= 8.9; the dense reference stays native)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     q.add_argument("--out", default="quality_out", help="output folder (must be empty or new unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
@@ -66,10 +69,15 @@ def run(a) -> int:
         import torch
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.precision == "fp8" and not str(a.device).startswith("cuda"):
+        raise UsageError(f"--precision fp8 needs a CUDA GPU (compute capability >= 8.9), got --device {a.device}")
     quiet = a.quiet
     a.quiet = a.quiet or a.json
+    from vidattn.attention import precision
+
     try:
-        rc = int(cli_entry(a) or 0)
+        with precision(None if a.precision == "native" else a.precision):
+            rc = int(cli_entry(a) or 0)
     except FileNotFoundError as e:
         raise ModelError(f"--model {a.model}: {str(e).splitlines()[0]}") from None
     except ValueError as e:  # a family setting that does not fit this model's token grid, bad sizes, ...
