@@ -6,7 +6,7 @@ and cached with it):
 
 * **Query super-blocks.** Query blocks of one (batch, head) that keep exactly the same set of key
   blocks (common in tiled neighborhoods: every query tile of a T-column whose window spans the
-  clip, every border tile) are concatenated, up to ``VIDATTN_CPU_QUERY_ROWS`` (default 256) rows,
+  clip, every border tile) are concatenated, up to ``VIDATTN_CPU_QUERY_ROWS`` (default 768) rows,
   into one SDPA query. Longer queries run SDPA's CPU flash kernel with larger query tiles (about
   1.5x the throughput of 64-row queries on AVX-512) and gather each key set once, not once per block.
 * **Batched calls.** Super-blocks with the same (rows, kept key blocks, masked or not) over batch and
@@ -21,7 +21,8 @@ and cached with it):
   by the OS on every call, which cost as much as the gather itself); each SDPA call gathers at
   most ``VIDATTN_CPU_CHUNK_BYTES`` (default 64 MiB) of K/V, which bounds the buffers. With
   autograd the gathers are ordinary differentiable ops.
-* **LSE** comes from SDPA's CPU flash op itself (no second score pass) when no gradient is needed.
+* **LSE** comes from SDPA's CPU flash op itself (no second score pass) when no gradient is needed
+  (and the value head dim equals the query's, which that op needs).
 
 Work and memory are ``O(kept blocks)``, never ``S x S``. float16 / bfloat16 inputs are computed in
 float32, float64 in float64. Fused rectification terms are not handled here (the registry sends
@@ -47,7 +48,7 @@ __all__ = ["block_sparse_attention_cpu"]
 
 CHUNK_BYTES = int(os.environ.get("VIDATTN_CPU_CHUNK_BYTES", str(64 << 20)))
 MASK_BUDGET_BYTES = int(os.environ.get("VIDATTN_CPU_MASK_BUDGET_BYTES", str(1 << 30)))
-QUERY_ROWS = int(os.environ.get("VIDATTN_CPU_QUERY_ROWS", "256"))
+QUERY_ROWS = int(os.environ.get("VIDATTN_CPU_QUERY_ROWS", "768"))
 
 _plans: "weakref.WeakKeyDictionary[BlockPlan, dict]" = weakref.WeakKeyDictionary()
 _work = threading.local()
@@ -260,7 +261,7 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         if g["masked"] and add is None:  # over the mask budget: built per call
             add, empty = _mask_parts(plan, g, perm_h, cdt)
         l = None
-        if return_lse and not grad and _flash_cpu is not None and dev.type == "cpu":
+        if return_lse and not grad and _flash_cpu is not None and dev.type == "cpu" and D == Dv:
             o, l = _flash_cpu(qq, kk, vv, attn_mask=add, scale=scale)  # LSE [N, 1, r * bq]
             l = l.view(n, r * bq)
         else:
