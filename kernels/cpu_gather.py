@@ -132,14 +132,16 @@ def _super_blocks(plan: BlockPlan, rows_max: int):
 
 
 def _mask(plan: BlockPlan, g: dict, perm_h: torch.Tensor) -> torch.Tensor:
-    """Bool ``[N, r * block_q, m * block_k]`` of a group's instances: FULL blocks allowed, PARTIAL
-    blocks by the plan's rule (all allowed without one), keys past the sequence end not."""
+    """Bool ``[n, r * block_q, m * block_k]`` of ``n`` mask instances (``g``: head ``h`` ``[n]``,
+    query blocks ``qb`` ``[n, r]``, classes ``cls`` ``[n, r, m]``, key positions ``kpos``
+    ``[n, m * block_k]``): FULL blocks allowed, PARTIAL blocks by the plan's rule (all allowed
+    without one), keys past the sequence end not."""
     S, bq, bk = plan.seq_len, plan.block_q, plan.block_k
     dev = perm_h.device
     n, r, m = g["cls"].shape
     full = (g["cls"] == FULL)[:, :, None, :, None].expand(n, r, bq, m, bk).reshape(n, r * bq, m * bk)
     if plan.rule is not None and bool((g["cls"] == PARTIAL).any()):
-        ph = perm_h[g["h"]]  # [N, S]
+        ph = perm_h[g["h"]]  # [n, S]
         qpos = (g["qb"][:, :, None] * bq + torch.arange(bq, device=dev)).flatten(1).clamp(max=S - 1)
         qo = torch.gather(ph, 1, qpos)
         ko = torch.gather(ph, 1, g["kpos"].clamp(max=S - 1))
@@ -152,15 +154,39 @@ def _mask(plan: BlockPlan, g: dict, perm_h: torch.Tensor) -> torch.Tensor:
 
 
 def _additive(mask: torch.Tensor, dtype) -> torch.Tensor:
-    """Bool mask -> SDPA's additive float mask ``[N, 1, q, k]`` (0 allowed, -inf not)."""
-    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[:, None]
+    """Bool mask ``[n, q, k]`` -> SDPA's additive float mask ``[1, n, q, k]`` (0 allowed, -inf not)."""
+    return torch.zeros((), dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))[None]
+
+
+def _mask_args(plan: BlockPlan, sbg: dict, sb: torch.Tensor, h: torch.Tensor) -> dict:
+    """:func:`_mask`'s ``g`` for super-blocks ``sb`` (indices into ``sbg``) evaluated at heads ``h``."""
+    kb = sbg["kb"][sb]
+    return dict(h=h, qb=sbg["qb"][sb], cls=sbg["cls"][sb],
+                kpos=(kb[..., None] * plan.block_k + torch.arange(plan.block_k, device=kb.device)).flatten(1))
+
+
+def _heads_share_masks(plan: BlockPlan, sbg: dict, H: int, perm_h: torch.Tensor, piece: int) -> bool:
+    """Whether every head's mask equals head 0's on all super-blocks of ``sbg`` (head-shared plan)."""
+    n0 = sbg["bp"].numel()
+    for c0 in range(0, n0, piece):
+        sb = torch.arange(c0, min(n0, c0 + piece), device=perm_h.device)
+        ref = _mask(plan, _mask_args(plan, sbg, sb, torch.zeros_like(sb)), perm_h)
+        for h in range(1, H):
+            if not torch.equal(_mask(plan, _mask_args(plan, sbg, sb, torch.full_like(sb, h)), perm_h), ref):
+                return False
+    return True
 
 
 def _groups(plan: BlockPlan, B: int, H: int, kvh: int, item_bytes: int, dtype) -> list:
-    """SDPA calls of the plan for this batch / head layout: the super-blocks of
-    :func:`_super_blocks` expanded over batch and heads, chunked to ``CHUNK_BYTES`` of gathered
-    K/V; per chunk the flat row indices of Q/O and K/V blocks, the key positions and (within
-    ``MASK_BUDGET_BYTES``) the additive mask and the rows with no allowed key. Cached per plan."""
+    """SDPA calls of the plan for this batch / head layout, cached per plan.
+
+    Each super-block group of :func:`_super_blocks` becomes *mask units* of ``n`` mask instances
+    (plan super-block, head); one SDPA call runs ``[rep, n, rows, D]`` queries whose leading ``rep``
+    axis replicates the instances over the batch (masks never depend on it) and over heads when
+    every head has the same mask, so the additive mask ``[1, n, rows, keys]`` is built and stored
+    once per instance, not per (batch, head). Calls gather at most ``CHUNK_BYTES`` of K/V. Per
+    unit: ``add`` / ``empty`` (within ``MASK_BUDGET_BYTES``, else built per call from ``mask``),
+    and ``calls``: ``rep``, ``n``, the flat Q/O block rows and K/V block rows."""
     cache = _plans.setdefault(plan, {})
     ck = (B, H, kvh, item_bytes, dtype, CHUNK_BYTES, MASK_BUDGET_BYTES, QUERY_ROWS)
     if ck in cache:
@@ -170,50 +196,58 @@ def _groups(plan: BlockPlan, B: int, H: int, kvh: int, item_bytes: int, dtype) -
     grp = H // kvh
     Bp, Hp = plan.plan_batch, plan.kv_num_blocks.shape[1]
     perm_h = (plan.perm if plan.perm is not None else torch.arange(S, device=dev)[None]).expand(H, S)
-    ar_k = torch.arange(bk, device=dev)
     mask_bytes = 0
     out = []
     for sbg in _super_blocks(plan, QUERY_ROWS):
-        r, m = sbg["r"], sbg["m"]
-        # instances over (batch, head): plan batch / head 1 broadcasts
+        r, m, masked = sbg["r"], sbg["m"], sbg["masked"]
         n0 = sbg["bp"].numel()
-        bb = (torch.arange(B, device=dev)[None, :] if Bp == 1 else sbg["bp"][:, None]).expand(n0, B if Bp == 1 else 1)
-        idx = torch.arange(n0, device=dev)[:, None].expand_as(bb)
-        idx, bb = idx.flatten(), bb.flatten()
-        hh = (torch.arange(H, device=dev)[None, :] if Hp == 1 else sbg["hp"][idx][:, None]).expand(
-            idx.numel(), H if Hp == 1 else 1)
-        idx = idx[:, None].expand_as(hh).flatten()
-        bb = bb[:, None].expand_as(hh).flatten()
-        hh = hh.flatten()
-        masked = sbg["masked"]
-        chunk = max(1, CHUNK_BYTES // (m * bk * item_bytes))
-        for c0 in range(0, idx.numel(), chunk):
-            i, b_i, h_i = idx[c0:c0 + chunk], bb[c0:c0 + chunk], hh[c0:c0 + chunk]
-            blocks = sbg["kb"][i]  # [N, m]
-            g = dict(r=r, m=m, h=h_i, qb=sbg["qb"][i], cls=sbg["cls"][i],
-                     kpos=(blocks[..., None] * bk + ar_k).flatten(1),  # [N, m * bk] plan positions
-                     q_rows=((b_i * H + h_i) * nqb)[:, None] + sbg["qb"][i],  # [N, r]
-                     kv_rows=(((b_i * kvh + h_i // grp) * nkb)[:, None] + blocks).flatten(),
-                     masked=masked, add=None, empty=None)
-            g["q_rows"] = g["q_rows"].flatten()
+        per_inst = m * bk * item_bytes  # gathered K/V bytes of one instance
+        rows_mask = r * bq * m * bk
+        ar0 = torch.arange(n0, device=dev)
+        head_rep = Hp == 1 and (H == 1 or not masked or _heads_share_masks(
+            plan, sbg, H, perm_h, max(1, (64 << 20) // rows_mask)))
+        if Hp == 1 and not head_rep:  # one mask instance per (super-block, head)
+            sb, sb_h = ar0.repeat_interleave(H), torch.arange(H, device=dev).repeat(n0)
+        else:
+            sb, sb_h = ar0, (torch.zeros_like(ar0) if Hp == 1 else sbg["hp"])
+        rep_b = torch.arange(B, device=dev) if Bp == 1 else torch.zeros(1, dtype=torch.long, device=dev)
+        rep_h = torch.arange(H, device=dev) if head_rep else torch.zeros(1, dtype=torch.long, device=dev)
+        rb, rh = rep_b.repeat_interleave(rep_h.numel()), rep_h.repeat(rep_b.numel())  # [rep]
+        rep = rb.numel()
+        rep_c = max(1, min(rep, CHUNK_BYTES // per_inst))
+        n_c = max(1, CHUNK_BYTES // (rep_c * per_inst)) if rep_c == rep else 1
+        for i0 in range(0, sb.numel(), n_c):
+            isb, ih = sb[i0:i0 + n_c], sb_h[i0:i0 + n_c]
+            margs = _mask_args(plan, sbg, isb, ih)
+            unit = dict(r=r, m=m, masked=masked, mask=margs if masked else None, add=None, empty=None, calls=[])
             if masked:
-                need = i.numel() * r * bq * m * bk * torch.finfo(dtype).bits // 8
+                need = isb.numel() * rows_mask * torch.finfo(dtype).bits // 8
                 if mask_bytes + need <= MASK_BUDGET_BYTES:
-                    g["add"], g["empty"] = _mask_parts(plan, g, perm_h, dtype)
+                    unit["add"], unit["empty"] = _mask_parts(plan, margs, perm_h, dtype)
                     mask_bytes += need
-            out.append(g)
+            for j0 in range(0, rep, rep_c):
+                jb, jh = rb[j0:j0 + rep_c], rh[j0:j0 + rep_c]
+                b = jb[:, None] if Bp == 1 else sbg["bp"][isb][None, :]  # [rep_c, n] (broadcast)
+                h = jh[:, None] if head_rep else ih[None, :]
+                b, h = torch.broadcast_tensors(b, h)
+                b, h = b.expand(jb.numel(), isb.numel()), h.expand(jb.numel(), isb.numel())
+                q_rows = ((b * H + h) * nqb)[..., None] + sbg["qb"][isb][None]  # [rep_c, n, r]
+                kv_rows = ((b * kvh + h // grp) * nkb)[..., None] + sbg["kb"][isb][None]  # [rep_c, n, m]
+                unit["calls"].append(dict(rep=jb.numel(), n=isb.numel(), q_rows=q_rows.flatten(),
+                                          kv_rows=kv_rows.flatten()))
+            out.append(unit)
     if len(cache) > 8:
         cache.clear()
     cache[ck] = out
     return out
 
 
-def _mask_parts(plan, g, perm_h, dtype):
-    """(additive float mask ``[N, 1, r*bq, m*bk]``, bool ``[N, r*bq, 1]`` rows with no allowed key
-    or False when there are none)."""
-    mask = _mask(plan, g, perm_h)
+def _mask_parts(plan, margs, perm_h, dtype):
+    """(additive float mask ``[1, n, r*bq, m*bk]``, bool ``[1, n, r*bq, 1]`` rows with no allowed
+    key, or False when there are none)."""
+    mask = _mask(plan, margs, perm_h)
     empty = ~mask.any(-1, keepdim=True)
-    return _additive(mask, dtype), (empty if bool(empty.any()) else False)
+    return _additive(mask, dtype), (empty[None] if bool(empty.any()) else False)
 
 
 def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
@@ -252,34 +286,35 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = qf.new_zeros(B * H * nqb, bq, Dv)
     lse = torch.full((B * H * nqb, bq), -math.inf, dtype=torch.float32, device=dev) if return_lse else None
-    for g in _groups(plan, B, H, kvh, (D + Dv) * qf.element_size(), cdt):
-        n, r, m = g["kv_rows"].numel() // g["m"], g["r"], g["m"]
-        qq = _gather(qf, g["q_rows"], None if grad else "q").view(n, 1, r * bq, D)
-        kk = _gather(kf, g["kv_rows"], None if grad else "k").view(n, 1, m * bk, D)
-        vv = _gather(vf, g["kv_rows"], None if grad else "v").view(n, 1, m * bk, Dv)
-        add, empty = g["add"], g["empty"]
-        if g["masked"] and add is None:  # over the mask budget: built per call
-            add, empty = _mask_parts(plan, g, perm_h, cdt)
-        l = None
-        if return_lse and not grad and _flash_cpu is not None and dev.type == "cpu" and D == Dv:
-            o, l = _flash_cpu(qq, kk, vv, attn_mask=add, scale=scale)  # LSE [N, 1, r * bq]
-            l = l.view(n, r * bq)
-        else:
-            o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=add, scale=scale)
-        o = o.view(n, r * bq, Dv)
-        if empty is not None and empty is not False:
-            o = o.masked_fill(empty, 0.0)  # rows with no allowed key: 0
-        o = o.reshape(n * r, bq, Dv)
-        out = out.index_copy(0, g["q_rows"], o) if o.requires_grad else out.index_copy_(0, g["q_rows"], o)
-        if return_lse:
-            if l is None:
-                s = torch.einsum("nqd,nkd->nqk", qq[:, 0], kk[:, 0]) * scale
-                if add is not None:
-                    s = s + add[:, 0]
-                l = torch.logsumexp(s, -1)
-            if empty is not None and empty is not False:
-                l = l.masked_fill(empty[..., 0], -math.inf)
-            lse.index_copy_(0, g["q_rows"], l.float().reshape(n * r, bq))
+    for u in _groups(plan, B, H, kvh, (D + Dv) * qf.element_size(), cdt):
+        r, m = u["r"], u["m"]
+        add, empty = u["add"], u["empty"]
+        if u["masked"] and add is None:  # over the mask budget: built per call
+            add, empty = _mask_parts(plan, u["mask"], perm_h, cdt)
+        has_empty = empty is not None and empty is not False
+        for c in u["calls"]:
+            rep, n = c["rep"], c["n"]
+            qq = _gather(qf, c["q_rows"], None if grad else "q").view(rep, n, r * bq, D)
+            kk = _gather(kf, c["kv_rows"], None if grad else "k").view(rep, n, m * bk, D)
+            vv = _gather(vf, c["kv_rows"], None if grad else "v").view(rep, n, m * bk, Dv)
+            l = None
+            if return_lse and not grad and _flash_cpu is not None and dev.type == "cpu" and D == Dv:
+                o, l = _flash_cpu(qq, kk, vv, attn_mask=add, scale=scale)  # LSE [rep, n, r * bq]
+            else:
+                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=add, scale=scale)
+            if has_empty:
+                o = o.masked_fill(empty, 0.0)  # rows with no allowed key: 0
+            o = o.reshape(rep * n * r, bq, Dv)
+            out = out.index_copy(0, c["q_rows"], o) if o.requires_grad else out.index_copy_(0, c["q_rows"], o)
+            if return_lse:
+                if l is None:
+                    s = torch.einsum("rnqd,rnkd->rnqk", qq, kk) * scale
+                    if add is not None:
+                        s = s + add
+                    l = torch.logsumexp(s, -1)
+                if has_empty:
+                    l = l.masked_fill(empty[..., 0], -math.inf)
+                lse.index_copy_(0, c["q_rows"], l.float().reshape(rep * n * r, bq))
     res = from_plan_order(out.view(B, H, nqb * bq, Dv)[:, :, :S], perm).transpose(1, 2).to(q.dtype)
     if return_lse:
         return res, from_plan_order(lse.view(B, H, nqb * bq)[:, :, :S].contiguous(), perm)

@@ -43,10 +43,18 @@ def _qkv(B, S, H, Hk, D, seed, dtype=torch.float32, Dv=None):
             torch.randn(B, S, Hk, Dv or D, generator=g, dtype=dtype))
 
 
-def _merging_plan(S, H, bq, bk, seed, batch=1, perm_heads=0, distinct=3):
-    """Random plan whose query blocks draw their kept key-block sets from only ``distinct`` sets per
-    (batch, head), with FULL / PARTIAL chosen per block independently: super-blocks form, and mix
-    both classes. The first query block keeps nothing (its rows must give 0 / LSE -inf)."""
+class _BandRule(TokenRule):
+    """Head-independent rule for PARTIAL blocks (a band): heads of a head-shared plan share masks."""
+
+    def __call__(self, h, q_idx, k_idx):
+        return (q_idx - k_idx).abs() <= 5
+
+
+def _merging_plan(S, H, bq, bk, seed, batch=1, perm_heads=0, distinct=3, rule=None):
+    """Random plan ``[batch, H]`` (1 = shared) whose query blocks draw their kept key-block sets
+    from only ``distinct`` sets per (batch, head), with FULL / PARTIAL chosen per block
+    independently: super-blocks form, and mix both classes. The first query block keeps nothing
+    (its rows must give 0 / LSE -inf)."""
     g = torch.Generator().manual_seed(seed)
     nqb, nkb = -(-S // bq), -(-S // bk)
     sets = torch.rand(batch, H, distinct, nkb, generator=g) < 0.5
@@ -56,13 +64,29 @@ def _merging_plan(S, H, bq, bk, seed, batch=1, perm_heads=0, distinct=3):
     cls = torch.where(kept, cls, torch.zeros_like(cls))
     cls[..., 0, :] = 0
     perm = torch.stack([torch.randperm(S, generator=g) for _ in range(perm_heads)]) if perm_heads else None
-    return plan_from_block_mask(cls, seq_len=S, block_q=bq, block_k=bk, rule=_ModRule(), perm=perm,
+    return plan_from_block_mask(cls, seq_len=S, block_q=bq, block_k=bk, rule=rule or _ModRule(), perm=perm,
                                 token_density=0.5)
+
+
+def token_mask(plan, H):
+    """Bool ``[Bp, H, S, S]`` in original token order, the rule evaluated at every one of the ``H``
+    heads (a head-shared plan's rule may still depend on the head)."""
+    S, dev = plan.seq_len, plan.device
+    cls = plan.block_classes()
+    tok = cls[:, :, torch.arange(S) // plan.block_q][:, :, :, torch.arange(S) // plan.block_k]  # plan order
+    perm = plan.perm if plan.perm is not None else torch.arange(S)[None]
+    out = torch.zeros(cls.shape[0], H, S, S, dtype=torch.bool)
+    for h in range(H):
+        hp = h if cls.shape[1] > 1 else 0
+        ph = perm[h if perm.shape[0] > 1 else 0]
+        allowed = (tok[:, hp] == FULL) | ((tok[:, hp] == PARTIAL) & plan.rule(torch.tensor(h), ph[:, None], ph[None, :]))
+        out[:, h][:, ph[:, None], ph[None, :]] = allowed  # plan position (i, j) -> tokens (ph[i], ph[j])
+    return out
 
 
 def _check(q, k, v, plan, scale=0.3, tol=2e-5):
     out, lse = block_sparse_attention_cpu(q, k, v, plan, scale=scale, return_lse=True)
-    ref, ref_lse = oracle(q, k, v, plan.token_mask(), scale)
+    ref, ref_lse = oracle(q, k, v, token_mask(plan, q.shape[2]), scale)
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))  # no allowed key: -inf, exactly there
     fin = torch.isfinite(ref_lse)
@@ -94,15 +118,19 @@ def test_neighborhood_plans_merge_on_the_cpu_path():
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=12, deadline=None)
 @given(S=st.integers(9, 70), H=st.sampled_from([1, 2, 4]), kv_div=st.sampled_from([1, 2]),
        bq=st.sampled_from([4, 8, 16]), bk=st.sampled_from([4, 8, 16]), batch=st.sampled_from([1, 2]),
-       perm_heads=st.sampled_from([0, 1, -1]), rows=st.sampled_from([1, 16, 64]),
-       distinct=st.integers(1, 4), seed=st.integers(0, 10 ** 6))
-def test_cpu_path_sweep_matches_oracle(S, H, kv_div, bq, bk, batch, perm_heads, rows, distinct, seed):
+       shared=st.sampled_from(["none", "batch", "heads", "both"]), perm_heads=st.sampled_from([0, 1, -1]),
+       band=st.booleans(), rows=st.sampled_from([1, 16, 64]), distinct=st.integers(1, 4),
+       seed=st.integers(0, 10 ** 6))
+def test_cpu_path_sweep_matches_oracle(S, H, kv_div, bq, bk, batch, shared, perm_heads, band, rows, distinct, seed):
     Hk = max(1, H // kv_div)
-    plan = _merging_plan(S, H, bq, bk, seed, batch=batch, perm_heads=H if perm_heads < 0 else perm_heads,
-                         distinct=distinct)
+    Bp = 1 if shared in ("batch", "both") else batch
+    Hp = 1 if shared in ("heads", "both") else H
+    ph = Hp if perm_heads < 0 else perm_heads  # per-head orders only on per-head plans
+    plan = _merging_plan(S, Hp, bq, bk, seed, batch=Bp, perm_heads=ph, distinct=distinct,
+                         rule=_BandRule() if band else None)
     q, k, v = _qkv(batch, S, H, Hk, 8, seed + 1, Dv=12)
     old = cpu_gather.QUERY_ROWS
     cpu_gather.QUERY_ROWS = rows
@@ -110,6 +138,19 @@ def test_cpu_path_sweep_matches_oracle(S, H, kv_div, bq, bk, batch, perm_heads, 
         _check(q, k, v, plan)
     finally:
         cpu_gather.QUERY_ROWS = old
+
+
+@pytest.mark.parametrize("band", [True, False])
+def test_head_shared_plans_store_one_mask_per_super_block_when_heads_agree(band):
+    plan = _merging_plan(S=64, H=1, bq=8, bk=8, seed=15, rule=_BandRule() if band else None)
+    H = 4
+    units = [u for u in cpu_gather._groups(plan, 2, H, H, 2 * 16 * 4, torch.float32) if u["masked"]]
+    n_masks = sum(u["add"].shape[1] for u in units)
+    n_sb = sum(g["bp"].numel() for g in cpu_gather._super_blocks(plan, cpu_gather.QUERY_ROWS) if g["masked"])
+    assert n_masks == (n_sb if band else n_sb * H)  # the head-dependent rule keeps one per head
+    assert all(c["rep"] == (2 * H if band else 2) for u in units for c in u["calls"])  # batch always shares
+    q, k, v = _qkv(2, 64, H, 2, 16, seed=16)
+    _check(q, k, v, plan)
 
 
 def test_chunking_and_per_call_masks_give_the_same_result(monkeypatch):
@@ -141,7 +182,7 @@ def test_gradients_match_the_float64_oracle():
     (out * w).sum().backward(inputs=[q, k, v])
     grads = [t.grad.clone() for t in (q, k, v)]
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref, _ = oracle(qd, kd, vd, plan.token_mask(), 0.5)
+    ref, _ = oracle(qd, kd, vd, token_mask(plan, 2), 0.5)
     (ref * w.double()).sum().backward()
     for got, want in zip(grads, (qd.grad, kd.grad, vd.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
@@ -150,7 +191,7 @@ def test_gradients_match_the_float64_oracle():
     _, lse2 = block_sparse_attention_cpu(qd2, k.detach(), v.detach(), plan, scale=0.5, return_lse=True)
     lse2[fin].sum().backward()
     qo = q.detach().double().requires_grad_()
-    _, ref_lse = oracle(qo, k.detach(), v.detach(), plan.token_mask(), 0.5)
+    _, ref_lse = oracle(qo, k.detach(), v.detach(), token_mask(plan, 2), 0.5)
     ref_lse[fin].sum().backward()
     torch.testing.assert_close(qd2.grad.double(), qo.grad, atol=1e-5, rtol=1e-5)
 
