@@ -4,18 +4,21 @@
 How a call is organised (everything but the gathers and the SDPA calls is computed once per plan
 and cached with it):
 
-* **Query super-blocks.** Query blocks of one (batch, head) that keep exactly the same set of key
+* **Query super-blocks.** Query blocks of one plan (batch, head) that keep exactly the same set of key
   blocks (common in tiled neighborhoods: every query tile of a T-column whose window spans the
   clip, every border tile) are concatenated, up to ``VIDATTN_CPU_QUERY_ROWS`` (default 768) rows,
   into one SDPA query. Longer queries run SDPA's CPU flash kernel with larger query tiles (about
   1.5x the throughput of 64-row queries on AVX-512) and gather each key set once, not once per block.
-* **Batched calls.** Super-blocks with the same (rows, kept key blocks, masked or not) over batch and
-  heads are batched into one SDPA call. Those whose kept keys are all full (and inside the
-  sequence) run without a mask; the others carry SDPA's additive float mask (0 / -inf), built from
-  the full / partial class of each (query block, key block), the plan's token rule on partial
-  blocks and the ragged sequence tail (within ``VIDATTN_CPU_MASK_BUDGET_BYTES``, default 1 GiB, of
-  cached masks; beyond it the masks are built per call). A float mask keeps SDPA on its fused
-  kernel (a bool mask is about 1.4x slower there).
+* **Batched calls.** Super-blocks with the same (rows, kept key blocks, masked or not) run as one
+  SDPA call ``[rep, n, rows, D]`` over batch and heads. Those whose kept keys are all full (and
+  inside the sequence) run without a mask; the others carry SDPA's additive float mask (0 / -inf),
+  built from the full / partial class of each (query block, key block), the plan's token rule on
+  partial blocks and the ragged sequence tail. A mask is stored once per (super-block, head) and
+  broadcast over the ``rep`` axis: the batch always, and the heads too when every head's mask is
+  the same (checked exactly when the plan is first run), so the cache does not grow with
+  ``B * H``. Masks are cached within ``VIDATTN_CPU_MASK_BUDGET_BYTES`` (default 1 GiB; beyond it
+  they are rebuilt per call, which costs several times the attention). A float mask keeps SDPA on
+  its fused kernel (a bool mask is about 1.4x slower there).
 * **Gathers into reused buffers.** Without autograd, the gathered Q/K/V of a call go into
   per-thread work buffers that live across calls (fresh multi-MiB allocations are page-faulted in
   by the OS on every call, which cost as much as the gather itself); each SDPA call gathers at

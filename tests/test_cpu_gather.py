@@ -79,7 +79,8 @@ def token_mask(plan, H):
     for h in range(H):
         hp = h if cls.shape[1] > 1 else 0
         ph = perm[h if perm.shape[0] > 1 else 0]
-        allowed = (tok[:, hp] == FULL) | ((tok[:, hp] == PARTIAL) & plan.rule(torch.tensor(h), ph[:, None], ph[None, :]))
+        rule = plan.rule(torch.tensor(h), ph[:, None], ph[None, :])
+        allowed = (tok[:, hp] == FULL) | ((tok[:, hp] == PARTIAL) & rule)
         out[:, h][:, ph[:, None], ph[None, :]] = allowed  # plan position (i, j) -> tokens (ph[i], ph[j])
     return out
 
