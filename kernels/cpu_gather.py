@@ -87,6 +87,27 @@ def _gather(x: torch.Tensor, rows: torch.Tensor, slot: Optional[str]) -> torch.T
     return torch.index_select(x, 0, rows, out=_buffer(slot, (rows.numel(),) + tuple(x.shape[1:]), x))
 
 
+def _to_plan(x: torch.Tensor, perm: Optional[torch.Tensor], heads: int, dtype) -> torch.Tensor:
+    """``[B, S, Hx, D]`` -> ``[B, heads, S, D]`` (heads repeated for GQA) in the plan's token order,
+    in ``dtype``, contiguous. A shared order is one ``index_select`` (no full-size gather index)."""
+    x = expand_kv_heads(x.transpose(1, 2), heads)
+    if perm is None:
+        x = x.contiguous()
+    elif perm.shape[0] == 1:
+        x = x.index_select(2, perm[0])
+    else:
+        x = to_plan_order(x, perm)
+    return x.to(dtype)
+
+
+def _inverse(plan: BlockPlan) -> torch.Tensor:
+    """Inverse of a shared token order ``plan.perm[0]`` (cached per plan)."""
+    cache = _plans.setdefault(plan, {})
+    if "inv" not in cache:
+        cache["inv"] = torch.argsort(plan.perm[0])
+    return cache["inv"]
+
+
 def _super_blocks(plan: BlockPlan, rows_max: int):
     """Plan-level query super-blocks: query blocks of one (plan batch, plan head) with identical
     kept key-block sets, in runs of at most ``max(1, rows_max // block_q)`` blocks.
@@ -282,9 +303,9 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bq, bk, nqb, nkb = plan.block_q, plan.block_k, plan.num_q_blocks, plan.num_k_blocks
     perm = plan.perm
     kvh = H if perm is not None and perm.shape[0] > 1 else Hk  # per-head orders need one K/V per head
-    qf = _blocks(to_plan_order(q.transpose(1, 2).to(cdt), perm), bq, nqb)  # [B * H * NQB, bq, D]
-    kf = _blocks(to_plan_order(expand_kv_heads(k.transpose(1, 2), kvh).to(cdt), perm), bk, nkb)
-    vf = _blocks(to_plan_order(expand_kv_heads(v.transpose(1, 2), kvh).to(cdt), perm), bk, nkb)
+    qf = _blocks(_to_plan(q, perm, H, cdt), bq, nqb)  # [B * H * NQB, bq, D]
+    kf = _blocks(_to_plan(k, perm, kvh, cdt), bk, nkb)
+    vf = _blocks(_to_plan(v, perm, kvh, cdt), bk, nkb)
     perm_h = (perm if perm is not None else torch.arange(S, device=dev)[None]).expand(H, S)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     out = qf.new_zeros(B * H * nqb, bq, Dv)
@@ -318,7 +339,11 @@ def block_sparse_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 if has_empty:
                     l = l.masked_fill(empty[..., 0], -math.inf)
                 lse.index_copy_(0, c["q_rows"], l.float().reshape(rep * n * r, bq))
-    res = from_plan_order(out.view(B, H, nqb * bq, Dv)[:, :, :S], perm).transpose(1, 2).to(q.dtype)
-    if return_lse:
-        return res, from_plan_order(lse.view(B, H, nqb * bq)[:, :, :S].contiguous(), perm)
-    return res
+    out = out.view(B, H, nqb * bq, Dv)[:, :, :S]
+    lse = lse.view(B, H, nqb * bq)[:, :, :S] if return_lse else None
+    if perm is not None and perm.shape[0] == 1:  # one shared order: undo it with one index_select
+        inv = _inverse(plan)
+        res = out.transpose(1, 2).index_select(1, inv).to(q.dtype)  # [B, S, H, Dv], contiguous
+        return (res, lse.index_select(2, inv)) if return_lse else res
+    res = from_plan_order(out, perm).transpose(1, 2).to(q.dtype)
+    return (res, from_plan_order(lse.contiguous(), perm)) if return_lse else res
