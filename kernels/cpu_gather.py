@@ -229,7 +229,7 @@ def _groups(plan: BlockPlan, B: int, H: int, kvh: int, item_bytes: int, dtype) -
         rows_mask = r * bq * m * bk
         ar0 = torch.arange(n0, device=dev)
         head_rep = Hp == 1 and (H == 1 or not masked or _heads_share_masks(
-            plan, sbg, H, perm_h, max(1, (64 << 20) // rows_mask)))
+            plan, sbg, H, perm_h, max(1, (8 << 20) // rows_mask)))  # rule temporaries <= ~64 MiB
         if Hp == 1 and not head_rep:  # one mask instance per (super-block, head)
             sb, sb_h = ar0.repeat_interleave(H), torch.arange(H, device=dev).repeat(n0)
         else:
@@ -240,6 +240,8 @@ def _groups(plan: BlockPlan, B: int, H: int, kvh: int, item_bytes: int, dtype) -
         rep = rb.numel()
         rep_c = max(1, min(rep, CHUNK_BYTES // per_inst))
         n_c = max(1, CHUNK_BYTES // (rep_c * per_inst)) if rep_c == rep else 1
+        if masked:  # a unit's float mask stays within CHUNK_BYTES too (the rule's temporaries within ~2x)
+            n_c = min(n_c, max(1, CHUNK_BYTES // (rows_mask * torch.finfo(dtype).bits // 8)))
         for i0 in range(0, sb.numel(), n_c):
             isb, ih = sb[i0:i0 + n_c], sb_h[i0:i0 + n_c]
             margs = _mask_args(plan, sbg, isb, ih)
