@@ -53,6 +53,12 @@ __all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "sparse_attenti
            "cp_degrees", "bench_worker"]
 
 
+def _compat():
+    from vidattn.pipelines import diffusers_compat
+
+    return diffusers_compat
+
+
 # =============================================================================== geometry
 def cp_degrees(parallel_config) -> Tuple[int, int]:
     """``(ring_degree, ulysses_degree)`` of a diffusers ``ParallelConfig``."""
@@ -169,7 +175,7 @@ def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal
     R, U = int(cp.ring_degree), int(cp.ulysses_degree)
     world = R * U
     H_loc = query.shape[2]
-    head_off = int(cp._ulysses_local_rank) * H_loc if U > 1 else 0
+    head_off = int(_compat().cp_mesh(cp)["ulysses"].get_local_rank()) * H_loc if U > 1 else 0
     total = H_loc * U
     text_split = state.info.cp_text_split
     if R == 1:  # Ulysses: the full sequence, a slice of the heads
@@ -185,8 +191,8 @@ def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal
         lse = torch.full(query.shape[:3], float("-inf"), dtype=torch.float32, device=query.device)
         return out, lse
     ctx.save_for_backward(query, key, value)
-    group = cp._ring_mesh.get_group()
-    r = int(cp._ring_local_rank)
+    ring = _compat().cp_mesh(cp)["ring"]
+    group, r = ring.get_group(), int(ring.get_local_rank())
     s = query.shape[1]
     S = s * R
     # gathered order: ring chunk c = concat over the Ulysses ranks of shards c*U + u = flattened CP order
@@ -272,16 +278,12 @@ def sparse_attention_cp(proc, query, key, value, layout, scale, return_lse, para
     Returns:
         ``[B, S / world, H, D]`` (and the LSE ``[B, S / world, H]`` with ``return_lse``).
     """
-    from vidattn.pipelines.diffusers_backend import check_diffusers
-
-    ad = check_diffusers()
     R, U = cp_degrees(parallel_config)
     if query.shape[2] % U:
         raise ValueError(f"Ulysses degree {U} must divide the {query.shape[2]} attention heads")
     fwd = functools.partial(_forward_op, proc=proc, layout=layout, state=state, layer=layer)
-    return ad._templated_context_parallel_attention(query, key, value, None, 0.0, False, scale, False, return_lse,
-                                                    forward_op=fwd, backward_op=_backward_op,
-                                                    _parallel_config=parallel_config)
+    return _compat().templated_cp_attention(query, key, value, None, 0.0, False, scale, False, return_lse,
+                                            forward_op=fwd, backward_op=_backward_op, parallel_config=parallel_config)
 
 
 # =============================================================================== load balance
