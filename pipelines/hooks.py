@@ -60,6 +60,8 @@ class AttentionStats:
     token_densities: layer index -> token density of that plan (fraction of (query, key) pairs).
     steps_seen: denoising steps seen since the last reset.
     cp_calls: sparse calls run under diffusers context parallelism (Ulysses / Ring / both).
+    ring_shard_calls: Ring steps run with a per-(query shard, key shard) plan slice.
+    ring_gathered_calls: sparse Ring calls that fell back to all-gathered K/V (one warning says why).
     head_work: layer -> per-head block counts of the last plan under Ulysses (global head ids;
         the local heads only), for the head load-balance report.
     """
@@ -72,11 +74,13 @@ class AttentionStats:
     token_densities: Dict[int, float] = field(default_factory=dict)
     steps_seen: int = 0
     cp_calls: int = 0
+    ring_shard_calls: int = 0
+    ring_gathered_calls: int = 0
     head_work: Dict[int, Dict[int, float]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Zero the counters (layout / grid kept)."""
-        self.sparse_calls = self.dense_calls = self.cp_calls = 0
+        self.sparse_calls = self.dense_calls = self.cp_calls = self.ring_shard_calls = self.ring_gathered_calls = 0
         self.densities.clear()
         self.token_densities.clear()
         self.head_work.clear()

@@ -45,12 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
+import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "sparse_attention_cp", "head_balance",
-           "cp_degrees", "bench_worker"]
+__all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "shard_plan", "rows_attend_own_shard", "RingShards",
+           "ring_shards", "sparse_attention_cp", "head_balance", "cp_degrees", "bench_worker"]
 
 
 def _compat():
@@ -157,6 +159,184 @@ def restrict_plan_rows(plan, rows: torch.Tensor):
     return _replace(plan, kv_num_blocks=plan.kv_num_blocks * keep, full_kv_num_blocks=plan.full_kv_num_blocks * keep)
 
 
+
+# =============================================================================== Ring: per-shard plans
+class ShardRule:
+    """A plan's token rule on a shard pair: local query / key index ``i`` is global token
+    ``q_tokens[i]`` / ``k_tokens[i]`` (LongTensors ``[s]``, canonical order). No kernel form:
+    kernels evaluate it as per-block masks."""
+
+    def __init__(self, rule, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
+        self.rule, self.q_tokens, self.k_tokens = rule, q_tokens, k_tokens
+
+    def __call__(self, h, q_idx, k_idx):
+        return self.rule(h, self.q_tokens[q_idx], self.k_tokens[k_idx])
+
+    def kernel_form(self):
+        return None
+
+
+def _local_blocks(perm: Optional[torch.Tensor], tokens: torch.Tensor, block: int, S: int):
+    """For a shard of canonical tokens ``tokens [s]`` and a plan order ``perm [Hp, S]`` (None =
+    identity): ``(blocks [Hp, s/block]`` the global plan-block ids the shard is made of, ascending;
+    ``local_perm [Hp, s]`` the shard's local indices in that plan order``)``, or None when the
+    shard is not exactly a union of whole plan blocks (for every head)."""
+    s = tokens.numel()
+    if s % block:
+        return None
+    dev = tokens.device
+    perm = torch.arange(S, device=dev)[None] if perm is None else perm.to(dev)
+    hp = perm.shape[0]
+    inv = torch.empty_like(perm)
+    inv.scatter_(1, perm, torch.arange(S, device=dev).expand(hp, S).contiguous())
+    pos, local_perm = inv[:, tokens].sort(dim=1)  # plan positions of the shard's tokens, ascending
+    chunks = pos.view(hp, s // block, block)
+    start = chunks[:, :, :1]
+    if bool((start % block != 0).any()) or not bool((chunks == start + torch.arange(block, device=dev)).all()):
+        return None
+    return start[:, :, 0] // block, local_perm
+
+
+def _take(t: torch.Tensor, dim: int, ix: torch.Tensor, heads: int) -> torch.Tensor:
+    """``t [Bp, Hx, ...]`` (Hx = 1 or ``heads``) gathered along ``dim`` with per-head ``ix [heads, n]``."""
+    shape = list(t.shape)
+    shape[1] = heads
+    t = t.expand(shape)
+    view = [1] * t.dim()
+    view[1], view[dim] = heads, ix.shape[1]
+    out_shape = list(shape)
+    out_shape[dim] = ix.shape[1]
+    return t.gather(dim, ix.view(view).expand(out_shape))
+
+
+def _perm_or_none(local_perm: torch.Tensor) -> Optional[torch.Tensor]:
+    return None if _identity_perm(local_perm) else local_perm
+
+
+def shard_plan(plan, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
+    """The global ``plan`` sliced to one (query shard, key shard) pair in global block
+    coordinates: a plan of ``s = len(q_tokens)`` tokens (local indices into the shards) whose
+    query blocks are the global plan blocks the query shard is made of and whose key blocks the
+    key shard's, listing only the global plan's (query block, key block) pairs inside the pair;
+    its token order (``perm`` / ``kv_perm``) is the global plan order restricted to the shards.
+    Returns the plan, or a string saying why the pair cannot be sliced (the caller falls back to
+    the all-gather path): a shard that is not a union of whole plan blocks, an output epilogue."""
+    rect = plan.rectification
+    if rect is not None and rect.has_epilogue:
+        return "the plan has an output epilogue (not mergeable by LSE)"
+    if q_tokens.numel() != k_tokens.numel():
+        return "query and key shards differ in length"
+    dev = plan.kv_num_blocks.device
+    q_tokens, k_tokens = q_tokens.to(dev), k_tokens.to(dev)
+    ql = _local_blocks(plan.perm, q_tokens, plan.block_q, plan.seq_len)
+    kl = _local_blocks(plan.key_perm, k_tokens, plan.block_k, plan.seq_len)
+    if ql is None or kl is None:
+        return (f"shard boundaries ({q_tokens.numel()} tokens) are not on block boundaries of the plan "
+                f"({plan.block_q} x {plan.block_k} in its token order)")
+    (qb, qperm), (kb, kperm) = ql, kl
+    he = max(plan.plan_heads, qb.shape[0], kb.shape[0])
+    qb, kb = qb.expand(he, -1), kb.expand(he, -1)
+    nk = kb.shape[1]
+    kmap = torch.full((he, plan.num_k_blocks), -1, dtype=torch.long, device=dev)
+    kmap.scatter_(1, kb, torch.arange(nk, device=dev).expand(he, nk).contiguous())
+
+    def sub(num, idx):
+        num, idx = _take(num, 2, qb, he), _take(idx, 2, qb, he)
+        bp, m = idx.shape[0], idx.shape[-1]
+        loc = kmap[None].expand(bp, he, -1).gather(2, idx.long().reshape(bp, he, -1)).view(idx.shape)
+        keep = (torch.arange(m, device=dev) < num[..., None]) & (loc >= 0)
+        order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+        loc, keep = loc.gather(-1, order), keep.gather(-1, order)
+        return keep.sum(-1).to(num.dtype), torch.where(keep, loc, 0).to(idx.dtype)
+
+    kvn, kvi = sub(plan.kv_num_blocks, plan.kv_indices)
+    fn, fi = sub(plan.full_kv_num_blocks, plan.full_kv_indices)
+    if rect is not None:
+        pick = lambda t: None if t is None else _take(_take(t, 2, qb, he), 3, kb, he)  # noqa: E731
+        pool = lambda t: None if t is None else _take(t, 2, kb, he)  # noqa: E731
+        rect = dataclasses.replace(rect, kept_log_scale=pick(rect.kept_log_scale),
+                                   pooled_log_weight=pick(rect.pooled_log_weight), pooled_k=pool(rect.pooled_k),
+                                   pooled_v=pool(rect.pooled_v))
+    qp, kp = _perm_or_none(qperm), _perm_or_none(kperm)
+    if qp is not None or kp is not None:
+        s = q_tokens.numel()
+        ident = torch.arange(s, device=dev)[None]
+        qp = (ident if qp is None else qp).expand(he, s)
+        kp = (ident if kp is None else kp).expand(he, s)
+    rule = None if plan.rule is None else ShardRule(plan.rule, q_tokens, k_tokens)
+    return _replace(plan, seq_len=int(q_tokens.numel()), kv_num_blocks=kvn, kv_indices=kvi, full_kv_num_blocks=fn,
+                    full_kv_indices=fi, rule=rule, perm=qp, kv_perm=kp, rectification=rect)
+
+
+def _identity_perm(perm: torch.Tensor) -> bool:
+    return bool((perm == torch.arange(perm.shape[-1], device=perm.device)).all())
+
+
+def rows_attend_own_shard(sub) -> bool:
+    """Whether every query row of a (shard, same shard) plan attends at least one key: a full
+    block, or its diagonal block listed as partial with the rule admitting each token itself.
+    diffusers' Ring merge starts from the own-shard result, and a row with LSE ``-inf`` there
+    would turn the merge into NaN."""
+    ok = sub.full_kv_num_blocks > 0  # [Bp, Hp, NQB]
+    if sub.rule is not None and sub.block_q == sub.block_k:
+        j = torch.arange(sub.num_q_blocks, device=ok.device)
+        listed = torch.arange(sub.kv_indices.shape[-1], device=ok.device) < sub.kv_num_blocks[..., None]
+        diag = ((sub.kv_indices == j[:, None]) & listed).any(-1)
+        t = torch.arange(sub.seq_len, device=ok.device)
+        hp = sub.kv_num_blocks.shape[1]
+        selfok = sub.rule(torch.arange(hp, device=ok.device)[:, None], t[None], t[None])
+        selfok = selfok.expand(hp, sub.seq_len).reshape(hp, -1, sub.block_q).all(-1)  # [Hp, NQB]
+        ok = ok | (diag & selfok[None])
+    return bool(ok.all())
+
+
+class RingShards:
+    """The per-(query shard, key shard) plans of one global plan on a ring of ``R`` chunks of
+    ``s`` tokens (``tokens[r]``: canonical ids of chunk ``r``), built lazily; ``reason`` is None
+    when every pair slices and every chunk's rows attend inside their own chunk, else why not
+    (then the all-gather path runs). The decision uses every chunk, so every rank takes it alike."""
+
+    def __init__(self, plan, tokens: List[torch.Tensor]):
+        self.plan, self.tokens = plan, tokens
+        self._subs: Dict[Tuple[int, int], object] = {}
+        self.reason = None
+        for r in range(len(tokens)):
+            sub = self.sub(r, r)
+            if isinstance(sub, str):
+                self.reason = sub
+                break
+            if not rows_attend_own_shard(sub):
+                self.reason = "a query row attends no key of its own shard (diffusers' LSE merge needs one)"
+                break
+
+    def sub(self, r: int, c: int):
+        key = (r, c)
+        if key not in self._subs:
+            self._subs[key] = shard_plan(self.plan, self.tokens[r], self.tokens[c])
+        return self._subs[key]
+
+
+_ring_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def ring_shards(plan, layout, R: int, world: int, text_split: bool, device) -> RingShards:
+    """:class:`RingShards` of ``plan`` (cached per static plan object)."""
+    key = (R, world, text_split)
+    per = _ring_cache.get(plan)
+    if per is not None and key in per:
+        return per[key]
+    S = int(layout.seq_len)
+    order = cp_order(layout, world, text_split, device=device)
+    canon = order[0] if order is not None else torch.arange(S, device=device)
+    s = S // R
+    res = RingShards(plan, [canon[r * s:(r + 1) * s] for r in range(R)])
+    try:
+        _ring_cache.setdefault(plan, {})[key] = res
+    except TypeError:  # pragma: no cover - plan type without weak references
+        pass
+    return res
+
+
 # =============================================================================== the forward op
 def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     """All-gather ``[B, s, H, D]`` along the sequence over ``group`` (rank order)."""
@@ -168,31 +348,109 @@ def _all_gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _forward_op(ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                return_lse=False, _save_ctx=True, _parallel_config=None, *, proc, layout, state, layer):
-    """diffusers templated-CP forward op (``[B, s, h, D]`` in and out, LSE ``[B, s, h]``)."""
-    cp = _parallel_config.context_parallel_config
-    R, U = int(cp.ring_degree), int(cp.ulysses_degree)
-    world = R * U
-    H_loc = query.shape[2]
-    head_off = int(_compat().cp_mesh(cp)["ulysses"].get_local_rank()) * H_loc if U > 1 else 0
-    total = H_loc * U
-    text_split = state.info.cp_text_split
-    if R == 1:  # Ulysses: the full sequence, a slice of the heads
-        if _save_ctx:
+class _CpOp:
+    """diffusers templated-CP forward op for one sparse attention call (``[B, s, h, D]`` in and
+    out, LSE ``[B, s, h]``). diffusers' Ring calls it once per ring step ``i`` with the key/value
+    chunk of ring rank ``(r + i) % R`` (step 0: its own); the call count gives ``i``."""
+
+    def __init__(self, proc, layout, state, layer):
+        self.proc, self.layout, self.state, self.layer = proc, layout, state, layer
+        self.calls = 0
+        self.shards = None
+        self.gathered = False
+
+    def __call__(self, ctx, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                 enable_gqa=False, return_lse=False, _save_ctx=True, _parallel_config=None):
+        proc, layout, state, layer = self.proc, self.layout, self.state, self.layer
+        cp = _parallel_config.context_parallel_config
+        R, U = int(cp.ring_degree), int(cp.ulysses_degree)
+        world = R * U
+        H_loc = query.shape[2]
+        mesh = _compat().cp_mesh(cp)
+        head_off = int(mesh["ulysses"].get_local_rank()) * H_loc if U > 1 else 0
+        total = H_loc * U
+        text_split = state.info.cp_text_split
+        if R == 1:  # Ulysses: the full sequence, a slice of the heads
+            if _save_ctx:
+                ctx.save_for_backward(query, key, value)
+                ctx.vidattn = (proc, layout, state, layer, scale, head_off, total, world, text_split)
+            out, lse = _ulysses_compute(proc, query, key, value, layout, scale, head_off, total, world, text_split,
+                                        return_lse, state, layer)
+            return (out, lse) if return_lse else out
+        step = self.calls
+        self.calls += 1
+        ring = mesh["ring"]
+        r = int(ring.get_local_rank())
+        if step == 0:
             ctx.save_for_backward(query, key, value)
-            ctx.vidattn = (proc, layout, state, layer, scale, head_off, total, world, text_split)
-        out, lse = _ulysses_compute(proc, query, key, value, layout, scale, head_off, total, world, text_split,
-                                    return_lse, state, layer)
-        return (out, lse) if return_lse else out
-    # Ring (or unified): answer everything on the first KV shard, no-ops on the others
-    if not _save_ctx:
-        out = torch.zeros_like(query)
-        lse = torch.full(query.shape[:3], float("-inf"), dtype=torch.float32, device=query.device)
+            plan, why = _ring_plan(proc, query, key, value, layout, scale, head_off, total, R, world, text_split,
+                                   ring.get_group())
+            if why is None:
+                self.shards = ring_shards(plan, layout, R, world, text_split, query.device)
+                why = self.shards.reason
+            if why is not None:
+                _warn_once(f"ring:{type(proc.pattern).__name__}:{why}",
+                           f"vidattn Ring: {why}; {type(proc.pattern).__name__} runs on all-gathered K/V instead of "
+                           f"per-shard plans")
+                self.gathered = True
+                _count(state, "ring_gathered_calls")
+                return _ring_gathered(proc, query, key, value, layout, scale, head_off, total, R, r, world,
+                                      text_split, ring.get_group(), state, layer)
+            _record(proc, state, layout, layer, plan, head_off, H_loc)
+        if self.gathered:  # the whole answer came on step 0: an exact no-op in diffusers' merge
+            return torch.zeros_like(query), torch.full(query.shape[:3], float("-inf"), dtype=torch.float32,
+                                                       device=query.device)
+        sub = self.shards.sub(r, (r + step) % R)
+        from vidattn.attention import run_plan
+
+        out, lse = run_plan(query, key, value, sub, backend=proc.backend, scale=scale, return_lse=True)
+        lse = lse.transpose(1, 2).contiguous()  # [B, s, h]
+        out = torch.where(torch.isfinite(lse)[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+        _count(state, "ring_shard_calls")
         return out, lse
-    ctx.save_for_backward(query, key, value)
-    ring = _compat().cp_mesh(cp)["ring"]
-    group, r = ring.get_group(), int(ring.get_local_rank())
+
+
+_warned: set = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _count(state, name: str) -> None:
+    if not torch.compiler.is_compiling():
+        setattr(state.stats, name, getattr(state.stats, name) + 1)
+
+
+def _ring_plan(proc, query, key, value, layout, scale, head_off, total, R, world, text_split, group):
+    """The global plan of this call's heads for the per-shard Ring path, or ``(None, reason)``.
+    Static patterns plan from the layout alone; dynamic ones from q/k/v gathered over the ring
+    group (so the block statistics are pooled over the full sequence and every rank selects the
+    same blocks)."""
+    p = proc.pattern
+    if proc.heads is not None:
+        return None, "heads= subsets mix sparse and dense heads"
+    H = query.shape[2]
+    ids = None if (head_off == 0 and total == H) else list(range(head_off, head_off + H))
+    if not p.is_dynamic:
+        p.validate(layout)
+        plan = p.plan(layout, num_heads=total, device=query.device)
+        return (plan if ids is None else slice_plan_heads(plan, ids, total)), None
+    q_all, k_all, v_all = (_all_gather_seq(t, group) for t in (query, key, value))
+    order = cp_order(layout, world, text_split, device=query.device)
+    if order is not None:
+        q_all, k_all, v_all = (t.index_select(1, order[1]) for t in (q_all, k_all, v_all))
+    return proc._plan(q_all, k_all, v_all, layout, scale, ids, total), None
+
+
+def _ring_gathered(proc, query, key, value, layout, scale, head_off, total, R, r, world, text_split, group, state,
+                   layer):
+    """Ring fallback: the whole answer of this rank's rows on the first ring step, from K/V (and
+    Q for dynamic patterns) all-gathered over the ring group and the global plan restricted to
+    the local query blocks."""
+    H_loc = query.shape[2]
     s = query.shape[1]
     S = s * R
     # gathered order: ring chunk c = concat over the Ulysses ranks of shards c*U + u = flattened CP order
@@ -281,7 +539,7 @@ def sparse_attention_cp(proc, query, key, value, layout, scale, return_lse, para
     R, U = cp_degrees(parallel_config)
     if query.shape[2] % U:
         raise ValueError(f"Ulysses degree {U} must divide the {query.shape[2]} attention heads")
-    fwd = functools.partial(_forward_op, proc=proc, layout=layout, state=state, layer=layer)
+    fwd = _CpOp(proc, layout, state, layer)
     return _compat().templated_cp_attention(query, key, value, None, 0.0, False, scale, False, return_lse,
                                             forward_op=fwd, backward_op=_backward_op, parallel_config=parallel_config)
 

@@ -27,6 +27,7 @@ def patterns(family):
     ks = (1, 3, 3) if family == "wan" else (3, 3)
     out = {"neighborhood": lambda: vidattn.Neighborhood(kernel_size=ks, block_size=8),
            "rectified": lambda: RectifiedSparse(block_size=8, keep=0.5),
+           "rectified_joint": lambda: RectifiedSparse(block_size=8, keep=0.5, method="joint"),
            "dense": lambda: vidattn.Dense()}
     if family == "wan":  # both need a (T, H, W) video grid
         out["radial"] = lambda: Radial(block_size=8, decay_factor=0.5, sink_frames=0)
@@ -72,7 +73,8 @@ def run_cases(rank, world):
                     out = run(model, inputs)
                     res[key] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
                                     dense_calls=h.dense_calls, sparse_vs_dense=_diff(ref[name], ref["dense"])["abs"],
-                                    head_work={k: dict(v) for k, v in h.stats.head_work.items()})
+                                    head_work={k: dict(v) for k, v in h.stats.head_work.items()},
+                                    ring_shard=h.stats.ring_shard_calls, ring_gathered=h.stats.ring_gathered_calls)
                     vidattn.remove(model)
                     assert all(model.attn_processors[k] is v for k, v in originals.items())
                 except Exception:
@@ -123,6 +125,26 @@ def run_cases(rank, world):
                     vidattn.remove(model)
                 except Exception:
                     res[key] = dict(error=traceback.format_exc())
+    # Ring per-shard plans on FLUX: 16 text + 8x8 image tokens, so each shard's [text_r, image_r]
+    # (8 + 32 tokens) is whole blocks of 8
+    model, inputs, _ = tiny_flux(height=8, width=8, text=16)
+    pats = patterns("flux")
+    ref = {}
+    for name in ("neighborhood", "rectified_joint"):
+        vidattn.apply(model, pats[name]())
+        ref[name] = run(model, inputs)
+        vidattn.remove(model)
+    model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    for name in ("neighborhood", "rectified_joint"):
+        key = f"flux16/ring/parallel-then-apply/{name}"
+        try:
+            h = vidattn.apply(model, pats[name]())
+            out = run(model, inputs)
+            res[key] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
+                            ring_shard=h.stats.ring_shard_calls, ring_gathered=h.stats.ring_gathered_calls)
+            vidattn.remove(model)
+        except Exception:
+            res[key] = dict(error=traceback.format_exc())
     return res
 
 

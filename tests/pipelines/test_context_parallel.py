@@ -38,7 +38,7 @@ def _case(results, key):
     return r
 
 
-FAMILY_PATTERNS = {"wan": ["neighborhood", "radial", "permuted_grid", "rectified", "dense"],
+FAMILY_PATTERNS = {"wan": ["neighborhood", "radial", "permuted_grid", "rectified", "rectified_joint", "dense"],
                    "flux": ["neighborhood", "rectified", "dense"]}  # Radial / PermutedGrid need video grids
 PARAMS = [(f, m, p) for f, ps in FAMILY_PATTERNS.items() for m in ("ulysses", "ring") for p in ps]
 
@@ -55,22 +55,47 @@ def test_parallel_equals_single_process(results, family, mode, pattern):
         assert r["head_work"] and all(set(hw) == {0} for hw in r["head_work"].values())
 
 
-@pytest.mark.parametrize("family", list(FAMILY_PATTERNS))
-@pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_apply_before_enable_parallelism(results, family, mode):
-    for pattern in ("neighborhood", "rectified"):
-        r = _case(results, f"{family}/{mode}/apply-then-parallel/{pattern}")
-        assert r["rel"] <= TOL and r["sparse"] == r["cp"] > 0, r
+ROUTE_CASES = [("apply-then-parallel", p) for p in ("neighborhood", "rectified")] + \
+    [(f"set_attention_backend-{b}", "neighborhood") for b in ("vidattn", "native")]
 
 
 @pytest.mark.parametrize("family", list(FAMILY_PATTERNS))
 @pytest.mark.parametrize("mode", ["ulysses", "ring"])
-def test_set_attention_backend_and_set_attn_processor_routes(results, family, mode):
-    for backend in ("vidattn", "native"):
-        r = _case(results, f"{family}/{mode}/set_attention_backend-{backend}/neighborhood")
-        assert r["rel"] <= TOL and r["sparse"] == r["cp"] > 0, r
+def test_other_orders_and_routes(results, family, mode):
+    """apply before enable_parallelism; set_attention_backend after apply; set_attn_processor."""
+    for route, pattern in ROUTE_CASES:
+        r = _case(results, f"{family}/{mode}/{route}/{pattern}")
+        assert r["rel"] <= TOL and r["sparse"] == r["cp"] > 0, (route, r)
     r = _case(results, f"{family}/{mode}/set_attn_processor/neighborhood")
     assert r["rel"] <= TOL and r["first"] <= TOL * 10 and r["cp"] > 0, r
+
+
+# Ring: which patterns run per-(query shard, key shard) plan slices on tiny Wan (48 tokens, shards
+# of 24 = 3 blocks of 8 in every plan order here) and which fall back to all-gathered K/V
+RING_PER_SHARD = {"neighborhood", "radial", "rectified_joint"}
+# rectified (method="authors"): an output epilogue, not mergeable by LSE; permuted_grid: its
+# per-head transposed orders of the (3, 4, 4) grid do not keep 24-token shards whole blocks (on a
+# (4, 4, 4) grid they do: test_ring_shard_plans_merge_to_the_global_plan)
+# dense: Dense()'s plan here is one 48-token block
+RING_GATHERED = {"rectified", "permuted_grid", "dense"}
+
+
+@pytest.mark.parametrize("pattern", FAMILY_PATTERNS["wan"])
+def test_ring_per_shard_plans_ran(results, pattern):
+    r = _case(results, f"wan/ring/parallel-then-apply/{pattern}")
+    calls = r["sparse"]  # sparse calls on this rank (one per self-attention layer)
+    if pattern in RING_PER_SHARD:
+        assert r["ring_shard"] == WORLD * calls and r["ring_gathered"] == 0, r  # one kernel call per ring step
+    else:
+        assert pattern in RING_GATHERED and r["ring_gathered"] == calls and r["ring_shard"] == 0, r
+
+
+def test_ring_per_shard_flux_split_text(results):
+    """FLUX's shards are [text_r, image_r]: whole blocks when 16 text + 8x8 image tokens."""
+    for pattern in ("neighborhood", "rectified_joint"):
+        r = _case(results, f"flux16/ring/parallel-then-apply/{pattern}")
+        assert r["rel"] <= TOL and r["sparse"] == r["cp"] > 0, r
+        assert r["ring_shard"] == WORLD * r["sparse"] and r["ring_gathered"] == 0, r
 
 
 @pytest.mark.parametrize("family", list(FAMILY_PATTERNS))
@@ -117,3 +142,61 @@ def test_ring_and_ulysses_combined(tmp_path):
     for key, r in res.items():
         assert "error" not in r, f"{key}:\n{r['error']}"
         assert r["rel"] <= TOL and r["sparse"] == r["cp"] > 0, (key, r)
+
+
+@pytest.mark.parametrize("case", ["neighborhood", "radial", "permuted_grid", "rectified_joint", "flux_neighborhood"])
+def test_ring_shard_plans_merge_to_the_global_plan(case):
+    """Single process: the per-(query shard, key shard) plans, run in diffusers' ring order and
+    merged with its LSE formula, give the global plan's rows (float64, 2 shards)."""
+    import vidattn
+    from vidattn.attention import run_plan
+    from vidattn.context_parallel import cp_order, ring_shards
+    from vidattn.patterns.grid import PermutedGrid
+    from vidattn.patterns.radial import Radial
+    from vidattn.patterns.rectified import RectifiedSparse
+
+    pat, lay, split = {
+        "neighborhood": (vidattn.Neighborhood(kernel_size=(3, 3, 3), block_size=8), vidattn.TokenLayout((4, 4, 8)), False),
+        "radial": (Radial(block_size=8, decay_factor=0.5, sink_frames=0), vidattn.TokenLayout((4, 4, 4)), False),
+        "permuted_grid": (PermutedGrid(block_size=8, num_samples=8, recall=0.5), vidattn.TokenLayout((4, 4, 4)), False),
+        "rectified_joint": (RectifiedSparse(block_size=8, keep=0.5, method="joint"), vidattn.TokenLayout((2, 4, 8)), False),
+        "flux_neighborhood": (vidattn.Neighborhood(kernel_size=(3, 3), block_size=8), vidattn.TokenLayout((8, 8), prefix=16), True),
+    }[case]
+    torch.manual_seed(0)
+    S, H, R = lay.seq_len, 2, 2
+    q, k, v = (torch.randn(1, S, H, 8, dtype=torch.float64) for _ in range(3))
+    plan = pat.plan(lay, q, k, v=v, num_heads=H, scale=None, device=q.device) if pat.is_dynamic else \
+        pat.plan(lay, num_heads=H, device=q.device)
+    ref = run_plan(q, k, v, plan, backend="reference")
+    shards = ring_shards(plan, lay, R, R, split, q.device)
+    assert shards.reason is None
+    order = cp_order(lay, R, split)
+    canon = order[0] if order is not None else torch.arange(S)
+    s = S // R
+    for r in range(R):
+        rows = canon[r * s:(r + 1) * s]
+        out = lse = None
+        for i in range(R):
+            c = (r + i) % R
+            cols = canon[c * s:(c + 1) * s]
+            o, l = run_plan(q[:, rows], k[:, cols], v[:, cols], shards.sub(r, c), backend="reference", return_lse=True)
+            l = l.transpose(1, 2)[..., None]
+            o = torch.where(torch.isfinite(l), o, 0)
+            if out is not None:  # diffusers' TemplatedRingAttention merge
+                o = out - torch.sigmoid(l - lse) * (out - o)
+                l = lse - torch.nn.functional.logsigmoid(lse - l)
+            out, lse = o, l
+        assert (out - ref[:, rows]).abs().max().item() <= 1e-5
+
+
+def test_ring_shard_plan_refuses_unaligned_and_epilogue():
+    import vidattn
+    from vidattn.context_parallel import ring_shards
+    from vidattn.patterns.rectified import RectifiedSparse
+
+    lay = vidattn.TokenLayout((3, 4, 4))
+    plan = vidattn.Neighborhood(kernel_size=(1, 3, 3), block_size=16).plan(lay, num_heads=2)
+    assert "block boundaries" in ring_shards(plan, lay, 2, 2, False, "cpu").reason  # 24-token shards, blocks of 16
+    q = torch.randn(1, 48, 2, 8)
+    plan = RectifiedSparse(block_size=8, keep=0.5).plan(lay, q, q, v=q, num_heads=2, scale=None, device=q.device)
+    assert "epilogue" in ring_shards(plan, lay, 2, 2, False, "cpu").reason
