@@ -127,12 +127,13 @@ def dense_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     the LSE Ring needs)."""
     if is_vidattn_backend(user_backend):
         user_backend = None
-    if user_backend is None and is_vidattn_backend(_compat.active_backend()):
-        user_backend = _compat.native_backend()  # attention_backend("vidattn") context: dense = native
     if parallel_config is not None and user_backend is None:
         return _compat.templated_cp_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                               return_lse, forward_op=_native_forward_op,
                                               backward_op=_native_backward_op, parallel_config=parallel_config)
+    if user_backend is None and is_vidattn_backend(_compat.active_backend()):
+        # set_attention_backend("vidattn") / attention_backend("vidattn") made vidattn the active backend
+        user_backend = _compat.native_backend()
     kw = {"return_lse": True} if return_lse else None
     return _compat.dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, attention_kwargs=kw,
