@@ -2,7 +2,8 @@
 
 The ``"vidattn"`` diffusers backend declares ``supports_context_parallel=True``; for a sparse
 self-attention call under ``transformer.enable_parallelism(config=ContextParallelConfig(...))`` it
-calls diffusers' ``_templated_context_parallel_attention`` with the forward op below. diffusers does
+calls diffusers' context-parallel template (through :mod:`vidattn.pipelines.diffusers_compat`)
+with the forward op below. diffusers does
 the communication; this module makes the sparse computation equal to the single-process one:
 
 * **Token order.** Each rank holds a contiguous shard of every sequence diffusers' ``_cp_plan``
@@ -16,17 +17,26 @@ the communication; this module makes the sparse computation equal to the single-
   subsets) are indexed by these *global* head ids (:func:`slice_plan_heads`); dynamic patterns
   (PermutedGrid, RectifiedSparse, ...) classify each head from that head's own full-sequence
   q/k, which is what the single process does.
-* **Ring** (``ring_degree = R``): the forward op is called once per KV shard with the LSE
-  requested, and diffusers merges the partial outputs by LSE. vidattn's op computes its whole
-  answer on the first call (its local KV shard): it gathers K/V (and Q, for dynamic patterns, so
-  the block statistics are pooled over the full sequence, identically on every rank) over the
-  ring group, builds the *global* plan, restricts it to the query blocks that hold this rank's
-  rows (global block coordinates), runs the kernel with ``return_lse=True`` and returns the local
-  rows with their LSE. The calls for the other KV shards return LSE ``-inf`` (an exact no-op in
-  diffusers' merge ``out - sigmoid(lse - prev_lse) * (out - new)``). So the blocks that run are
-  exactly those the single process runs for these query rows; the KV exchange is an all-gather
-  (diffusers' own Ring already all-gathers the KV buffer before its loop), not a per-step
-  rotation. Ring backward raises ``NotImplementedError``.
+* **Ring** (``ring_degree = R``): diffusers' ``TemplatedRingAttention`` all-gathers the K/V
+  chunks and calls the forward op once per ring step ``i`` with the chunk of ring rank
+  ``(r + i) % R`` (step 0: its own), asking for the LSE, and merges the partial outputs by LSE.
+  vidattn's op (:class:`_CpOp`) counts the steps and runs, per step, the *global* plan sliced to
+  that (query chunk, key chunk) pair in global block coordinates (:func:`shard_plan`): the query
+  blocks and key blocks the two chunks are made of (in the plan's token order: tiled / permuted
+  orders included), the key-block tables remapped to the chunk, fused rectification terms
+  sliced, the token rule mapped back to global token ids (:class:`ShardRule`). It returns the
+  kernel's LSE; rows with no key in a chunk get LSE ``-inf`` and output 0 (a no-op in the merge).
+  Static plans are built from the layout and sliced once (cached per plan); dynamic ones
+  (RectifiedSparse, PermutedGrid, ...) are planned from q/k/v gathered over the ring group, so the
+  block statistics are pooled over the full sequence and every rank selects the same blocks.
+  When a chunk is not a union of whole plan blocks, the plan has an output epilogue (Rectified
+  ``method="authors"``: ``out * scale + shift`` is not mergeable by LSE), ``heads=`` mixes dense
+  heads, or a query row would attend no key of its own chunk (diffusers' merge starts from step 0
+  and would produce NaN), the decision - taken from every chunk, so every rank takes it alike -
+  is the all-gather path instead, with one warning: K/V (and Q for dynamic patterns) gathered,
+  the global plan restricted to the local query blocks, the whole answer on step 0 and LSE
+  ``-inf`` on the later steps. ``stats.ring_shard_calls`` / ``ring_gathered_calls`` count both.
+  Ring backward raises ``NotImplementedError``.
 * **Both** (``ring_degree > 1`` and ``ulysses_degree > 1``): diffusers' unified attention does
   the Ulysses all-to-all inside each ring group and then Ring; the same op handles it (head
   offset from the Ulysses rank, rows from the ring rank).
@@ -263,6 +273,8 @@ def shard_plan(plan, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
         ident = torch.arange(s, device=dev)[None]
         qp = (ident if qp is None else qp).expand(he, s)
         kp = (ident if kp is None else kp).expand(he, s)
+        if torch.equal(qp, kp):  # both shards in the same local order: keys follow perm
+            kp = None
     rule = None if plan.rule is None else ShardRule(plan.rule, q_tokens, k_tokens)
     return _replace(plan, seq_len=int(q_tokens.numel()), kv_num_blocks=kvn, kv_indices=kvi, full_kv_num_blocks=fn,
                     full_kv_indices=fi, rule=rule, perm=qp, kv_perm=kp, rectification=rect)
