@@ -54,17 +54,19 @@ class _SdpaRoute(TorchFunctionMode):
     function runs unchanged. A public torch mechanism (``__torch_function__`` modes), so the
     processor's own code is not copied or rebound."""
 
+    _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _F.scaled_dot_product_attention:
-            proc = _db.CURRENT.proc
-            q, k, v = (list(args) + [kwargs.pop(n, None) for n in ("query", "key", "value")][len(args):])[:3]
-            extra = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), args[3:]))
-            extra.update(kwargs)
-            if proc is not None and q.dim() == 4 and set(extra) <= {"attn_mask", "dropout_p", "is_causal", "scale"}:
+        proc = _db.CURRENT.proc
+        if func is _F.scaled_dot_product_attention and proc is not None and len(args) <= len(self._PARAMS) \
+                and set(kwargs) <= set(self._PARAMS[len(args):]):
+            a = dict(zip(self._PARAMS, args), **kwargs)
+            q, k, v = a["query"], a["key"], a["value"]
+            if q.dim() == 4:
                 out = proc._dispatch(_db.CURRENT.attn, _db.CURRENT.dense, q.transpose(1, 2), k.transpose(1, 2),
-                                     v.transpose(1, 2), extra.get("attn_mask"), extra.get("dropout_p", 0.0),
-                                     extra.get("is_causal", False), extra.get("scale"), False, False, None, sdpa=True)
+                                     v.transpose(1, 2), a.get("attn_mask"), a.get("dropout_p", 0.0),
+                                     a.get("is_causal", False), a.get("scale"), False, False, None, sdpa=True)
                 return out.transpose(1, 2)
         return func(*args, **kwargs)
 

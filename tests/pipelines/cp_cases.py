@@ -295,7 +295,9 @@ def run_unified_cases():
             try:
                 h = vidattn.apply(model, p)
                 out = run(model, inputs)
-                res[f"{fam}/{name}"] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls)
+                res[f"{fam}/{name}"] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
+                                            ring_shard=h.stats.ring_shard_calls,
+                                            ring_gathered=h.stats.ring_gathered_calls)
                 vidattn.remove(model)
             except Exception:
                 res[f"{fam}/{name}"] = dict(error=traceback.format_exc())

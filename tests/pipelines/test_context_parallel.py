@@ -142,6 +142,9 @@ def test_ring_and_ulysses_combined(tmp_path):
     for key, r in res.items():
         assert "error" not in r, f"{key}:\n{r['error']}"
         assert r["rel"] <= TOL and r["sparse"] == r["cp"] > 0, (key, r)
+    # Wan (64 tokens, ring chunks of 32 = whole blocks): per-shard plans inside each Ulysses group
+    r = res["wan/neighborhood"]
+    assert r["ring_shard"] == 2 * r["sparse"] and r["ring_gathered"] == 0, r
 
 
 @pytest.mark.parametrize("case", ["neighborhood", "radial", "permuted_grid", "rectified_joint", "flux_neighborhood"])
@@ -170,6 +173,8 @@ def test_ring_shard_plans_merge_to_the_global_plan(case):
     ref = run_plan(q, k, v, plan, backend="reference")
     shards = ring_shards(plan, lay, R, R, split, q.device)
     assert shards.reason is None
+    cross = shards.sub(0, 1)
+    assert int(cross.kv_num_blocks.sum() + cross.full_kv_num_blocks.sum()) > 0  # the other shard matters
     order = cp_order(lay, R, split)
     canon = order[0] if order is not None else torch.arange(S)
     s = S // R
