@@ -223,6 +223,100 @@ def _perm_or_none(local_perm: torch.Tensor) -> Optional[torch.Tensor]:
     return None if _identity_perm(local_perm) else local_perm
 
 
+class ListedShardRule(ShardRule):
+    """:class:`ShardRule` for a re-blocked shard pair: a (query, key) pair is allowed when its
+    global block pair is full, or partial and the plan's rule admits it (``classes [Hp, NQB,
+    NKB]`` int8: 0 skip, 1 partial, 2 full; ``q_blocks`` / ``k_blocks [Hp, s]``: global plan block
+    of each local token)."""
+
+    def __init__(self, rule, q_tokens, k_tokens, classes, q_blocks, k_blocks):
+        super().__init__(rule, q_tokens, k_tokens)
+        self.classes, self.q_blocks, self.k_blocks = classes, q_blocks, k_blocks
+
+    def __call__(self, h, q_idx, k_idx):
+        hh = h if self.classes.shape[0] > 1 else torch.zeros_like(h)
+        cls = self.classes[hh, self.q_blocks[hh, q_idx], self.k_blocks[hh, k_idx]]
+        allowed = cls == 2
+        if self.rule is not None:
+            allowed = allowed | ((cls == 1) & self.rule(h, self.q_tokens[q_idx], self.k_tokens[k_idx]))
+        return allowed
+
+
+def _global_classes(plan, heads: int) -> torch.Tensor:
+    """int8 ``[heads, NQB, NKB]`` block classes of a ``Bp = 1`` plan (0 skip, 1 partial, 2 full)."""
+    dev = plan.kv_num_blocks.device
+    cls = torch.zeros(heads, plan.num_q_blocks, plan.num_k_blocks + 1, dtype=torch.int8, device=dev)
+    for num, idx, val in ((plan.kv_num_blocks, plan.kv_indices, 1), (plan.full_kv_num_blocks, plan.full_kv_indices, 2)):
+        num, idx = num[0].expand(heads, -1), idx[0].expand(heads, -1, -1).long()
+        listed = torch.arange(idx.shape[-1], device=dev) < num[..., None]
+        cls.scatter_(2, torch.where(listed, idx, plan.num_k_blocks), torch.full_like(idx, val, dtype=torch.int8))
+    return cls[..., :-1]
+
+
+def _local_order(perm: Optional[torch.Tensor], tokens: torch.Tensor, block: int, S: int):
+    """``(local_perm [Hp, s], global_block [Hp, s])``: the shard's local indices sorted by plan
+    position, and the global plan block of each local token."""
+    dev = tokens.device
+    perm = torch.arange(S, device=dev)[None] if perm is None else perm.to(dev)
+    hp = perm.shape[0]
+    inv = torch.empty_like(perm)
+    inv.scatter_(1, perm, torch.arange(S, device=dev).expand(hp, S).contiguous())
+    pos = inv[:, tokens]
+    return pos.argsort(dim=1), pos // block
+
+
+def reblocked_shard_plan(plan, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
+    """Like :func:`shard_plan` for shards that are not whole plan blocks: the shard's own tokens,
+    in plan order, are cut into blocks of the plan's size; a local block pair is listed when it
+    covers a listed global block pair, full when every pair it covers is full and it has no
+    padding, else partial with :class:`ListedShardRule` (the global block classes plus the
+    plan's rule). Returns the plan or why not (plans per batch element, fused rectification
+    terms: both need whole blocks)."""
+    if plan.plan_batch != 1:
+        return "the plan differs per batch element and the shards are not whole blocks"
+    rect = plan.rectification
+    if rect is not None:
+        return "the plan has rectification terms and the shards are not whole blocks"
+    dev = plan.kv_num_blocks.device
+    q_tokens, k_tokens = q_tokens.to(dev), k_tokens.to(dev)
+    s, bq, bk = int(q_tokens.numel()), plan.block_q, plan.block_k
+    qperm, qglob = _local_order(plan.perm, q_tokens, bq, plan.seq_len)
+    kperm, kglob = _local_order(plan.key_perm, k_tokens, bk, plan.seq_len)
+    he = max(plan.plan_heads, qperm.shape[0], kperm.shape[0])
+    qperm, kperm = qperm.expand(he, s), kperm.expand(he, s)
+    qglob, kglob = qglob.expand(he, s), kglob.expand(he, s)
+    gcls = _global_classes(plan, he)  # [He, NQB, NKB]
+    nql, nkl = -(-s // bq), -(-s // bk)
+
+    def cover(perm_l, glob, block, nl, ng):  # [He, nl, ng]: local block l holds tokens of global block g
+        gb = glob.gather(1, perm_l)  # global block of each local token in local plan order
+        m = torch.zeros(he, nl * block, ng, device=dev)
+        m[:, :s].scatter_(2, gb[..., None], 1.0)
+        return m.view(he, nl, block, ng).amax(2)
+
+    mq = cover(qperm, qglob, bq, nql, plan.num_q_blocks)
+    mk = cover(kperm, kglob, bk, nkl, plan.num_k_blocks)
+    listed = torch.einsum("hiq,hqk,hjk->hij", mq, (gcls > 0).float(), mk) > 0
+    nfull = torch.einsum("hiq,hqk,hjk->hij", mq, (gcls == 2).float(), mk)
+    npairs = mq.sum(-1)[:, :, None] * mk.sum(-1)[:, None, :]
+    whole_q = torch.arange(nql, device=dev) < s // bq
+    whole_k = torch.arange(nkl, device=dev) < s // bk
+    full = listed & (nfull == npairs) & whole_q[None, :, None] & whole_k[None, None, :]
+    classes = torch.where(full, 2, torch.where(listed, 1, 0)).to(torch.int8)[None]
+    qp = None if _identity_perm(qperm) else qperm
+    kp = None if _identity_perm(kperm) else kperm
+    if (qp is None) != (kp is None) or (qp is not None and not torch.equal(qp, kp)):
+        ident = torch.arange(s, device=dev)[None].expand(he, s)
+        qp, kp = (ident if qp is None else qp), (ident if kp is None else kp)
+    else:
+        kp = None
+    rule = ListedShardRule(plan.rule, q_tokens, k_tokens, gcls, qglob, kglob)
+    from vidattn.plan import plan_from_block_mask
+
+    return plan_from_block_mask(classes, seq_len=s, block_q=bq, block_k=bk, rule=rule, perm=qp, kv_perm=kp,
+                                token_density=plan.token_density, meta=dict(plan.meta, ring_reblocked=True))
+
+
 def shard_plan(plan, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
     """The global ``plan`` sliced to one (query shard, key shard) pair in global block
     coordinates: a plan of ``s = len(q_tokens)`` tokens (local indices into the shards) whose
@@ -240,9 +334,8 @@ def shard_plan(plan, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
     q_tokens, k_tokens = q_tokens.to(dev), k_tokens.to(dev)
     ql = _local_blocks(plan.perm, q_tokens, plan.block_q, plan.seq_len)
     kl = _local_blocks(plan.key_perm, k_tokens, plan.block_k, plan.seq_len)
-    if ql is None or kl is None:
-        return (f"shard boundaries ({q_tokens.numel()} tokens) are not on block boundaries of the plan "
-                f"({plan.block_q} x {plan.block_k} in its token order)")
+    if ql is None or kl is None:  # shards cut plan blocks: re-block the shards' own tokens
+        return reblocked_shard_plan(plan, q_tokens, k_tokens)
     (qb, qperm), (kb, kperm) = ql, kl
     he = max(plan.plan_heads, qb.shape[0], kb.shape[0])
     qb, kb = qb.expand(he, -1), kb.expand(he, -1)
@@ -294,10 +387,15 @@ def rows_attend_own_shard(sub) -> bool:
         j = torch.arange(sub.num_q_blocks, device=ok.device)
         listed = torch.arange(sub.kv_indices.shape[-1], device=ok.device) < sub.kv_num_blocks[..., None]
         diag = ((sub.kv_indices == j[:, None]) & listed).any(-1)
-        t = torch.arange(sub.seq_len, device=ok.device)
-        hp = sub.kv_num_blocks.shape[1]
-        selfok = sub.rule(torch.arange(hp, device=ok.device)[:, None], t[None], t[None])
-        selfok = selfok.expand(hp, sub.seq_len).reshape(hp, -1, sub.block_q).all(-1)  # [Hp, NQB]
+        S, nq, bq = sub.seq_len, sub.num_q_blocks, sub.block_q
+        hp = max(sub.kv_num_blocks.shape[1], 1 if sub.perm is None else sub.perm.shape[0])
+        t = torch.arange(S, device=ok.device)
+        selfok = sub.rule(torch.arange(hp, device=ok.device)[:, None], t[None], t[None]).expand(hp, S)
+        if sub.perm is not None:  # token -> plan order
+            selfok = selfok.gather(1, sub.perm.to(ok.device).expand(hp, S))
+        pad = torch.ones(hp, nq * bq, dtype=torch.bool, device=ok.device)
+        pad[:, :S] = selfok
+        selfok = pad.view(hp, nq, bq).all(-1)  # [Hp, NQB]
         ok = ok | (diag & selfok[None])
     return bool(ok.all())
 
