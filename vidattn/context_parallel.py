@@ -290,9 +290,10 @@ def reblocked_shard_plan(plan, q_tokens: torch.Tensor, k_tokens: torch.Tensor):
 
     def cover(perm_l, glob, block, nl, ng):  # [He, nl, ng]: local block l holds tokens of global block g
         gb = glob.gather(1, perm_l)  # global block of each local token in local plan order
-        m = torch.zeros(he, nl * block, ng, device=dev)
-        m[:, :s].scatter_(2, gb[..., None], 1.0)
-        return m.view(he, nl, block, ng).amax(2)
+        if nl * block > s:  # ragged last local block: repeat its last token (same set of blocks)
+            gb = torch.cat([gb, gb[:, -1:].expand(he, nl * block - s)], dim=1)
+        m = torch.zeros(he, nl, ng, device=dev)
+        return m.scatter_(2, gb.view(he, nl, block), 1.0)
 
     mq = cover(qperm, qglob, bq, nql, plan.num_q_blocks)
     mk = cover(kperm, kglob, bk, nkl, plan.num_k_blocks)
