@@ -29,9 +29,12 @@ the communication; this module makes the sparse computation equal to the single-
   Static plans are built from the layout and sliced once (cached per plan); dynamic ones
   (RectifiedSparse, PermutedGrid, ...) are planned from q/k/v gathered over the ring group, so the
   block statistics are pooled over the full sequence and every rank selects the same blocks.
-  When a chunk is not a union of whole plan blocks, the plan has an output epilogue (Rectified
-  ``method="authors"``: ``out * scale + shift`` is not mergeable by LSE), ``heads=`` mixes dense
-  heads, or a query row would attend no key of its own chunk (diffusers' merge starts from step 0
+  A chunk that cuts plan blocks is re-blocked (:func:`reblocked_shard_plan`: its own tokens cut
+  into blocks, listed where they cover a listed global block pair, partial under
+  :class:`ListedShardRule`). When the plan has an output epilogue (Rectified
+  ``method="authors"``: ``out * scale + shift`` is not mergeable by LSE), fused rectification
+  terms or a per-batch plan on chunks that cut blocks, ``heads=`` mixes dense heads, or a query
+  row might attend no key of its own chunk (diffusers' merge starts from step 0
   and would produce NaN), the decision - taken from every chunk, so every rank takes it alike -
   is the all-gather path instead, with one warning: K/V (and Q for dynamic patterns) gathered,
   the global plan restricted to the local query blocks, the whole answer on step 0 and LSE
@@ -61,7 +64,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "shard_plan", "rows_attend_own_shard", "RingShards",
+__all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "shard_plan", "reblocked_shard_plan",
+           "rows_attend_own_shard", "RingShards",
            "ring_shards", "sparse_attention_cp", "head_balance", "cp_degrees", "bench_worker"]
 
 
