@@ -124,7 +124,8 @@ def scan(root: str = ROOT) -> List[Dict]:
                     and (n.module or "").startswith("diffusers") for a in n.names if a.name in private}
         for n in ast.walk(tree):
             if isinstance(n, ast.Attribute):
-                if n.attr in PY_ATTRS or (n.attr == "stack" and isinstance(n.value, ast.Name) and n.value.id == "inspect"):
+                inspect_stack = n.attr == "stack" and isinstance(n.value, ast.Name) and n.value.id == "inspect"
+                if n.attr in PY_ATTRS or inspect_stack:
                     hit(path, lines, n, "python", n.attr)
                 elif n.attr == "FunctionType":
                     hit(path, lines, n, "python", "FunctionType")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import warnings
-import weakref
 from typing import Dict, Iterable, Optional
 
 import torch

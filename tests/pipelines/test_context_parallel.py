@@ -160,16 +160,17 @@ def test_ring_shard_plans_merge_to_the_global_plan(case):
     from vidattn.patterns.radial import Radial
     from vidattn.patterns.rectified import RectifiedSparse
 
+    N, T = vidattn.Neighborhood, vidattn.TokenLayout
     pat, lay, split = {
-        "neighborhood": (vidattn.Neighborhood(kernel_size=(3, 3, 3), block_size=8), vidattn.TokenLayout((4, 4, 8)), False),
-        "radial": (Radial(block_size=8, decay_factor=0.5, sink_frames=0), vidattn.TokenLayout((4, 4, 4)), False),
-        "permuted_grid": (PermutedGrid(block_size=8, num_samples=8, recall=0.5), vidattn.TokenLayout((4, 4, 4)), False),
-        "rectified_joint": (RectifiedSparse(block_size=8, keep=0.5, method="joint"), vidattn.TokenLayout((2, 4, 8)), False),
-        "flux_neighborhood": (vidattn.Neighborhood(kernel_size=(3, 3), block_size=8), vidattn.TokenLayout((8, 8), prefix=16), True),
+        "neighborhood": (N(kernel_size=(3, 3, 3), block_size=8), T((4, 4, 8)), False),
+        "radial": (Radial(block_size=8, decay_factor=0.5, sink_frames=0), T((4, 4, 4)), False),
+        "permuted_grid": (PermutedGrid(block_size=8, num_samples=8, recall=0.5), T((4, 4, 4)), False),
+        "rectified_joint": (RectifiedSparse(block_size=8, keep=0.5, method="joint"), T((2, 4, 8)), False),
+        "flux_neighborhood": (N(kernel_size=(3, 3), block_size=8), T((8, 8), prefix=16), True),
         # shards that cut plan blocks (24 tokens, blocks of 16; FLUX [2 text + 24 image] per shard)
-        "reblocked_neighborhood": (vidattn.Neighborhood(kernel_size=(1, 3, 3), block_size=16), vidattn.TokenLayout((3, 4, 4)), False),
-        "reblocked_flux": (vidattn.Neighborhood(kernel_size=(3, 3), block_size=8), vidattn.TokenLayout((8, 6), prefix=4), True),
-        "reblocked_dense": (vidattn.Dense(), vidattn.TokenLayout((3, 4, 4)), False),
+        "reblocked_neighborhood": (N(kernel_size=(1, 3, 3), block_size=16), T((3, 4, 4)), False),
+        "reblocked_flux": (N(kernel_size=(3, 3), block_size=8), T((8, 6), prefix=4), True),
+        "reblocked_dense": (vidattn.Dense(), T((3, 4, 4)), False),
     }[case]
     torch.manual_seed(0)
     S, H, R = lay.seq_len, 2, 2
