@@ -382,27 +382,54 @@ def _identity_perm(perm: torch.Tensor) -> bool:
     return bool((perm == torch.arange(perm.shape[-1], device=perm.device)).all())
 
 
+_EXACT_CHECK_BLOCKS = 4096  # query blocks the exact own-shard check may evaluate token by token
+
+
 def rows_attend_own_shard(sub) -> bool:
-    """Whether every query row of a (shard, same shard) plan attends at least one key: a full
-    block, or its diagonal block listed as partial with the rule admitting each token itself.
+    """Whether every query row of a (shard, same shard) plan attends at least one key.
     diffusers' Ring merge starts from the own-shard result, and a row with LSE ``-inf`` there
-    would turn the merge into NaN."""
+    would turn the merge into NaN. Cheap first: a full block, or the diagonal block listed as
+    partial with the rule admitting each token itself; the query blocks that leaves open are
+    checked token by token over their listed partial blocks (up to ``_EXACT_CHECK_BLOCKS`` of
+    them; more counts as not shown)."""
     ok = sub.full_kv_num_blocks > 0  # [Bp, Hp, NQB]
-    if sub.rule is not None and sub.block_q == sub.block_k:
-        j = torch.arange(sub.num_q_blocks, device=ok.device)
-        listed = torch.arange(sub.kv_indices.shape[-1], device=ok.device) < sub.kv_num_blocks[..., None]
+    if sub.rule is None:
+        return bool(ok.all())
+    dev = ok.device
+    S, nq, bq, bk = sub.seq_len, sub.num_q_blocks, sub.block_q, sub.block_k
+    hp = max(sub.kv_num_blocks.shape[1], 1 if sub.perm is None else sub.perm.shape[0])
+    listed = torch.arange(sub.kv_indices.shape[-1], device=dev) < sub.kv_num_blocks[..., None]
+    if bq == bk:
+        j = torch.arange(nq, device=dev)
         diag = ((sub.kv_indices == j[:, None]) & listed).any(-1)
-        S, nq, bq = sub.seq_len, sub.num_q_blocks, sub.block_q
-        hp = max(sub.kv_num_blocks.shape[1], 1 if sub.perm is None else sub.perm.shape[0])
-        t = torch.arange(S, device=ok.device)
-        selfok = sub.rule(torch.arange(hp, device=ok.device)[:, None], t[None], t[None]).expand(hp, S)
+        t = torch.arange(S, device=dev)
+        selfok = sub.rule(torch.arange(hp, device=dev)[:, None], t[None], t[None]).expand(hp, S)
         if sub.perm is not None:  # token -> plan order
-            selfok = selfok.gather(1, sub.perm.to(ok.device).expand(hp, S))
-        pad = torch.ones(hp, nq * bq, dtype=torch.bool, device=ok.device)
+            selfok = selfok.gather(1, sub.perm.to(dev).expand(hp, S))
+        pad = torch.ones(hp, nq * bq, dtype=torch.bool, device=dev)
         pad[:, :S] = selfok
-        selfok = pad.view(hp, nq, bq).all(-1)  # [Hp, NQB]
-        ok = ok | (diag & selfok[None])
-    return bool(ok.all())
+        ok = ok | (diag & pad.view(hp, nq, bq).all(-1)[None])
+    open_blocks = (~ok).nonzero().tolist()
+    if len(open_blocks) > _EXACT_CHECK_BLOCKS:
+        return False
+    qperm = None if sub.perm is None else sub.perm.to(dev)
+    kperm = None if sub.key_perm is None else sub.key_perm.to(dev)
+
+    def tokens(perm, h, blk, size):
+        pos = torch.arange(blk * size, min((blk + 1) * size, S), device=dev)
+        return pos if perm is None else perm[min(h, perm.shape[0] - 1), pos]
+
+    for b, h, jq in open_blocks:
+        hb = min(h, sub.kv_indices.shape[1] - 1)
+        blocks = sub.kv_indices[min(b, sub.kv_indices.shape[0] - 1), hb, jq][listed[b, hb, jq]].tolist()
+        if not blocks:
+            return False
+        rows = tokens(qperm, h, jq, bq)
+        keys = torch.cat([tokens(kperm, h, kb, bk) for kb in blocks])
+        hit = sub.rule(torch.tensor(h, device=dev), rows[:, None], keys[None, :])
+        if not bool(hit.expand(rows.numel(), keys.numel()).any(1).all()):
+            return False
+    return True
 
 
 class RingShards:

@@ -73,11 +73,8 @@ def test_other_orders_and_routes(results, family, mode):
 # Ring: which patterns run per-(query shard, key shard) plan slices (aligned, or re-blocked where the
 # 24-token shards of tiny Wan / 26-token shards of tiny FLUX cut plan blocks) and which fall back
 # to all-gathered K/V
-RING_PER_SHARD = {"neighborhood", "radial", "rectified_joint", "dense"}
-# rectified (method="authors"): an output epilogue, not mergeable by LSE; permuted_grid: in its
-# per-head transposed orders of the (3, 4, 4) grid the own-shard check cannot show that every row
-# attends a key of its own shard (on a (4, 4, 4) grid it slices: the single-process merge test)
-RING_GATHERED = {"rectified", "permuted_grid"}
+RING_PER_SHARD = {"neighborhood", "radial", "permuted_grid", "rectified_joint", "dense"}
+RING_GATHERED = {"rectified"}  # method="authors": an output epilogue, not mergeable by LSE
 
 
 @pytest.mark.parametrize("family,pattern", [(f, p) for f, ps in FAMILY_PATTERNS.items() for p in ps])
@@ -212,3 +209,25 @@ def test_ring_shard_plan_refuses_what_lse_merge_cannot_take():
         plan = RectifiedSparse(block_size=16, keep=0.5, method=method).plan(lay, q, q, v=q, num_heads=2, scale=None,
                                                                              device=q.device)
         assert why in ring_shards(plan, lay, 2, 2, False, "cpu").reason
+
+
+def test_own_shard_row_check():
+    """A query row with no key in its own shard is caught (diffusers' merge would give NaN), a
+    row whose only keys are in a partial block the rule admits is not."""
+    from vidattn.context_parallel import rows_attend_own_shard
+    from vidattn.plan import TokenRule, plan_from_block_mask
+
+    class EvenKeys(TokenRule):  # key index even, never the query itself for odd rows
+        def __call__(self, h, q_idx, k_idx):
+            return (k_idx % 2 == 0) & (k_idx != q_idx + 1)
+
+    cls = torch.tensor([[[[1, 0], [0, 2]]]], dtype=torch.int8)  # block 0 partial on the diagonal, block 1 full
+    plan = plan_from_block_mask(cls, seq_len=8, block_q=4, block_k=4, rule=EvenKeys(), token_density=0.5)
+    assert rows_attend_own_shard(plan)  # rows 1 and 3 have no self, but keys 0 / 2
+    cls = torch.tensor([[[[0, 1], [0, 2]]]], dtype=torch.int8)
+    class NoKeys(TokenRule):
+        def __call__(self, h, q_idx, k_idx):
+            return k_idx < 0
+
+    plan = plan_from_block_mask(cls, seq_len=8, block_q=4, block_k=4, rule=NoKeys(), token_density=0.5)
+    assert not rows_attend_own_shard(plan)  # block 0's rows: one partial block, the rule admits nothing
