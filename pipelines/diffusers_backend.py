@@ -26,11 +26,13 @@ from typing import Optional
 
 import torch
 
+from . import diffusers_compat as _compat
+
 __all__ = ["BACKEND_NAME", "MIN_DIFFUSERS", "check_diffusers", "register", "vidattn_attention", "CURRENT",
            "dense_attention", "is_vidattn_backend"]
 
 BACKEND_NAME = "vidattn"
-MIN_DIFFUSERS = "0.36.0"  # first release with context parallelism in attention_dispatch (checked by feature)
+MIN_DIFFUSERS = _compat.MIN_DIFFUSERS
 _member = None
 
 
@@ -49,63 +51,19 @@ CURRENT = _Current()
 
 
 def check_diffusers():
-    """Import and return ``diffusers.models.attention_dispatch`` if it has what vidattn's backend
-    uses; raise ``RuntimeError`` naming the minimum version otherwise."""
-    try:
-        import diffusers
-        from diffusers.models import attention_dispatch as ad
-    except ImportError as e:  # pragma: no cover
-        raise RuntimeError(f"vidattn's diffusers backend needs diffusers >= {MIN_DIFFUSERS}: {e}") from None
-    missing = [n for n in ("AttentionBackendName", "_AttentionBackendRegistry", "dispatch_attention_fn",
-                           "_templated_context_parallel_attention") if not hasattr(ad, n)]
-    reg = getattr(ad, "_AttentionBackendRegistry", None)
-    if reg is not None:
-        import inspect
-
-        try:
-            if "supports_context_parallel" not in inspect.signature(reg.register).parameters:
-                missing.append("_AttentionBackendRegistry.register(supports_context_parallel=)")
-        except (TypeError, ValueError):  # pragma: no cover
-            missing.append("_AttentionBackendRegistry.register")
-        for attr in ("_backends", "_supported_arg_names", "_supports_context_parallel"):
-            if not hasattr(reg, attr):
-                missing.append(f"_AttentionBackendRegistry.{attr}")
-    if missing:
-        raise RuntimeError(f"diffusers {diffusers.__version__} lacks {', '.join(missing)}: vidattn's attention backend "
-                           f"needs diffusers >= {MIN_DIFFUSERS} (tested with 0.42.1)")
-    return ad
-
-
-def _extend_enum(enum_cls, name: str, value: str):
-    """Add member ``name = value`` to the str-Enum ``enum_cls`` (what ModelOpt / cache-dit do)."""
-    existing = enum_cls._value2member_map_.get(value)
-    if existing is not None:
-        return existing
-    member = str.__new__(enum_cls, value)
-    member._name_ = name
-    member._value_ = value
-    try:
-        member.__init__(value)
-    except TypeError:  # pragma: no cover
-        pass
-    enum_cls._member_map_[name] = member
-    enum_cls._value2member_map_[value] = member
-    enum_cls._member_names_.append(name)
-    type.__setattr__(enum_cls, name, member)
-    return member
+    """Check that the installed diffusers has what vidattn's backend uses (``RuntimeError``
+    naming the minimum version otherwise); see :mod:`.diffusers_compat`."""
+    return _compat.check()
 
 
 def register():
     """Register the ``"vidattn"`` backend once; returns its ``AttentionBackendName`` member.
     Raises RuntimeError on an unsupported diffusers."""
     global _member
-    if _member is not None:
-        return _member
-    ad = check_diffusers()
-    member = _extend_enum(ad.AttentionBackendName, "VIDATTN", BACKEND_NAME)
-    ad._AttentionBackendRegistry.register(member, constraints=[], supports_context_parallel=True)(vidattn_attention)
-    _member = member
-    return member
+    if _member is None:
+        _compat.check()
+        _member = _compat.register_backend("VIDATTN", BACKEND_NAME, vidattn_attention)
+    return _member
 
 
 def is_vidattn_backend(name) -> bool:
@@ -162,26 +120,24 @@ def _native_backward_op(ctx, grad_out, *args, **kwargs):
 
 
 def dense_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False,
-                    return_lse=False, _parallel_config=None, user_backend=None):
+                    return_lse=False, parallel_config=None, user_backend=None):
     """A call vidattn leaves dense: the user's backend (``set_attention_backend``) if one was
     chosen, else diffusers' active backend, exactly as the unpatched processor would call it. Under
     context parallelism without a user choice, vidattn's own exact dense forward op (which returns
     the LSE Ring needs)."""
-    ad = check_diffusers()
     if is_vidattn_backend(user_backend):
         user_backend = None
-    if user_backend is None:
-        active, _ = ad._AttentionBackendRegistry.get_active_backend()
-        if is_vidattn_backend(active):  # attention_backend("vidattn") context: dense = native
-            user_backend = ad.AttentionBackendName.NATIVE
-    if _parallel_config is not None and user_backend is None:
-        return ad._templated_context_parallel_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse,
-            forward_op=_native_forward_op, backward_op=_native_backward_op, _parallel_config=_parallel_config)
+    if parallel_config is not None and user_backend is None:
+        return _compat.templated_cp_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                              return_lse, forward_op=_native_forward_op,
+                                              backward_op=_native_backward_op, parallel_config=parallel_config)
+    if user_backend is None and is_vidattn_backend(_compat.active_backend()):
+        # set_attention_backend("vidattn") / attention_backend("vidattn") made vidattn the active backend
+        user_backend = _compat.native_backend()
     kw = {"return_lse": True} if return_lse else None
-    return ad.dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-                                    scale=scale, enable_gqa=enable_gqa, attention_kwargs=kw, backend=user_backend,
-                                    parallel_config=_parallel_config)
+    return _compat.dispatch_attention_fn(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, attention_kwargs=kw,
+                                         backend=user_backend, parallel_config=parallel_config)
 
 
 # =============================================================================== the backend

@@ -93,6 +93,8 @@ def _fp32_modules_without_accelerate(folder: str):
     import importlib.util
     import json
 
+    from .diffusers_compat import FP32_MODULES_ATTR
+
     if importlib.util.find_spec("accelerate") is not None:
         yield
         return
@@ -103,16 +105,16 @@ def _fp32_modules_without_accelerate(folder: str):
         for spec in index.values():
             if isinstance(spec, list) and len(spec) == 2 and spec[0] == "diffusers":
                 cls = getattr(importlib.import_module("diffusers"), spec[1], None)
-                if cls is not None and getattr(cls, "_keep_in_fp32_modules", None) is not None:
-                    saved.append((cls, cls.__dict__.get("_keep_in_fp32_modules", _MISSING)))
-                    cls._keep_in_fp32_modules = None
+                if cls is not None and getattr(cls, FP32_MODULES_ATTR, None) is not None:
+                    saved.append((cls, cls.__dict__.get(FP32_MODULES_ATTR, _MISSING)))
+                    setattr(cls, FP32_MODULES_ATTR, None)
         yield
     finally:
         for cls, val in saved:
             if val is _MISSING:
-                del cls._keep_in_fp32_modules
+                delattr(cls, FP32_MODULES_ATTR)
             else:
-                cls._keep_in_fp32_modules = val
+                setattr(cls, FP32_MODULES_ATTR, val)
 
 
 _MISSING = object()

@@ -18,10 +18,9 @@ Two hooks feed :class:`ModelState`:
   ``transformer._reset_stateful_cache()`` / ``reset_stateful_hooks`` reset the count.
 
 A processor installed by hand (``transformer.set_attn_processor(SparseAttnProcessor(p))``) is not
-told by diffusers which model it went into: on its first call only, it finds the running
-transformer ``forward`` on the Python stack and reads that frame's locals for the layout
-(:func:`find_running_owner`, ``layout_from_frame``), then creates the state and hooks above; every
-later call uses them. ``vidattn.apply`` never walks the stack.
+told by diffusers which model it went into: :func:`watch_for_owner` finds it with process-wide
+module forward hooks (public torch API) on the first call of its transformer, then creates the
+state and hooks above; every later call uses them. ``vidattn.apply`` needs none of that.
 """
 
 from __future__ import annotations
@@ -36,10 +35,12 @@ import torch
 from vidattn.layout import TokenLayout
 from vidattn.patterns.base import Pattern
 
+from .diffusers_compat import mark_stateful
 from .families import FAMILIES
 from .layout_discovery import LayoutRecord, call_arguments, family_of, layout_from_call
 
-__all__ = ["AttentionStats", "ModelState", "model_state", "is_self_attention", "attention_modules", "STEP_HOOK"]
+__all__ = ["AttentionStats", "ModelState", "model_state", "is_self_attention", "attention_modules", "STEP_HOOK",
+           "watch_for_owner", "OWNER_ATTR"]
 
 _STATE_ATTR = "_vidattn_state"
 STEP_HOOK = "vidattn_step"
@@ -59,6 +60,8 @@ class AttentionStats:
     token_densities: layer index -> token density of that plan (fraction of (query, key) pairs).
     steps_seen: denoising steps seen since the last reset.
     cp_calls: sparse calls run under diffusers context parallelism (Ulysses / Ring / both).
+    ring_shard_calls: Ring steps run with a per-(query shard, key shard) plan slice.
+    ring_gathered_calls: sparse Ring calls that fell back to all-gathered K/V (one warning says why).
     head_work: layer -> per-head block counts of the last plan under Ulysses (global head ids;
         the local heads only), for the head load-balance report.
     """
@@ -71,11 +74,13 @@ class AttentionStats:
     token_densities: Dict[int, float] = field(default_factory=dict)
     steps_seen: int = 0
     cp_calls: int = 0
+    ring_shard_calls: int = 0
+    ring_gathered_calls: int = 0
     head_work: Dict[int, Dict[int, float]] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Zero the counters (layout / grid kept)."""
-        self.sparse_calls = self.dense_calls = self.cp_calls = 0
+        self.sparse_calls = self.dense_calls = self.cp_calls = self.ring_shard_calls = self.ring_gathered_calls = 0
         self.densities.clear()
         self.token_densities.clear()
         self.head_work.clear()
@@ -118,8 +123,6 @@ def _step_hook_class():
         and resets vidattn's step count with the other stateful hooks. ``pre_forward`` passes
         the arguments through unchanged (traceable by ``torch.compile``)."""
 
-        _is_stateful = True
-
         def __init__(self, state: "ModelState"):
             super().__init__()
             self._state_ref = weakref.ref(state)
@@ -138,7 +141,7 @@ def _step_hook_class():
                 st.reset_steps()
             return module
 
-    return VidattnStepHook
+    return mark_stateful(VidattnStepHook)
 
 
 class ModelState:
@@ -345,22 +348,76 @@ def model_state(model, create: bool = True) -> Optional[ModelState]:
 
 
 # =============================================================================== manual binding
-def find_running_owner(attn, depth: int = 2):
-    """The running diffusers transformer ``forward`` that owns ``attn`` and its frame locals,
-    or ``(None, None)``. Used once per model, by a hand-installed processor's first call (diffusers
-    has no hook telling a processor which model it was installed into); later calls use the
-    pre-hook state."""
-    import sys
+OWNER_ATTR = "_vidattn_owner"  # attention module -> weakref of its transformer (set when bound)
+_WAITING: "weakref.WeakSet" = weakref.WeakSet()  # hand-installed processors not yet bound to a model
+_RERUN: "weakref.WeakSet" = weakref.WeakSet()  # transformers bound during their running call
+_handles: list = []
+_supported_types: Dict[type, bool] = {}
 
-    f = sys._getframe(depth)
-    while f is not None:
-        obj = f.f_locals.get("self")
-        if obj is not None and f.f_code.co_name == "forward" and isinstance(obj, torch.nn.Module):
-            try:
-                fam = family_of(obj)
-            except TypeError:
-                fam = None
-            if fam is not None and any(m is attn for m in obj.modules()):
-                return obj, dict(f.f_locals)
-        f = f.f_back
-    return None, None
+
+def watch_for_owner(proc) -> None:
+    """Bind a hand-installed processor (``set_attn_processor(SparseAttnProcessor(p))``) to its
+    transformer: diffusers tells a processor nothing about the model it went into, so until every
+    waiting processor met its model, process-wide module forward hooks (public torch API,
+    ``torch.nn.modules.module.register_module_forward_pre_hook`` / ``_forward_hook``) look at each
+    call of a supported transformer. The first call of a transformer holding a waiting processor
+    creates its :class:`ModelState` (its own hooks serve every later call) and, as the layout is
+    in that call's keyword arguments which a global pre-hook does not receive, runs the call
+    again once from the forward hook (which does receive them): the first call costs two
+    forwards, its output is the sparse one. The global hooks are removed once nothing waits."""
+    _WAITING.add(proc)
+    if not _handles:
+        from torch.nn.modules import module as _m
+
+        _handles.append(_m.register_module_forward_pre_hook(_watch_pre))
+        _handles.append(_m.register_module_forward_hook(_watch_post, with_kwargs=True))
+
+
+def _is_supported(module) -> bool:
+    t = type(module)
+    ok = _supported_types.get(t)
+    if ok is None:
+        try:
+            ok = family_of(module) is not None
+        except TypeError:
+            ok = False
+        _supported_types[t] = ok
+    return ok
+
+
+def _unwatch_if_idle() -> None:
+    if not _WAITING and not _RERUN:
+        while _handles:
+            _handles.pop().remove()
+
+
+@torch.compiler.disable
+def _watch_pre(module, args):
+    if not _is_supported(module) or module in _RERUN:
+        return None
+    mods = attention_modules(module)
+    waiting = [m.processor for m in mods.values() if m.processor in _WAITING]
+    if not waiting:
+        _unwatch_if_idle()
+        return None
+    model_state(module)
+    for m in mods.values():
+        m.__dict__[OWNER_ATTR] = weakref.ref(module)
+    for p in waiting:
+        _WAITING.discard(p)
+    _RERUN.add(module)
+    return None
+
+
+@torch.compiler.disable
+def _watch_post(module, args, kwargs, output):
+    if module not in _RERUN:
+        return None
+    _RERUN.discard(module)
+    st = model_state(module, create=False)
+    if st is not None:
+        st.stats.reset()
+    try:
+        return module(*args, **kwargs)  # now with the model's own layout hook
+    finally:
+        _unwatch_if_idle()

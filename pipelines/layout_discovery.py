@@ -7,8 +7,7 @@ use separate cross-attention). The number of text tokens is read at attention ti
 ``S - prod(grid)``, so single-stream and dual-stream blocks share one record.
 
 The source is the transformer's forward arguments (:func:`layout_from_call`), read by the
-pre-hook before ``forward`` runs. :func:`layout_from_frame` (running ``forward`` locals) serves only
-the first call of a hand-installed processor, before its model has a hook (see the note there).
+pre-hook before ``forward`` runs.
 """
 
 from __future__ import annotations
@@ -21,8 +20,7 @@ import torch
 
 from .families import FAMILIES, FAMILY_NAMES, transformer_family
 
-__all__ = ["LayoutRecord", "family_of", "grid_rank", "call_arguments", "layout_from_call", "layout_from_frame",
-           "SUPPORTED_FAMILIES"]
+__all__ = ["LayoutRecord", "family_of", "grid_rank", "call_arguments", "layout_from_call", "SUPPORTED_FAMILIES"]
 
 
 @dataclass(frozen=True)
@@ -170,37 +168,3 @@ def layout_from_call(model, args: tuple, kwargs: dict) -> LayoutRecord:
     if fam is None:
         raise TypeError(f"no layout discovery for {type(model).__name__}; supported: {FAMILY_NAMES}")
     return _CALLS[fam](model, call_arguments(model, args, kwargs))
-
-
-# ----------------------------------------------------------------------------- mid-call binding
-# Only for a processor installed by hand (``set_attn_processor(SparseAttnProcessor(p))``) on its
-# first call, when its transformer has no vidattn state yet: diffusers offers no hook that tells a
-# processor which model it was installed into, so that one call finds its model on the Python
-# stack and reads the running ``forward``'s locals. Every later call uses the pre-hook.
-def _post_patch(loc, text):
-    return LayoutRecord((int(loc["post_patch_num_frames"]), int(loc["post_patch_height"]),
-                         int(loc["post_patch_width"])), text)
-
-
-def _cog_frame(model, loc):
-    p = int(_cfg(model, "patch_size"))
-    pt = _cfg(model, "patch_size_t")
-    f, h, w = int(loc["num_frames"]), int(loc["height"]), int(loc["width"])
-    return LayoutRecord((f if pt is None else f // int(pt), h // p, w // p), "prefix")
-
-
-_FRAMES: Dict[str, Callable] = {
-    "wan": lambda m, loc: _post_patch(loc, None),
-    "hunyuan_video": lambda m, loc: _post_patch(loc, "suffix"),
-    "cogvideox": _cog_frame,
-    "ltx_video": lambda m, loc: _ltx_call(m, loc),
-    "flux": lambda m, loc: _flux_from_ids(loc.get("img_ids")),
-}
-
-
-def layout_from_frame(model, frame_locals: dict) -> LayoutRecord:
-    """Layout of a ``model.forward`` that is running, from its local variables (see above)."""
-    fam = transformer_family(model)
-    if fam is None:
-        raise TypeError(f"no layout discovery for {type(model).__name__}; supported: {FAMILY_NAMES}")
-    return _FRAMES[fam](model, frame_locals)

@@ -150,7 +150,9 @@ def run_worker(rank: int, world: int, port: int, spec: dict, out_path: str) -> N
                          tokens=int(grid[0] * grid[1] * grid[2]), grid=list(grid))
             if h is not None:
                 entry.update(sparse_calls=h.sparse_calls, dense_calls=h.dense_calls,
-                             mean_density=h.stats.mean_density and float(h.stats.mean_density))
+                             mean_density=h.stats.mean_density and float(h.stats.mean_density),
+                             ring_shard_calls=h.stats.ring_shard_calls,  # Ring: per-shard plan steps
+                             ring_gathered_calls=h.stats.ring_gathered_calls)  # Ring: all-gather fallbacks
                 work = [None] * world
                 dist.all_gather_object(work, {k: dict(v) for k, v in h.stats.head_work.items()})
                 if spec["mode"] == "ulysses" and world > 1 and work[0]:

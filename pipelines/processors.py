@@ -22,79 +22,55 @@ Layout and step: :mod:`.hooks` (``ModelState``).
 from __future__ import annotations
 
 import inspect
-import types
 import warnings
-import weakref
 from typing import Dict, Iterable, Optional
 
 import torch
 import torch.nn.functional as _F
+from torch.overrides import TorchFunctionMode
 
 from vidattn.attention import BACKENDS, _profiler_range, plan_for_call, run_plan
 from vidattn.layout import TokenLayout
 from vidattn.patterns.base import Pattern
 
 from . import diffusers_backend as _db
-from .hooks import (AttentionStats, ModelState, attention_modules, find_running_owner, is_self_attention,
-                    model_state)
-from .layout_discovery import SUPPORTED_FAMILIES, layout_from_frame
+from . import diffusers_compat as _compat
+from .hooks import (OWNER_ATTR, AttentionStats, ModelState, attention_modules, is_self_attention, model_state,
+                    watch_for_owner)
+from .layout_discovery import SUPPORTED_FAMILIES
 
 __all__ = ["SparseAttnProcessor", "ModelState", "AttentionStats", "model_state", "is_self_attention",
            "attention_modules"]
 
-_OWNER = "_vidattn_owner"
+_OWNER = OWNER_ATTR
 _MISSING = object()
 
 
 # =============================================================================== processors outside the dispatcher
-class _FunctionalProxy(types.ModuleType):
-    """``torch.nn.functional`` with ``scaled_dot_product_attention`` ([B, H, S, D]) routed to
-    the running SparseAttnProcessor's decision (CogVideoX and other non-dispatcher processors)."""
+class _SdpaRoute(TorchFunctionMode):
+    """While a non-dispatcher processor runs (CogVideoX), ``F.scaled_dot_product_attention``
+    (``[B, H, S, D]``) goes to the running SparseAttnProcessor's decision; every other torch
+    function runs unchanged. A public torch mechanism (``__torch_function__`` modes), so the
+    processor's own code is not copied or rebound."""
 
-    def __getattr__(self, name):
-        return getattr(_F, name)
+    _PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
 
-    @staticmethod
-    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                     **kw):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
         proc = _db.CURRENT.proc
-        if proc is not None and query.dim() == 4 and not kw:
-            out = proc._dispatch(_db.CURRENT.attn, _db.CURRENT.dense, query.transpose(1, 2), key.transpose(1, 2),
-                                 value.transpose(1, 2), attn_mask, dropout_p, is_causal, scale, False, False, None,
-                                 sdpa=True)
-            return out.transpose(1, 2)
-        return _F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                               is_causal=is_causal, scale=scale, **kw)
+        if func is _F.scaled_dot_product_attention and proc is not None and len(args) <= len(self._PARAMS) \
+                and set(kwargs) <= set(self._PARAMS[len(args):]):
+            a = dict(zip(self._PARAMS, args), **kwargs)
+            q, k, v = a["query"], a["key"], a["value"]
+            if q.dim() == 4:
+                out = proc._dispatch(_db.CURRENT.attn, _db.CURRENT.dense, q.transpose(1, 2), k.transpose(1, 2),
+                                     v.transpose(1, 2), a.get("attn_mask"), a.get("dropout_p", 0.0),
+                                     a.get("is_causal", False), a.get("scale"), False, False, None, sdpa=True)
+                return out.transpose(1, 2)
+        return func(*args, **kwargs)
 
 
-_F_PROXY = _FunctionalProxy("vidattn_functional_proxy")
-_rebound: Dict[type, Optional[types.FunctionType]] = {}
-
-
-def uses_dispatcher(proc_cls: type) -> bool:
-    """Whether ``proc_cls.__call__`` calls diffusers' ``dispatch_attention_fn``."""
-    fn = getattr(proc_cls, "__call__", None)
-    return isinstance(fn, types.FunctionType) and "dispatch_attention_fn" in fn.__code__.co_names
-
-
-def rebound_call(proc_cls: type) -> Optional[types.FunctionType]:
-    """For a processor outside the dispatcher: ``proc_cls.__call__`` with ``F`` bound to the
-    proxy above (built once per class, eagerly), or None if it does not call
-    ``F.scaled_dot_product_attention``."""
-    if proc_cls in _rebound:
-        return _rebound[proc_cls]
-    fn = getattr(proc_cls, "__call__", None)
-    new = None
-    if isinstance(fn, types.FunctionType):
-        names = fn.__code__.co_names
-        g = fn.__globals__
-        if "scaled_dot_product_attention" in names and "F" in names and isinstance(g.get("F"), types.ModuleType):
-            g = dict(g)
-            g["F"] = _F_PROXY
-            new = types.FunctionType(fn.__code__, g, fn.__name__, fn.__defaults__, fn.__closure__)
-            new.__kwdefaults__ = fn.__kwdefaults__
-    _rebound[proc_cls] = new
-    return new
+uses_dispatcher = _compat.uses_dispatcher
 
 
 _FAMILY_DEFAULT = {
@@ -160,6 +136,8 @@ class SparseAttnProcessor:
         self._member = _db.register()
         if inner is not None:
             self._adopt(inner)
+        elif pattern is not None:
+            watch_for_owner(self)  # installed by hand: bound on its transformer's first call
         # diffusers' Attention.forward filters cross_attention_kwargs by
         # inspect.signature(processor.__call__): expose the wrapped processor's parameters
         if type(self) is SparseAttnProcessor:
@@ -168,13 +146,12 @@ class SparseAttnProcessor:
     # ------------------------------------------------------------------ backend / parallel attributes
     def _adopt(self, inner) -> None:
         """Route ``inner``'s dispatcher calls to vidattn (restored by :meth:`release`)."""
-        self._inner_saved = inner.__dict__.get("_attention_backend", _MISSING)
-        self._user_backend = getattr(inner, "_attention_backend", None)
-        self._pc = getattr(inner, "_parallel_config", None)
+        self._inner_saved = inner.__dict__.get(_compat.BACKEND_ATTR, _MISSING)
+        self._user_backend = getattr(inner, _compat.BACKEND_ATTR, None)
+        self._pc = getattr(inner, _compat.PARALLEL_ATTR, None)
         self._dispatcher = uses_dispatcher(type(inner))
-        self._rebound = None if self._dispatcher else rebound_call(type(inner))
         if self._dispatcher:
-            inner._attention_backend = self._member
+            setattr(inner, _compat.BACKEND_ATTR, self._member)
 
     def release(self) -> None:
         """Give the wrapped processor back its backend setting: the user's latest
@@ -183,31 +160,27 @@ class SparseAttnProcessor:
         if inner is None or not self._dispatcher:
             return
         if self._inner_saved is _MISSING and self._user_backend is None:
-            inner.__dict__.pop("_attention_backend", None)
+            inner.__dict__.pop(_compat.BACKEND_ATTR, None)
         else:
-            inner._attention_backend = self._user_backend
+            setattr(inner, _compat.BACKEND_ATTR, self._user_backend)
 
-    @property
-    def _attention_backend(self):
+    # diffusers' processor attributes (``_compat.BACKEND_ATTR`` / ``PARALLEL_ATTR``, set as
+    # properties below the class): what diffusers reads and writes on this processor
+    def _get_backend(self):
         """What diffusers sees: the vidattn backend (context-parallel capable)."""
         return self._member
 
-    @_attention_backend.setter
-    def _attention_backend(self, value):
+    def _set_backend(self, value):
         # model.set_attention_backend(name) / reset_attention_backend(): the backend of dense calls
         self._user_backend = None if _db.is_vidattn_backend(value) else value
 
-    @property
-    def _parallel_config(self):
+    def _get_parallel(self):
         return self._pc
 
-    @_parallel_config.setter
-    def _parallel_config(self, value):
+    def _set_parallel(self, value):
         self._pc = value
-        if self.inner is not None:
-            self.inner._parallel_config = value
-        for inner in self._inners.values():
-            inner._parallel_config = value
+        for inner in ([self.inner] if self.inner is not None else []) + list(self._inners.values()):
+            setattr(inner, _compat.PARALLEL_ATTR, value)
 
     # ------------------------------------------------------------------ call
     # diffusers calls processors positionally: (attn, hidden_states, encoder_hidden_states, ...)
@@ -229,9 +202,8 @@ class SparseAttnProcessor:
             if self._dispatcher_for(inner):
                 out = inner(attn, hidden_states, *args, **kwargs)
             else:
-                fn = self._rebound_for(inner)
-                out = inner(attn, hidden_states, *args, **kwargs) if fn is None else fn(inner, attn, hidden_states,
-                                                                                      *args, **kwargs)
+                with _SdpaRoute():
+                    out = inner(attn, hidden_states, *args, **kwargs)
         finally:
             cur.proc, cur.attn, cur.dense = prev
         return out
@@ -241,9 +213,6 @@ class SparseAttnProcessor:
 
     def _dispatcher_for(self, inner) -> bool:
         return self._dispatcher if inner is self.inner else uses_dispatcher(type(inner))
-
-    def _rebound_for(self, inner):
-        return self._rebound if inner is self.inner else rebound_call(type(inner))
 
     def _dispatch(self, attn, dense, q, k, v, mask, dropout_p, is_causal, scale, enable_gqa, return_lse, pc,
                   sdpa=False):
@@ -298,17 +267,15 @@ class SparseAttnProcessor:
             selfattn = st.self_attention.get(id(attn), True) if st is not None else True
             inner = _default_for(attn, fam, selfattn)
             if uses_dispatcher(type(inner)):
-                inner._attention_backend = self._member
-            else:
-                rebound_call(type(inner))
+                setattr(inner, _compat.BACKEND_ATTR, self._member)
             pc = self._pc
             if pc is None and st is not None:  # installed by hand after enable_parallelism
                 model = st._model()
-                pc = getattr(model, "_parallel_config", None) if model is not None else None
+                pc = getattr(model, _compat.PARALLEL_ATTR, None) if model is not None else None
                 if pc is not None and getattr(pc, "context_parallel_config", None) is None:
                     pc = None
                 self._pc = pc
-            inner._parallel_config = pc
+            setattr(inner, _compat.PARALLEL_ATTR, pc)
             self._inners[id(attn)] = inner
         return inner
 
@@ -318,34 +285,14 @@ class SparseAttnProcessor:
         if model is None:
             if self.always_dense and self.pattern is None:
                 return None
-            model = self._bind(attn)
-            if model is None:
-                return None
+            _warn_no_owner(attn)
+            return None
         st = model.__dict__.get("_vidattn_state")
         if st is None:
             st = model_state(model)
         if self.pattern is not None and id(self.pattern) not in st.patterns:
             st.add_pattern(self.pattern)
         return st
-
-    @torch.compiler.disable
-    def _bind(self, attn):
-        """First call of a hand-installed processor: find the running transformer (see
-        ``hooks.find_running_owner``), create its state and learn this call's layout."""
-        model, loc = find_running_owner(attn, depth=1)
-        if model is None:
-            _warn_no_owner(attn)
-            return None
-        st = model_state(model)
-        for m in attention_modules(model).values():
-            m.__dict__[_OWNER] = weakref.ref(model)
-        if st.record is None and st.layout_error is None:
-            try:
-                loc = _unsplit_frame_ids(model, st, loc)
-                st._set_record(layout_from_frame(model, loc))
-            except (ValueError, KeyError) as e:
-                st._no_layout(str(e))
-        return model
 
     def _plan(self, q, k, v, layout, scale, head_ids=None, total_heads=None):
         """Plan for ``q/k/v [B, S, h, D]``. ``head_ids``: the global ids of the ``h`` heads (None:
@@ -480,22 +427,11 @@ class SparseAttnProcessor:
         return out
 
 
-def _unsplit_frame_ids(model, state, loc):
-    """Under context parallelism diffusers' ``_cp_plan`` hook has split FLUX's ``img_ids``
-    (dim 0) before ``forward`` ran, so the frame holds this rank's shard: gather the full ids
-    over the context-parallel mesh (every rank binds on the same first call)."""
-    pc = getattr(model, "_parallel_config", None)
-    cp = getattr(pc, "context_parallel_config", None)
-    ids = loc.get("img_ids")
-    if cp is None or not state.info.cp_text_split or not isinstance(ids, torch.Tensor):
-        return loc
-    import torch.distributed as dist
-
-    group = cp._flattened_mesh.get_group()
-    parts = [torch.empty_like(ids) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, ids.contiguous(), group=group)
-    return dict(loc, img_ids=torch.cat(parts, dim=0))
-
+# diffusers' processor protocol: set_attention_backend / enable_parallelism write these attributes
+setattr(SparseAttnProcessor, _compat.BACKEND_ATTR, property(SparseAttnProcessor._get_backend,
+                                                           SparseAttnProcessor._set_backend))
+setattr(SparseAttnProcessor, _compat.PARALLEL_ATTR, property(SparseAttnProcessor._get_parallel,
+                                                            SparseAttnProcessor._set_parallel))
 
 _warned_owner = set()
 
@@ -600,7 +536,7 @@ def _default_for(attn, family, self_attention=True):
     """Default processor instance for ``attn`` (used by hand-installed SparseAttnProcessor)."""
     import importlib
 
-    cls = getattr(type(attn), "_default_processor_cls", None)
+    cls = _compat.default_processor_cls(type(attn))
     if cls is not None:
         return cls()
     if family in _FAMILY_DEFAULT and self_attention:

@@ -27,6 +27,7 @@ def patterns(family):
     ks = (1, 3, 3) if family == "wan" else (3, 3)
     out = {"neighborhood": lambda: vidattn.Neighborhood(kernel_size=ks, block_size=8),
            "rectified": lambda: RectifiedSparse(block_size=8, keep=0.5),
+           "rectified_joint": lambda: RectifiedSparse(block_size=8, keep=0.5, method="joint"),
            "dense": lambda: vidattn.Dense()}
     if family == "wan":  # both need a (T, H, W) video grid
         out["radial"] = lambda: Radial(block_size=8, decay_factor=0.5, sink_frames=0)
@@ -72,7 +73,8 @@ def run_cases(rank, world):
                     out = run(model, inputs)
                     res[key] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
                                     dense_calls=h.dense_calls, sparse_vs_dense=_diff(ref[name], ref["dense"])["abs"],
-                                    head_work={k: dict(v) for k, v in h.stats.head_work.items()})
+                                    head_work={k: dict(v) for k, v in h.stats.head_work.items()},
+                                    ring_shard=h.stats.ring_shard_calls, ring_gathered=h.stats.ring_gathered_calls)
                     vidattn.remove(model)
                     assert all(model.attn_processors[k] is v for k, v in originals.items())
                 except Exception:
@@ -123,6 +125,116 @@ def run_cases(rank, world):
                     vidattn.remove(model)
                 except Exception:
                     res[key] = dict(error=traceback.format_exc())
+    res.update(run_grad_cases(world))
+    res.update(run_ltx_cases(world))
+    # Ring per-shard plans on FLUX: 16 text + 8x8 image tokens, so each shard's [text_r, image_r]
+    # (8 + 32 tokens) is whole blocks of 8
+    model, inputs, _ = tiny_flux(height=8, width=8, text=16)
+    pats = patterns("flux")
+    ref = {}
+    for name in ("neighborhood", "rectified_joint"):
+        vidattn.apply(model, pats[name]())
+        ref[name] = run(model, inputs)
+        vidattn.remove(model)
+    model.enable_parallelism(config=ContextParallelConfig(ring_degree=world))
+    for name in ("neighborhood", "rectified_joint"):
+        key = f"flux16/ring/parallel-then-apply/{name}"
+        try:
+            h = vidattn.apply(model, pats[name]())
+            out = run(model, inputs)
+            res[key] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
+                            ring_shard=h.stats.ring_shard_calls, ring_gathered=h.stats.ring_gathered_calls)
+            vidattn.remove(model)
+        except Exception:
+            res[key] = dict(error=traceback.format_exc())
+    return res
+
+
+def _grads(model, inputs, reduce):
+    """Gradients of ``sum(out * w)`` (fixed random ``w``) w.r.t. the input ``hidden_states`` and
+    the first block's self-attention query weight; under CP each rank's share is summed."""
+    import torch.distributed as dist
+
+    model.zero_grad(set_to_none=True)
+    x = inputs["hidden_states"].clone().requires_grad_(True)
+    out = model(**dict(inputs, hidden_states=x))
+    out = out[0] if isinstance(out, (tuple, list)) else out.sample
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    (out * w).sum().backward()
+    weight = model.blocks[0].attn1.to_q.weight
+    gx, gw = x.grad.clone(), weight.grad.clone()
+    if reduce:  # each rank's input slice and its tokens' share of the weight gradient
+        dist.all_reduce(gx)
+        dist.all_reduce(gw)
+    return gx, gw
+
+
+def run_grad_cases(world):
+    """Ulysses backward: gradients under Ulysses-2 equal the single-process ones (sparse and dense)."""
+    import vidattn
+    from diffusers import ContextParallelConfig
+
+    from tiny_models import tiny_wan
+
+    res = {}
+    pats = patterns("wan")
+    model, inputs, _ = tiny_wan()
+    ref = {"dense": _grads(model, inputs, False)}
+    for name in ("neighborhood", "rectified"):
+        vidattn.apply(model, pats[name]())
+        ref[name] = _grads(model, inputs, False)
+        vidattn.remove(model)
+    model.enable_parallelism(config=ContextParallelConfig(ulysses_degree=world))
+    for name in ("dense", "neighborhood", "rectified"):
+        key = f"wan/ulysses/grad/{name}"
+        try:
+            h = vidattn.apply(model, pats[name]()) if name != "dense" else None
+            gx, gw = _grads(model, inputs, True)
+            res[key] = dict(x=_diff(gx, ref[name][0])["rel"], weight=_diff(gw, ref[name][1])["rel"],
+                            sparse=h.sparse_calls if h else 0,
+                            sparse_vs_dense=_diff(ref[name][0], ref["dense"][0])["rel"])
+            if h is not None:
+                vidattn.remove(model)
+        except Exception:
+            res[key] = dict(error=traceback.format_exc())
+    return res
+
+
+def run_ltx_cases(world):
+    """LTX-Video (``_cp_plan`` splits video tokens, text and its mask): Ulysses-2 and Ring-2."""
+    import vidattn
+    from diffusers import ContextParallelConfig
+
+    from tiny_models import run, tiny_ltx
+
+    res = {}
+    model, inputs, _ = tiny_ltx(frames=2, height=4, width=4)  # 32 video tokens
+    # 4 text tokens (2 per rank) and no text mask: diffusers 0.42.1 splits encoder_attention_mask
+    # with the text but hands the cross-attention the local mask slice after the Ulysses
+    # all-to-all gathered the keys (shape error in its own dense path, vidattn not involved)
+    inputs = dict(inputs, encoder_hidden_states=inputs["encoder_hidden_states"][:, :4])
+    inputs["encoder_attention_mask"] = None
+    pat = lambda: vidattn.Neighborhood(kernel_size=(1, 3, 3), block_size=8)  # noqa: E731
+    ref = {"dense": run(model, inputs)}
+    vidattn.apply(model, pat())
+    ref["neighborhood"] = run(model, inputs)
+    vidattn.remove(model)
+    for mode in ("ulysses", "ring"):
+        cfg = dict(ulysses_degree=world) if mode == "ulysses" else dict(ring_degree=world)
+        m, _, _ = tiny_ltx(frames=2, height=4, width=4)
+        m.enable_parallelism(config=ContextParallelConfig(**cfg))
+        key = f"ltx/{mode}/parallel-then-apply/neighborhood"
+        try:
+            h = vidattn.apply(m, pat())
+            if mode == "ring":  # the text is split too, so the (dense) cross-attention runs Ring: diffusers'
+                m.set_attention_backend("vidattn")  # native op has no LSE on CPU, vidattn's dense op does
+            out = run(m, inputs)
+            res[key] = dict(_diff(out, ref["neighborhood"]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
+                            ring_shard=h.stats.ring_shard_calls, ring_gathered=h.stats.ring_gathered_calls,
+                            sparse_vs_dense=_diff(ref["neighborhood"], ref["dense"])["abs"])
+            vidattn.remove(m)
+        except Exception:
+            res[key] = dict(error=traceback.format_exc())
     return res
 
 
@@ -183,7 +295,9 @@ def run_unified_cases():
             try:
                 h = vidattn.apply(model, p)
                 out = run(model, inputs)
-                res[f"{fam}/{name}"] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls)
+                res[f"{fam}/{name}"] = dict(_diff(out, ref[name]), sparse=h.sparse_calls, cp=h.stats.cp_calls,
+                                            ring_shard=h.stats.ring_shard_calls,
+                                            ring_gathered=h.stats.ring_gathered_calls)
                 vidattn.remove(model)
             except Exception:
                 res[f"{fam}/{name}"] = dict(error=traceback.format_exc())
