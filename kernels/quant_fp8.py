@@ -194,6 +194,14 @@ def _cast_e4m3(x, EMU_CAST: tl.constexpr):
 
 
 @triton.jit
+def _tile_coords(H, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program ``(tile, batch x head)``: ``(b, h, bh, tile rows [TILE], channels [BLOCK_D])``."""
+    bh = tl.program_id(1)
+    rows = tl.program_id(0) * TILE + tl.arange(0, TILE)
+    return bh // H, bh % H, bh, rows, tl.arange(0, BLOCK_D)
+
+
+@triton.jit
 def _quant_rows_kernel(X, X8, SCALE, MEAN, PERM, perm_h, S, H, D,
                        sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
                        HAS_PERM: tl.constexpr, SMOOTH: tl.constexpr, EMU_CAST: tl.constexpr,
@@ -201,11 +209,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, PERM, perm_h, S, H, D,
     """One (plan block, batch x head) per program: the block's rows (through ``PERM`` when set)
     minus the head's mean (``SMOOTH``), one fp32 scale ``amax / 448`` for the block, e4m3 rows."""
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    pos = blk * BLOCK + tl.arange(0, BLOCK)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, bh, pos, offs_d = _tile_coords(H, BLOCK, BLOCK_D)
     ok = (pos < S)[:, None] & (offs_d < D)[None, :]
     if HAS_PERM:
         tok = tl.load(PERM + h * perm_h + pos, mask=pos < S, other=0)
@@ -227,12 +231,7 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
                     EMU_CAST: tl.constexpr):
     """One (token tile, batch x head) per program: V rows divided by the channel scales, stored
     transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S .. S_PAD written as 0)."""
-    tt = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    t = tt * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, BLOCK_D)
+    b, h, bh, t, offs_d = _tile_coords(H, BLOCK_T, BLOCK_D)
     d_ok = offs_d < D
     x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                 mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
