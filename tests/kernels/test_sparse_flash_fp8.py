@@ -394,3 +394,16 @@ def test_precision_context_manager_sets_the_default_and_restores_it():
     with pytest.raises(ValueError, match="precision"):
         with vidattn.precision("int8"):
             pass
+
+
+def test_fp8_full_block_plans_launch_128_key_tiles(monkeypatch):
+    # the H200 sweep's fastest fp8 setting for full blocks (benchmarks/RESULTS.md, session 5); bf16
+    # and masked fp8 plans keep 64-key tiles at d = 128
+    from vidattn.kernels import sparse_flash_launch as launch
+    from vidattn.kernels.sparse_flash_kernel import RuleMode
+
+    monkeypatch.setattr(launch, "_interpreting", lambda: False)
+    plan = vidattn.Dense(block_size=128).plan(TokenLayout((4, 8, 8)))
+    cfg = lambda **kw: launch.launch_config(plan, 128, torch.bfloat16, kw.pop("mode", RuleMode.NONE), **kw)  # noqa: E731
+    assert (cfg(fp8=True)["BLOCK_N"], cfg()["BLOCK_N"]) == (128, 64)
+    assert cfg(fp8=True, mode=RuleMode.NEIGHBORHOOD)["BLOCK_N"] == 64
