@@ -21,7 +21,6 @@ text-only attention, the dense schedule - goes to the backend the user chose wit
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -159,8 +158,3 @@ def vidattn_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
                           enable_gqa, return_lse, _parallel_config)
 
 
-def warn_once(key, msg, _seen=set()):
-    """One RuntimeWarning per ``key``."""
-    if key not in _seen:
-        _seen.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)

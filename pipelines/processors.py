@@ -22,7 +22,6 @@ Layout and step: :mod:`.hooks` (``ModelState``).
 from __future__ import annotations
 
 import inspect
-import warnings
 from typing import Dict, Iterable, Optional
 
 import torch
@@ -30,6 +29,7 @@ import torch.nn.functional as _F
 from torch.overrides import TorchFunctionMode
 
 from vidattn.attention import BACKENDS, _profiler_range, plan_for_call, run_plan
+from vidattn.backends import warn_once
 from vidattn.layout import TokenLayout
 from vidattn.patterns.base import Pattern
 
@@ -433,16 +433,11 @@ setattr(SparseAttnProcessor, _compat.BACKEND_ATTR, property(SparseAttnProcessor.
 setattr(SparseAttnProcessor, _compat.PARALLEL_ATTR, property(SparseAttnProcessor._get_parallel,
                                                             SparseAttnProcessor._set_parallel))
 
-_warned_owner = set()
-
-
 def _warn_no_owner(attn) -> None:
     key = type(attn).__name__
-    if key not in _warned_owner:
-        _warned_owner.add(key)
-        warnings.warn(f"vidattn SparseAttnProcessor called on a {key} outside a supported diffusers transformer "
-                      f"forward ({SUPPORTED_FAMILIES}): no token layout, running the original dense processor",
-                      RuntimeWarning, stacklevel=4)
+    warn_once(f"no-owner:{key}", f"vidattn SparseAttnProcessor called on a {key} outside a supported diffusers "
+                                 f"transformer forward ({SUPPORTED_FAMILIES}): no token layout, running the original "
+                                 f"dense processor")
 
 
 def _block_density(plan):

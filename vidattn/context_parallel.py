@@ -58,11 +58,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from .backends import warn_once
 
 __all__ = ["cp_order", "slice_plan_heads", "restrict_plan_rows", "shard_plan", "reblocked_shard_plan",
            "rows_attend_own_shard", "RingShards",
@@ -531,7 +532,7 @@ class _CpOp:
                 self.shards = ring_shards(plan, layout, R, world, text_split, query.device)
                 why = self.shards.reason
             if why is not None:
-                _warn_once(f"ring:{type(proc.pattern).__name__}:{why}",
+                warn_once(f"ring:{type(proc.pattern).__name__}:{why}",
                            f"vidattn Ring: {why}; {type(proc.pattern).__name__} runs on all-gathered K/V instead of "
                            f"per-shard plans")
                 self.gathered = True
@@ -550,15 +551,6 @@ class _CpOp:
         out = torch.where(torch.isfinite(lse)[..., None], out, torch.zeros((), dtype=out.dtype, device=out.device))
         _count(state, "ring_shard_calls")
         return out, lse
-
-
-_warned: set = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def _count(state, name: str) -> None:
