@@ -159,9 +159,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--timing-repeats", type=int, default=2)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-probes", action="store_true")
-    p.add_argument("--precision", choices=("native", "fp8"), default="native",
-                   help="precision of vidattn's sparse calls (fp8: triton on CUDA, compute capability >= 8.9; use with "
-                        "--no-probes, whose float64 probes run on the reference backend)")
+    p.add_argument("--precision", choices=("fp8",), default=None,
+                   help="precision of vidattn's sparse calls (default: the model's dtype); fp8: triton on CUDA, compute "
+                        "capability >= 8.9 (the dense reference is unchanged)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="pareto")
     a = p.parse_args(argv)
@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cmd = "python -m vidattn.quality.pareto " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     from vidattn.attention import precision
 
-    with precision(None if a.precision == "native" else a.precision):
+    with precision(a.precision):
         res = run_pareto(a.model, a.version, fams, levels, parse_seeds(a.seeds), a.out, a.device, a.dtype, a.plan,
                          a.calibrate_target, a.frames, a.height, a.width, a.steps, use_cache=not a.no_cache,
                          probes=not a.no_probes, progress=not a.quiet, timing_repeats=a.timing_repeats, command=cmd)

@@ -28,9 +28,9 @@ def add_parser(sub):
     q.add_argument("--attention-stats", action="store_true",
                    help="also measure the attention structure (quality/attention_stats.py) into the report and print it")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the dense-video cache")
-    q.add_argument("--precision", choices=("native", "fp8"), default="native",
-                   help="precision of vidattn's sparse calls: native (the model's dtype, fp32 accumulate) or fp8 "
-                        "(e4m3, triton backend on compute capability >= 8.9; the dense reference stays native)")
+    q.add_argument("--precision", choices=("fp8",), default=None,
+                   help="precision of vidattn's sparse calls (default: the model's dtype, fp32 accumulate); fp8: "
+                        "e4m3, triton backend on compute capability >= 8.9 (the dense reference is unchanged)")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     q.add_argument("--out", default="quality_out", help="output folder (must be empty or new unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
@@ -76,7 +76,7 @@ def run(a) -> int:
     from vidattn.attention import precision
 
     try:
-        with precision(None if a.precision == "native" else a.precision):
+        with precision(a.precision):
             rc = int(cli_entry(a) or 0)
     except FileNotFoundError as e:
         raise ModelError(f"--model {a.model}: {str(e).splitlines()[0]}") from None
