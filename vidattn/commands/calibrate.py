@@ -7,7 +7,7 @@ import json
 from vidattn.pipelines.generate import ModelError
 
 from . import UsageError, check_device, preset_list
-from .harness_options import add_harness_model, add_quiet_json, add_size_options, check_harness_model, harness_imports
+from .harness_options import add_reference_version, add_harness_model, add_quiet_json, add_size_options, check_harness_model, harness_imports
 
 __all__ = ["add_parser", "run"]
 
@@ -19,7 +19,7 @@ def add_parser(sub):
                                    "speed is measured (dense re-timed in the same process; dense wins unless beaten). "
                                    "Run the result with vidattn.apply(pipe, vidattn.load_plan(PATH)).")
     add_harness_model(c)
-    c.add_argument("--version", type=int, default=None, help="reference model version (1 or 2)")
+    add_reference_version(c)
     c.add_argument("--target-psnr", type=float, required=True, help="dB, PSNR over the whole video vs dense (mean of seeds)")
     c.add_argument("--target-ssim", type=float, default=None)
     c.add_argument("--out", default="plan.yaml", help="plan file to write (.yaml/.yml/.json)")

@@ -7,7 +7,7 @@ import os
 import sys
 
 from . import UsageError, check_device, check_out
-from .harness_options import add_size_options
+from .harness_options import add_reference_version, add_size_options
 
 __all__ = ["add_parser", "run"]
 
@@ -19,7 +19,7 @@ def add_parser(sub):
                                    "distillation by default), save them in the diffusers format "
                                    "(pipe.load_lora_weights(OUT)) and report PSNR vs dense before and after.")
     p.add_argument("--model", default="reference", help="reference (default) or a local diffusers checkpoint dir")
-    p.add_argument("--version", type=int, default=None, help="reference model version (default: the shipped default)")
+    add_reference_version(p)
     p.add_argument("--pattern", required=True, help="pattern name (neighborhood, radial, grid, rectified, ...)")
     p.add_argument("--kernel-size", default=None, help="neighborhood: int or T,H,W")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any pattern field (repeatable)")

@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import UsageError
 
-__all__ = ["add_harness_model", "check_harness_model", "add_size_options", "add_quiet_json", "harness_imports"]
+__all__ = ["add_harness_model", "add_reference_version", "check_harness_model", "add_size_options", "add_quiet_json", "harness_imports"]
 
 HARNESS_MODELS = ("reference", "tiny-wan")
 
@@ -19,6 +19,11 @@ HARNESS_MODELS = ("reference", "tiny-wan")
 def add_harness_model(p) -> None:
     """``--model``: a model the quality harness loads (reference, tiny-wan or a local checkpoint folder)."""
     p.add_argument("--model", default="reference", help="reference (default), tiny-wan or a local checkpoint dir")
+
+
+def add_reference_version(p) -> None:
+    """``--version``: which reference model (1 or 2; None: the shipped default)."""
+    p.add_argument("--version", type=int, default=None, help="reference model version (1 or 2; default: the shipped default)")
 
 
 def check_harness_model(model: str) -> None:

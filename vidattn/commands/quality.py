@@ -7,7 +7,7 @@ import os
 from vidattn.pipelines.generate import ModelError
 
 from . import UsageError, check_device, check_out, preset_list
-from .harness_options import add_harness_model, add_quiet_json, add_size_options, check_harness_model, harness_imports
+from .harness_options import add_reference_version, add_harness_model, add_quiet_json, add_size_options, check_harness_model, harness_imports
 
 __all__ = ["add_parser", "run"]
 
@@ -24,7 +24,7 @@ def add_parser(sub):
     add_size_options(q)
     q.add_argument("--seed", type=int, default=None, help="first seed (4 seeds from it) unless --seeds is given")
     q.add_argument("--seeds", default=None, help="seeds, e.g. 0,1,2,3 or 0-3 (default 0-3), batched")
-    q.add_argument("--version", type=int, default=None, help="reference model version (1 or 2; default: shipped default)")
+    add_reference_version(q)
     q.add_argument("--attention-stats", action="store_true",
                    help="also measure the attention structure (quality/attention_stats.py) into the report and print it")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the dense-video cache")
