@@ -68,12 +68,14 @@ def _blocks(x: torch.Tensor, block: int, nb: int) -> torch.Tensor:
 
 def _buffer(slot: str, shape, like: torch.Tensor) -> torch.Tensor:
     """A per-thread work tensor of ``shape`` (dtype / device of ``like``), reused across calls;
-    grown on demand, never shrunk. Only for tensors that autograd does not save."""
+    grown on demand, never shrunk. Only for tensors that autograd does not save. Buffers made under
+    ``torch.inference_mode`` are inference tensors (no in-place use outside it), so the two modes
+    keep separate buffers."""
     n = math.prod(shape)
     bufs = getattr(_work, "bufs", None)
     if bufs is None:
         bufs = _work.bufs = {}
-    key = (slot, like.dtype, like.device)
+    key = (slot, like.dtype, like.device, torch.is_inference_mode_enabled())
     buf = bufs.get(key)
     if buf is None or buf.numel() < n:
         buf = bufs[key] = torch.empty(n, dtype=like.dtype, device=like.device)

@@ -213,3 +213,18 @@ def test_overflowing_finite_inputs_take_the_exact_path_and_stay_finite():
     v[0, 3, 1, 2] = math.nan  # a real NaN is still found
     assert not vidattn.attention._all_finite(q, k, v)
     assert vidattn.attention._all_finite(q.half(), k.bfloat16(), k.double())
+
+
+def test_calls_under_inference_mode_and_outside_it_in_either_order():
+    # a work buffer allocated under torch.inference_mode is an inference tensor: a later call
+    # outside inference mode must not write into it (RuntimeError before the fix)
+    plan = _merging_plan(256, 2, 32, 32, seed=5)
+    q, k, v = _qkv(1, 256, 2, 2, 16, seed=5)
+    cpu_gather._work.__dict__.clear()
+    with torch.inference_mode():
+        a = block_sparse_attention_cpu(q, k, v, plan, scale=0.3)
+    b = block_sparse_attention_cpu(q, k, v, plan, scale=0.3)
+    with torch.inference_mode():
+        c = block_sparse_attention_cpu(q, k, v, plan, scale=0.3)
+    assert torch.equal(a, b) and torch.equal(b, c)
+    _check(q, k, v, plan)
