@@ -94,7 +94,8 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     first, 2 all heads of a query tile adjacent),
     ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads), ``VIDATTN_WARP_SPECIALIZE``
     (1: Triton's automatic warp specialisation of the full-block loop, ``tl.range(...,
-    warp_specialize=True)``; off by default, an experiment for Hopper).
+    warp_specialize=True)``; off by default, an experiment for Hopper). ``fp8``: the call runs the
+    FP8 variant (full-block plans then take 128-key tiles at head dims up to 128).
 
     Returns:
         dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
