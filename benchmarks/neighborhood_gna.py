@@ -20,6 +20,7 @@ import torch
 
 import vidattn
 from vidattn import Neighborhood, TokenLayout
+from vidattn.bench.timing import loop_ms
 
 # (name, grid, kernel_size, stride): Wan 480p latent grid (21, 30, 52) ~ 32k tokens
 CASES = [
@@ -33,15 +34,8 @@ PLAN_ONLY_1D = [("1d_65536_k127", (65536,), (127,), (1,))]
 
 
 def _time_cuda(fn, iters):
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
+    """Mean ms per call over ``iters`` back-to-back calls after one warm-up (CUDA events)."""
+    return loop_ms(fn, "cuda", iters)
 
 
 def run_case(name, grid, kernel, stride, args):

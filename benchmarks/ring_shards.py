@@ -39,15 +39,10 @@ def _patterns(tiny: bool):
 
 
 def _time(fn, dev, reps):
-    fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    """Mean seconds per call over ``reps`` back-to-back calls after one warm-up."""
+    from vidattn.bench.timing import loop_ms
+
+    return loop_ms(fn, dev, reps) / 1e3
 
 
 def run(args) -> list:

@@ -111,6 +111,10 @@ def test_shared_timer_cpu():
     calls = []
     assert time_ms(lambda: calls.append(time.sleep(0.01)), "cpu", warmup=2, reps=3) >= 9 and len(calls) == 5
     assert median([3, 1, 2]) == 2 and median([4, 1, 2, 3]) == 2.5 and median([]) is None
+    from vidattn.bench.timing import loop_ms
+
+    calls.clear()
+    assert 9 <= loop_ms(lambda: calls.append(time.sleep(0.01)), "cpu", iters=4, warmup=1) < 200 and len(calls) == 5
     import torch
 
     lin = torch.nn.Linear(4, 4)

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, List, Optional
 
 import torch
 
-__all__ = ["sync", "Stopwatch", "time_ms", "median", "ModuleTimer"]
+__all__ = ["sync", "Stopwatch", "time_ms", "loop_ms", "median", "ModuleTimer"]
 
 
 def _is_cuda(device) -> bool:
@@ -91,6 +91,19 @@ def time_ms(fn: Callable[[], object], device, warmup: int = 1, reps: int = 3) ->
             fn()
         times.append(sw.elapsed_ms())
     return median(times)
+
+
+def loop_ms(fn: Callable[[], object], device, iters: int, warmup: int = 1) -> float:
+    """Mean milliseconds per call of ``iters`` back-to-back calls of ``fn()`` (one :class:`Stopwatch`
+    around the whole loop, so launch gaps between calls overlap as in a model), after ``warmup``
+    untimed calls."""
+    for _ in range(max(0, int(warmup))):
+        fn()
+    sync(device)
+    with Stopwatch(device) as sw:
+        for _ in range(max(1, int(iters))):
+            fn()
+    return sw.elapsed_ms() / max(1, int(iters))
 
 
 class ModuleTimer:
