@@ -27,9 +27,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 import torch
 
@@ -87,30 +85,10 @@ def make_inputs(args, layout, dtype, dev):
 
 
 def timer(dev):
-    if dev.type == "cuda":
-        def run(fn, warmup, repeats):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                times.append(a.elapsed_time(b))
-            return statistics.median(times)
-    else:
-        def run(fn, warmup, repeats):
-            for _ in range(warmup):
-                fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            return statistics.median(times)
-    return run
+    """``run(fn, warmup, repeats)``: median ms per call (:func:`vidattn.bench.timing.time_ms`)."""
+    from vidattn.bench.timing import time_ms
+
+    return lambda fn, warmup, repeats: time_ms(fn, dev, warmup=warmup, reps=repeats)
 
 
 def main(argv=None):
