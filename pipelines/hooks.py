@@ -393,6 +393,9 @@ def _unwatch_if_idle() -> None:
 
 @torch.compiler.disable
 def _watch_pre(module, args):
+    if not _WAITING and not _RERUN:  # every waiting processor bound or collected: stop watching
+        _unwatch_if_idle()
+        return None
     if not _is_supported(module) or module in _RERUN:
         return None
     mods = attention_modules(module)

@@ -169,3 +169,26 @@ def test_family_vocabulary_and_mochi_rejected_consistently():
         canonical_family("mochi")
     with pytest.raises(UnsupportedModelError, match="supported families"):
         detect_family(torch.nn.Linear(2, 2))
+
+
+def test_global_watch_hooks_go_once_no_processor_waits():
+    # a hand-installed processor that never meets its transformer must not leave the process-wide
+    # module hooks running on every later module call (of any model)
+    import gc
+
+    from vidattn.pipelines import hooks
+
+    gc.collect()
+    others = list(hooks._WAITING)  # processors of earlier tests still alive: set aside, restored below
+    for p in others:
+        hooks._WAITING.discard(p)
+    try:
+        proc = SparseAttnProcessor(vidattn.Neighborhood(kernel_size=3))
+        assert hooks._handles  # watching while it waits
+        del proc
+        gc.collect()
+        torch.nn.Linear(2, 2)(torch.zeros(1, 2))  # any module call, not a supported transformer
+        assert not hooks._handles
+    finally:
+        for p in others:
+            hooks.watch_for_owner(p)
