@@ -11,11 +11,13 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 
 import vidattn  # noqa: E402
 from vidattn import Neighborhood, TokenLayout  # noqa: E402
-from vidattn.plan import Rectification, TokenRule, plan_from_rule  # noqa: E402
+from vidattn.plan import Rectification  # noqa: E402
 
 pytest.importorskip("triton")
 from vidattn.kernels.reference import block_sparse_attention_reference as reference  # noqa: E402
 from vidattn.kernels.sparse_flash import block_sparse_attention_triton as triton_attn  # noqa: E402
+
+from kernel_cases import StripeRule, per_head_permuted_plan  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
@@ -66,18 +68,9 @@ def test_neighborhood_matches_reference(case, dtype, heads, D, B):
     _compare(q, kk, v, plan)
 
 
-class _StripeRule(TokenRule):
-    """A rule with no in-kernel implementation (exercises the generic per-block mask path)."""
-
-    def __call__(self, h, q_idx, k_idx):
-        return ((q_idx + 2 * k_idx + h) % 3 != 0) | (q_idx == k_idx)
-
-
 def test_generic_rule_with_per_head_permutation_and_rect_blocks():
     S, H = 70, 3
-    g = torch.Generator().manual_seed(1)
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(H)])
-    plan = plan_from_rule(_StripeRule(), seq_len=S, block_q=16, block_k=32, num_heads=H, perm=perm)
+    plan = per_head_permuted_plan(StripeRule(), S, H, block_q=16, block_k=32, seed=1)
     q, k, v = _qkv(2, S, H, 1, 16, torch.float32, seed=3)
     _compare(q, k, v, plan, scale=0.2)
 

@@ -22,12 +22,14 @@ from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E
 import vidattn  # noqa: E402
 from vidattn import Neighborhood, TokenLayout  # noqa: E402
 from vidattn.errors import BackendUnsupported, TritonUnsupported  # noqa: E402
-from vidattn.plan import Rectification, TokenRule, plan_from_rule  # noqa: E402
+from vidattn.plan import Rectification  # noqa: E402
 
 pytest.importorskip("triton")
 from vidattn.kernels import quant_fp8  # noqa: E402
 from vidattn.kernels.reference import block_sparse_attention_reference as reference  # noqa: E402
 from vidattn.kernels.sparse_flash import block_sparse_attention_triton as triton_attn  # noqa: E402
+
+from kernel_cases import StripeRule, per_head_permuted_plan  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
@@ -189,16 +191,9 @@ def test_token_permutation_tensor_descriptors_and_kept_log_scale():
     _check(q, k, v, plan, scale=0.3)
 
 
-class _StripeRule(TokenRule):
-    def __call__(self, h, q_idx, k_idx):
-        return ((q_idx + 2 * k_idx + h) % 3 != 0) | (q_idx == k_idx)
-
-
 def test_generic_rule_per_head_permutation_fp32_inputs():
     S, H = 70, 3
-    g = torch.Generator().manual_seed(7)
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(H)])
-    plan = plan_from_rule(_StripeRule(), seq_len=S, block_q=16, block_k=32, num_heads=H, perm=perm)
+    plan = per_head_permuted_plan(StripeRule(), S, H, block_q=16, block_k=32, seed=7)
     q, k, v = _qkv(1, S, H, 1, 16, seed=7, dtype=torch.float32)
     _check(q, k, v, plan)
 
