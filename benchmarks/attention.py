@@ -139,12 +139,19 @@ def run(args, log):
             except Exception as e:
                 f_ms = None
                 log(dict(shape=label, name=f"flex-{name}", skipped=repr(e)[:300]))
+            from vidattn.kernels.sparse_flash_launch import last_launch
+
             t_ms = _bench(lambda: tri_fn(q, k, v, plan))
+            path = last_launch.get("path")
             rec(f"triton-{name}", t_ms, fl, block_density=round(plan.block_density, 4),
-                token_density=round(plan.token_density, 4),
+                token_density=round(plan.token_density, 4), path=path,
                 vs_flex=round(f_ms / t_ms, 3) if f_ms else None,
                 vs_cudnn_dense=round(cudnn / t_ms, 3) if cudnn else None,
                 target_ms=round(1.3 * plan.token_density * cudnn, 3) if cudnn and note == "na" else None)
+            if path == "gluon-hopper":  # the portable kernel on the same plan, same run
+                with _env(VIDATTN_GLUON="0"):
+                    p_ms = _bench(lambda: tri_fn(q, k, v, plan))
+                rec(f"triton-portable-{name}", p_ms, fl, path="portable", gluon_speedup=round(p_ms / t_ms, 3))
 
         rec("flex-dense", _bench(lambda: flex(qh, kh, vh)), dense_flops)
         both("dense", vidattn.Dense().plan(layout, device="cuda"))

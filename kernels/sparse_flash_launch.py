@@ -47,6 +47,37 @@ def _bh_strides(t: torch.Tensor):
     return sb, sh
 
 
+def _bsh_strides(t: torch.Tensor):
+    """(batch, head, token) strides of a ``[B, S, H, D]`` tensor."""
+    return t.stride(0), t.stride(2), t.stride(1)
+
+
+def _bhs_strides(t: torch.Tensor):
+    """(batch, head, token) strides of a ``[B, H, S, D]`` tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def kv_in_plan_order(k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, heads: int):
+    """K and V as the kernels read them: in place (``[B, S, Hk, D]``, unit last stride) when the
+    plan has no key permutation, else gathered once into plan order, head-major and contiguous
+    (``[B, Hk', S, D]``; per-head permutations expand grouped K/V heads to ``heads``), so key tiles
+    stay contiguous for tensor-descriptor loads.
+
+    Returns:
+        ``(k_t, v_t, bhs)``: the two tensors and the function giving a tensor's (batch, head,
+        token) strides.
+    """
+    kperm = plan.key_perm
+    if kperm is None:
+        kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+        return kh, vh, _bsh_strides
+    if kperm.shape[0] > 1 and k.shape[2] != heads:
+        k, v = (expand_kv_heads(t.transpose(1, 2), heads).transpose(1, 2) for t in (k, v))
+    kh = to_plan_order(k.transpose(1, 2), kperm).contiguous()
+    vh = to_plan_order(v.transpose(1, 2), kperm).contiguous()
+    return kh, vh, _bhs_strides
+
+
 def prepare_call(q, k, v, plan, scale):
     """The shared start of a kernel call (forward and backward): :func:`check_triton_inputs`, the
     default softmax scale ``D ** -0.5`` and the plan on q's device. Returns ``(plan, scale)``."""
@@ -182,6 +213,27 @@ def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_l
     return desc, row_b, row_h, col_h
 
 
+def _gluon_path(q, k, v, plan, precision):
+    """The Hopper Gluon kernel's entry point when ``VIDATTN_GLUON`` and the case allow it, else None
+    (the reason is kept in ``last_launch["gluon_refused"]``); with ``VIDATTN_GLUON=1`` a case it
+    cannot run raises :class:`TritonUnsupported`."""
+    if q.device.type != "cuda":  # the CPU interpreter: no Gluon, and no import of it
+        return None
+    from .sparse_flash_gluon_launch import block_sparse_attention_gluon, gluon_mode, gluon_refusal
+
+    mode = gluon_mode()
+    if mode == "0":
+        last_launch["gluon_refused"] = "VIDATTN_GLUON=0"
+        return None
+    why = gluon_refusal(q, k, v, plan, precision)
+    last_launch["gluon_refused"] = why
+    if why is None:
+        return block_sparse_attention_gluon
+    if mode == "1":
+        raise TritonUnsupported(f"VIDATTN_GLUON=1 but {why}")
+    return None
+
+
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
                                   scale: Optional[float] = None, return_lse: bool = False,
                                   precision: Optional[str] = None):
@@ -208,6 +260,10 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """
     fp8 = check_precision(precision) == "fp8"
     plan, scale = prepare_call(q, k, v, plan, scale)
+    gluon = _gluon_path(q, k, v, plan, precision)
+    if gluon is not None:
+        return gluon(q, k, v, plan, scale, return_lse)
+    last_launch["path"] = "portable"
     if fp8:
         ok, why = fp8_support(q.device)
         if not ok:
@@ -222,27 +278,17 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     # token) strides); with a token permutation the kernel maps its rows through the plan's perm
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=dev)
-    q_bhs = lambda t: (t.stride(0), t.stride(2), t.stride(1))  # noqa: E731
+    q_bhs = _bsh_strides
     kperm = plan.key_perm  # keys may have their own order (kv_perm)
-    if kperm is None:
-        kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
-        kv_bhs = q_bhs
-    else:
-        # K/V are gathered into plan order once (head-major, contiguous) so key tiles stay
-        # contiguous for the tensor-descriptor loads
-        if kperm.shape[0] > 1 and Hk != H:
-            k, v = (expand_kv_heads(t.transpose(1, 2), H).transpose(1, 2) for t in (k, v))
-            Hk = H
-        kh = to_plan_order(k.transpose(1, 2), kperm).contiguous()
-        vh = to_plan_order(v.transpose(1, 2), kperm).contiguous()
-        kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731
+    kh, vh, kv_bhs = kv_in_plan_order(k, v, plan, H)
+    Hk = kh.shape[1] if kperm is not None else Hk
     fp8_ops = None
     if fp8:  # quantisation prologue: e4m3 Q (original order), smoothed K and transposed V (plan order)
         k_bhsd = kh if kperm is not None else kh.transpose(1, 2)
         v_bhsd = vh if kperm is not None else vh.transpose(1, 2)
         fp8_ops = quantize_fp8_operands(q, k_bhsd, v_bhsd, plan.perm, plan.block_q, plan.block_k)
         q, kh, vh = fp8_ops.q8, fp8_ops.k8, fp8_ops.vt8
-        kv_bhs = lambda t: (t.stride(0), t.stride(1), t.stride(2))  # noqa: E731  (V^T: channel-row stride)
+        kv_bhs = _bhs_strides  # (V^T: channel-row stride)
     qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 

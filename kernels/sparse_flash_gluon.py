@@ -1,0 +1,291 @@
+"""Device code of the Hopper (sm_90) block-sparse flash attention forward, written in Gluon.
+
+The portable kernel (:mod:`.sparse_flash_kernel`) leaves software pipelining and the split of
+work between warps to Triton. This one states them, the way FlashAttention-3 does on Hopper:
+
+* **warp specialisation**: one producer warp issues the TMA bulk copies of the listed key blocks'
+  K and V tiles into a ``STAGES``-deep shared-memory ring (``k_ready`` / ``v_ready`` / ``empty``
+  mbarriers); two consumer warpgroups each own 64 of the CTA's 128 query rows and run the online
+  softmax with warpgroup MMAs (``wgmma``) on the shared K/V tiles. The producer gives its
+  registers to the consumers (``setmaxnreg``).
+* **intra-warpgroup overlap**: each consumer issues ``S = Q K^T`` of key tile ``j + 1`` before the
+  ``O += P V`` of tile ``j`` and runs the softmax of tile ``j + 1`` while that P.V is in flight; P
+  stays in registers as the A operand of the P.V wgmma.
+
+Scope: full-block plans (no partial blocks, no rectification), bf16 / fp16, head dim 64 or 128,
+plan blocks of 128 query x ``BLOCK_N`` (64 or 128) key tokens. The launcher
+(:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the portable
+kernel. Q is read and O / LSE written at the original token positions through the plan's token
+permutation (``Q_PERM``); K/V arrive in plan order, as 2-D tensor descriptors whose tile of key
+block ``kb`` of (batch b, kv head hk) is the box at ``(b * ROW_B + hk * ROW_H + kb * BLOCK_N,
+hk * COL_H)`` (:func:`.sparse_flash_launch.kv_descriptor`). A ragged last key block (``RAGGED``)
+has its columns past the sequence masked.
+
+This module holds device code only: no plan, pattern or dispatcher import.
+"""
+
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+try:  # a class of constexpr fields travels into warp-specialised partitions (plain constexprs do not)
+    from triton.language.core import _aggregate as aggregate
+except ImportError:  # pragma: no cover - other triton versions
+    from triton.language.core import aggregate
+
+__all__ = ["_gluon_sparse_flash_fwd", "ROWS_PER_WARPGROUP", "ROWS_PER_CTA"]
+
+ROWS_PER_WARPGROUP = 64
+ROWS_PER_CTA = 128  # two consumer warpgroups
+
+
+@aggregate
+class _Modes:
+    """The kernel's compile-time modes, as one value the partitions receive."""
+
+    RAGGED: gl.constexpr
+    Q_PERM: gl.constexpr
+    RETURN_LSE: gl.constexpr
+    STAGES: gl.constexpr
+    BLOCK_N: gl.constexpr
+    BLOCK_D: gl.constexpr
+    SPLIT: gl.constexpr
+
+    @gluon.constexpr_function
+    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT):
+        self.RAGGED = gl.constexpr(RAGGED)
+        self.Q_PERM = gl.constexpr(Q_PERM)
+        self.RETURN_LSE = gl.constexpr(RETURN_LSE)
+        self.STAGES = gl.constexpr(STAGES)
+        self.BLOCK_N = gl.constexpr(BLOCK_N)
+        self.BLOCK_D = gl.constexpr(BLOCK_D)
+        self.SPLIT = gl.constexpr(SPLIT)
+
+
+@gluon.jit
+def _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED: gl.constexpr, BLOCK_N: gl.constexpr,
+                  dtype: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+    """Online-softmax step (base 2) of one key tile: ``qk`` fp32 ``[64, BLOCK_N]`` (wgmma layout),
+    ``m_i`` / ``l_i`` fp32 ``[64]``. Returns P (Q's dtype, the P.V A-operand layout), the new row
+    max and sum, and the rescale factor of the output rows (P.V accumulator row layout)."""
+    if RAGGED:
+        if kb == NKB - 1:  # columns past the sequence end (the ragged last key block only)
+            cols = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
+            qk = gl.where(cols[None, :] < S, qk, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
+    p = gl.exp2(qk * qk_scale - m_new[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    return p_op, m_new, l_i, gl.convert_layout(alpha, row_o)
+
+
+@gluon.jit
+def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+              S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+              fn_b, fn_h, fi_b, fi_h, fi_q, modes, WG: gl.constexpr):
+    """One consumer warpgroup: query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
+    RAGGED: gl.constexpr = modes.RAGGED
+    Q_PERM: gl.constexpr = modes.Q_PERM
+    RETURN_LSE: gl.constexpr = modes.RETURN_LSE
+    STAGES: gl.constexpr = modes.STAGES
+    BLOCK_N: gl.constexpr = modes.BLOCK_N
+    BLOCK_D: gl.constexpr = modes.BLOCK_D
+    SPLIT: gl.constexpr = modes.SPLIT
+    BM: gl.constexpr = 64
+    dtype: gl.constexpr = Q.dtype.element_ty
+    mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_N, 16])
+    mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                    instr_shape=[16, BLOCK_D, 16])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+    row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
+    row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
+    # global Q loads / O stores: 16-byte vectors along D
+    io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
+
+    qt = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    # ---- Q rows of this warpgroup (original token positions through the permutation)
+    rows = qt * 128 + WG * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io))
+    offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io))
+    row_ok = rows < S
+    if Q_PERM:
+        qtok = gl.load(QPERM + h * qperm_h + rows, mask=row_ok, other=0)
+    else:
+        qtok = rows
+    q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok[:, None] * stride_qs + offs_d[None, :]
+    q = gl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q_smem.store(q)
+    fence_async_shared()
+
+    # SPLIT (64-token plan query blocks): this warpgroup's own plan block, key list and ring half
+    if SPLIT:
+        qb = qt * 2 + WG
+        ring = WG * STAGES
+    else:
+        qb = qt
+        ring = 0
+    nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb, mask=qb < NQB, other=0)
+    f_idx = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+    m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
+    l_i = gl.zeros([BM], gl.float32, layout=row_s)
+    acc = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
+    zero_s = gl.zeros([BM, BLOCK_N], gl.float32, layout=mma_s)
+    if nfb > 0:
+        # ---- tile 0: S = Q K^T, softmax
+        mbarrier.wait(k_ready.index(ring), 0)
+        qk = warpgroup_mma(q_smem, k_smem.index(ring).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(0, deps=(qk, ))
+        kb = gl.load(f_idx)
+        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED, BLOCK_N, dtype, p_layout, row_o)
+        # ---- steady state: S of tile j in flight with O += P V of tile j - 1
+        for j in range(1, nfb):
+            s = ring + j % STAGES
+            sp = ring + (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+            qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+            acc = acc * alpha[:, None]
+            acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+            qk = warpgroup_mma_wait(1, deps=(qk, ))
+            kb = gl.load(f_idx + j)
+            p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED, BLOCK_N, dtype,
+                                                    p_layout, row_o)
+            acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+            mbarrier.arrive(empty.index(sp), count=1)
+            p = p_next
+        # ---- last tile's P.V
+        sp = ring + (nfb - 1) % STAGES
+        mbarrier.wait(v_ready.index(sp), ((nfb - 1) // STAGES) & 1)
+        acc = acc * alpha[:, None]
+        acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+        mbarrier.arrive(empty.index(sp), count=1)
+
+    # ---- epilogue: normalise, store O (and LSE) at the original token positions
+    l_o = gl.convert_layout(l_i, row_o)
+    denom = gl.where(l_o > 0, l_o, 1.0)
+    out = acc / denom[:, None]
+    out = gl.where((l_o > 0)[:, None], out, 0.0)
+    out = gl.convert_layout(out.to(dtype), io)
+    o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + qtok[:, None] * stride_os + offs_d[None, :]
+    gl.store(o_ptrs, out, mask=row_ok[:, None])
+    if RETURN_LSE:
+        lrow: gl.constexpr = gl.SliceLayout(1, io)
+        l_io = gl.convert_layout(l_i, lrow)
+        m_io = gl.convert_layout(m_i, lrow)
+        lse = gl.where(l_io > 0, (m_io + gl.log2(gl.where(l_io > 0, l_io, 1.0))) * 0.6931471805599453,
+                       float("-inf"))
+        gl.store(LSE + bh.to(gl.int64) * S + qtok, lse, mask=row_ok)
+
+
+@gluon.jit
+def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+                  S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+                  fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+    _consumer(q_smem.index(0), k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+              qperm_h, S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+              fn_b, fn_h, fi_b, fi_h, fi_q, modes, 0)
+
+
+@gluon.jit
+def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+                  S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+                  fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+    _consumer(q_smem.index(1), k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+              qperm_h, S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+              fn_b, fn_h, fi_b, fi_h, fi_q, modes, 1)
+
+
+@gluon.jit
+def _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, slot, lap, row, kv_col):
+    """Wait for ring slot ``slot`` to be free (its ``lap``-th use), then TMA K and V rows
+    ``row .. row + BLOCK_N`` (column ``kv_col``) into it."""
+    # a fresh barrier passes a wait on parity 1: the first lap finds every slot free
+    mbarrier.wait(empty.index(slot), (lap & 1) ^ 1)
+    mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(slot), k_smem.index(slot))
+    mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
+    tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
+              NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+    """The load warp: TMA copies of the listed key blocks' K and V tiles into the ring (with
+    ``SPLIT``, into each warpgroup's half from its own plan block's list, alternating)."""
+    STAGES: gl.constexpr = modes.STAGES
+    BLOCK_N: gl.constexpr = modes.BLOCK_N
+    SPLIT: gl.constexpr = modes.SPLIT
+    qt = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // HK_GROUP
+    kv_row0 = b * ROW_B + hk * ROW_H
+    kv_col = hk * COL_H
+    if SPLIT:
+        qb1 = qt * 2 + 1
+        n0 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qt * 2)
+        n1 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb1, mask=qb1 < NQB, other=0)
+        f0 = FULL_IDX + b * fi_b + h * fi_h + (qt * 2) * fi_q
+        f1 = FULL_IDX + b * fi_b + h * fi_h + qb1 * fi_q
+        for j in range(gl.maximum(n0, n1)):
+            if j < n0:
+                _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, j % STAGES, j // STAGES,
+                           kv_row0 + gl.load(f0 + j) * BLOCK_N, kv_col)
+            if j < n1:
+                _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, STAGES + j % STAGES,
+                           j // STAGES, kv_row0 + gl.load(f1 + j) * BLOCK_N, kv_col)
+    else:
+        nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qt)
+        f_idx = FULL_IDX + b * fi_b + h * fi_h + qt * fi_q
+        for j in range(nfb):
+            _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, j % STAGES, j // STAGES,
+                       kv_row0 + gl.load(f_idx + j) * BLOCK_N, kv_col)
+
+
+@gluon.jit
+def _gluon_sparse_flash_fwd(
+    desc_k, desc_v, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+    S, H, HK_GROUP, ROW_B, ROW_H, COL_H, NQB, NKB, qk_scale,
+    stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+    fn_b, fn_h, fi_b, fi_h, fi_q,
+    RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
+    BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+):
+    """Grid ``(ceil(S / 128), B * H)``, 4 warps (+ 4 consumer and 1 producer warps). Q, O:
+    ``[B, S, H, D]`` bf16/fp16 at (batch, head, token) strides; LSE fp32 ``[B, H, S]`` (natural
+    log); FULL_NUM int32 ``[Bp, Hp, NQB]`` and FULL_IDX int32 ``[Bp, Hp, NQB, M]`` (sorted) at the
+    given strides (0 on broadcast dims); QPERM int32 ``[Hp, S]`` plan position -> original token."""
+    dtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], dtype)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], q_layout)
+    SLOTS: gl.constexpr = 2 * STAGES if SPLIT else STAGES  # SPLIT: one ring per consumer warpgroup
+    k_smem = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_k.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_v.layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
+    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT)
+    for i in gl.static_range(SLOTS):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
+    consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+                     S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
+                     fn_b, fn_h, fi_b, fi_h, fi_q, modes)
+    producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
+                     NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes)
+    gl.warp_specialize([(_consumer_wg0, consumer_args), (_consumer_wg1, consumer_args), (_producer, producer_args)],
+                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

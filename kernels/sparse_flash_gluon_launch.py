@@ -1,0 +1,161 @@
+"""Launcher of the Hopper Gluon kernel (:mod:`.sparse_flash_gluon`): when it can run, its launch.
+
+The triton backend's entry point (:func:`.sparse_flash_launch.block_sparse_attention_triton`)
+asks :func:`gluon_refusal` first and runs this path when it returns None; every other case (and
+every GPU that is not sm_90, the interpreter, CI) runs the portable kernel. ``VIDATTN_GLUON``:
+``auto`` (default) takes the Gluon path whenever it can run, ``0`` never, ``1`` always (a case it
+cannot run then raises :class:`vidattn.errors.TritonUnsupported` with the reason, for benchmarks
+that must not measure the portable kernel by mistake).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+
+from vidattn.errors import TritonUnsupported
+from vidattn.plan import BlockPlan
+
+from .sparse_flash_launch import kv_descriptor, kv_in_plan_order, last_launch, prepare_call
+from .sparse_flash_tables import plan_launch_tables, plan_perm_int32
+
+__all__ = ["gluon_mode", "gluon_available", "gluon_refusal", "gluon_config", "block_sparse_attention_gluon"]
+
+LOG2E = 1.4426950408889634
+_SMEM_BYTES = 227 * 1024  # per-block opt-in shared memory of an H100 / H200
+
+
+def gluon_mode() -> str:
+    """``VIDATTN_GLUON``: ``"auto"`` (default), ``"0"`` or ``"1"``; anything else is a ValueError."""
+    mode = os.environ.get("VIDATTN_GLUON", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"VIDATTN_GLUON must be auto, 0 or 1, got {mode!r}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def gluon_available() -> Optional[str]:
+    """None when this Triton has Gluon's Hopper module and the kernel module imports, else why not."""
+    try:
+        from . import sparse_flash_gluon  # noqa: F401
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: F401
+    except Exception as e:  # ImportError, or an API this module does not know (another triton)
+        return f"triton {triton.__version__} has no usable Gluon Hopper module ({type(e).__name__}: {e})"[:300]
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
+                  precision: Optional[str] = None) -> Optional[str]:
+    """Why the Gluon Hopper kernel cannot run this case, or None when it can.
+
+    It runs: CUDA compute capability 9.x (Hopper), not under ``TRITON_INTERPRET``; q/k/v bf16 or
+    fp16 ``[B, S, H|Hk, D]`` with D 64 or 128; native precision; a plan of 64- or 128-token query
+    and key blocks with only full blocks listed and no rectification. Shapes
+    are assumed checked by :func:`.sparse_flash_launch.check_triton_inputs`.
+    """
+    if precision is not None:
+        return f"precision={precision!r} runs on the portable kernel"
+    if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"dtype {q.dtype} (the Gluon kernel takes bf16 / fp16)"
+    if q.shape[-1] not in (64, 128):
+        return f"head dim {q.shape[-1]} (the Gluon kernel takes 64 or 128)"
+    if plan.block_q not in (64, 128) or plan.block_k not in (64, 128):
+        return f"plan blocks {plan.block_q}x{plan.block_k} (the Gluon kernel takes 64 or 128 x 64 or 128)"
+    if plan.has_partial:
+        return "the plan lists partial blocks (the Gluon kernel runs full blocks only)"
+    if plan.rectification is not None:
+        return "rectification terms run on the portable kernel"
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return "the Gluon kernel does not run under TRITON_INTERPRET"
+    if q.device.type != "cuda":
+        return "the Gluon kernel needs a CUDA device"
+    major = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0]
+    if major != 9:
+        return f"the Gluon kernel is Hopper-only (compute capability 9.x), this GPU is {major}.x"
+    return gluon_available()
+
+
+def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
+    """Launch settings: ``SPLIT`` (64-token plan query blocks: each consumer warpgroup follows its
+    own block's key list through its own ring), ``STAGES`` (depth of each ring: as many as fit next
+    to Q and the layout-conversion scratch, 2 to 4; ``VIDATTN_GLUON_STAGES`` overrides),
+    ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer warpgroups / the
+    load warp)."""
+    split = block_q == 64
+    stage = 2 * block_k * head_dim * 2 * (2 if split else 1)
+    q_bytes = 128 * head_dim * 2
+    scratch = 24 * 1024
+    stages = max(2, min(4, (_SMEM_BYTES - q_bytes - scratch) // stage))
+    forced = os.environ.get("VIDATTN_GLUON_STAGES")
+    if forced:
+        stages = int(forced)
+    return dict(SPLIT=split, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24)
+
+
+def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
+                                 scale: Optional[float] = None, return_lse: bool = False):
+    """Run ``plan`` with the Hopper Gluon kernel (the caller has checked :func:`gluon_refusal`).
+
+    Args:
+        q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H); bf16 or fp16, D 64 or 128.
+        plan: full-block BlockPlan with 64- or 128-token blocks (Bp in {1, B}, Hp in {1, H}).
+        scale: softmax scale, default ``D ** -0.5``.
+        return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
+    Returns:
+        ``[B, S, H, D]`` in q's dtype (and the LSE).
+    Raises:
+        TritonUnsupported: K/V strides a tensor descriptor cannot describe.
+    """
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .sparse_flash_gluon import _gluon_sparse_flash_fwd
+
+    plan, scale = prepare_call(q, k, v, plan, scale)
+    B, S, H, D = q.shape
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    kh, vh, kv_bhs = kv_in_plan_order(k, v, plan, H)
+    Hk = kh.shape[1] if plan.key_perm is not None else kh.shape[2]
+    BN = plan.block_k
+    descs = []
+    for t in (kh, vh):
+        d = kv_descriptor(t, kv_bhs(t), B, Hk, S, BN)
+        if d is None:
+            raise TritonUnsupported("K/V strides do not allow a tensor descriptor (the Gluon kernel loads by TMA)")
+        descs.append(d)
+    (dk, row_b, row_h, col_h), (dv, *_) = descs
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([BN, D], gdtype)
+    desc_k = TensorDescriptor(dk.base, list(dk.shape), list(dk.strides), [BN, D], layout)
+    desc_v = TensorDescriptor(dv.base, list(dv.shape), list(dv.strides), [BN, D], layout)
+
+    t = plan_launch_tables(plan)
+    fnum, fidx = t["fnum"], t["fidx"]
+    qperm = plan_perm_int32(plan)
+    out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
+    cfg = gluon_config(plan.block_q, BN, D)
+    bs = lambda x: (0 if x.shape[0] == 1 else x.stride(0), 0 if x.shape[1] == 1 else x.stride(1))  # noqa: E731
+    (fn_b, fn_h), (fi_b, fi_h) = bs(fnum), bs(fidx)
+    grid = (triton.cdiv(S, 128), B * H)
+    compiled = _gluon_sparse_flash_fwd[grid](
+        desc_k, desc_v, q, out, lse, fnum, fidx, qperm if qperm is not None else fnum,
+        0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0),
+        S, H, H // Hk, row_b, row_h, col_h, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
+        q.stride(0), q.stride(2), q.stride(1), out.stride(0), out.stride(2), out.stride(1),
+        fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
+        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"],
+        BLOCK_N=BN, BLOCK_D=D, CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
+        num_warps=4)
+    last_launch["path"] = "gluon-hopper"
+    last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+    return (out, lse) if return_lse else out
