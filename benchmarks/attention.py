@@ -308,7 +308,10 @@ def run_peers(args, log):
     """Peers side by side on the same block layouts (Wan shape, bf16, forward): cuDNN SDPA,
     FlexAttention (Triton), FlexAttention ``BACKEND="FLASH"``, FlashAttention-4 block-sparse
     (``flash_attn.cute.flash_attn_func(..., block_sparse_tensors=...)``), SageAttention (dense) and
-    vidattn's Triton kernel. A peer that does not load is skipped with the reason."""
+    vidattn's Triton kernel. A peer that does not load is skipped with the reason. FA4 on the lent
+    H200: flash-attn-4 4.0.0b19 + nvidia-cutlass-dsl 4.5.3, installed by
+    ``benchmarks/fa4_device_setup.sh`` (its printed PYTHONPATH must be set); its rows carry
+    ``vs_triton`` (rel_l2/cos of FA4's output against vidattn's kernel on the same plan)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vidattn
