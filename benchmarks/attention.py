@@ -349,6 +349,10 @@ def run_peers(args, log):
         fa4_err = None
     except Exception as e:
         fa4, fa4_err = None, f"flash_attn.cute (flash-attn-4) does not load: {e!r}"[:300]
+    if fa4 is None:
+        log(dict(shape=label, mode="peers", name="fa4-dense", skipped=fa4_err))
+    else:  # FA4's dense kernel on the same inputs: the ceiling its block-sparse rows compare to
+        rec("fa4-dense", lambda: fa4(q, k, v), dense, **_fa4_version())
     for dens in (1.0, 0.5, 0.25, 0.125, 0.0625):
         plan = vidattn.Dense().plan(vidattn.TokenLayout(grid), device="cuda") if dens == 1.0 else \
             _random_block_plan(S, H, dens, 128)
