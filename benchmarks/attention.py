@@ -281,26 +281,44 @@ def run_backward(args, log):
     both("neighborhood(9,15,27)", vidattn.Neighborhood(kernel_size=(9, 15, 27)).plan(layout, device="cuda"))
 
 
-def _fa4_block_sparse(plan, H):
-    """FlashAttention-4's block-sparse tensors from a full-block-only plan, or raise."""
-    from flash_attn.cute import flash_attn_func  # noqa: F401  (import check)
+def _fa4_block_sparse(plan, head_dim):
+    """FlashAttention-4 ``BlockSparseTensorsTorch`` for ``plan`` (q/k/v ``[B, S, H, head_dim]``).
 
+    Counts int32 ``[Bp, Hp, NQB]``, indices int32 ``[Bp, Hp, NQB, W]`` and ``block_size=(block_q,
+    block_k)`` (vidattn.bench.fa4_layout). Raises RuntimeError with the reason when FA4's forward
+    on this GPU cannot run the plan as given (block size vs its tile, token order, partial blocks).
+    """
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    from vidattn.bench.fa4_layout import fa4_unsupported_reason, plan_to_fa4_block_sparse
+
+    major, minor = torch.cuda.get_device_capability()
+    why = fa4_unsupported_reason(plan, head_dim, arch=10 * major + minor)
+    if why is not None:
+        raise RuntimeError(why)
+    t = plan_to_fa4_block_sparse(plan)
+    return BlockSparseTensorsTorch(mask_block_cnt=t.mask_block_cnt, mask_block_idx=t.mask_block_idx,
+                                   full_block_cnt=t.full_block_cnt, full_block_idx=t.full_block_idx,
+                                   block_size=t.block_size)
+
+
+def _fa4_version():
     try:
-        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
-    except ImportError as e:
-        raise RuntimeError(f"flash_attn.cute has no BlockSparseTensorsTorch: {e}") from e
-    fnum = plan.full_kv_num_blocks.expand(1, H, -1).contiguous().int()
-    fidx = plan.full_kv_indices.expand(1, H, -1, -1).contiguous().int()
-    pnum = torch.zeros_like(fnum)
-    pidx = torch.zeros_like(fidx)
-    return BlockSparseTensorsTorch(mask_block_cnt=pnum, mask_block_idx=pidx, full_block_cnt=fnum, full_block_idx=fidx)
+        from importlib.metadata import version
+
+        return dict(flash_attn_4=version("flash-attn-4"), cutlass_dsl=version("nvidia-cutlass-dsl"))
+    except Exception as e:  # installed with --target: metadata still found through sys.path
+        return dict(version_error=repr(e)[:120])
 
 
 def run_peers(args, log):
     """Peers side by side on the same block layouts (Wan shape, bf16, forward): cuDNN SDPA,
     FlexAttention (Triton), FlexAttention ``BACKEND="FLASH"``, FlashAttention-4 block-sparse
     (``flash_attn.cute.flash_attn_func(..., block_sparse_tensors=...)``), SageAttention (dense) and
-    vidattn's Triton kernel. A peer that does not load is skipped with the reason."""
+    vidattn's Triton kernel. A peer that does not load is skipped with the reason. FA4 on the lent
+    H200: flash-attn-4 4.0.0b19 + nvidia-cutlass-dsl 4.5.3, installed by
+    ``benchmarks/fa4_device_setup.sh`` (its printed PYTHONPATH must be set); its rows carry
+    ``vs_triton`` (rel_l2/cos of FA4's output against vidattn's kernel on the same plan)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import vidattn
@@ -338,6 +356,10 @@ def run_peers(args, log):
         fa4_err = None
     except Exception as e:
         fa4, fa4_err = None, f"flash_attn.cute (flash-attn-4) does not load: {e!r}"[:300]
+    if fa4 is None:
+        log(dict(shape=label, mode="peers", name="fa4-dense", skipped=fa4_err))
+    else:  # FA4's dense kernel on the same inputs: the ceiling its block-sparse rows compare to
+        rec("fa4-dense", lambda: fa4(q, k, v), dense, **_fa4_version())
     for dens in (1.0, 0.5, 0.25, 0.125, 0.0625):
         plan = vidattn.Dense().plan(vidattn.TokenLayout(grid), device="cuda") if dens == 1.0 else \
             _random_block_plan(S, H, dens, 128)
@@ -351,9 +373,13 @@ def run_peers(args, log):
         if fa4 is None:
             log(dict(shape=label, mode="peers", name=f"fa4-blocksparse-d{dens}", skipped=fa4_err, **extra))
         else:
-            try:
-                bst = _fa4_block_sparse(plan, H)
-                rec(f"fa4-blocksparse-d{dens}", lambda: fa4(q, k, v, block_sparse_tensors=bst), fl, **extra)
+            try:  # first call compiles (CuTe DSL JIT); output checked against vidattn's kernel
+                bst = _fa4_block_sparse(plan, D)
+                out = fa4(q, k, v, block_sparse_tensors=bst)
+                out = out[0] if isinstance(out, tuple) else out
+                chk = _err(out, tri_fn(q, k, v, plan))
+                rec(f"fa4-blocksparse-d{dens}", lambda: fa4(q, k, v, block_sparse_tensors=bst), fl,
+                    vs_triton=chk, **_fa4_version(), **extra)
             except Exception as e:
                 log(dict(shape=label, mode="peers", name=f"fa4-blocksparse-d{dens}", skipped=repr(e)[:300], **extra))
         rec(f"triton-d{dens}", lambda: tri_fn(q, k, v, plan), fl, **extra)
