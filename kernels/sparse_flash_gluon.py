@@ -57,9 +57,10 @@ class _Modes:
     BLOCK_N: gl.constexpr
     BLOCK_D: gl.constexpr
     SPLIT: gl.constexpr
+    PINGPONG: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT):
+    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -67,6 +68,7 @@ class _Modes:
         self.BLOCK_N = gl.constexpr(BLOCK_N)
         self.BLOCK_D = gl.constexpr(BLOCK_D)
         self.SPLIT = gl.constexpr(SPLIT)
+        self.PINGPONG = gl.constexpr(PINGPONG)
 
 
 @gluon.jit
@@ -88,7 +90,7 @@ def _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED: gl.constexpr, BLOC
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
               fn_b, fn_h, fi_b, fi_h, fi_q, modes, WG: gl.constexpr):
     """One consumer warpgroup: query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
@@ -99,6 +101,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_N
     BLOCK_N: gl.constexpr = modes.BLOCK_N
     BLOCK_D: gl.constexpr = modes.BLOCK_D
     SPLIT: gl.constexpr = modes.SPLIT
+    PINGPONG: gl.constexpr = modes.PINGPONG
     BM: gl.constexpr = 64
     dtype: gl.constexpr = Q.dtype.element_ty
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -143,8 +146,12 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_N
     zero_s = gl.zeros([BM, BLOCK_N], gl.float32, layout=mma_s)
     if nfb > 0:
         # ---- tile 0: S = Q K^T, softmax
+        if PINGPONG:  # issue slot 0 of this warpgroup
+            mbarrier.wait(turn.index(WG), 0)
         mbarrier.wait(k_ready.index(ring), 0)
         qk = warpgroup_mma(q_smem, k_smem.index(ring).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
         qk = warpgroup_mma_wait(0, deps=(qk, ))
         kb = gl.load(f_idx)
         p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED, BLOCK_N, dtype, p_layout, row_o)
@@ -152,11 +159,15 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_N
         for j in range(1, nfb):
             s = ring + j % STAGES
             sp = ring + (j - 1) % STAGES
+            if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
+                mbarrier.wait(turn.index(WG), j & 1)
             mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
             qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
             acc = acc * alpha[:, None]
             acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - WG), count=1)
             qk = warpgroup_mma_wait(1, deps=(qk, ))
             kb = gl.load(f_idx + j)
             p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED, BLOCK_N, dtype,
@@ -166,9 +177,13 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_N
             p = p_next
         # ---- last tile's P.V
         sp = ring + (nfb - 1) % STAGES
+        if PINGPONG:
+            mbarrier.wait(turn.index(WG), nfb & 1)
         mbarrier.wait(v_ready.index(sp), ((nfb - 1) // STAGES) & 1)
         acc = acc * alpha[:, None]
         acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
         acc, p = warpgroup_mma_wait(0, deps=(acc, p))
         mbarrier.arrive(empty.index(sp), count=1)
 
@@ -190,19 +205,19 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_N
 
 
 @gluon.jit
-def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
                   S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
                   fn_b, fn_h, fi_b, fi_h, fi_q, modes):
-    _consumer(q_smem.index(0), k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+    _consumer(q_smem.index(0), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
               qperm_h, S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
               fn_b, fn_h, fi_b, fi_h, fi_q, modes, 0)
 
 
 @gluon.jit
-def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
                   S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
                   fn_b, fn_h, fi_b, fi_h, fi_q, modes):
-    _consumer(q_smem.index(1), k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+    _consumer(q_smem.index(1), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
               qperm_h, S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
               fn_b, fn_h, fi_b, fi_h, fi_q, modes, 1)
 
@@ -262,7 +277,7 @@ def _gluon_sparse_flash_fwd(
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     fn_b, fn_h, fi_b, fi_h, fi_q,
     RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-    BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """Grid ``(ceil(S / 128), B * H)``, 4 warps (+ 4 consumer and 1 producer warps). Q, O:
     ``[B, S, H, D]`` bf16/fp16 at (batch, head, token) strides; LSE fp32 ``[B, H, S]`` (natural
@@ -277,12 +292,18 @@ def _gluon_sparse_flash_fwd(
     k_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT)
+    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG)
+    # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
+    if PINGPONG:
+        mbarrier.arrive(turn.index(0), count=1)
     for i in gl.static_range(SLOTS):
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
-    consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+    consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
                      S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
                      fn_b, fn_h, fi_b, fi_h, fi_q, modes)
     producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,

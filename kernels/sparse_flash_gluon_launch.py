@@ -88,6 +88,8 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
     """Launch settings: ``SPLIT`` (64-token plan query blocks: each consumer warpgroup follows its
     own block's key list through its own ring), ``STAGES`` (depth of each ring: as many as fit next
     to Q and the layout-conversion scratch, 2 to 4; ``VIDATTN_GLUON_STAGES`` overrides),
+    ``PINGPONG`` (the consumer warpgroups alternate issuing their MMAs, so one's softmax runs
+    under the other's; shared lists only; ``VIDATTN_GLUON_PINGPONG=0`` turns it off),
     ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer warpgroups / the
     load warp)."""
     split = block_q == 64
@@ -98,7 +100,9 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
     forced = os.environ.get("VIDATTN_GLUON_STAGES")
     if forced:
         stages = int(forced)
-    return dict(SPLIT=split, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24)
+    # PINGPONG: the two consumer warpgroups take turns issuing their MMAs (one list: not with SPLIT)
+    pingpong = not split and os.environ.get("VIDATTN_GLUON_PINGPONG", "1") != "0"
+    return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24)
 
 
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
@@ -153,7 +157,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         S, H, H // Hk, row_b, row_h, col_h, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
         q.stride(0), q.stride(2), q.stride(1), out.stride(0), out.stride(2), out.stride(1),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
-        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"],
+        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"],
         BLOCK_N=BN, BLOCK_D=D, CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"

@@ -88,7 +88,7 @@ ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQB NKB stride_qb stride_qh stri
         "stride_os fn_b fn_h fi_b fi_h fi_q").split()
 sig = dict(desc_k=desc, desc_v=desc, Q="*bf16", O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
            QPERM="*i32", qk_scale="fp32", **{n: "i32" for n in ints})
-const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
+const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
              PRODUCER_REGS=24)
 sig.update({n: "constexpr" for n in const})
 c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
