@@ -72,14 +72,15 @@ class _Modes:
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED: gl.constexpr, BLOCK_N: gl.constexpr,
+def _softmax_tile(qk, m_i, l_i, tail, col0, S, qk_scale, RAGGED: gl.constexpr, BLOCK_N: gl.constexpr,
                   dtype: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 ``[64, BLOCK_N]`` (wgmma layout),
-    ``m_i`` / ``l_i`` fp32 ``[64]``. Returns P (Q's dtype, the P.V A-operand layout), the new row
-    max and sum, and the rescale factor of the output rows (P.V accumulator row layout)."""
+    ``m_i`` / ``l_i`` fp32 ``[64]``; ``tail``: this is the ragged last key block (columns from
+    ``col0``; columns past ``S`` masked). Returns P (Q's dtype, the P.V A-operand layout), the new
+    row max and sum, and the rescale factor of the output rows (P.V accumulator row layout)."""
     if RAGGED:
-        if kb == NKB - 1:  # columns past the sequence end (the ragged last key block only)
-            cols = kb * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
+        if tail:
+            cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
             qk = gl.where(cols[None, :] < S, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     p = gl.exp2(qk * qk_scale - m_new[:, None])
@@ -90,10 +91,23 @@ def _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED: gl.constexpr, BLOC
 
 
 @gluon.jit
+def _tile_coords(tile, NQT, H, SPLIT: gl.constexpr, WG: gl.constexpr):
+    """Work item ``tile`` -> (query tile, batch x head, batch, head, plan query block)."""
+    qt = tile % NQT
+    bh = tile // NQT
+    if SPLIT:
+        qb = qt * 2 + WG
+    else:
+        qb = qt
+    return qt, bh, bh // H, bh % H, qb
+
+
+@gluon.jit
 def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
-              S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-              fn_b, fn_h, fi_b, fi_h, fi_q, modes, WG: gl.constexpr):
-    """One consumer warpgroup: query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
+              S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
+              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes, WG: gl.constexpr):
+    """One consumer warpgroup. For each work item of this program (persistent: items ``pid``,
+    ``pid + grid``, ...): query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
     RAGGED: gl.constexpr = modes.RAGGED
     Q_PERM: gl.constexpr = modes.Q_PERM
     RETURN_LSE: gl.constexpr = modes.RETURN_LSE
@@ -113,113 +127,111 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
     # global Q loads / O stores: 16-byte vectors along D
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
-
-    qt = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    # ---- Q rows of this warpgroup (original token positions through the permutation)
-    rows = qt * 128 + WG * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io))
+    lrow: gl.constexpr = gl.SliceLayout(1, io)
     offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io))
-    row_ok = rows < S
-    if Q_PERM:
-        qtok = gl.load(QPERM + h * qperm_h + rows, mask=row_ok, other=0)
-    else:
-        qtok = rows
-    q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok[:, None] * stride_qs + offs_d[None, :]
-    q = gl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-    q_smem.store(q)
-    fence_async_shared()
-
-    # SPLIT (64-token plan query blocks): this warpgroup's own plan block, key list and ring half
-    if SPLIT:
-        qb = qt * 2 + WG
-        ring = WG * STAGES
-    else:
-        qb = qt
-        ring = 0
-    nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb, mask=qb < NQB, other=0)
-    f_idx = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
-    m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
-    l_i = gl.zeros([BM], gl.float32, layout=row_s)
-    acc = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
     zero_s = gl.zeros([BM, BLOCK_N], gl.float32, layout=mma_s)
-    if nfb > 0:
-        # ---- tile 0: S = Q K^T, softmax
-        if PINGPONG:  # issue slot 0 of this warpgroup
-            mbarrier.wait(turn.index(WG), 0)
-        mbarrier.wait(k_ready.index(ring), 0)
-        qk = warpgroup_mma(q_smem, k_smem.index(ring).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG), count=1)
-        qk = warpgroup_mma_wait(0, deps=(qk, ))
-        kb = gl.load(f_idx)
-        p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED, BLOCK_N, dtype, p_layout, row_o)
-        # ---- steady state: S of tile j in flight with O += P V of tile j - 1
-        for j in range(1, nfb):
-            s = ring + j % STAGES
-            sp = ring + (j - 1) % STAGES
-            if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
-                mbarrier.wait(turn.index(WG), j & 1)
-            mbarrier.wait(k_ready.index(s), (j // STAGES) & 1)
+    ring = WG * STAGES if SPLIT else 0  # SPLIT: this warpgroup's own ring
+    it = 0  # uses of the ring so far (slot and parity of the next tile)
+    sg = 0  # PINGPONG: MMA issue turns taken so far
+    for tile in range(gl.program_id(0), NUM_TILES, gl.num_programs(0)):
+        qt, bh, b, h, qb = _tile_coords(tile, NQT, H, SPLIT, WG)
+        # ---- Q rows of this warpgroup (original token positions through the permutation)
+        rows = qt * 128 + WG * BM + gl.arange(0, BM, layout=lrow)
+        row_ok = rows < S
+        if Q_PERM:
+            qtok = gl.load(QPERM + h * qperm_h + rows, mask=row_ok, other=0)
+        else:
+            qtok = rows
+        q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok[:, None] * stride_qs + offs_d[None, :]
+        q = gl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q_smem.store(q)  # the last tile's MMAs have completed (waited below)
+        fence_async_shared()
+
+        nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb, mask=qb < NQB, other=0)
+        f_idx = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+        # the list is sorted: a ragged last key block can only be its last entry
+        last_col0 = gl.load(f_idx + gl.maximum(nfb - 1, 0)) * BLOCK_N
+        last_ragged = last_col0 + BLOCK_N > S
+        m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
+        l_i = gl.zeros([BM], gl.float32, layout=row_s)
+        acc = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
+        if nfb > 0:
+            # ---- tile 0: S = Q K^T, softmax
+            s = ring + it % STAGES
+            mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), sg & 1)
             qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(sp), ((j - 1) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.arrive(turn.index(1 - WG), count=1)
+            qk = warpgroup_mma_wait(0, deps=(qk, ))
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, qk_scale,
+                                               RAGGED, BLOCK_N, dtype, p_layout, row_o)
+            # ---- steady state: S of tile j in flight with O += P V of tile j - 1
+            for j in range(1, nfb):
+                s = ring + (it + j) % STAGES
+                sp = ring + (it + j - 1) % STAGES
+                mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
+                mbarrier.wait(v_ready.index(sp), ((it + j - 1) // STAGES) & 1)
+                if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
+                    mbarrier.wait(turn.index(WG), (sg + j) & 1)
+                qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+                acc = acc * alpha[:, None]
+                acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turn.index(1 - WG), count=1)
+                qk = warpgroup_mma_wait(1, deps=(qk, ))
+                p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
+                                                        qk_scale, RAGGED, BLOCK_N, dtype, p_layout, row_o)
+                acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+                mbarrier.arrive(empty.index(sp), count=1)
+                p = p_next
+            # ---- last tile's P.V
+            sp = ring + (it + nfb - 1) % STAGES
+            mbarrier.wait(v_ready.index(sp), ((it + nfb - 1) // STAGES) & 1)
+            if PINGPONG:
+                mbarrier.wait(turn.index(WG), (sg + nfb) & 1)
             acc = acc * alpha[:, None]
             acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
-            qk = warpgroup_mma_wait(1, deps=(qk, ))
-            kb = gl.load(f_idx + j)
-            p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, kb, S, NKB, qk_scale, RAGGED, BLOCK_N, dtype,
-                                                    p_layout, row_o)
             acc, p = warpgroup_mma_wait(0, deps=(acc, p))
             mbarrier.arrive(empty.index(sp), count=1)
-            p = p_next
-        # ---- last tile's P.V
-        sp = ring + (nfb - 1) % STAGES
-        if PINGPONG:
-            mbarrier.wait(turn.index(WG), nfb & 1)
-        mbarrier.wait(v_ready.index(sp), ((nfb - 1) // STAGES) & 1)
-        acc = acc * alpha[:, None]
-        acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(1 - WG), count=1)
-        acc, p = warpgroup_mma_wait(0, deps=(acc, p))
-        mbarrier.arrive(empty.index(sp), count=1)
+            it += nfb
+            sg += nfb + 1
 
-    # ---- epilogue: normalise, store O (and LSE) at the original token positions
-    l_o = gl.convert_layout(l_i, row_o)
-    denom = gl.where(l_o > 0, l_o, 1.0)
-    out = acc / denom[:, None]
-    out = gl.where((l_o > 0)[:, None], out, 0.0)
-    out = gl.convert_layout(out.to(dtype), io)
-    o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + qtok[:, None] * stride_os + offs_d[None, :]
-    gl.store(o_ptrs, out, mask=row_ok[:, None])
-    if RETURN_LSE:
-        lrow: gl.constexpr = gl.SliceLayout(1, io)
-        l_io = gl.convert_layout(l_i, lrow)
-        m_io = gl.convert_layout(m_i, lrow)
-        lse = gl.where(l_io > 0, (m_io + gl.log2(gl.where(l_io > 0, l_io, 1.0))) * 0.6931471805599453,
-                       float("-inf"))
-        gl.store(LSE + bh.to(gl.int64) * S + qtok, lse, mask=row_ok)
+        # ---- epilogue: normalise, store O (and LSE) at the original token positions
+        l_o = gl.convert_layout(l_i, row_o)
+        denom = gl.where(l_o > 0, l_o, 1.0)
+        out = acc / denom[:, None]
+        out = gl.where((l_o > 0)[:, None], out, 0.0)
+        out = gl.convert_layout(out.to(dtype), io)
+        o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + qtok[:, None] * stride_os + offs_d[None, :]
+        gl.store(o_ptrs, out, mask=row_ok[:, None])
+        if RETURN_LSE:
+            l_io = gl.convert_layout(l_i, lrow)
+            m_io = gl.convert_layout(m_i, lrow)
+            lse = gl.where(l_io > 0, (m_io + gl.log2(gl.where(l_io > 0, l_io, 1.0))) * 0.6931471805599453,
+                           float("-inf"))
+            gl.store(LSE + bh.to(gl.int64) * S + qtok, lse, mask=row_ok)
 
 
 @gluon.jit
-def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
-                  S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-                  fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+                  qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
+                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
     _consumer(q_smem.index(0), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
-              qperm_h, S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-              fn_b, fn_h, fi_b, fi_h, fi_q, modes, 0)
+              qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
+              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes, 0)
 
 
 @gluon.jit
-def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
-                  S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-                  fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+                  qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
+                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
     _consumer(q_smem.index(1), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
-              qperm_h, S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-              fn_b, fn_h, fi_b, fi_h, fi_q, modes, 1)
+              qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
+              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes, 1)
 
 
 @gluon.jit
@@ -236,50 +248,54 @@ def _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, slot, la
 
 @gluon.jit
 def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
-              NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
-    """The load warp: TMA copies of the listed key blocks' K and V tiles into the ring (with
-    ``SPLIT``, into each warpgroup's half from its own plan block's list, alternating)."""
+              NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+    """The load warp: for the same work items as the consumers, TMA copies of the listed key
+    blocks' K and V tiles into the ring (with ``SPLIT``, into each warpgroup's ring from its own
+    plan block's list, alternating). It runs ahead into the next item while the consumers finish
+    the current one."""
     STAGES: gl.constexpr = modes.STAGES
     BLOCK_N: gl.constexpr = modes.BLOCK_N
     SPLIT: gl.constexpr = modes.SPLIT
-    qt = gl.program_id(0)
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // HK_GROUP
-    kv_row0 = b * ROW_B + hk * ROW_H
-    kv_col = hk * COL_H
-    if SPLIT:
-        qb1 = qt * 2 + 1
-        n0 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qt * 2)
-        n1 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb1, mask=qb1 < NQB, other=0)
-        f0 = FULL_IDX + b * fi_b + h * fi_h + (qt * 2) * fi_q
-        f1 = FULL_IDX + b * fi_b + h * fi_h + qb1 * fi_q
-        for j in range(gl.maximum(n0, n1)):
-            if j < n0:
-                _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, j % STAGES, j // STAGES,
-                           kv_row0 + gl.load(f0 + j) * BLOCK_N, kv_col)
-            if j < n1:
-                _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, STAGES + j % STAGES,
-                           j // STAGES, kv_row0 + gl.load(f1 + j) * BLOCK_N, kv_col)
-    else:
-        nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qt)
-        f_idx = FULL_IDX + b * fi_b + h * fi_h + qt * fi_q
-        for j in range(nfb):
-            _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, j % STAGES, j // STAGES,
-                       kv_row0 + gl.load(f_idx + j) * BLOCK_N, kv_col)
+    it0 = 0  # ring uses so far (warpgroup 0's ring with SPLIT)
+    it1 = 0  # SPLIT: warpgroup 1's ring
+    for tile in range(gl.program_id(0), NUM_TILES, gl.num_programs(0)):
+        qt, bh, b, h, qb = _tile_coords(tile, NQT, H, SPLIT, 0)
+        hk = h // HK_GROUP
+        kv_row0 = b * ROW_B + hk * ROW_H
+        kv_col = hk * COL_H
+        n0 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb)
+        f0 = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+        if SPLIT:
+            qb1 = qb + 1
+            n1 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb1, mask=qb1 < NQB, other=0)
+            f1 = f0 + fi_q
+            for j in range(gl.maximum(n0, n1)):
+                if j < n0:
+                    _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, (it0 + j) % STAGES,
+                               (it0 + j) // STAGES, kv_row0 + gl.load(f0 + j) * BLOCK_N, kv_col)
+                if j < n1:
+                    _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, STAGES + (it1 + j) % STAGES,
+                               (it1 + j) // STAGES, kv_row0 + gl.load(f1 + j) * BLOCK_N, kv_col)
+            it1 += n1
+        else:
+            for j in range(n0):
+                _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, (it0 + j) % STAGES,
+                           (it0 + j) // STAGES, kv_row0 + gl.load(f0 + j) * BLOCK_N, kv_col)
+        it0 += n0
 
 
 @gluon.jit
 def _gluon_sparse_flash_fwd(
     desc_k, desc_v, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
-    S, H, HK_GROUP, ROW_B, ROW_H, COL_H, NQB, NKB, qk_scale,
+    S, H, HK_GROUP, ROW_B, ROW_H, COL_H, NQT, NUM_TILES, NQB, NKB, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     fn_b, fn_h, fi_b, fi_h, fi_q,
-    RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr, SPLIT: gl.constexpr,
-    PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
+    SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
-    """Grid ``(ceil(S / 128), B * H)``, 4 warps (+ 4 consumer and 1 producer warps). Q, O:
+    """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
+    rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
     ``[B, S, H, D]`` bf16/fp16 at (batch, head, token) strides; LSE fp32 ``[B, H, S]`` (natural
     log); FULL_NUM int32 ``[Bp, Hp, NQB]`` and FULL_IDX int32 ``[Bp, Hp, NQB, M]`` (sorted) at the
     given strides (0 on broadcast dims); QPERM int32 ``[Hp, S]`` plan position -> original token."""
@@ -303,10 +319,10 @@ def _gluon_sparse_flash_fwd(
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
-    consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
-                     S, H, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-                     fn_b, fn_h, fi_b, fi_h, fi_q, modes)
+    consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+                     qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
+                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes)
     producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
-                     NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes)
+                     NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes)
     gl.warp_specialize([(_consumer_wg0, consumer_args), (_consumer_wg1, consumer_args), (_producer, producer_args)],
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

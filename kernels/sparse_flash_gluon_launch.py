@@ -89,7 +89,8 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
     own block's key list through its own ring), ``STAGES`` (depth of each ring: as many as fit next
     to Q and the layout-conversion scratch, 2 to 4; ``VIDATTN_GLUON_STAGES`` overrides),
     ``PINGPONG`` (the consumer warpgroups alternate issuing their MMAs, so one's softmax runs
-    under the other's; shared lists only; ``VIDATTN_GLUON_PINGPONG=0`` turns it off),
+    under the other's; shared lists only; opt-in, ``VIDATTN_GLUON_PINGPONG=1``: on the H200 it was within noise of
+    off at densities <= 0.5 and 7% slower on the dense HunyuanVideo plan),
     ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer warpgroups / the
     load warp)."""
     split = block_q == 64
@@ -101,8 +102,21 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
     if forced:
         stages = int(forced)
     # PINGPONG: the two consumer warpgroups take turns issuing their MMAs (one list: not with SPLIT)
-    pingpong = not split and os.environ.get("VIDATTN_GLUON_PINGPONG", "1") != "0"
+    pingpong = not split and os.environ.get("VIDATTN_GLUON_PINGPONG", "0") == "1"
     return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24)
+
+
+def _persistent_programs(device: torch.device) -> int:
+    """Programs of the persistent grid: one per multiprocessor (a program holds about 180 KB of
+    shared memory, so one fits per SM); ``VIDATTN_GLUON_PERSISTENT=0``: one program per work item."""
+    if os.environ.get("VIDATTN_GLUON_PERSISTENT", "1") == "0":
+        return 1 << 31
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
@@ -150,11 +164,13 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     cfg = gluon_config(plan.block_q, BN, D)
     bs = lambda x: (0 if x.shape[0] == 1 else x.stride(0), 0 if x.shape[1] == 1 else x.stride(1))  # noqa: E731
     (fn_b, fn_h), (fi_b, fi_h) = bs(fnum), bs(fidx)
-    grid = (triton.cdiv(S, 128), B * H)
+    nqt = triton.cdiv(S, 128)
+    num_tiles = nqt * B * H
+    grid = (min(num_tiles, _persistent_programs(q.device)),)
     compiled = _gluon_sparse_flash_fwd[grid](
         desc_k, desc_v, q, out, lse, fnum, fidx, qperm if qperm is not None else fnum,
         0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0),
-        S, H, H // Hk, row_b, row_h, col_h, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
+        S, H, H // Hk, row_b, row_h, col_h, nqt, num_tiles, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
         q.stride(0), q.stride(2), q.stride(1), out.stride(0), out.stride(2), out.stride(1),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
         RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"],

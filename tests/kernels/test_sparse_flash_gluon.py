@@ -84,7 +84,7 @@ SPLIT = __SPLIT__
 
 layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16)
 desc = f"tensordesc<bf16[128, 128],{layout!r}>"
-ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQB NKB stride_qb stride_qh stride_qs stride_ob stride_oh "
+ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQT NUM_TILES NQB NKB stride_qb stride_qh stride_qs stride_ob stride_oh "
         "stride_os fn_b fn_h fi_b fi_h fi_q").split()
 sig = dict(desc_k=desc, desc_v=desc, Q="*bf16", O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
            QPERM="*i32", qk_scale="fp32", **{n: "i32" for n in ints})
