@@ -55,6 +55,7 @@ def main(argv=None) -> int:
         if not args.quick and label.startswith("wan"):
             plans.append(("gna(9,15,27)s(3,5,9)", vidattn.Neighborhood(kernel_size=(9, 15, 27), stride=(3, 5, 9))
                           .plan(layout, device="cuda")))
+            plans.append(("na(9,15,27)", vidattn.Neighborhood(kernel_size=(9, 15, 27)).plan(layout, device="cuda")))
         for name, plan in plans:
             fl = plan.block_density * dense
             ref = None

@@ -12,6 +12,7 @@ installed, ``natten.na3d``; "useful TFLOP/s" counts only the allowed (query, key
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import math
 import time
@@ -54,8 +55,18 @@ def run_case(name, grid, kernel, stride, args):
     q, k, v = (torch.randn(B, *grid, H, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
     S = layout.seq_len
     useful = 4 * B * H * D * S * S * float(plan.token_density)
+    from vidattn.kernels.sparse_flash_launch import last_launch
+
     ms = _time_cuda(lambda: vidattn.na3d(q, k, v, kernel_size=kernel, stride=stride), args.iters)
-    rec.update(vidattn_ms=round(ms, 4), vidattn_useful_tflops=round(useful / ms / 1e9, 1))
+    rec.update(vidattn_ms=round(ms, 4), vidattn_useful_tflops=round(useful / ms / 1e9, 1),
+               kernel_path=last_launch.get("path"), gluon_refused=last_launch.get("gluon_refused"))
+    if last_launch.get("path") == "gluon-hopper":  # the portable kernel on the same call, same run
+        os.environ["VIDATTN_GLUON"] = "0"
+        try:
+            ms_p = _time_cuda(lambda: vidattn.na3d(q, k, v, kernel_size=kernel, stride=stride), args.iters)
+        finally:
+            os.environ.pop("VIDATTN_GLUON")
+        rec.update(portable_ms=round(ms_p, 4), portable_useful_tflops=round(useful / ms_p / 1e9, 1))
     if args.variants:
         _variants(rec, plan, layout, kernel, stride, q, k, v, useful, args)
     qd, kd, vd = (t.reshape(B, S, H, D).transpose(1, 2) for t in (q, k, v))

@@ -35,6 +35,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
+from triton.language.core import base_value
+
 try:  # a class of constexpr fields travels into warp-specialised partitions (plain constexprs do not)
     from triton.language.core import _aggregate as aggregate
 except ImportError:  # pragma: no cover - other triton versions
@@ -58,9 +60,10 @@ class _Modes:
     BLOCK_D: gl.constexpr
     SPLIT: gl.constexpr
     PINGPONG: gl.constexpr
+    HAS_PARTIAL: gl.constexpr
 
     @gluon.constexpr_function
-    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG):
+    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -69,19 +72,25 @@ class _Modes:
         self.BLOCK_D = gl.constexpr(BLOCK_D)
         self.SPLIT = gl.constexpr(SPLIT)
         self.PINGPONG = gl.constexpr(PINGPONG)
+        self.HAS_PARTIAL = gl.constexpr(HAS_PARTIAL)
 
 
 @gluon.jit
-def _softmax_tile(qk, m_i, l_i, tail, col0, S, qk_scale, RAGGED: gl.constexpr, BLOCK_N: gl.constexpr,
-                  dtype: gl.constexpr, p_layout: gl.constexpr, row_o: gl.constexpr):
+def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: gl.constexpr,
+                  HAS_PARTIAL: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
+                  row_o: gl.constexpr):
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 ``[64, BLOCK_N]`` (wgmma layout),
     ``m_i`` / ``l_i`` fp32 ``[64]``; ``tail``: this is the ragged last key block (columns from
-    ``col0``; columns past ``S`` masked). Returns P (Q's dtype, the P.V A-operand layout), the new
+    ``col0``; columns past ``S`` masked); ``partial``: a partial block, whose uint8 token mask
+    ``bits`` ``[64, BLOCK_N]`` (0 = masked, also past the sequence end) applies. Returns P (Q's dtype, the P.V A-operand layout), the new
     row max and sum, and the rescale factor of the output rows (P.V accumulator row layout)."""
     if RAGGED:
         if tail:
             cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
             qk = gl.where(cols[None, :] < S, qk, float("-inf"))
+    if HAS_PARTIAL:
+        if partial:
+            qk = gl.where(bits != 0, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
     p = gl.exp2(qk * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
@@ -102,10 +111,71 @@ def _tile_coords(tile, NQT, H, SPLIT: gl.constexpr, WG: gl.constexpr):
     return qt, bh, bh // H, bh % H, qb
 
 
+@aggregate
+class _Partials:
+    """The partial-block tables (``HAS_PARTIAL``): counts int32 ``[Bp, Hp, NQB]``, key-block lists
+    int32 ``[Bp, Hp, NQB, M]``, uint8 masks ``[P, block_q, block_k]`` and each query block's first
+    mask slot int64 ``[Bp, Hp, NQB]``, with their (batch, head, query block) strides."""
+
+    num: gl.tensor
+    idx: gl.tensor
+    bits: gl.tensor
+    slot: gl.tensor
+    pn_b: base_value  # an int argument: a tensor, or a constexpr when specialised
+    pn_h: base_value  # an int argument: a tensor, or a constexpr when specialised
+    pi_b: base_value  # an int argument: a tensor, or a constexpr when specialised
+    pi_h: base_value  # an int argument: a tensor, or a constexpr when specialised
+    pi_q: base_value  # an int argument: a tensor, or a constexpr when specialised
+    slot_b: base_value  # an int argument: a tensor, or a constexpr when specialised
+    slot_h: base_value  # an int argument: a tensor, or a constexpr when specialised
+
+    @gluon.constexpr_function
+    def __init__(self, num, idx, bits, slot, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h):
+        self.num = num
+        self.idx = idx
+        self.bits = bits
+        self.slot = slot
+        self.pn_b = pn_b
+        self.pn_h = pn_h
+        self.pi_b = pi_b
+        self.pi_h = pi_h
+        self.pi_q = pi_q
+        self.slot_b = slot_b
+        self.slot_h = slot_h
+
+
+@gluon.jit
+def _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL: gl.constexpr):
+    """(number of partial blocks, first mask slot) of plan query block ``qb``; (0, 0) without."""
+    if HAS_PARTIAL:
+        ok = qb < NQB
+        npb = gl.load(parts.num + b * parts.pn_b + h * parts.pn_h + qb, mask=ok, other=0)
+        slot0 = gl.load(parts.slot + b * parts.slot_b + h * parts.slot_h + qb, mask=ok, other=0)
+    else:
+        npb = 0
+        slot0 = 0
+    return npb, slot0
+
+
+@gluon.jit
+def _mask_tile(parts, slot0, partial, i, mask_rows, mask_cols, HAS_PARTIAL: gl.constexpr,
+               BLOCK_BYTES: gl.constexpr):
+    """uint8 ``[64, BLOCK_N]`` mask of partial block ``i`` of the query block (``BLOCK_BYTES`` per
+    block; loaded only when ``partial``; issued before the wait on S so its latency hides under
+    the MMA)."""
+    if HAS_PARTIAL:
+        base = parts.bits + (slot0 + i).to(gl.int64) * BLOCK_BYTES
+        ok = (mask_rows >= 0)[:, None] & (mask_cols >= 0)[None, :] & partial
+        bits = gl.load(base + mask_rows[:, None] + mask_cols[None, :], mask=ok, other=0)
+    else:
+        bits = 0
+    return bits
+
+
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
-              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes, WG: gl.constexpr):
+              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes, WG: gl.constexpr):
     """One consumer warpgroup. For each work item of this program (persistent: items ``pid``,
     ``pid + grid``, ...): query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
     RAGGED: gl.constexpr = modes.RAGGED
@@ -116,6 +186,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     BLOCK_D: gl.constexpr = modes.BLOCK_D
     SPLIT: gl.constexpr = modes.SPLIT
     PINGPONG: gl.constexpr = modes.PINGPONG
+    HAS_PARTIAL: gl.constexpr = modes.HAS_PARTIAL
     BM: gl.constexpr = 64
     dtype: gl.constexpr = Q.dtype.element_ty
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -130,6 +201,11 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     lrow: gl.constexpr = gl.SliceLayout(1, io)
     offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io))
     zero_s = gl.zeros([BM, BLOCK_N], gl.float32, layout=mma_s)
+    # HAS_PARTIAL: offsets of this warpgroup's rows in a partial block's uint8 mask
+    PLAN_BQ: gl.constexpr = 64 if SPLIT else 128
+    # (row and column vectors only: an [M, N] offset tensor would hold 64 registers per thread)
+    mask_rows = ((WG * BM) % PLAN_BQ + gl.arange(0, BM, layout=row_s)) * BLOCK_N
+    mask_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_s))
     ring = WG * STAGES if SPLIT else 0  # SPLIT: this warpgroup's own ring
     it = 0  # uses of the ring so far (slot and parity of the next tile)
     sg = 0  # PINGPONG: MMA issue turns taken so far
@@ -152,10 +228,13 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         # the list is sorted: a ragged last key block can only be its last entry
         last_col0 = gl.load(f_idx + gl.maximum(nfb - 1, 0)) * BLOCK_N
         last_ragged = last_col0 + BLOCK_N > S
+        # HAS_PARTIAL: the partial blocks follow the full ones in the same ring
+        npb, slot0 = _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL)
+        ntot = nfb + npb
         m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
         l_i = gl.zeros([BM], gl.float32, layout=row_s)
         acc = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
-        if nfb > 0:
+        if ntot > 0:
             # ---- tile 0: S = Q K^T, softmax
             s = ring + it % STAGES
             mbarrier.wait(k_ready.index(s), (it // STAGES) & 1)
@@ -164,11 +243,12 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
+            bits = _mask_tile(parts, slot0, nfb == 0, 0 - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
             qk = warpgroup_mma_wait(0, deps=(qk, ))
-            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, qk_scale,
-                                               RAGGED, BLOCK_N, dtype, p_layout, row_o)
+            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, nfb == 0, bits,
+                                               qk_scale, RAGGED, HAS_PARTIAL, BLOCK_N, dtype, p_layout, row_o)
             # ---- steady state: S of tile j in flight with O += P V of tile j - 1
-            for j in range(1, nfb):
+            for j in range(1, ntot):
                 s = ring + (it + j) % STAGES
                 sp = ring + (it + j - 1) % STAGES
                 mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
@@ -180,25 +260,27 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WG), count=1)
+                bits = _mask_tile(parts, slot0, j >= nfb, j - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
                 qk = warpgroup_mma_wait(1, deps=(qk, ))
                 p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
-                                                        qk_scale, RAGGED, BLOCK_N, dtype, p_layout, row_o)
+                                                        j >= nfb, bits, qk_scale, RAGGED, HAS_PARTIAL, BLOCK_N, dtype,
+                                                        p_layout, row_o)
                 acc, p = warpgroup_mma_wait(0, deps=(acc, p))
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
             # ---- last tile's P.V
-            sp = ring + (it + nfb - 1) % STAGES
-            mbarrier.wait(v_ready.index(sp), ((it + nfb - 1) // STAGES) & 1)
+            sp = ring + (it + ntot - 1) % STAGES
+            mbarrier.wait(v_ready.index(sp), ((it + ntot - 1) // STAGES) & 1)
             if PINGPONG:
-                mbarrier.wait(turn.index(WG), (sg + nfb) & 1)
+                mbarrier.wait(turn.index(WG), (sg + ntot) & 1)
             acc = acc * alpha[:, None]
             acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
             acc, p = warpgroup_mma_wait(0, deps=(acc, p))
             mbarrier.arrive(empty.index(sp), count=1)
-            it += nfb
-            sg += nfb + 1
+            it += ntot
+            sg += ntot + 1
 
         # ---- epilogue: normalise, store O (and LSE) at the original token positions
         l_o = gl.convert_layout(l_i, row_o)
@@ -219,19 +301,19 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
 @gluon.jit
 def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
                   qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
     _consumer(q_smem.index(0), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
               qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes, 0)
+              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes, 0)
 
 
 @gluon.jit
 def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
                   qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
     _consumer(q_smem.index(1), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
               qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes, 1)
+              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes, 1)
 
 
 @gluon.jit
@@ -247,15 +329,27 @@ def _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, slot, la
 
 
 @gluon.jit
+def _list_entry(f_idx, p_idx, j, nfb, HAS_PARTIAL: gl.constexpr):
+    """Key block ``j`` of a query block's list: its full blocks, then (HAS_PARTIAL) its partial ones."""
+    if HAS_PARTIAL:
+        kb = gl.where(j < nfb, gl.load(f_idx + j, mask=j < nfb, other=0),
+                      gl.load(p_idx + (j - nfb), mask=j >= nfb, other=0))
+    else:
+        kb = gl.load(f_idx + j)
+    return kb
+
+
+@gluon.jit
 def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
-              NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes):
+              NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
     """The load warp: for the same work items as the consumers, TMA copies of the listed key
-    blocks' K and V tiles into the ring (with ``SPLIT``, into each warpgroup's ring from its own
-    plan block's list, alternating). It runs ahead into the next item while the consumers finish
-    the current one."""
+    blocks' K and V tiles (full blocks, then partial ones) into the ring (with ``SPLIT``, into
+    each warpgroup's ring from its own plan block's list, alternating). With a persistent grid it
+    runs ahead into the next item while the consumers finish the current one."""
     STAGES: gl.constexpr = modes.STAGES
     BLOCK_N: gl.constexpr = modes.BLOCK_N
     SPLIT: gl.constexpr = modes.SPLIT
+    HAS_PARTIAL: gl.constexpr = modes.HAS_PARTIAL
     it0 = 0  # ring uses so far (warpgroup 0's ring with SPLIT)
     it1 = 0  # SPLIT: warpgroup 1's ring
     for tile in range(gl.program_id(0), NUM_TILES, gl.num_programs(0)):
@@ -265,40 +359,47 @@ def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM,
         kv_col = hk * COL_H
         n0 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb)
         f0 = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+        p0 = parts.idx + b * parts.pi_b + h * parts.pi_h + qb * parts.pi_q
+        t0 = n0 + _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL)[0]
         if SPLIT:
             qb1 = qb + 1
             n1 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb1, mask=qb1 < NQB, other=0)
-            f1 = f0 + fi_q
-            for j in range(gl.maximum(n0, n1)):
-                if j < n0:
+            t1 = n1 + _partial_count(parts, b, h, qb1, NQB, HAS_PARTIAL)[0]
+            for j in range(gl.maximum(t0, t1)):
+                if j < t0:
+                    kb = _list_entry(f0, p0, j, n0, HAS_PARTIAL)
                     _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, (it0 + j) % STAGES,
-                               (it0 + j) // STAGES, kv_row0 + gl.load(f0 + j) * BLOCK_N, kv_col)
-                if j < n1:
+                               (it0 + j) // STAGES, kv_row0 + kb * BLOCK_N, kv_col)
+                if j < t1:
+                    kb = _list_entry(f0 + fi_q, p0 + parts.pi_q, j, n1, HAS_PARTIAL)
                     _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, STAGES + (it1 + j) % STAGES,
-                               (it1 + j) // STAGES, kv_row0 + gl.load(f1 + j) * BLOCK_N, kv_col)
-            it1 += n1
+                               (it1 + j) // STAGES, kv_row0 + kb * BLOCK_N, kv_col)
+            it1 += t1
         else:
-            for j in range(n0):
+            for j in range(t0):
+                kb = _list_entry(f0, p0, j, n0, HAS_PARTIAL)
                 _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, (it0 + j) % STAGES,
-                           (it0 + j) // STAGES, kv_row0 + gl.load(f0 + j) * BLOCK_N, kv_col)
-        it0 += n0
+                           (it0 + j) // STAGES, kv_row0 + kb * BLOCK_N, kv_col)
+        it0 += t0
 
 
 @gluon.jit
 def _gluon_sparse_flash_fwd(
-    desc_k, desc_v, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+    desc_k, desc_v, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h, PART_NUM, PART_IDX, BITS, SLOT,
     S, H, HK_GROUP, ROW_B, ROW_H, COL_H, NQT, NUM_TILES, NQB, NKB, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
-    fn_b, fn_h, fi_b, fi_h, fi_q,
+    fn_b, fn_h, fi_b, fi_h, fi_q, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h,
     RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
     SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    HAS_PARTIAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
     rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
     ``[B, S, H, D]`` bf16/fp16 at (batch, head, token) strides; LSE fp32 ``[B, H, S]`` (natural
     log); FULL_NUM int32 ``[Bp, Hp, NQB]`` and FULL_IDX int32 ``[Bp, Hp, NQB, M]`` (sorted) at the
-    given strides (0 on broadcast dims); QPERM int32 ``[Hp, S]`` plan position -> original token."""
+    given strides (0 on broadcast dims); QPERM int32 ``[Hp, S]`` plan position -> original token;
+    HAS_PARTIAL: PART_NUM / PART_IDX (the same shapes), BITS uint8 ``[P, block_q, block_k]`` and
+    SLOT int64 ``[Bp, Hp, NQB]`` (:func:`.sparse_flash_tables.partial_block_masks`)."""
     dtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], dtype)
     q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], q_layout)
@@ -308,7 +409,8 @@ def _gluon_sparse_flash_fwd(
     k_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG)
+    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL)
+    parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(turn.index(0), count=1)
@@ -321,8 +423,8 @@ def _gluon_sparse_flash_fwd(
         mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
     consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
                      qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, modes)
+                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes)
     producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
-                     NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, modes)
+                     NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes)
     gl.warp_specialize([(_consumer_wg0, consumer_args), (_consumer_wg1, consumer_args), (_producer, producer_args)],
                        [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -21,7 +21,7 @@ from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
 from .sparse_flash_launch import kv_descriptor, kv_in_plan_order, last_launch, prepare_call
-from .sparse_flash_tables import plan_launch_tables, plan_perm_int32
+from .sparse_flash_tables import RuleMode, plan_launch_tables, plan_perm_int32
 
 __all__ = ["gluon_mode", "gluon_available", "gluon_refusal", "gluon_config", "block_sparse_attention_gluon"]
 
@@ -59,7 +59,8 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
 
     It runs: CUDA compute capability 9.x (Hopper), not under ``TRITON_INTERPRET``; q/k/v bf16 or
     fp16 ``[B, S, H|Hk, D]`` with D 64 or 128; native precision; a plan of 64- or 128-token query
-    and key blocks with only full blocks listed and no rectification. Shapes
+    and key blocks, no rectification, and partial blocks (if any) whose token masks fit
+    ``VIDATTN_MASK_BUDGET_BYTES`` (they are then read as precomputed uint8 masks). Shapes
     are assumed checked by :func:`.sparse_flash_launch.check_triton_inputs`.
     """
     if precision is not None:
@@ -71,7 +72,15 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     if plan.block_q not in (64, 128) or plan.block_k not in (64, 128):
         return f"plan blocks {plan.block_q}x{plan.block_k} (the Gluon kernel takes 64 or 128 x 64 or 128)"
     if plan.has_partial:
-        return "the plan lists partial blocks (the Gluon kernel runs full blocks only)"
+        if plan.rule is None:
+            return "the plan lists partial blocks without a token rule"
+        try:
+            mode = plan_launch_tables(plan)["rule_mode"]
+        except TritonUnsupported as e:
+            return str(e)
+        if mode != RuleMode.BLOCK_MASKS:
+            return ("the plan's partial-block masks exceed VIDATTN_MASK_BUDGET_BYTES (the Gluon kernel reads "
+                    "precomputed masks; the portable kernel evaluates the rule in-kernel)")
     if plan.rectification is not None:
         return "rectification terms run on the portable kernel"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -125,7 +134,8 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
     Args:
         q: ``[B, S, H, D]``; k, v: ``[B, S, Hk, D]`` (Hk divides H); bf16 or fp16, D 64 or 128.
-        plan: full-block BlockPlan with 64- or 128-token blocks (Bp in {1, B}, Hp in {1, H}).
+        plan: BlockPlan with 64- or 128-token blocks (Bp in {1, B}, Hp in {1, H}); partial blocks
+            run through their precomputed token masks.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
     Returns:
@@ -164,16 +174,21 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     cfg = gluon_config(plan.block_q, BN, D)
     bs = lambda x: (0 if x.shape[0] == 1 else x.stride(0), 0 if x.shape[1] == 1 else x.stride(1))  # noqa: E731
     (fn_b, fn_h), (fi_b, fi_h) = bs(fnum), bs(fidx)
+    has_partial = plan.has_partial
+    pnum, pidx = t["pnum"], t["pidx"]
+    bits, slot = (t["bits"], t["slot"]) if has_partial else (fnum, fnum)
+    (pn_b, pn_h), (pi_b, pi_h) = bs(pnum), bs(pidx)
+    slot_b, slot_h = bs(slot) if has_partial else (0, 0)
     nqt = triton.cdiv(S, 128)
     num_tiles = nqt * B * H
     grid = (min(num_tiles, _persistent_programs(q.device)),)
     compiled = _gluon_sparse_flash_fwd[grid](
         desc_k, desc_v, q, out, lse, fnum, fidx, qperm if qperm is not None else fnum,
-        0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0),
+        0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0), pnum, pidx, bits, slot,
         S, H, H // Hk, row_b, row_h, col_h, nqt, num_tiles, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
         q.stride(0), q.stride(2), q.stride(1), out.stride(0), out.stride(2), out.stride(1),
-        fn_b, fn_h, fi_b, fi_h, fidx.stride(2),
-        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"],
+        fn_b, fn_h, fi_b, fi_h, fidx.stride(2), pn_b, pn_h, pi_b, pi_h, pidx.stride(2), slot_b, slot_h,
+        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"], HAS_PARTIAL=has_partial,
         BLOCK_N=BN, BLOCK_D=D, CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"

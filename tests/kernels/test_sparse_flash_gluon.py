@@ -50,7 +50,8 @@ def test_refuses_what_it_does_not_run(monkeypatch):
     cls = torch.full((1, 2, 2, 2), PARTIAL, dtype=torch.int8)
     from kernel_cases import StripeRule
     partial = plan_from_block_mask(cls, seq_len=256, block_q=128, block_k=128, rule=StripeRule(), token_density=1.0)
-    assert "partial blocks" in _refusal(plan=partial)
+    monkeypatch.setattr("vidattn.kernels.sparse_flash_tables.MASK_BUDGET_BYTES", 0)
+    assert "VIDATTN_MASK_BUDGET_BYTES" in _refusal(plan=partial)
     # a case it takes, on a CPU tensor: refused for the interpreter, then for the device
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert "TRITON_INTERPRET" in _refusal()
@@ -85,10 +86,11 @@ SPLIT = __SPLIT__
 layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16)
 desc = f"tensordesc<bf16[128, 128],{layout!r}>"
 ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQT NUM_TILES NQB NKB stride_qb stride_qh stride_qs stride_ob stride_oh "
-        "stride_os fn_b fn_h fi_b fi_h fi_q").split()
+        "stride_os fn_b fn_h fi_b fi_h fi_q pn_b pn_h pi_b pi_h pi_q slot_b slot_h").split()
 sig = dict(desc_k=desc, desc_v=desc, Q="*bf16", O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
-           QPERM="*i32", qk_scale="fp32", **{n: "i32" for n in ints})
-const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
+           QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", qk_scale="fp32",
+           **{n: "i32" for n in ints})
+const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, HAS_PARTIAL=True, BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
              PRODUCER_REGS=24)
 sig.update({n: "constexpr" for n in const})
 c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -152,20 +154,47 @@ def test_matches_float64_reference(S, H, Hk, D, bq, bk, density, perm, lse, monk
 
 
 @ON_GPU
-def test_auto_mode_takes_portable_kernel_for_partial_blocks(monkeypatch):
+@pytest.mark.parametrize("bq,bk,D,perm", [(128, 128, 128, False), (64, 64, 128, True), (128, 64, 64, True),
+                                          (64, 128, 128, False)])
+def test_partial_blocks_match_float64_reference(bq, bk, D, perm, monkeypatch):
+    """Plans with partial blocks (token masks read per block): a generic rule, in the token order
+    or a random order per head, and a 3-D neighborhood with text tokens."""
+    import vidattn
     from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
 
-    from kernel_cases import StripeRule
+    from kernel_cases import StripeRule, per_head_permuted_plan
+
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    S, H = 900, 2
+    if perm:
+        plans = [per_head_permuted_plan(StripeRule(), S, H, bq, bk, seed=3)]
+    else:
+        from vidattn.plan import plan_from_rule
+        plans = [plan_from_rule(StripeRule(), seq_len=S, block_q=bq, block_k=bk, num_heads=H)]
+    layout = vidattn.TokenLayout((4, 12, 16), suffix=20)
+    plans.append(vidattn.Neighborhood(kernel_size=(3, 5, 7), block_size=bq).plan(layout, num_heads=H))
+    for plan in plans:
+        S = plan.seq_len
+        q, k, v = (t.cuda() for t in random_qkv(1, S, H, H, D, torch.bfloat16, seed=S))
+        plan = plan.to("cuda")
+        assert plan.has_partial
+        got, got_lse = block_sparse_attention_triton(q, k, v, plan, return_lse=True)
+        assert last_launch["path"] == "gluon-hopper"
+        want, want_lse = reference(q.double(), k.double(), v.double(), plan, return_lse=True)
+        assert float((got.double() - want).norm() / want.norm()) < 8e-3
+        torch.testing.assert_close(got_lse, want_lse.float(), atol=2e-3, rtol=0)
+
+
+@ON_GPU
+def test_auto_mode_takes_portable_kernel_when_it_cannot_run(monkeypatch):
+    from vidattn.errors import TritonUnsupported
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
 
     monkeypatch.delenv("VIDATTN_GLUON", raising=False)
-    q, k, v = (t.cuda() for t in random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=1))
-    cls = torch.full((1, 2, 2, 2), PARTIAL, dtype=torch.int8)
-    plan = plan_from_block_mask(cls, seq_len=256, block_q=128, block_k=128, rule=StripeRule(),
-                                token_density=1.0).to("cuda")
+    q, k, v = (t.cuda() for t in random_qkv(1, 256, 2, 2, 96, torch.bfloat16, seed=1))  # head dim 96
+    plan = random_full_plan(256, 2, 0.5, 128, 128, seed=0, device="cuda")
     block_sparse_attention_triton(q, k, v, plan)
-    assert last_launch["path"] == "portable" and "partial" in last_launch["gluon_refused"]
+    assert last_launch["path"] == "portable" and "head dim 96" in last_launch["gluon_refused"]
     monkeypatch.setenv("VIDATTN_GLUON", "1")
-    from vidattn.errors import TritonUnsupported
-    with pytest.raises(TritonUnsupported, match="partial"):
+    with pytest.raises(TritonUnsupported, match="head dim 96"):
         block_sparse_attention_triton(q, k, v, plan)
-
