@@ -1,5 +1,5 @@
 """A/B of the triton backend's two forward kernels on the same plans: the Hopper Gluon kernel
-(warp-specialised, ``VIDATTN_GLUON=1``; also with ``VIDATTN_GLUON_PINGPONG=1`` and ``VIDATTN_GLUON_PERSISTENT=0``) against the portable Triton kernel (``VIDATTN_GLUON=0``),
+(warp-specialised, ``VIDATTN_GLUON=1``; also with ``VIDATTN_GLUON_PINGPONG=1`` and ``VIDATTN_GLUON_PERSISTENT=1``) against the portable Triton kernel (``VIDATTN_GLUON=0``),
 with cuDNN SDPA dense as the ceiling, on the Wan / HunyuanVideo shapes of
 ``benchmarks/attention.py`` (random full-block plans at several densities, the dense plan, and a
 fully block-sparse strided neighborhood). Needs a Hopper GPU.
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
             row = dict(shape=label, name=name, block_density=round(plan.block_density, 4))
             for mode, env in [("portable", dict(VIDATTN_GLUON="0")), ("gluon", dict(VIDATTN_GLUON="1")),
                               ("gluon-pingpong", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PINGPONG="1")),
-                              ("gluon-one-item-per-program", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PERSISTENT="0"))] + [
+                              ("gluon-persistent", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PERSISTENT="1"))] + [
                     (f"gluon-st{s}", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_STAGES=s))
                     for s in args.stages.split(",") if s]:
                 try:
