@@ -111,6 +111,12 @@ def _tile_coords(tile, NQT, H, SPLIT: gl.constexpr, WG: gl.constexpr):
     return qt, bh, bh // H, bh % H, qb
 
 
+@gluon.constexpr_function
+def _as_value(x):
+    """An int argument the JIT specialised to a Python int becomes a constexpr field value."""
+    return x if isinstance(x, base_value) else gl.constexpr(x)
+
+
 @aggregate
 class _Partials:
     """The partial-block tables (``HAS_PARTIAL``): counts int32 ``[Bp, Hp, NQB]``, key-block lists
@@ -135,13 +141,13 @@ class _Partials:
         self.idx = idx
         self.bits = bits
         self.slot = slot
-        self.pn_b = pn_b
-        self.pn_h = pn_h
-        self.pi_b = pi_b
-        self.pi_h = pi_h
-        self.pi_q = pi_q
-        self.slot_b = slot_b
-        self.slot_h = slot_h
+        self.pn_b = _as_value(pn_b)
+        self.pn_h = _as_value(pn_h)
+        self.pi_b = _as_value(pi_b)
+        self.pi_h = _as_value(pi_h)
+        self.pi_q = _as_value(pi_q)
+        self.slot_b = _as_value(slot_b)
+        self.slot_h = _as_value(slot_h)
 
 
 @gluon.jit
