@@ -4,7 +4,7 @@ with cuDNN SDPA dense as the ceiling, on the Wan / HunyuanVideo shapes of
 ``benchmarks/attention.py`` (random full-block plans at several densities, the dense plan, and a
 fully block-sparse strided neighborhood). Needs a Hopper GPU.
 
-    python benchmarks/gluon_ab.py [--json out.json] [--quick] [--stages 2,3]
+    python benchmarks/gluon_ab.py [--json out.json] [--quick] [--variants pingpong,persistent] [--stages 2,3]
 
 Effective TFLOP/s = 4 * B * H * D * computed-block tokens / time (as in attention.py).
 """
@@ -26,6 +26,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", default="")
     p.add_argument("--quick", action="store_true", help="Wan shape, dense and d 0.25 only")
+    p.add_argument("--variants", default="", help="also time these Gluon variants: pingpong, persistent")
     p.add_argument("--stages", default="", help="also time these VIDATTN_GLUON_STAGES values, e.g. 2,3")
     args = p.parse_args(argv)
     import vidattn
@@ -60,9 +61,10 @@ def main(argv=None) -> int:
             fl = plan.block_density * dense
             ref = None
             row = dict(shape=label, name=name, block_density=round(plan.block_density, 4))
-            for mode, env in [("portable", dict(VIDATTN_GLUON="0")), ("gluon", dict(VIDATTN_GLUON="1")),
-                              ("gluon-pingpong", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PINGPONG="1")),
-                              ("gluon-persistent", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PERSISTENT="1"))] + [
+            extra = {"pingpong": ("gluon-pingpong", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PINGPONG="1")),
+                     "persistent": ("gluon-persistent", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PERSISTENT="1"))}
+            for mode, env in [("portable", dict(VIDATTN_GLUON="0")), ("gluon", dict(VIDATTN_GLUON="1"))] + [
+                    extra[v] for v in args.variants.split(",") if v] + [
                     (f"gluon-st{s}", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_STAGES=s))
                     for s in args.stages.split(",") if s]:
                 try:
