@@ -83,6 +83,9 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
                     "precomputed masks; the portable kernel evaluates the rule in-kernel)")
     if plan.rectification is not None:
         return "rectification terms run on the portable kernel"
+    if gluon_config(plan.block_q, plan.block_k, q.shape[-1])["STAGES"] < 2:
+        return (f"plan blocks {plan.block_q}x{plan.block_k} at head dim {q.shape[-1]}: two K/V rings of two "
+                "stages do not fit in shared memory")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "the Gluon kernel does not run under TRITON_INTERPRET"
     if q.device.type != "cuda":
@@ -101,12 +104,12 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
     under the other's; shared lists only; opt-in, ``VIDATTN_GLUON_PINGPONG=1``: on the H200 it was within noise of
     off at densities <= 0.5 and 7% slower on the dense HunyuanVideo plan),
     ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer warpgroups / the
-    load warp)."""
+    load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so)."""
     split = block_q == 64
     stage = 2 * block_k * head_dim * 2 * (2 if split else 1)
     q_bytes = 128 * head_dim * 2
     scratch = 24 * 1024
-    stages = max(2, min(4, (_SMEM_BYTES - q_bytes - scratch) // stage))
+    stages = min(4, (_SMEM_BYTES - q_bytes - scratch) // stage)  # < 2: does not fit (see gluon_refusal)
     forced = os.environ.get("VIDATTN_GLUON_STAGES")
     if forced:
         stages = int(forced)

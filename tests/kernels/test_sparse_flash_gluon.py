@@ -67,9 +67,15 @@ def test_mode_is_checked(monkeypatch):
 
 def test_stage_count_fits_shared_memory():
     for bq, bk, d, want in ((128, 128, 128, 2), (128, 64, 128, 4), (128, 128, 64, 4), (64, 64, 128, 2),
-                            (64, 64, 64, 4), (64, 128, 128, 2)):
+                            (64, 64, 64, 4), (64, 128, 64, 2), (64, 128, 128, 1)):
         cfg = gluon_launch.gluon_config(bq, bk, d)
         assert cfg["STAGES"] == want and cfg["SPLIT"] == (bq == 64)
+
+
+def test_refuses_what_does_not_fit_shared_memory():
+    q, k, v = random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=0)
+    plan = random_full_plan(256, 2, 0.5, 64, 128, seed=0)
+    assert "do not fit in shared memory" in gluon_launch.gluon_refusal(q, k, v, plan)
 
 
 # ---- the kernel builds for sm_90 with this Triton (no GPU: triton.compile to PTX and cubin)
@@ -155,7 +161,7 @@ def test_matches_float64_reference(S, H, Hk, D, bq, bk, density, perm, lse, monk
 
 @ON_GPU
 @pytest.mark.parametrize("bq,bk,D,perm", [(128, 128, 128, False), (64, 64, 128, True), (128, 64, 64, True),
-                                          (64, 128, 128, False)])
+                                          (64, 128, 64, False)])
 def test_partial_blocks_match_float64_reference(bq, bk, D, perm, monkeypatch):
     """Plans with partial blocks (token masks read per block): a generic rule, in the token order
     or a random order per head, and a 3-D neighborhood with text tokens."""
