@@ -15,7 +15,7 @@
 # Each call copies the parts that arrived (.fa4p*/ in the cwd) into $FA4_STAGE (default
 # /tmp/fa4stage; it survives between calls while the machine stays warm), checks their sha256
 # against the lists below and, once a set is complete, reassembles and unpacks it into $FA4_SITE
-# (default /tmp/site). The main tarball is the tree `pip install --no-index --no-deps --target`
+# (default /tmp/fa4site, its own folder: it is replaced on install). The main tarball is the tree `pip install --no-index --no-deps --target`
 # made from those wheels (__pycache__ left out); the fallback tarball replaces its
 # nvidia_cutlass_dsl/ with the libs-base wheel's. pip --target does not process .pth files, so
 # PYTHONPATH must also name nvidia_cutlass_dsl/python_packages: the line printed at the end.
@@ -23,7 +23,7 @@
 # are kept, an installed site is reused (FA4_REINSTALL=1 unpacks again).
 set -u
 STAGE=${FA4_STAGE:-/tmp/fa4stage}
-SITE=${FA4_SITE:-/tmp/site}
+SITE=${FA4_SITE:-/tmp/fa4site}  # its own folder: the lead's other wheels (SageAttention, diffusers) stay in /tmp/site
 MAIN_SHA=64a04f4bbb5f59b7c495872899cb84ee92aa64d145876f52350afbc33a2da07e
 MAIN_PARTS="74df850d8770e4fa885aaa9c04d2032c17c8ac1adbe80026d78f27a0348cd830 fa4site.tar.xz.part-0
 8f867262bd34e694727bc424984827f5b88df3034bac501d1ec6a22de281805a fa4site.tar.xz.part-1"
