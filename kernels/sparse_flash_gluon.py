@@ -61,9 +61,10 @@ class _Modes:
     SPLIT: gl.constexpr
     PINGPONG: gl.constexpr
     HAS_PARTIAL: gl.constexpr
+    WG: gl.constexpr  # the consumer warpgroup these modes go to (0 or 1; the producer ignores it)
 
     @gluon.constexpr_function
-    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL):
+    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, WG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -73,6 +74,7 @@ class _Modes:
         self.SPLIT = gl.constexpr(SPLIT)
         self.PINGPONG = gl.constexpr(PINGPONG)
         self.HAS_PARTIAL = gl.constexpr(HAS_PARTIAL)
+        self.WG = gl.constexpr(WG)
 
 
 @gluon.jit
@@ -181,8 +183,8 @@ def _mask_tile(parts, slot0, partial, i, mask_rows, mask_cols, HAS_PARTIAL: gl.c
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
-              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes, WG: gl.constexpr):
-    """One consumer warpgroup. For each work item of this program (persistent: items ``pid``,
+              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
+    """One consumer warpgroup (``modes.WG``; Q tile ``q_smem[WG]``). For each work item of this program (persistent: items ``pid``,
     ``pid + grid``, ...): query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
     RAGGED: gl.constexpr = modes.RAGGED
     Q_PERM: gl.constexpr = modes.Q_PERM
@@ -193,6 +195,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     SPLIT: gl.constexpr = modes.SPLIT
     PINGPONG: gl.constexpr = modes.PINGPONG
     HAS_PARTIAL: gl.constexpr = modes.HAS_PARTIAL
+    WG: gl.constexpr = modes.WG
+    q_smem = q_smem.index(WG)
     BM: gl.constexpr = 64
     dtype: gl.constexpr = Q.dtype.element_ty
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -305,24 +309,6 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
 
 
 @gluon.jit
-def _consumer_wg0(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
-                  qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
-    _consumer(q_smem.index(0), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
-              qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes, 0)
-
-
-@gluon.jit
-def _consumer_wg1(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
-                  qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                  stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
-    _consumer(q_smem.index(1), k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
-              qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-              stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes, 1)
-
-
-@gluon.jit
 def _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, slot, lap, row, kv_col):
     """Wait for ring slot ``slot`` to be free (its ``lap``-th use), then TMA K and V rows
     ``row .. row + BLOCK_N`` (column ``kv_col``) into it."""
@@ -415,7 +401,8 @@ def _gluon_sparse_flash_fwd(
     k_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL)
+    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, 0)
+    modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, 1)
     parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -429,8 +416,9 @@ def _gluon_sparse_flash_fwd(
         mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
     consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
                      qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes)
+                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts)
     producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
                      NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes)
-    gl.warp_specialize([(_consumer_wg0, consumer_args), (_consumer_wg1, consumer_args), (_producer, producer_args)],
-                       [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+    # the kernel's own warps are consumer warpgroup 0; the workers are warpgroup 1 and the load warp
+    gl.warp_specialize([(_consumer, consumer_args + (modes, )), (_consumer, consumer_args + (modes1, )),
+                        (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
