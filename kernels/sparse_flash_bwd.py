@@ -43,8 +43,8 @@ from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, from_plan_order, to_plan_order
 
-from .sparse_flash_kernel import LOG2E, RuleMode, _na_axis_ok, _nongrid_policy
-from .sparse_flash_launch import prepare_call
+from .sparse_flash_kernel import LOG2E, _na_axis_ok, _nongrid_policy
+from .sparse_flash_io import prepare_call
 from .sparse_flash_tables import _plan_cache, plan_launch_tables
 
 __all__ = ["block_sparse_attention_backward", "transposed_tables", "bwd_launch_config"]

@@ -18,7 +18,7 @@ plan blocks of 128 query x ``BLOCK_N`` (64 or 128) key tokens. The launcher
 kernel. Q is read and O / LSE written at the original token positions through the plan's token
 permutation (``Q_PERM``); K/V arrive in plan order, as 2-D tensor descriptors whose tile of key
 block ``kb`` of (batch b, kv head hk) is the box at ``(b * ROW_B + hk * ROW_H + kb * BLOCK_N,
-hk * COL_H)`` (:func:`.sparse_flash_launch.kv_descriptor`). A ragged last key block (``RAGGED``)
+hk * COL_H)`` (:func:`.sparse_flash_io.kv_descriptor`). A ragged last key block (``RAGGED``)
 has its columns past the sequence masked.
 
 This module holds device code only: no plan, pattern or dispatcher import.

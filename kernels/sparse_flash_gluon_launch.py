@@ -20,7 +20,7 @@ import triton
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .sparse_flash_launch import kv_descriptor, kv_in_plan_order, last_launch, prepare_call
+from .sparse_flash_io import kv_descriptor, kv_in_plan_order, last_launch, prepare_call
 from .sparse_flash_tables import RuleMode, plan_launch_tables, plan_perm_int32
 
 __all__ = ["gluon_mode", "gluon_available", "gluon_refusal", "gluon_config", "block_sparse_attention_gluon"]
@@ -61,7 +61,7 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     fp16 ``[B, S, H|Hk, D]`` with D 64 or 128; native precision; a plan of 64- or 128-token query
     and key blocks, no rectification, and partial blocks (if any) whose token masks fit
     ``VIDATTN_MASK_BUDGET_BYTES`` (they are then read as precomputed uint8 masks). Shapes
-    are assumed checked by :func:`.sparse_flash_launch.check_triton_inputs`.
+    are assumed checked by :func:`.sparse_flash_io.check_triton_inputs`.
     """
     if precision is not None:
         return f"precision={precision!r} runs on the portable kernel"
