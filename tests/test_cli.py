@@ -323,6 +323,8 @@ def test_info(capsys):
     assert f"torch       {torch.__version__}" in out
     for name in ("triton", "diffusers", "timm", "xformers", "natten", "reference", "flex"):
         assert name in out
+    if not torch.cuda.is_available():
+        assert "triton forward kernel: portable (the Gluon kernel needs a Hopper GPU, sm_90)" in out
 
 
 def test_bench_and_quality_dispatch(capsys, monkeypatch, tmp_path):

@@ -1,4 +1,4 @@
-"""`vidattn info`: versions, GPU and usable backends."""
+"""`vidattn info`: versions, GPU, usable backends and the triton backend's forward kernel."""
 
 from __future__ import annotations
 
@@ -18,6 +18,26 @@ def _version(mod):
         return getattr(m, "__version__", "installed")
     except Exception as e:
         return f"not installed ({type(e).__name__})"
+
+
+def _forward_kernel(dev: str) -> str:
+    """Which forward kernel the triton backend runs here: the Hopper Gluon kernel or the portable one."""
+    from vidattn.kernels.sparse_flash_gluon_launch import gluon_available, gluon_mode
+
+    if dev != "cuda":
+        return "portable (the Gluon kernel needs a Hopper GPU, sm_90)"
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    if major != 9:
+        return f"portable (the Gluon kernel is Hopper-only; this GPU is sm_{major}{minor})"
+    why = gluon_available()
+    if why:
+        return f"portable ({why})"
+    if gluon_mode() == "0":
+        return "portable (VIDATTN_GLUON=0)"
+    return ("gluon-hopper for bf16/fp16, head dim 64/128, 64/128-token blocks, native precision, no "
+            "rectification; portable otherwise")
 
 
 def run(a) -> int:
@@ -44,4 +64,5 @@ def run(a) -> int:
     print(f"backends on {dev}:")
     for name, status in vidattn.available_backends(dev).items():
         print(f"  {name:<10} {status}")
+    print(f"triton forward kernel: {_forward_kernel(dev)}")
     return 0
