@@ -1,5 +1,6 @@
 """A/B of the triton backend's two forward kernels on the same plans: the Hopper Gluon kernel
-(warp-specialised, ``VIDATTN_GLUON=1``; also with ``VIDATTN_GLUON_PINGPONG=1`` and ``VIDATTN_GLUON_PERSISTENT=1``) against the portable Triton kernel (``VIDATTN_GLUON=0``),
+(warp-specialised, ``VIDATTN_GLUON=1``; on request also with ``VIDATTN_GLUON_PINGPONG=1`` or
+``VIDATTN_GLUON_PERSISTENT=1``) against the portable Triton kernel (``VIDATTN_GLUON=0``),
 with cuDNN SDPA dense as the ceiling, on the Wan / HunyuanVideo shapes of
 ``benchmarks/attention.py`` (random full-block plans at several densities, the dense plan, and a
 fully block-sparse strided neighborhood). Needs a Hopper GPU.

@@ -12,10 +12,15 @@ work between warps to Triton. This one states them, the way FlashAttention-3 doe
   ``O += P V`` of tile ``j`` and runs the softmax of tile ``j + 1`` while that P.V is in flight; P
   stays in registers as the A operand of the P.V wgmma.
 
-Scope: full-block plans (no partial blocks, no rectification), bf16 / fp16, head dim 64 or 128,
-plan blocks of 128 query x ``BLOCK_N`` (64 or 128) key tokens. The launcher
-(:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the portable
-kernel. Q is read and O / LSE written at the original token positions through the plan's token
+Scope: bf16 / fp16, head dim 64 or 128, plan blocks of 64 or 128 query x ``BLOCK_N`` (64 or 128)
+key tokens (``SPLIT``: with 64-token query blocks each consumer warpgroup follows its own block's
+key list through its own ring), full blocks and partial blocks (``HAS_PARTIAL``: the precomputed
+uint8 token mask of each listed partial block is read under the S MMA), no rectification. The
+launcher (:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the
+portable kernel. Options: ``PINGPONG`` (the consumer warpgroups take turns issuing their MMAs) and
+a persistent grid (the load warp runs ahead into the next work item).
+
+Q is read and O / LSE written at the original token positions through the plan's token
 permutation (``Q_PERM``); K/V arrive in plan order, as 2-D tensor descriptors whose tile of key
 block ``kb`` of (batch b, kv head hk) is the box at ``(b * ROW_B + hk * ROW_H + kb * BLOCK_N,
 hk * COL_H)`` (:func:`.sparse_flash_io.kv_descriptor`). A ragged last key block (``RAGGED``)
@@ -84,8 +89,9 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 ``[64, BLOCK_N]`` (wgmma layout),
     ``m_i`` / ``l_i`` fp32 ``[64]``; ``tail``: this is the ragged last key block (columns from
     ``col0``; columns past ``S`` masked); ``partial``: a partial block, whose uint8 token mask
-    ``bits`` ``[64, BLOCK_N]`` (0 = masked, also past the sequence end) applies. Returns P (Q's dtype, the P.V A-operand layout), the new
-    row max and sum, and the rescale factor of the output rows (P.V accumulator row layout)."""
+    ``bits`` ``[64, BLOCK_N]`` (0 = masked, also past the sequence end) applies. Returns P (Q's
+    dtype, the P.V A-operand layout), the new row max and sum, and the rescale factor of the output
+    rows (P.V accumulator row layout)."""
     if RAGGED:
         if tail:
             cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
@@ -184,7 +190,8 @@ def _mask_tile(parts, slot0, partial, i, mask_rows, mask_cols, HAS_PARTIAL: gl.c
 def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
               stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
-    """One consumer warpgroup (``modes.WG``; Q tile ``q_smem[WG]``). For each work item of this program (persistent: items ``pid``,
+    """One consumer warpgroup (``modes.WG``; Q tile ``q_smem[WG]``). For each work item of this
+    program (persistent: items ``pid``,
     ``pid + grid``, ...): query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
     RAGGED: gl.constexpr = modes.RAGGED
     Q_PERM: gl.constexpr = modes.Q_PERM

@@ -193,7 +193,8 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         S, H, H // Hk, row_b, row_h, col_h, nqt, num_tiles, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
         q.stride(0), q.stride(2), q.stride(1), out.stride(0), out.stride(2), out.stride(1),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2), pn_b, pn_h, pi_b, pi_h, pidx.stride(2), slot_b, slot_h,
-        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"], SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"], HAS_PARTIAL=has_partial,
+        RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"],
+        SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"], HAS_PARTIAL=has_partial,
         BLOCK_N=BN, BLOCK_D=D, CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"

@@ -74,7 +74,8 @@ def check_triton_inputs(q, k, v, plan) -> None:
     """Raise :class:`TritonUnsupported` for a case the kernel does not handle (device, dtype, head
     dim, block sizes, rule rank); ``ValueError`` when the plan does not fit the tensors' length."""
     if q.shape[1] != plan.seq_len or k.shape[1] != plan.seq_len or v.shape[1] != plan.seq_len:
-        raise ValueError(f"plan was built for {plan.seq_len} tokens but q/k/v have {q.shape[1]}/{k.shape[1]}/{v.shape[1]}")
+        raise ValueError(f"plan was built for {plan.seq_len} tokens but q/k/v have "
+                         f"{q.shape[1]}/{k.shape[1]}/{v.shape[1]}")
     if q.device.type != "cuda" and not _interpreting():
         raise TritonUnsupported("triton backend needs a CUDA device (or TRITON_INTERPRET=1)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):

@@ -91,12 +91,13 @@ SPLIT = __SPLIT__
 
 layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16)
 desc = f"tensordesc<bf16[128, 128],{layout!r}>"
-ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQT NUM_TILES NQB NKB stride_qb stride_qh stride_qs stride_ob stride_oh "
-        "stride_os fn_b fn_h fi_b fi_h fi_q pn_b pn_h pi_b pi_h pi_q slot_b slot_h").split()
+ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQT NUM_TILES NQB NKB stride_qb stride_qh stride_qs stride_ob "
+        "stride_oh stride_os fn_b fn_h fi_b fi_h fi_q pn_b pn_h pi_b pi_h pi_q slot_b slot_h").split()
 sig = dict(desc_k=desc, desc_v=desc, Q="*bf16", O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
            QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", qk_scale="fp32",
            **{n: "i32" for n in ints})
-const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, HAS_PARTIAL=True, BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
+const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, HAS_PARTIAL=True,
+             BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
              PRODUCER_REGS=24)
 sig.update({n: "constexpr" for n in const})
 c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -116,7 +117,8 @@ def test_builds_for_sm90(split):
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT.replace("__SPLIT__", str(split))], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT.replace("__SPLIT__", str(split))], env=env,
+                         capture_output=True, text=True, timeout=300)
     if run.returncode != 0 and "ptxas" in run.stderr.lower():
         pytest.skip(f"no CUDA toolchain in this Triton install: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-3000:]
