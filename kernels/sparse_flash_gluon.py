@@ -243,7 +243,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb, mask=qb < NQB, other=0)
         f_idx = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
         # the list is sorted: a ragged last key block can only be its last entry
-        last_col0 = gl.load(f_idx + gl.maximum(nfb - 1, 0)) * BLOCK_N
+        # (masked: with SPLIT the last program's second query block may lie past the plan)
+        last_col0 = gl.load(f_idx + gl.maximum(nfb - 1, 0), mask=nfb > 0, other=0) * BLOCK_N
         last_ragged = last_col0 + BLOCK_N > S
         # HAS_PARTIAL: the partial blocks follow the full ones in the same ring
         npb, slot0 = _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL)
