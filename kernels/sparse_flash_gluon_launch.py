@@ -86,6 +86,12 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     if gluon_config(plan.block_q, plan.block_k, q.shape[-1])["STAGES"] < 2:
         return (f"plan blocks {plan.block_q}x{plan.block_k} at head dim {q.shape[-1]}: two K/V rings of two "
                 "stages do not fit in shared memory")
+    if plan.key_perm is None:  # K/V are read in place: their strides must allow a tensor descriptor
+        B, S, Hk = k.shape[0], k.shape[1], k.shape[2]
+        for name, t in (("k", k), ("v", v)):
+            if t.stride(-1) == 1 and kv_descriptor(t, (t.stride(0), t.stride(2), t.stride(1)), B, Hk, S,
+                                                   plan.block_k) is None:
+                return f"{name} strides {tuple(t.stride())} do not allow a TMA tensor descriptor"
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return "the Gluon kernel does not run under TRITON_INTERPRET"
     if q.device.type != "cuda":

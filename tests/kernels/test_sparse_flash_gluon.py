@@ -72,6 +72,13 @@ def test_stage_count_fits_shared_memory():
         assert cfg["STAGES"] == want and cfg["SPLIT"] == (bq == 64)
 
 
+def test_refuses_kv_strides_without_a_descriptor():
+    q, k, v = random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=0)
+    k = torch.randn(1, 256, 2, 136, dtype=torch.bfloat16)[..., 3:131]  # rows not 16-byte aligned
+    plan = random_full_plan(256, 2, 0.5, 128, 128, seed=0)
+    assert "k strides" in gluon_launch.gluon_refusal(q, k, v, plan)
+
+
 def test_refuses_what_does_not_fit_shared_memory():
     q, k, v = random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=0)
     plan = random_full_plan(256, 2, 0.5, 64, 128, seed=0)
