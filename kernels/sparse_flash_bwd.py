@@ -44,20 +44,12 @@ from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, from_plan_order, to_plan_order
 
 from .sparse_flash_kernel import LOG2E, _na_axis_ok, _nongrid_policy
-from .sparse_flash_io import prepare_call
+from .sparse_flash_io import interpreting, plan_bh_strides, prepare_call
 from .sparse_flash_tables import _plan_cache, plan_launch_tables
 
 __all__ = ["block_sparse_attention_backward", "transposed_tables", "bwd_launch_config"]
 
 _stages_ok: dict = {}
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _bh_strides(t: torch.Tensor):
-    return (0 if t.shape[0] == 1 else t.stride(0)), (0 if t.shape[1] == 1 else t.stride(1))
 
 
 # ----------------------------------------------------------------------------- transposed plan
@@ -323,7 +315,7 @@ def bwd_launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype) -> dic
     ``VIDATTN_TRITON_BWD_BLOCK_M`` / ``_BLOCK_N`` / ``_WARPS``. Returns a dict with ``BLOCK_M``,
     ``BLOCK_N``, ``num_warps`` and ``stages`` (list to try in order)."""
     bd = max(16, triton.next_power_of_2(head_dim))
-    if _interpreting():
+    if interpreting():
         bm, bn = plan.block_q, plan.block_k
     else:
         bm, bn = min(plan.block_q, 64), min(plan.block_k, 64 if bd >= 64 else 128)
@@ -331,7 +323,7 @@ def bwd_launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype) -> dic
     bm = min(env("VIDATTN_TRITON_BWD_BLOCK_M") or bm, plan.block_q)
     bn = min(env("VIDATTN_TRITON_BWD_BLOCK_N") or bn, plan.block_k)
     warps = env("VIDATTN_TRITON_BWD_WARPS") or (8 if bd >= 128 else 4)
-    stages = [1] if (_interpreting() or dtype == torch.float32) else [2, 1]
+    stages = [1] if (interpreting() or dtype == torch.float32) else [2, 1]
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages)
 
 
@@ -413,12 +405,12 @@ def block_sparse_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     rect = plan.rectification
     kept = rect.kept_log_scale.float().contiguous() if rect is not None and rect.kept_log_scale is not None else None
     kept_t = kept if kept is not None else t["fdummy"]
-    kept_b, kept_h = _bh_strides(kept_t)
+    kept_b, kept_h = plan_bh_strides(kept_t)
     na, bits = t["na"], t["bits"]
     na_h = 0 if na.shape[0] == 1 else na.stride(0)
     rule = dict(NA=tuple(t["na_args"]), CAUSAL=tuple(t["causal"]), DENSE_NONGRID=t["dense_nongrid"],
                 RULE=int(t["rule_mode"]), HAS_KEPT=kept is not None,
-                FP32_DOT=dt == torch.float32 or _interpreting(),
+                FP32_DOT=dt == torch.float32 or interpreting(),
                 PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k, BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D)
     common = dict(S=S, H=H, qk_scale=scale * LOG2E, sm_scale=scale, D=D, na_h=na_h, kept_b=kept_b, kept_h=kept_h,
                   kept_q=kept_t.stride(2))
@@ -426,7 +418,7 @@ def block_sparse_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
     dkh = torch.empty_like(dqh)
     dvh = torch.empty_like(dqh)
     (tfn_b, tfn_h), (tfi_b, tfi_h), (tpn_b, tpn_h), (tpi_b, tpi_h) = (
-        _bh_strides(x) for x in (tt["tfnum"], tt["tfidx"], tt["tpnum"], tt["tpidx"]))
+        plan_bh_strides(x) for x in (tt["tfnum"], tt["tfidx"], tt["tpnum"], tt["tpidx"]))
     dkdv_args = dict(Q=qh, K=kh, V=vh, DO=doh, LSE2=lse2, DELTA=delta, DK=dkh, DV=dvh,
                      TF_NUM=tt["tfnum"], TF_IDX=tt["tfidx"], TP_NUM=tt["tpnum"], TP_IDX=tt["tpidx"],
                      TP_MASK=tt["tpmask"], NA_TAB=na, BITS=bits, KEPT=kept_t,
@@ -435,7 +427,7 @@ def block_sparse_attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.T
                      **common, **rule)
     fnum, fidx, pnum, pidx, slot = t["fnum"], t["fidx"], t["pnum"], t["pidx"], t["slot"]
     (fn_b, fn_h), (fi_b, fi_h), (pn_b, pn_h), (pi_b, pi_h), (slot_b, slot_h) = (
-        _bh_strides(x) for x in (fnum, fidx, pnum, pidx, slot))
+        plan_bh_strides(x) for x in (fnum, fidx, pnum, pidx, slot))
     dq_args = dict(Q=qh, K=kh, V=vh, DO=doh, LSE2=lse2, DELTA=delta, DQ=dqh,
                    FULL_NUM=fnum, FULL_IDX=fidx, PART_NUM=pnum, PART_IDX=pidx, SLOT=slot, NA_TAB=na, BITS=bits,
                    KEPT=kept_t, fn_b=fn_b, fn_h=fn_h, fi_b=fi_b, fi_h=fi_h, fi_q=fidx.stride(2),

@@ -47,10 +47,7 @@ try:  # a class of constexpr fields travels into warp-specialised partitions (pl
 except ImportError:  # pragma: no cover - other triton versions
     from triton.language.core import aggregate
 
-__all__ = ["_gluon_sparse_flash_fwd", "ROWS_PER_WARPGROUP", "ROWS_PER_CTA"]
-
-ROWS_PER_WARPGROUP = 64
-ROWS_PER_CTA = 128  # two consumer warpgroups
+__all__ = ["_gluon_sparse_flash_fwd"]
 
 
 @aggregate
@@ -132,16 +129,16 @@ class _Partials:
     mask slot int64 ``[Bp, Hp, NQB]``, with their (batch, head, query block) strides."""
 
     num: gl.tensor
-    idx: gl.tensor
+    idx: gl.tensor  # (the int strides below: a tensor, or a constexpr where the JIT specialised them)
     bits: gl.tensor
     slot: gl.tensor
-    pn_b: base_value  # an int argument: a tensor, or a constexpr when specialised
-    pn_h: base_value  # an int argument: a tensor, or a constexpr when specialised
-    pi_b: base_value  # an int argument: a tensor, or a constexpr when specialised
-    pi_h: base_value  # an int argument: a tensor, or a constexpr when specialised
-    pi_q: base_value  # an int argument: a tensor, or a constexpr when specialised
-    slot_b: base_value  # an int argument: a tensor, or a constexpr when specialised
-    slot_h: base_value  # an int argument: a tensor, or a constexpr when specialised
+    pn_b: base_value
+    pn_h: base_value
+    pi_b: base_value
+    pi_h: base_value
+    pi_q: base_value
+    slot_b: base_value
+    slot_h: base_value
 
     @gluon.constexpr_function
     def __init__(self, num, idx, bits, slot, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h):

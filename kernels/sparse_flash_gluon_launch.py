@@ -20,13 +20,15 @@ import triton
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .sparse_flash_io import kv_descriptor, kv_in_plan_order, last_launch, prepare_call
+from .sparse_flash_io import (_bsh_strides, capability_major, interpreting, kv_in_plan_order, kv_view, last_launch,
+                              plan_bh_strides, prepare_call)
+from .sparse_flash_kernel import LOG2E
 from .sparse_flash_tables import RuleMode, plan_launch_tables, plan_perm_int32
 
 __all__ = ["gluon_mode", "gluon_available", "gluon_refusal", "gluon_config", "block_sparse_attention_gluon"]
 
-LOG2E = 1.4426950408889634
 _SMEM_BYTES = 227 * 1024  # per-block opt-in shared memory of an H100 / H200
+_ROWS = 128  # query rows per work item: two consumer warpgroups of 64
 
 
 def gluon_mode() -> str:
@@ -46,11 +48,6 @@ def gluon_available() -> Optional[str]:
     except Exception as e:  # ImportError, or an API this module does not know (another triton)
         return f"triton {triton.__version__} has no usable Gluon Hopper module ({type(e).__name__}: {e})"[:300]
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: int):
-    return torch.cuda.get_device_capability(index)
 
 
 def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
@@ -89,14 +86,13 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     if plan.key_perm is None:  # K/V are read in place: their strides must allow a tensor descriptor
         B, S, Hk = k.shape[0], k.shape[1], k.shape[2]
         for name, t in (("k", k), ("v", v)):
-            if t.stride(-1) == 1 and kv_descriptor(t, (t.stride(0), t.stride(2), t.stride(1)), B, Hk, S,
-                                                   plan.block_k) is None:
+            if t.stride(-1) == 1 and kv_view(t, _bsh_strides(t), B, Hk, S) is None:
                 return f"{name} strides {tuple(t.stride())} do not allow a TMA tensor descriptor"
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return "the Gluon kernel does not run under TRITON_INTERPRET"
     if q.device.type != "cuda":
         return "the Gluon kernel needs a CUDA device"
-    major = _capability(q.device.index if q.device.index is not None else torch.cuda.current_device())[0]
+    major = capability_major(q.device)
     if major != 9:
         return f"the Gluon kernel is Hopper-only (compute capability 9.x), this GPU is {major}.x"
     return gluon_available()
@@ -113,7 +109,7 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
     load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so)."""
     split = block_q == 64
     stage = 2 * block_k * head_dim * 2 * (2 if split else 1)
-    q_bytes = 128 * head_dim * 2
+    q_bytes = _ROWS * head_dim * 2
     scratch = 24 * 1024
     stages = min(4, (_SMEM_BYTES - q_bytes - scratch) // stage)  # < 2: does not fit (see gluon_refusal)
     forced = os.environ.get("VIDATTN_GLUON_STAGES")
@@ -165,17 +161,15 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     kh, vh, kv_bhs = kv_in_plan_order(k, v, plan, H)
     Hk = kh.shape[1] if plan.key_perm is not None else kh.shape[2]
     BN = plan.block_k
+    layout = gl.NVMMASharedLayout.get_default_for([BN, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
     descs = []
     for t in (kh, vh):
-        d = kv_descriptor(t, kv_bhs(t), B, Hk, S, BN)
-        if d is None:
+        view = kv_view(t, kv_bhs(t), B, Hk, S)
+        if view is None:
             raise TritonUnsupported("K/V strides do not allow a tensor descriptor (the Gluon kernel loads by TMA)")
-        descs.append(d)
-    (dk, row_b, row_h, col_h), (dv, *_) = descs
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    layout = gl.NVMMASharedLayout.get_default_for([BN, D], gdtype)
-    desc_k = TensorDescriptor(dk.base, list(dk.shape), list(dk.strides), [BN, D], layout)
-    desc_v = TensorDescriptor(dv.base, list(dv.shape), list(dv.strides), [BN, D], layout)
+        rows, cols, row_stride, row_b, row_h, col_h = view
+        descs.append(TensorDescriptor(t, [rows, cols], [row_stride, 1], [BN, D], layout))
+    desc_k, desc_v = descs
 
     t = plan_launch_tables(plan)
     fnum, fidx = t["fnum"], t["fidx"]
@@ -183,14 +177,14 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
     cfg = gluon_config(plan.block_q, BN, D)
-    bs = lambda x: (0 if x.shape[0] == 1 else x.stride(0), 0 if x.shape[1] == 1 else x.stride(1))  # noqa: E731
+    bs = plan_bh_strides
     (fn_b, fn_h), (fi_b, fi_h) = bs(fnum), bs(fidx)
     has_partial = plan.has_partial
     pnum, pidx = t["pnum"], t["pidx"]
     bits, slot = (t["bits"], t["slot"]) if has_partial else (fnum, fnum)
     (pn_b, pn_h), (pi_b, pi_h) = bs(pnum), bs(pidx)
     slot_b, slot_h = bs(slot) if has_partial else (0, 0)
-    nqt = triton.cdiv(S, 128)
+    nqt = triton.cdiv(S, _ROWS)
     num_tiles = nqt * B * H
     grid = (min(num_tiles, _persistent_programs(q.device)),)
     compiled = _gluon_sparse_flash_fwd[grid](

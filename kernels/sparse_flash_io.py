@@ -5,6 +5,7 @@ the diagnostics dict of the latest launch. Host code only; no device code.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,16 +20,32 @@ from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, to_plan_order
 from vidattn.rules import NeighborhoodForm
 
-__all__ = ["TensorDescriptor", "last_launch", "kv_in_plan_order", "prepare_call", "check_triton_inputs",
-           "kv_descriptor"]
+__all__ = ["TensorDescriptor", "last_launch", "interpreting", "capability_major", "plan_bh_strides",
+           "kv_in_plan_order", "prepare_call", "check_triton_inputs", "kv_view", "kv_descriptor"]
 
 # diagnostics of the latest forward launch: "path" ("gluon-hopper" / "portable"), "gluon_refused"
 # (why the Gluon kernel did not run), "regs_spills" = (registers per thread, spills)
 last_launch: dict = {}
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def capability_major(device: torch.device) -> int:
+    """Major CUDA compute capability of ``device`` (the current device when it has no index)."""
+    return _capability_major(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def plan_bh_strides(t: torch.Tensor):
+    """Strides of a plan tensor ``[Bp, Hp, ...]`` broadcast over batch and heads (0 on size-1 dims)."""
+    return (0 if t.shape[0] == 1 else t.stride(0)), (0 if t.shape[1] == 1 else t.stride(1))
 
 
 def _bsh_strides(t: torch.Tensor):
@@ -76,7 +93,7 @@ def check_triton_inputs(q, k, v, plan) -> None:
     if q.shape[1] != plan.seq_len or k.shape[1] != plan.seq_len or v.shape[1] != plan.seq_len:
         raise ValueError(f"plan was built for {plan.seq_len} tokens but q/k/v have "
                          f"{q.shape[1]}/{k.shape[1]}/{v.shape[1]}")
-    if q.device.type != "cuda" and not _interpreting():
+    if q.device.type != "cuda" and not interpreting():
         raise TritonUnsupported("triton backend needs a CUDA device (or TRITON_INTERPRET=1)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TritonUnsupported(f"dtype {q.dtype} not supported")
@@ -93,8 +110,9 @@ def check_triton_inputs(q, k, v, plan) -> None:
         raise TritonUnsupported("neighborhood rules of rank > 3")
 
 
-def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_len: int, block_n: int):
-    """A 2-D tensor descriptor over K or V for bulk tile loads, or None when the layout does not allow one.
+def kv_view(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_len: int):
+    """The 2-D view of K or V that tensor-descriptor tile loads use, or None when the layout does
+    not allow one.
 
     ``t`` holds ``[B, S, Hk, D]`` (or ``[B, Hk, S, D]``) with unit last stride; ``strides_bhs`` its
     (batch, head, token) strides. Two layouts map to rows of one 2-D view so that a tile of key
@@ -105,7 +123,8 @@ def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_l
     kernel masks out) or lie past the view and are zero-filled.
 
     Returns:
-        ``(descriptor, row_b, row_h, col_h)`` or None.
+        ``(rows, cols, row_stride, row_b, row_h, col_h)`` (the view is ``[rows, cols]`` with strides
+        ``[row_stride, 1]``) or None.
     """
     sb, sh, ss = strides_bhs
     B, Hk, D = batch, kv_heads, t.shape[-1]
@@ -120,5 +139,18 @@ def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_l
         rows, cols = B * Hk * seq_len, D
     else:
         return None
-    desc = TensorDescriptor(t, shape=[rows, cols], strides=[ss, 1], block_shape=[block_n, D])
+    return rows, cols, ss, row_b, row_h, col_h
+
+
+def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_len: int, block_n: int):
+    """A 2-D tensor descriptor over K or V (:func:`kv_view`) with ``[block_n, D]`` boxes, or None.
+
+    Returns:
+        ``(descriptor, row_b, row_h, col_h)`` or None.
+    """
+    view = kv_view(t, strides_bhs, batch, kv_heads, seq_len)
+    if view is None:
+        return None
+    rows, cols, ss, row_b, row_h, col_h = view
+    desc = TensorDescriptor(t, shape=[rows, cols], strides=[ss, 1], block_shape=[block_n, t.shape[-1]])
     return desc, row_b, row_h, col_h

@@ -9,7 +9,6 @@ Anything the kernel cannot run raises :class:`vidattn.errors.TritonUnsupported`.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -24,21 +23,15 @@ from vidattn.plan import BlockPlan
 from .quant_fp8 import check_precision, fp8_support, lse_smoothing_correction, quantize_fp8_operands
 from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
 from .sparse_flash_gluon_launch import block_sparse_attention_gluon, gluon_mode, gluon_refusal
-from .sparse_flash_io import (TensorDescriptor, _bhs_strides, _bsh_strides, _interpreting, check_triton_inputs,
-                              kv_descriptor, kv_in_plan_order, last_launch, prepare_call)
+from .sparse_flash_io import (TensorDescriptor, _bhs_strides, _bsh_strides, capability_major, check_triton_inputs,
+                              interpreting, kv_descriptor, kv_in_plan_order, last_launch, plan_bh_strides,
+                              prepare_call)
 from .sparse_flash_tables import ProgramOrder, plan_launch_tables, plan_perm_int32, program_schedule
 
 __all__ = ["block_sparse_attention_triton", "launch_config", "kv_descriptor", "check_triton_inputs", "last_launch",
            "prepare_call", "kv_in_plan_order"]
 
 _stages_ok: dict = {}
-
-
-def _bh_strides(t: torch.Tensor):
-    """Strides of a plan tensor ``[Bp, Hp, ...]`` broadcast over batch and heads (0 on size-1 dims)."""
-    sb = 0 if t.shape[0] == 1 else t.stride(0)
-    sh = 0 if t.shape[1] == 1 else t.stride(1)
-    return sb, sh
 
 
 def _env_int(name: str) -> Optional[int]:
@@ -74,7 +67,7 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
         bn = min(plan.block_k, 128)
     else:
         bn = min(plan.block_k, 64 if bd >= 128 else 128)
-    if _interpreting():
+    if interpreting():
         bm, bn = plan.block_q, plan.block_k  # fewer, larger steps under the interpreter
     bm = _env_int("VIDATTN_TRITON_BLOCK_M") or bm
     bn = _env_int("VIDATTN_TRITON_BLOCK_N") or bn
@@ -83,14 +76,14 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     # partial blocks (token rule per element) -> 8 warps, 3 stages for 128-row tiles.
     warps = 8 if (masked and bm * bd >= 128 * 128) else 4
     warps = _env_int("VIDATTN_TRITON_WARPS") or warps
-    if _interpreting() or dtype == torch.float32:
+    if interpreting() or dtype == torch.float32:
         stages = [1]
     elif masked and bm >= 128:
         stages = [3, 2, 1]
     else:
         stages = [2, 1]
     forced = _env_int("VIDATTN_TRITON_STAGES")
-    if forced and not _interpreting():
+    if forced and not interpreting():
         stages = [forced] + [s for s in stages if s != forced]
     # program order: natural by default. Heaviest-first (1) was 1-2% faster on dense and random
     # block-sparse plans but 11% slower on Radial (block) plans, whose neighbouring query tiles share
@@ -100,18 +93,12 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     return dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, stages=stages, sched=sched, warp_specialize=warp_spec)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability_major(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def _tma_ok(device: torch.device) -> bool:
     if TensorDescriptor is None or os.environ.get("VIDATTN_TRITON_TMA", "1") == "0":
         return False
-    if _interpreting():
+    if interpreting():
         return True
-    return device.type == "cuda" and _capability_major(device.index if device.index is not None
-                                                       else torch.cuda.current_device()) >= 9
+    return device.type == "cuda" and capability_major(device) >= 9
 
 
 def _gluon_path(q, k, v, plan, precision):
@@ -248,9 +235,9 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     io_strides.update(zip(("stride_kb", "stride_kh", "stride_ks"), kv_bhs(kh)))
     io_strides.update(zip(("stride_vb", "stride_vh", "stride_vs"), kv_bhs(vh)))
     io_strides.update(zip(("stride_ob", "stride_oh", "stride_os"), q_bhs(out)))
-    (fn_b, fn_h), (fi_b, fi_h), (pn_b, pn_h), (pi_b, pi_h) = (_bh_strides(x) for x in (fnum, fidx, pnum, pidx))
-    (slot_b, slot_h), (kept_b, kept_h), (pw_b, pw_h) = (_bh_strides(x) for x in (slot, kept_t, pw_t))
-    (pk_b, pk_h), (pv_b, pv_h) = (_bh_strides(pk_t), _bh_strides(pv_t)) if pooled else ((0, 0), (0, 0))
+    (fn_b, fn_h), (fi_b, fi_h), (pn_b, pn_h), (pi_b, pi_h) = (plan_bh_strides(x) for x in (fnum, fidx, pnum, pidx))
+    (slot_b, slot_h), (kept_b, kept_h), (pw_b, pw_h) = (plan_bh_strides(x) for x in (slot, kept_t, pw_t))
+    (pk_b, pk_h), (pv_b, pv_h) = (plan_bh_strides(pk_t), plan_bh_strides(pv_t)) if pooled else ((0, 0), (0, 0))
     table_strides = dict(fn_b=fn_b, fn_h=fn_h, fi_b=fi_b, fi_h=fi_h, fi_q=fidx.stride(2),
                          pn_b=pn_b, pn_h=pn_h, pi_b=pi_b, pi_h=pi_h, pi_q=pidx.stride(2),
                          na_h=0 if na.shape[0] == 1 else na.stride(0), slot_b=slot_b, slot_h=slot_h,
@@ -262,8 +249,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     modes = dict(
         RULE=int(rule_mode), HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
-        FP32_DOT=q.dtype == torch.float32 or (_interpreting() and q.dtype == torch.bfloat16),
-        FP8=fp8, EMU_CAST=fp8 and _interpreting(), WARP_SPEC=cfg["warp_specialize"],
+        FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
+        FP8=fp8, EMU_CAST=fp8 and interpreting(), WARP_SPEC=cfg["warp_specialize"],
         EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != ProgramOrder.NATURAL, USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D,

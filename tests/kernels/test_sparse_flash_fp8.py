@@ -397,7 +397,7 @@ def test_fp8_full_block_plans_launch_128_key_tiles(monkeypatch):
     from vidattn.kernels import sparse_flash_launch as launch
     from vidattn.kernels.sparse_flash_kernel import RuleMode
 
-    monkeypatch.setattr(launch, "_interpreting", lambda: False)
+    monkeypatch.setattr(launch, "interpreting", lambda: False)
     plan = vidattn.Dense(block_size=128).plan(TokenLayout((4, 8, 8)))
     cfg = lambda **kw: launch.launch_config(plan, 128, torch.bfloat16, kw.pop("mode", RuleMode.NONE), **kw)  # noqa: E731
     assert (cfg(fp8=True)["BLOCK_N"], cfg()["BLOCK_N"]) == (128, 64)

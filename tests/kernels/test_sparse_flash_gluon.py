@@ -79,6 +79,21 @@ def test_refuses_kv_strides_without_a_descriptor():
     assert "k strides" in gluon_launch.gluon_refusal(q, k, v, plan)
 
 
+def test_kv_view_is_the_descriptor_view():
+    """The Gluon launcher builds its descriptors from kv_view; the portable one through
+    kv_descriptor: the same 2-D view for token-major and head-major K/V."""
+    from vidattn.kernels.sparse_flash_io import _bhs_strides, _bsh_strides, kv_descriptor, kv_view
+
+    tm = torch.randn(2, 300, 3, 64, dtype=torch.bfloat16)  # [B, S, Hk, D]
+    hm = torch.randn(2, 3, 300, 64, dtype=torch.bfloat16)  # [B, Hk, S, D]
+    for t, st in ((tm, _bsh_strides(tm)), (hm, _bhs_strides(hm))):
+        rows, cols, row_stride, *offsets = kv_view(t, st, 2, 3, 300)
+        desc, *desc_offsets = kv_descriptor(t, st, 2, 3, 300, 64)
+        assert [rows, cols] == list(desc.shape) and [row_stride, 1] == list(desc.strides)
+        assert offsets == desc_offsets and desc.base is t
+    assert kv_view(tm[..., 1:63], _bsh_strides(tm), 2, 3, 300) is None  # not 16-byte aligned
+
+
 def test_refuses_what_does_not_fit_shared_memory():
     q, k, v = random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=0)
     plan = random_full_plan(256, 2, 0.5, 64, 128, seed=0)
