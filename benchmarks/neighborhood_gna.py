@@ -15,6 +15,7 @@ import argparse
 import os
 import json
 import math
+import sys
 import time
 
 import torch
@@ -22,6 +23,9 @@ import torch
 import vidattn
 from vidattn import Neighborhood, TokenLayout
 from vidattn.bench.timing import loop_ms
+
+sys.path.insert(0, os.path.dirname(__file__))
+from attention import _env  # noqa: E402  (sets environment variables for a block, restoring them)
 
 # (name, grid, kernel_size, stride): Wan 480p latent grid (21, 30, 52) ~ 32k tokens
 CASES = [
@@ -61,11 +65,8 @@ def run_case(name, grid, kernel, stride, args):
     rec.update(vidattn_ms=round(ms, 4), vidattn_useful_tflops=round(useful / ms / 1e9, 1),
                kernel_path=last_launch.get("path"), gluon_refused=last_launch.get("gluon_refused"))
     if last_launch.get("path") == "gluon-hopper":  # the portable kernel on the same call, same run
-        os.environ["VIDATTN_GLUON"] = "0"
-        try:
+        with _env(VIDATTN_GLUON="0"):
             ms_p = _time_cuda(lambda: vidattn.na3d(q, k, v, kernel_size=kernel, stride=stride), args.iters)
-        finally:
-            os.environ.pop("VIDATTN_GLUON")
         rec.update(portable_ms=round(ms_p, 4), portable_useful_tflops=round(useful / ms_p / 1e9, 1))
     if args.variants:
         _variants(rec, plan, layout, kernel, stride, q, k, v, useful, args)
@@ -87,19 +88,14 @@ def _variants(rec, plan, layout, kernel, stride, q, k, v, useful, args):
     """Where the time goes (``--variants``): the same call without the finiteness pass, the kernel
     on the plan directly (no API layer), the 64-token-block plan, and a random full-block plan of
     the same block density and block size without a token permutation."""
-    import os
-
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton
     from vidattn.plan import FULL, plan_from_block_mask
 
     B, H, D = args.batch, args.heads, args.head_dim
     S = layout.seq_len
     qs, ks, vs = (t.reshape(B, S, H, D) for t in (q, k, v))
-    os.environ["VIDATTN_CHECK_FINITE"] = "0"
-    try:
+    with _env(VIDATTN_CHECK_FINITE="0"):
         ms = _time_cuda(lambda: vidattn.na3d(q, k, v, kernel_size=kernel, stride=stride), args.iters)
-    finally:
-        os.environ.pop("VIDATTN_CHECK_FINITE")
     rec.update(nocheck_ms=round(ms, 4))
     ms = _time_cuda(lambda: block_sparse_attention_triton(qs, ks, vs, plan), args.iters)
     rec.update(kernel_ms=round(ms, 4), kernel_useful_tflops=round(useful / ms / 1e9, 1))
