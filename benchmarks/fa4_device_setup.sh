@@ -2,34 +2,29 @@
 # Install FlashAttention-4 on the lent GPU machine (no network there): flash-attn-4 4.0.0b19,
 # nvidia-cutlass-dsl 4.5.3 with nvidia-cutlass-dsl-libs-cu13 4.5.3, quack-kernels 0.5.0,
 # apache-tvm-ffi 0.1.15.post2, torch-c-dlpack-ext 0.1.5 (cp312, manylinux_2_28_x86_64).
-# Run from the repository root on the device, once in each call that carries a part folder:
+#
+# The parts are built here (with network) by `bash benchmarks/fa4_pack.sh`: two folders .fa4p1/
+# and .fa4p2/ (ignored by git), each under the device's carry limit next to the working tree, each
+# holding one part of an xz tarball and the manifest `fa4parts.sha256` (sha256sum lines of every
+# part and of the reassembled tarball). Run from the repository root on the device, once in each
+# call that carries a part folder, the two calls back to back on the warm machine:
 #
 #   call 1 (carry [".fa4p1"]):  bash benchmarks/fa4_device_setup.sh          # stages; exit 3
 #   call 2 (carry [".fa4p2"]):  bash benchmarks/fa4_device_setup.sh && <command using FA4>
 #
-# Fallback DSL build (CUDA 12.9 toolchain, nvidia-cutlass-dsl-libs-base 4.5.3 instead of -cu13),
-# if the cu13 one fails at run time; two more calls, with FA4_DSL=base in every one of them:
-#   call 3 (carry [".fa4p3"]):  FA4_DSL=base bash benchmarks/fa4_device_setup.sh
-#   call 4 (carry [".fa4p4"]):  FA4_DSL=base bash benchmarks/fa4_device_setup.sh && <command>
-#
 # Each call copies the parts that arrived (.fa4p*/ in the cwd) into $FA4_STAGE (default
-# /tmp/fa4stage; it survives between calls while the machine stays warm), checks their sha256
-# against the lists below and, once a set is complete, reassembles and unpacks it into $FA4_SITE
-# (default /tmp/fa4site, its own folder: it is replaced on install). The main tarball is the tree `pip install --no-index --no-deps --target`
-# made from those wheels (__pycache__ left out); the fallback tarball replaces its
-# nvidia_cutlass_dsl/ with the libs-base wheel's. pip --target does not process .pth files, so
-# PYTHONPATH must also name nvidia_cutlass_dsl/python_packages: the line printed at the end.
+# /tmp/fa4stage; it survives between calls while the machine stays warm), checks them against the
+# manifest and, once every part is there, reassembles and unpacks the tarball into $FA4_SITE
+# (default /tmp/fa4site, its own folder: it is replaced on install). The tarball is the tree that
+# `pip install --no-deps --target` made from those wheels (__pycache__ left out). pip --target
+# does not process .pth files, so PYTHONPATH must also name nvidia_cutlass_dsl/python_packages:
+# the line printed at the end.
 # Exit status: 0 installed and importable; 3 waiting for parts; 1 failed. Idempotent: staged parts
 # are kept, an installed site is reused (FA4_REINSTALL=1 unpacks again).
 set -u
 STAGE=${FA4_STAGE:-/tmp/fa4stage}
 SITE=${FA4_SITE:-/tmp/fa4site}  # its own folder: the lead's other wheels (SageAttention, diffusers) stay in /tmp/site
-MAIN_SHA=64a04f4bbb5f59b7c495872899cb84ee92aa64d145876f52350afbc33a2da07e
-MAIN_PARTS="74df850d8770e4fa885aaa9c04d2032c17c8ac1adbe80026d78f27a0348cd830 fa4site.tar.xz.part-0
-8f867262bd34e694727bc424984827f5b88df3034bac501d1ec6a22de281805a fa4site.tar.xz.part-1"
-ALT_SHA=627ec38f1ca787babe2c9fddaf0d97351e806b980bff9cd4f1cc4120f6d41a72
-ALT_PARTS="ad16172e0a42119cc8e78e7cb60091bc100561b4f77dc6e09c12a02048fdce15 fa4alt.tar.xz.part-0
-5069096ab57f431e252e0570db263ffe641e687cd1fa926cf7baba24d3d1324e fa4alt.tar.xz.part-1"
+MANIFEST=fa4parts.sha256
 
 mkdir -p "$STAGE" || exit 1
 for d in .fa4p*; do
@@ -43,48 +38,40 @@ for d in .fa4p*; do
     done
 done
 
-# complete PARTS: 0 when every listed part is staged with the right sha256
+# complete: 0 when every part the manifest lists is staged with its sha256
 complete() {
     local ok=0 sha name
+    [ -f "$STAGE/$MANIFEST" ] || { echo "fa4 setup: no $MANIFEST staged (carry a part folder)"; return 1; }
     while read -r sha name; do
+        case "$name" in *.part-*) ;; *) continue ;; esac
         if [ ! -f "$STAGE/$name" ]; then
             echo "fa4 setup: waiting for $name"; ok=1
         elif [ "$(sha256sum "$STAGE/$name" | cut -d' ' -f1)" != "$sha" ]; then
             echo "fa4 setup: $name has the wrong sha256, removed (carry it again)"; rm -f "$STAGE/$name"; ok=1
         fi
-    done <<< "$1"
+    done < "$STAGE/$MANIFEST"
     return $ok
 }
 
-# unpack PARTS TARBALL_SHA DEST: reassemble the parts in list order and extract into DEST
+# unpack DEST: reassemble the parts in manifest order, check the tarball's sha256, extract into DEST
 unpack() {
-    local tarball="$STAGE/reassembled.tar.xz"
-    cut -d' ' -f2 <<< "$1" | sed "s|^|$STAGE/|" | xargs cat > "$tarball" || return 1
-    [ "$(sha256sum "$tarball" | cut -d' ' -f1)" = "$2" ] || { echo "fa4 setup: reassembled tarball sha256 mismatch"; return 1; }
-    python3 - "$tarball" "$3" <<'EOF' || return 1
-import sys, tarfile
-with tarfile.open(sys.argv[1], "r:xz") as t:
-    t.extractall(sys.argv[2], filter="tar")
-EOF
+    local tarball="$STAGE/reassembled.tar.xz" want
+    want=$(awk '$2 == "fa4site.tar.xz" {print $1}' "$STAGE/$MANIFEST")
+    awk '$2 ~ /\.part-/ {print $2}' "$STAGE/$MANIFEST" | sed "s|^|$STAGE/|" | xargs cat > "$tarball" || return 1
+    [ "$(sha256sum "$tarball" | cut -d' ' -f1)" = "$want" ] || { echo "fa4 setup: reassembled tarball sha256 mismatch"; return 1; }
+    python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2], filter="tar")' \
+        "$tarball" "$1" || return 1
     rm -f "$tarball"
 }
 
 if [ -f "$SITE/.fa4_installed" ] && [ "${FA4_REINSTALL:-0}" != 1 ]; then
-    echo "fa4 setup: main site already installed in $SITE"
+    echo "fa4 setup: site already installed in $SITE"
 else
-    complete "$MAIN_PARTS" || { echo "fa4 setup: staged so far: $(ls "$STAGE" | tr '\n' ' ')"; exit 3; }
+    complete || { echo "fa4 setup: staged so far: $(ls "$STAGE" | tr '\n' ' ')"; exit 3; }
     rm -rf "$SITE" && mkdir -p "$SITE" || exit 1
-    unpack "$MAIN_PARTS" "$MAIN_SHA" "$SITE" || exit 1
+    unpack "$SITE" || exit 1
     touch "$SITE/.fa4_installed"
     echo "fa4 setup: unpacked into $SITE ($(du -sh "$SITE" | cut -f1))"
-fi
-
-if [ "${FA4_DSL:-cu13}" = base ] && [ ! -f "$SITE/.fa4_dsl_base" ]; then
-    complete "$ALT_PARTS" || { echo "fa4 setup: staged so far: $(ls "$STAGE" | tr '\n' ' ')"; exit 3; }
-    rm -rf "$SITE/nvidia_cutlass_dsl" "$SITE"/nvidia_cutlass_dsl_libs_cu13-*.dist-info
-    unpack "$ALT_PARTS" "$ALT_SHA" "$SITE" || exit 1
-    touch "$SITE/.fa4_dsl_base"
-    echo "fa4 setup: DSL libs replaced by nvidia-cutlass-dsl-libs-base 4.5.3"
 fi
 
 PP="$SITE:$SITE/nvidia_cutlass_dsl/python_packages"
@@ -96,7 +83,7 @@ cuda = torch.cuda.is_available()
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name() if cuda else None,
       "cc", torch.cuda.get_device_capability() if cuda else None)
 for name in ("cuda-bindings", "flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-cu13",
-             "nvidia-cutlass-dsl-libs-base", "quack-kernels", "apache-tvm-ffi", "torch-c-dlpack-ext"):
+             "quack-kernels", "apache-tvm-ffi", "torch-c-dlpack-ext"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
