@@ -4,7 +4,7 @@ layout), xformers (if it loads) and vidattn's Triton kernel, on production video
     python benchmarks/attention.py [--json out.json] [--quick]
     python benchmarks/attention.py --backward [--json out.json]   # forward+backward, peak memory
     python benchmarks/attention.py --peers [--json out.json]      # FA4 / flex FLASH / SageAttention
-    python benchmarks/attention.py --precision fp8 [--json out.json]  # FP8 path vs bf16 / SageAttention
+    python benchmarks/attention.py --precision fp8[,int8,int8_fp8|all] [--json out.json]  # quantised vs bf16 / Sage
     vidattn bench attention [...]
 
 Effective TFLOP/s = 4 * B * H * D * (computed key blocks * block tokens per query block) / time,
@@ -30,7 +30,7 @@ SHAPES = {
 }
 
 
-DEVICE = "cuda"  # the benchmark's device (the CPU smoke test of --precision fp8 sets "cpu" under the interpreter)
+DEVICE = "cuda"  # the benchmark's device (the CPU smoke test of --precision sets "cpu" under the interpreter)
 
 
 def _bench(fn):
@@ -423,8 +423,12 @@ def _err(out, ref):
     return dict(rel_l2=round(math.sqrt(num / den), 5), cos=round(dot / math.sqrt(den * oo), 6))
 
 
-def fp8_check(log):
-    """fp8 kernel vs the reference backend on small CUDA cases (every plan kind)."""
+QUANT_PRECISIONS = ("fp8", "int8", "int8_fp8")  # the kernel's quantised precisions (vidattn.kernels.quant_fp8)
+
+
+def quant_check(log, precisions=("fp8",)):
+    """Each quantised precision of the kernel vs the float64 reference backend on small cases (every
+    plan kind); returns the worst relative L2 per precision."""
     import vidattn
     from vidattn.kernels.reference import block_sparse_attention_reference as ref_fn
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
@@ -434,22 +438,29 @@ def fp8_check(log):
         (vidattn.TokenLayout((8, 16, 16)), vidattn.Neighborhood(kernel_size=(3, 7, 7), tile_shape=(2, 8, 8))),
         (vidattn.TokenLayout((8, 16, 16), suffix=5), vidattn.Dense()),
     ]
-    worst = 0.0
+    worst = {p: 0.0 for p in precisions}
     for layout, pat in cases:
         for D, (H, Hk) in ((128, (4, 4)), (64, (4, 2))):
             S = layout.seq_len
             q, k, v = (torch.randn(2, S, h, D, device=DEVICE, dtype=torch.bfloat16) for h in (H, Hk, Hk))
             k = k + 2 * torch.randn(D, device=DEVICE, dtype=torch.bfloat16)  # a channel offset (smoothing)
             plan = pat.plan(layout, device=DEVICE, num_heads=H)
-            try:
-                out = tri_fn(q, k, v, plan, precision="fp8")
-            except Exception as e:
-                log(dict(check=f"fp8-{type(pat).__name__}", D=D, skipped=repr(e)[:300]))
-                continue
-            e = _err(out, ref_fn(q.float(), k.float(), v.float(), plan))
-            worst = max(worst, e["rel_l2"])
-            log(dict(check=f"fp8-{type(pat).__name__}", grid=layout.grid, D=D, heads=[H, Hk], **e))
+            ref = ref_fn(q.double(), k.double(), v.double(), plan)
+            for prec in precisions:
+                try:
+                    out = tri_fn(q, k, v, plan, precision=prec)
+                except Exception as e:  # noqa: BLE001 - a case that does not run is a skip with its reason
+                    log(dict(check=f"{prec}-{type(pat).__name__}", D=D, skipped=repr(e)[:300]))
+                    continue
+                e = _err(out, ref)
+                worst[prec] = max(worst[prec], e["rel_l2"])
+                log(dict(check=f"{prec}-{type(pat).__name__}", grid=layout.grid, D=D, heads=[H, Hk], **e))
     return worst
+
+
+def fp8_check(log):
+    """The fp8 precision's :func:`quant_check` (worst relative L2)."""
+    return quant_check(log, ("fp8",))["fp8"]
 
 
 FP8_VARIANTS = ((64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 8, 2))  # (BLOCK_N, warps, stages)
@@ -476,36 +487,58 @@ def _fp8_plans(layout, H):
             yield f"blocksparse-d{dens}", _random_block_plan(layout.seq_len, H, dens, 128)
 
 
-def run_fp8(args, log):
-    """``--precision fp8``: the FP8 (e4m3) path of vidattn's Triton kernel next to its bf16 path and
-    SageAttention, on the dense plan and random block-sparse plans (densities 0.5-0.0625, 128-token
-    blocks), Wan and HunyuanVideo shapes, bf16 inputs.
+def _dense_fp64(qh, kh, vh, budget_bytes=4 << 30):
+    """Exact dense attention ``[B, H, S, D]`` in float64 (``qh, kh, vh`` ``[B, H, S, D]``, scale
+    ``D ** -0.5``), in query chunks whose score matrix stays under ``budget_bytes``; returned in
+    float32 (the comparisons' reference; its own error is far below what they measure)."""
+    B, H, S, D = qh.shape
+    k64, v64 = kh.double(), vh.double()
+    rows = max(1, budget_bytes // (B * H * S * 8))
+    out = torch.empty(B, H, S, D, dtype=torch.float32, device=qh.device)
+    for i in range(0, S, rows):
+        sc = (qh[:, :, i:i + rows].double() @ k64.transpose(-1, -2)) * D ** -0.5
+        out[:, :, i:i + rows] = (sc.softmax(-1) @ v64).float()
+        del sc
+    return out
 
-    Rows (``mode="fp8"``), in this order: per shape ``sdpa-cudnn-dense``, ``sageattention-dense``,
-    and per plan ``triton-bf16-*`` / ``triton-fp8-*`` (fp8 time includes the quantisation prologue;
+
+def run_quant(args, log):
+    """``--precision fp8[,int8,int8_fp8]``: the quantised precisions of vidattn's Triton kernel
+    (:mod:`vidattn.kernels.quant_fp8`; ``args.precisions``, default ``("fp8",)``) next to its bf16
+    path and SageAttention, on the dense plan and random block-sparse plans (densities
+    0.5-0.0625, 128-token blocks), Wan and HunyuanVideo shapes, bf16 inputs.
+
+    Rows (``mode="fp8"``, the name kept for every precision), in this order: per shape
+    ``sdpa-cudnn-dense``, ``sageattention-dense``, and per plan ``triton-bf16-*`` and for each
+    precision ``triton-{precision}-*`` (the time includes the quantisation prologue;
     ``prologue_ms`` / ``prologue_torch_ms`` time the Triton / torch prologue alone) and
-    ``accuracy-*``; then, on the Wan shape's dense and d0.25 plans, fp8 launch variants
+    ``accuracy-*``; then, on the Wan shape's dense and d0.25 plans, per precision launch variants
     (``-bn{BLOCK_N}-w{warps}-s{stages}``) and, last (a miscompile there cannot cost the other
     rows), Triton's automatic warp specialisation (``VIDATTN_WARP_SPECIALIZE=1``, with and without
-    TMA: ``-ws-tma1`` / ``-ws-tma0``) for bf16 and fp8. Accuracy on the same inputs: on the dense
-    plan fp8, bf16 and SageAttention vs an fp32 SDPA reference and fp8 vs SageAttention; on every
-    plan fp8 vs the bf16 kernel. Effective TFLOP/s = computed blocks' FLOPs (4 B H D x block
-    tokens) / time, dense-equivalent on the dense plan."""
+    TMA: ``-ws-tma1`` / ``-ws-tma0``) for bf16 and each precision. Accuracy on the same inputs
+    (``{"rel_l2", "cos"}`` each): on every plan ``{precision}_vs_bf16`` (vs the bf16 kernel); on
+    the dense plan also ``{precision}_vs_fp64``, ``bf16_vs_fp64`` and ``sage_vs_fp64`` (vs exact
+    float64 attention), ``sage_vs_bf16`` and ``{precision}_vs_sage``. Effective TFLOP/s =
+    computed blocks' FLOPs (4 B H D x block tokens) / time, dense-equivalent on the dense plan."""
     from vidattn.kernels import quant_fp8
     from vidattn.kernels.sparse_flash import block_sparse_attention_triton as tri_fn
     from vidattn.kernels.sparse_flash import last_launch
 
+    precs = tuple(getattr(args, "precisions", None) or ("fp8",))
     try:
         from sageattention import sageattn
         sage_err = None
     except Exception as e:  # noqa: BLE001 - any import failure is a skip reason
         sageattn, sage_err = None, f"sageattention does not load: {e!r}"[:300]
-    ok, why = quant_fp8.fp8_support(torch.device(DEVICE))
-    if not ok:
-        log(dict(mode="fp8", skipped=why))
-        return
+    for prec in precs:
+        ok, why = quant_fp8.fp8_support(torch.device(DEVICE), prec)
+        if not ok:
+            log(dict(mode="fp8", precision=prec, skipped=why))
+            return
     if not args.skip_check:
-        log(dict(check="fp8_worst_rel_err", value=fp8_check(log)))
+        worst = quant_check(log, precs)
+        for prec in precs:
+            log(dict(check=f"{prec}_worst_rel_err", value=worst[prec]))
 
     def rec(label, name, fn, flops, **extra):
         try:
@@ -519,6 +552,9 @@ def run_fp8(args, log):
         log(r)
         return r
 
+    def quant_fn(q, k, v, plan, prec):
+        return lambda: tri_fn(q, k, v, plan, precision=prec)
+
     shapes = [k for k in SHAPES if not args.quick or k.startswith("wan")]
     part = getattr(args, "fp8_part", "all")
     for label in shapes if part in ("all", "main") else ():
@@ -526,14 +562,11 @@ def run_fp8(args, log):
         B, S, H, D = q.shape
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         dense_flops = 4 * B * H * S * S * D
-        ref = None  # accuracy reference on the dense plan: fp32 SDPA (memory-efficient kernel, O(S) memory)
+        ref = None  # accuracy reference on the dense plan: exact float64 attention
         try:
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-                ref = torch.nn.functional.scaled_dot_product_attention(qh.float(), kh.float(), vh.float())
+            ref = _dense_fp64(qh, kh, vh)
         except Exception as e:  # noqa: BLE001
-            log(dict(shape=label, mode="fp8", name="fp32-reference", skipped=repr(e)[:300]))
+            log(dict(shape=label, mode="fp8", name="fp64-reference", skipped=repr(e)[:300]))
         try:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -556,42 +589,52 @@ def run_fp8(args, log):
             fl = plan.block_density * dense_flops
             extra = dict(block_density=round(plan.block_density, 4))
             rb = rec(label, f"triton-bf16-{tag}", lambda: tri_fn(q, k, v, plan), fl, **extra)
-            prologue = {}
             kb, vb = k.transpose(1, 2), v.transpose(1, 2)
-            for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
-                try:
-                    prologue[impl] = round(_bench(lambda: quant_fp8.quantize_fp8_operands(
-                        q, kb, vb, plan.perm, plan.block_q, plan.block_k, impl=impl)), 3)
-                except Exception as e:  # noqa: BLE001
-                    log(dict(shape=label, mode="fp8", name=f"fp8-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
-            rf = rec(label, f"triton-fp8-{tag}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
-                     prologue_ms=prologue.get("triton"), prologue_torch_ms=prologue.get("torch"), **extra)
-            if "ms" in rf and "ms" in rb:
-                rf["speedup_vs_bf16"] = round(rb["ms"] / rf["ms"], 3)
-                p_ms = prologue.get("triton")
-                if p_ms is not None and rf["ms"] > p_ms:
-                    rf["kernel_tflops_est"] = round(fl / ((rf["ms"] - p_ms) * 1e-3) / 1e12, 1)
+            for prec in precs:
+                prologue = {}
+                for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
+                    try:
+                        prologue[impl] = round(_bench(lambda: quant_fp8.quantize_operands(
+                            q, kb, vb, plan.perm, plan.block_q, plan.block_k, prec, impl=impl)), 3)
+                    except Exception as e:  # noqa: BLE001
+                        log(dict(shape=label, mode="fp8", name=f"{prec}-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
+                rf = rec(label, f"triton-{prec}-{tag}", quant_fn(q, k, v, plan, prec), fl,
+                         prologue_ms=prologue.get("triton"), prologue_torch_ms=prologue.get("torch"), **extra)
+                if "ms" in rf and "ms" in rb:
+                    rf["speedup_vs_bf16"] = round(rb["ms"] / rf["ms"], 3)
+                    p_ms = prologue.get("triton")
+                    if p_ms is not None and rf["ms"] > p_ms:
+                        rf["kernel_tflops_est"] = round(fl / ((rf["ms"] - p_ms) * 1e-3) / 1e12, 1)
             try:  # accuracy on the same inputs
                 ob = tri_fn(q, k, v, plan)
-                o8 = tri_fn(q, k, v, plan, precision="fp8")
-                acc = dict(shape=label, mode="fp8", name=f"accuracy-{tag}", fp8_vs_bf16=_err(o8, ob))
+                obh = ob.transpose(1, 2)
+                acc = dict(shape=label, mode="fp8", name=f"accuracy-{tag}")
                 if tag == "dense":
-                    o8h, obh = o8.transpose(1, 2), ob.transpose(1, 2)
                     if ref is not None:
-                        acc.update(fp8_vs_fp32=_err(o8h, ref), bf16_vs_fp32=_err(obh, ref))
+                        acc["bf16_vs_fp64"] = _err(obh, ref)
                     if sage_out is not None:
-                        acc.update(sage_vs_bf16=_err(sage_out, obh), fp8_vs_sage=_err(o8h, sage_out))
+                        acc["sage_vs_bf16"] = _err(sage_out, obh)
                         if ref is not None:
-                            acc["sage_vs_fp32"] = _err(sage_out, ref)
+                            acc["sage_vs_fp64"] = _err(sage_out, ref)
+                for prec in precs:
+                    o8 = tri_fn(q, k, v, plan, precision=prec)
+                    acc[f"{prec}_vs_bf16"] = _err(o8, ob)
+                    if tag == "dense":
+                        o8h = o8.transpose(1, 2)
+                        if ref is not None:
+                            acc[f"{prec}_vs_fp64"] = _err(o8h, ref)
+                        if sage_out is not None:
+                            acc[f"{prec}_vs_sage"] = _err(o8h, sage_out)
+                    del o8
                 log(acc)
-                del ob, o8
+                del ob, obh
             except Exception as e:  # noqa: BLE001
                 log(dict(shape=label, mode="fp8", name=f"accuracy-{tag}", skipped=repr(e)[:300]))
         del q, k, v, qh, kh, vh, ref, sage_out
         if DEVICE == "cuda":
             torch.cuda.empty_cache()
 
-    # launch variants of the fp8 path, then warp specialisation (last), on the first shape
+    # launch variants of each precision, then warp specialisation (last), on the first shape
     if part == "main":
         return
     label = shapes[0]
@@ -602,10 +645,11 @@ def run_fp8(args, log):
             continue
         fl = plan.block_density * 4 * B * H * S * S * D
         extra = dict(block_density=round(plan.block_density, 4))
-        for bn, warps, stages in FP8_VARIANTS:
-            with _env(VIDATTN_TRITON_BLOCK_N=bn, VIDATTN_TRITON_WARPS=warps, VIDATTN_TRITON_STAGES=stages):
-                rec(label, f"triton-fp8-{tag}-bn{bn}-w{warps}-s{stages}",
-                    lambda: tri_fn(q, k, v, plan, precision="fp8"), fl, **extra)
+        for prec in precs:
+            for bn, warps, stages in FP8_VARIANTS:
+                with _env(VIDATTN_TRITON_BLOCK_N=bn, VIDATTN_TRITON_WARPS=warps, VIDATTN_TRITON_STAGES=stages):
+                    rec(label, f"triton-{prec}-{tag}-bn{bn}-w{warps}-s{stages}", quant_fn(q, k, v, plan, prec), fl,
+                        **extra)
     if not args.no_ws:
         for tag, plan in _fp8_plans(layout, H):
             if tag not in ("dense", "blocksparse-d0.25"):
@@ -616,8 +660,24 @@ def run_fp8(args, log):
                 sfx = f"-ws-tma{tma}" + (f"-w{warps}" if warps else "")
                 with _env(VIDATTN_WARP_SPECIALIZE=1, VIDATTN_TRITON_TMA=tma, VIDATTN_TRITON_WARPS=warps):
                     rec(label, f"triton-bf16-{tag}{sfx}", lambda: tri_fn(q, k, v, plan), fl, **extra)
-                    rec(label, f"triton-fp8-{tag}{sfx}", lambda: tri_fn(q, k, v, plan, precision="fp8"), fl,
-                        **extra)
+                    for prec in precs:
+                        rec(label, f"triton-{prec}-{tag}{sfx}", quant_fn(q, k, v, plan, prec), fl, **extra)
+
+
+run_fp8 = run_quant  # the former name (its default is the fp8 precision alone)
+
+
+def _precision_list(text: str):
+    """``--precision``'s value: ``"bf16"`` -> None, else a comma-separated list of quantised
+    precisions (``all``: every one) -> tuple."""
+    if text == "bf16":
+        return None
+    names = QUANT_PRECISIONS if text == "all" else tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in names if x not in QUANT_PRECISIONS]
+    if bad or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"--precision must be bf16, all, or distinct names of {QUANT_PRECISIONS} "
+                                         f"separated by commas, got {text!r}")
+    return names
 
 
 def main(argv=None) -> int:
@@ -631,13 +691,16 @@ def main(argv=None) -> int:
     p.add_argument("--peers", action="store_true",
                    help="peers side by side: cuDNN, FlexAttention (Triton and BACKEND=FLASH), FlashAttention-4 "
                         "block-sparse, SageAttention dense, vidattn Triton (each skipped with a reason if it does not load)")
-    p.add_argument("--precision", choices=("bf16", "fp8"), default="bf16",
-                   help="fp8: the kernel's FP8 (e4m3) path next to bf16 and SageAttention (times, TFLOP/s, relative "
-                        "L2 / cosine on the same inputs), launch variants and warp-specialisation rows")
-    p.add_argument("--no-ws", action="store_true", help="with --precision fp8: skip the warp-specialisation rows")
+    p.add_argument("--precision", type=_precision_list, default=None, dest="precisions", metavar="PRECISION",
+                   help="bf16 (default: the plain benchmark), or quantised precisions of the kernel, comma-separated "
+                        "(fp8, int8, int8_fp8; all = the three): each next to bf16 and SageAttention (times, TFLOP/s, "
+                        "relative L2 / cosine vs the bf16 kernel and exact float64 attention on the same inputs), "
+                        "launch variants and warp-specialisation rows")
+    p.add_argument("--no-ws", action="store_true", help="with a quantised --precision: skip the warp-specialisation rows")
     p.add_argument("--fp8-part", choices=("all", "main", "tune"), default="all",
-                   help="with --precision fp8: main = fp8/bf16/SageAttention rows of every shape; tune = launch "
-                        "variants and warp specialisation on the Wan shape; all = both (one call may need > 10 min)")
+                   help="with a quantised --precision: main = quantised/bf16/SageAttention rows of every shape; tune = "
+                        "launch variants and warp specialisation on the Wan shape; all = both (one call may need > 10 "
+                        "min)")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("vidattn bench attention needs a CUDA GPU", file=sys.stderr)
@@ -654,8 +717,8 @@ def main(argv=None) -> int:
                 json.dump(records, f, indent=1)
 
     log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__))
-    if args.precision == "fp8":
-        run_fp8(args, log)
+    if args.precisions:
+        run_quant(args, log)
     elif args.backward or args.peers:
         if args.backward:
             run_backward(args, log)

@@ -6,6 +6,12 @@ with cuDNN SDPA dense as the ceiling, on the Wan / HunyuanVideo shapes of
 fully block-sparse strided neighborhood). Needs a Hopper GPU.
 
     python benchmarks/gluon_ab.py [--json out.json] [--quick] [--variants pingpong,persistent] [--stages 2,3]
+                                  [--precisions int8,int8_fp8,fp8] [--i2f-bits] [--no-bf16]
+
+``--precisions``: also time both kernels in these quantised precisions (``{precision}-portable`` /
+``{precision}-gluon``, and ``{precision}-gluon-accfused`` with ``VIDATTN_GLUON_PV_SPLIT_ACC=0`` for
+8-bit P.V; with ``--i2f-bits`` also ``{precision}-{kernel}-i2fbits``, ``VIDATTN_INT8_I2F=bits``, for the
+int8 ones), each with its relative L2 difference from the bf16 portable kernel's output.
 
 Effective TFLOP/s = 4 * B * H * D * computed-block tokens / time (as in attention.py).
 """
@@ -29,6 +35,12 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="Wan shape, dense and d 0.25 only")
     p.add_argument("--variants", default="", help="also time these Gluon variants: pingpong, persistent")
     p.add_argument("--stages", default="", help="also time these VIDATTN_GLUON_STAGES values, e.g. 2,3")
+    p.add_argument("--precisions", default="", help="also time these quantised precisions, e.g. int8,int8_fp8,fp8")
+    p.add_argument("--i2f-bits", action="store_true",
+                   help="with int8 precisions: also time VIDATTN_INT8_I2F=bits (no int -> float conversion instruction)")
+    p.add_argument("--no-bf16", action="store_true", help="with --precisions: skip the bf16 Gluon variants")
+    p.add_argument("--shapes", default="", help="only these shapes (name prefixes, comma-separated), e.g. wan")
+    p.add_argument("--densities", default="0.5,0.25,0.125,0.0625", help="random block densities")
     args = p.parse_args(argv)
     import vidattn
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -41,7 +53,8 @@ def main(argv=None) -> int:
         print(json.dumps(r), flush=True)
 
     log(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__))
-    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k.startswith("wan")}
+    only = tuple(x for x in args.shapes.split(",") if x) or (("wan",) if args.quick else ())
+    shapes = {k: v for k, v in SHAPES.items() if not only or k.startswith(only)}
     for label, (B, H, grid, text, D) in shapes.items():
         layout = vidattn.TokenLayout(grid, suffix=text)
         S = layout.seq_len
@@ -52,7 +65,7 @@ def main(argv=None) -> int:
             c_ms = _bench(lambda: torch.nn.functional.scaled_dot_product_attention(qh, kh, vh))
         log(dict(shape=label, name="sdpa-cudnn", ms=round(c_ms, 3), tflops=round(dense / c_ms / 1e9, 1)))
         plans = [("dense", vidattn.Dense().plan(layout, device="cuda"))]
-        for d in ((0.25,) if args.quick else (0.5, 0.25, 0.125, 0.0625)):
+        for d in ((0.25,) if args.quick else [float(x) for x in args.densities.split(",") if x]):
             plans.append((f"d{d}", _random_block_plan(S, H, d, 128)))
         if not args.quick and label.startswith("wan"):
             plans.append(("gna(9,15,27)s(3,5,9)", vidattn.Neighborhood(kernel_size=(9, 15, 27), stride=(3, 5, 9))
@@ -64,14 +77,26 @@ def main(argv=None) -> int:
             row = dict(shape=label, name=name, block_density=round(plan.block_density, 4))
             extra = {"pingpong": ("gluon-pingpong", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PINGPONG="1")),
                      "persistent": ("gluon-persistent", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PERSISTENT="1"))}
-            for mode, env in [("portable", dict(VIDATTN_GLUON="0")), ("gluon", dict(VIDATTN_GLUON="1"))] + [
-                    extra[v] for v in args.variants.split(",") if v] + [
-                    (f"gluon-st{s}", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_STAGES=s))
-                    for s in args.stages.split(",") if s]:
+            modes = [("portable", dict(VIDATTN_GLUON="0"), None)]
+            if not args.no_bf16:
+                modes += [("gluon", dict(VIDATTN_GLUON="1"), None)] + [
+                    extra[v] + (None, ) for v in args.variants.split(",") if v] + [
+                    (f"gluon-st{s}", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_STAGES=s), None)
+                    for s in args.stages.split(",") if s]
+            for prec in (x for x in args.precisions.split(",") if x):
+                modes += [(f"{prec}-portable", dict(VIDATTN_GLUON="0"), prec),
+                          (f"{prec}-gluon", dict(VIDATTN_GLUON="1"), prec)]
+                if prec != "int8":  # 8-bit P.V: accumulated in the MMA across tiles instead of in fp32
+                    modes.append((f"{prec}-gluon-accfused", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PV_SPLIT_ACC="0"),
+                                  prec))
+                if prec.startswith("int8") and args.i2f_bits:  # int32 logits to fp32 by bit arithmetic
+                    modes += [(f"{prec}-portable-i2fbits", dict(VIDATTN_GLUON="0", VIDATTN_INT8_I2F="bits"), prec),
+                              (f"{prec}-gluon-i2fbits", dict(VIDATTN_GLUON="1", VIDATTN_INT8_I2F="bits"), prec)]
+            for mode, env, prec in modes:
                 try:
                     with _env(**env):
-                        out = tri(q, k, v, plan)
-                        ms = _bench(lambda: tri(q, k, v, plan))
+                        out = tri(q, k, v, plan, precision=prec)
+                        ms = _bench(lambda: tri(q, k, v, plan, precision=prec))
                     if ref is None:
                         ref = out.float()
                         err = 0.0
@@ -81,6 +106,10 @@ def main(argv=None) -> int:
                                      rel_diff_vs_portable=round(err, 5))
                 except Exception as e:
                     row[mode] = dict(skipped=repr(e)[:300])
+            for prec in (x for x in args.precisions.split(",") if x):
+                g, pt = row.get(f"{prec}-gluon", {}), row.get(f"{prec}-portable", {})
+                if "ms" in g and "ms" in pt:
+                    row[f"{prec}_gluon_speedup"] = round(pt["ms"] / g["ms"], 3)
             if "ms" in row.get("gluon", {}) and "ms" in row.get("portable", {}):
                 row["gluon_speedup"] = round(row["portable"]["ms"] / row["gluon"]["ms"], 3)
                 row["gluon_vs_cudnn_efficiency"] = round(row["gluon"]["tflops"] / (dense / c_ms / 1e9), 3)

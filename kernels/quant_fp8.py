@@ -1,28 +1,46 @@
-"""FP8 (e4m3) quantisation prologue of the Triton block-sparse kernel's ``precision="fp8"`` path.
+"""8-bit quantisation prologue of the Triton block-sparse kernel's quantised precisions.
 
-Torch ops only (no device code); one job: turn bf16/fp16/fp32 ``q, k, v`` into the e4m3 operands
-and fp32 scales the kernel's FP8 variant reads (the method of SageAttention: per-block Q/K
-quantisation with K smoothing, and an FP8 P.V with per-channel V scales):
+Torch ops only in the host API (the device code is three small Triton kernels below); one job:
+turn bf16/fp16/fp32 ``q, k, v`` into the 8-bit operands and fp32 scales the kernel's quantised
+variants read (the method of SageAttention: per-block Q/K quantisation with K smoothing, and
+optionally an FP8 P.V with per-channel V scales). Three precisions (:data:`PRECISIONS`; each is a
+Q.K^T format and whether P.V is 8-bit, :func:`precision_parts`):
 
-* **Q**: one scale per (batch, head, *plan* query block) (``amax / 448`` over the block's tokens
-  and channels, the block cut in the plan's token order), ``q8`` stays at the original token
-  positions (the kernel reads Q through the plan's permutation);
+=============  ==============================  =============================================
+precision      Q.K^T                           P.V
+=============  ==============================  =============================================
+``fp8``        e4m3 x e4m3 -> fp32             e4m3 ``p * 448`` x e4m3 V (per channel)
+``int8``       int8 x int8 -> int32            P cast to V's dtype x V (bf16/fp16; fp32 in fp32)
+``int8_fp8``   int8 x int8 -> int32            e4m3 ``p * 448`` x e4m3 V (per channel)
+=============  ==============================  =============================================
+
+* **Q**: one scale per (batch, head, *plan* query block) (``amax / 448`` for e4m3, ``amax / 127``
+  for int8, over the block's tokens and channels, the block cut in the plan's token order),
+  ``q8`` stays at the original token positions (the kernel reads Q through the plan's permutation);
 * **K**: smoothed (the per-(batch, kv head) mean over tokens is subtracted: every logit of a query
   row moves by the same ``q . mean``, which the softmax ignores), then one scale per (batch, kv
-  head, key block of ``block_k`` tokens in plan order); head-major ``[B, Hk, S, D]`` e4m3;
-* **V**: one scale per (batch, kv head, channel) (``amax / 448`` over tokens), stored transposed
-  ``[B, Hk, D, S_pad]`` (``S_pad``: S rounded up to 16, zero-filled) so that the kernel's P.V
-  operand has the reduction (token) axis contiguous, the layout FP8 tensor-core MMAs need;
-* **P** (in-kernel): the softmax numerators in ``[0, 1]`` are multiplied by :data:`P_SCALE` before
-  their cast to e4m3, and the accumulator is divided by it (and multiplied by the V channel
-  scales) once at the end.
+  head, key block of ``block_k`` tokens in plan order); head-major ``[B, Hk, S, D]``;
+* **int8 rounding**: ``q8 = round(x / scale)`` to the nearest integer, ties to even (torch's
+  ``round``; in the Triton kernel the fp32 ``(x + 1.5 * 2**23) - 1.5 * 2**23``, the same IEEE
+  result), clamped to ``[-127, 127]``; the division is IEEE round-to-nearest on both sides
+  (``tl.div_rn``; torch divides by a tensor, not a Python scalar, which CUDA would turn into a
+  multiplication), so the two implementations agree bit for bit, on CPU and GPU;
+* **V** (8-bit P.V only): one scale per (batch, kv head, channel) (``amax / 448`` over tokens),
+  stored transposed ``[B, Hk, D, S_pad]`` (``S_pad``: S rounded up to 16, zero-filled) so that
+  the kernel's P.V operand has the reduction (token) axis contiguous, the layout FP8 tensor-core
+  MMAs need. Without it (``int8``) V is not quantised: the kernel reads the inputs' V in place;
+* **P** (in-kernel, 8-bit P.V only): the softmax numerators in ``[0, 1]`` are multiplied by
+  :data:`P_SCALE` before their cast to e4m3, and the accumulator is divided by it (and multiplied
+  by the V channel scales) once at the end.
 
 Two implementations with identical results: torch ops (:func:`quantize_q_blocks`,
 :func:`smooth_quantize_k`, :func:`quantize_v_channels`; the reference) and three small Triton
-kernels that read each tensor once more than the reductions need and write e4m3 directly (the
-default where Triton runs; ``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL` selects).
+kernels that read each tensor once more than the reductions need and write the 8-bit values
+directly (the default where Triton runs; ``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL`
+selects). The whole prologue: :func:`quantize_operands`.
 
-Capability: :func:`fp8_support` (CUDA compute capability >= 8.9, or the CPU interpreter).
+Capability: :func:`fp8_support` (CUDA compute capability >= 8.9, or the CPU interpreter; the same
+for every quantised precision).
 """
 
 from __future__ import annotations
@@ -35,14 +53,19 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "P_SCALE", "PRECISIONS", "check_precision", "fp8_support", "quantize_q_blocks",
-           "smooth_quantize_k", "quantize_v_channels", "FP8Operands", "quantize_fp8_operands", "round_to_e4m3",
-           "lse_smoothing_correction", "DEFAULT_IMPL"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "INT8_MAX", "P_SCALE", "PRECISIONS", "QK_FORMATS", "check_precision",
+           "precision_parts", "fp8_support", "quantize_q_blocks", "smooth_quantize_k", "quantize_v_channels",
+           "FP8Operands", "quantize_operands", "quantize_fp8_operands", "round_to_e4m3", "lse_smoothing_correction",
+           "DEFAULT_IMPL", "int8_logits_by_bits"]
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite e4m3fn value
+INT8_MAX = 127.0  # int8 values are clamped to [-127, 127] (symmetric)
 P_SCALE = 448.0  # softmax numerators p in [0, 1] are cast as p * P_SCALE
-PRECISIONS = (None, "fp8")  # None: compute in the inputs' dtype (fp32 accumulate)
+PRECISIONS = (None, "fp8", "int8", "int8_fp8")  # None: compute in the inputs' dtype (fp32 accumulate)
+QK_FORMATS = ("e4m3", "int8")  # the 8-bit formats of Q and K
+_PARTS = {None: (None, False), "fp8": ("e4m3", True), "int8": ("int8", False), "int8_fp8": ("int8", True)}
+_QMAX = {"e4m3": FP8_MAX, "int8": INT8_MAX}
 _TINY = 1e-12  # scale floor for all-zero blocks / channels
 DEFAULT_IMPL = "triton"  # prologue implementation: "triton" (kernels below) or "torch"
 
@@ -51,35 +74,81 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def int8_logits_by_bits() -> bool:
+    """``VIDATTN_INT8_I2F``: how the kernels turn the int32 logits of an int8 Q.K^T into fp32.
+    ``"cvt"`` (default): the conversion instruction (on Hopper it shares the slow 16-per-clock
+    pipe with ``exp2`` and the e4m3 casts of P); ``"bits"``: exact integer-add / float-subtract
+    arithmetic on the fast pipes (``x + 0x4B400000`` read as fp32, minus ``1.5 * 2**23``; exact for
+    ``|x| < 2**22``, which int8 dots of head dim <= 256 satisfy). Same values either way; an A/B
+    switch until the GPU measurement decides. Anything else raises ``ValueError``."""
+    mode = os.environ.get("VIDATTN_INT8_I2F", "cvt").strip().lower() or "cvt"
+    if mode not in ("cvt", "bits"):
+        raise ValueError(f"VIDATTN_INT8_I2F must be 'cvt' or 'bits', got {mode!r}")
+    return mode == "bits"
+
+
 def check_precision(precision) -> Optional[str]:
-    """``None`` (the inputs' dtype) or ``"fp8"``; raises ``ValueError`` naming ``precision`` otherwise."""
+    """``precision`` if it is one of :data:`PRECISIONS` (None: the inputs' dtype; ``"fp8"``,
+    ``"int8"``, ``"int8_fp8"``), else ``ValueError`` naming ``precision`` and listing them."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS} (None: the inputs' dtype), got {precision!r}")
     return precision
 
 
-def fp8_support(device: torch.device) -> Tuple[bool, str]:
-    """Whether the FP8 kernel path can run on ``device``: ``(ok, reason)``. CUDA needs compute
-    capability >= 8.9 (Ada / Hopper / Blackwell e4m3 tensor cores); a CPU device only under
-    ``TRITON_INTERPRET=1`` (the interpreter emulates e4m3)."""
-    if FP8_DTYPE is None:
+def precision_parts(precision) -> Tuple[Optional[str], bool]:
+    """What ``precision`` quantises: ``(qk, pv8)``, ``qk`` the format of Q and K (None: not
+    quantised, ``"e4m3"`` or ``"int8"``) and ``pv8`` whether P.V runs in e4m3 (transposed
+    per-channel V, ``P * 448``). None -> ``(None, False)``, ``"fp8"`` -> ``("e4m3", True)``,
+    ``"int8"`` -> ``("int8", False)``, ``"int8_fp8"`` -> ``("int8", True)``. ``ValueError`` for
+    anything else (:func:`check_precision`)."""
+    return _PARTS[check_precision(precision)]
+
+
+def fp8_support(device: torch.device, precision: str = "fp8") -> Tuple[bool, str]:
+    """Whether the quantised kernel path ``precision`` (any of :data:`PRECISIONS` but None) can run
+    on ``device``: ``(ok, reason)``. CUDA needs compute capability >= 8.9 (Ada / Hopper /
+    Blackwell: e4m3 and int8 tensor cores), the same bound for every quantised precision; a CPU
+    device only under ``TRITON_INTERPRET=1`` (the interpreter emulates e4m3 and int8 dots). A
+    precision with e4m3 operands also needs torch's ``float8_e4m3fn``."""
+    qk, pv8 = precision_parts(precision)
+    if qk is None:
+        raise ValueError("precision must name a quantised precision for fp8_support, got None")
+    if FP8_DTYPE is None and (qk == "e4m3" or pv8):
         return False, f"torch {torch.__version__} has no float8_e4m3fn"
     device = torch.device(device)
     if device.type == "cuda":
         idx = device.index if device.index is not None else torch.cuda.current_device()
         cap = torch.cuda.get_device_capability(idx)
         if cap < (8, 9):
-            return False, f"precision='fp8' needs CUDA compute capability >= 8.9, got {cap[0]}.{cap[1]}"
+            return False, f"precision={precision!r} needs CUDA compute capability >= 8.9, got {cap[0]}.{cap[1]}"
         return True, ""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         return True, ""
-    return False, f"precision='fp8' needs a CUDA device of compute capability >= 8.9 (got {device.type})"
+    return False, f"precision={precision!r} needs a CUDA device of compute capability >= 8.9 (got {device.type})"
 
 
 def _to_e4m3(x: torch.Tensor) -> torch.Tensor:
     """Saturating cast of fp32 ``x`` (already divided by its scale) to e4m3fn (torch's cast is not
     saturating: out-of-range values become NaN)."""
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def _to_int8(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` (already divided by its scale) rounded to the nearest integer, ties to even,
+    clamped to [-127, 127], as int8."""
+    return torch.round(x.clamp(-INT8_MAX, INT8_MAX)).to(torch.int8)
+
+
+def _quantize(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    return _to_int8(x) if fmt == "int8" else _to_e4m3(x)
+
+
+def _check_fmt(fmt) -> str:
+    if fmt not in QK_FORMATS:
+        raise ValueError(f"fmt must be one of {QK_FORMATS}, got {fmt!r}")
+    if fmt == "e4m3" and FP8_DTYPE is None:
+        raise TypeError(f"torch {torch.__version__} has no float8_e4m3fn")
+    return fmt
 
 
 def round_to_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -97,6 +166,13 @@ def _plan_order_rows(x: torch.Tensor, perm: Optional[torch.Tensor]) -> torch.Ten
     return torch.gather(x, 2, idx[None].expand(B, H, S))
 
 
+def _div(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` rounded as IEEE division (torch on CUDA turns a division by a Python scalar into a
+    multiplication by its reciprocal, which can differ in the last bit from the Triton prologue's
+    ``tl.div_rn``)."""
+    return x / torch.full_like(x, c)
+
+
 def _block_amax(rows: torch.Tensor, block: int) -> torch.Tensor:
     """``[B, H, S]`` per-token amax -> ``[B, H, ceil(S / block)]`` per-block amax (padding 0)."""
     B, H, S = rows.shape
@@ -107,46 +183,52 @@ def _block_amax(rows: torch.Tensor, block: int) -> torch.Tensor:
     return rows.view(B, H, nb, block).amax(-1)
 
 
-def quantize_q_blocks(q: torch.Tensor, perm: Optional[torch.Tensor], block_q: int):
-    """Per-block e4m3 quantisation of Q.
+def quantize_q_blocks(q: torch.Tensor, perm: Optional[torch.Tensor], block_q: int, fmt: str = "e4m3"):
+    """Per-block 8-bit quantisation of Q.
 
     Args:
         q: ``[B, S, H, D]`` float (original token order).
         perm: the plan's token order ``[Hp, S]`` (plan position -> original token) or None.
         block_q: the plan's query block size (blocks cut in plan order).
+        fmt: ``"e4m3"`` (scale ``amax / 448``) or ``"int8"`` (scale ``amax / 127``, values
+            rounded to nearest, ties to even, clamped to [-127, 127]).
     Returns:
-        ``(q8, q_scale)``: e4m3fn ``[B, S, H, D]`` contiguous (original token order) and fp32
-        ``[B, H, NQB]`` with ``q ~= q8 * q_scale[b, h, block of the token]``.
+        ``(q8, q_scale)``: e4m3fn or int8 ``[B, S, H, D]`` contiguous (original token order) and
+        fp32 ``[B, H, NQB]`` with ``q ~= q8 * q_scale[b, h, block of the token]``.
     """
+    _check_fmt(fmt)
     B, S, H, D = q.shape
     amax_tok = q.detach().abs().amax(-1).float().transpose(1, 2)  # [B, H, S] original order
-    scale = (_block_amax(_plan_order_rows(amax_tok, perm), block_q) / FP8_MAX).clamp_min(_TINY)  # [B, H, NQB]
+    scale = _div(_block_amax(_plan_order_rows(amax_tok, perm), block_q), _QMAX[fmt]).clamp_min(_TINY)  # [B, H, NQB]
     pos_blk = torch.arange(S, device=q.device) // block_q  # block of each plan position
     tok_scale = scale[:, :, pos_blk]  # [B, H, S] plan order
     if perm is not None:  # back to original token order: tok_scale[orig] = tok_scale_plan[pos]
         idx = perm.to(q.device).long().expand(H, S)[None].expand(B, H, S)
         tok_scale = torch.empty_like(tok_scale).scatter_(2, idx, tok_scale)
-    q8 = _to_e4m3(q.float() / tok_scale.transpose(1, 2)[..., None]).contiguous()
+    q8 = _quantize(q.float() / tok_scale.transpose(1, 2)[..., None], fmt).contiguous()
     return q8, scale.contiguous()
 
 
-def smooth_quantize_k(k: torch.Tensor, block_k: int):
-    """K smoothing and per-block e4m3 quantisation.
+def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3"):
+    """K smoothing and per-block 8-bit quantisation.
 
     Args:
         k: ``[B, Hk, S, D]`` float (any strides), tokens in the plan's key order.
         block_k: the plan's key block size.
+        fmt: ``"e4m3"`` or ``"int8"`` (as :func:`quantize_q_blocks`).
     Returns:
-        ``(k8, k_scale, k_mean)``: e4m3fn ``[B, Hk, S, D]`` contiguous, fp32 ``[B, Hk, NKB]`` and
-        fp32 ``[B, Hk, D]`` with ``k ~= k8 * k_scale[b, h, block] + k_mean[b, h]``.
+        ``(k8, k_scale, k_mean)``: e4m3fn or int8 ``[B, Hk, S, D]`` contiguous, fp32
+        ``[B, Hk, NKB]`` and fp32 ``[B, Hk, D]`` with
+        ``k ~= k8 * k_scale[b, h, block] + k_mean[b, h]``.
     """
+    _check_fmt(fmt)
     kf = k.float()
     mean = kf.mean(2)  # [B, Hk, D]
     ks = kf - mean[:, :, None]
-    scale = (_block_amax(ks.abs().amax(-1), block_k) / FP8_MAX).clamp_min(_TINY)  # [B, Hk, NKB]
+    scale = _div(_block_amax(ks.abs().amax(-1), block_k), _QMAX[fmt]).clamp_min(_TINY)  # [B, Hk, NKB]
     S = k.shape[2]
     tok = scale[:, :, torch.arange(S, device=k.device) // block_k]  # [B, Hk, S]
-    return _to_e4m3(ks / tok[..., None]).contiguous(), scale.contiguous(), mean
+    return _quantize(ks / tok[..., None], fmt).contiguous(), scale.contiguous(), mean
 
 
 def quantize_v_channels(v: torch.Tensor, pad_to: int = 16):
@@ -162,7 +244,7 @@ def quantize_v_channels(v: torch.Tensor, pad_to: int = 16):
     """
     B, Hk, S, D = v.shape
     vf = v.float()
-    scale = (vf.abs().amax(2) / FP8_MAX).clamp_min(_TINY)  # [B, Hk, D]
+    scale = _div(vf.abs().amax(2), FP8_MAX).clamp_min(_TINY)  # [B, Hk, D]
     s_pad = -(-S // pad_to) * pad_to
     vt8 = torch.zeros(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
     vt8[..., :S] = _to_e4m3((vf / scale[:, :, None]).transpose(2, 3))
@@ -194,6 +276,25 @@ def _cast_e4m3(x, EMU_CAST: tl.constexpr):
 
 
 @triton.jit
+def _cast_int8(x):
+    """fp32 ``x`` already divided by its scale -> int8: clamped to [-127, 127], rounded to the
+    nearest integer with ties to even (adding then subtracting 1.5 * 2^23 leaves an fp32 of
+    magnitude < 2^22 rounded to an integer by IEEE round-to-nearest-even: torch's ``round``)."""
+    x = tl.minimum(tl.maximum(x, -127.0), 127.0)
+    r = (x + 12582912.0) - 12582912.0
+    return r.to(tl.int8)
+
+
+@triton.jit
+def _bf16_round(x):
+    """Non-negative fp32 ``x`` rounded to the nearest bfloat16 value (ties to even), as fp32: the
+    GPU's cast of P before a 16-bit P.V, for the CPU interpreter (whose bf16 cast truncates and
+    whose bf16 dot the kernel replaces by an fp32 one)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x7FFF + ((bits >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tile_coords(H, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program ``(tile, batch x head)``: ``(b, h, bh, tile rows [TILE], channels [BLOCK_D])``."""
     bh = tl.program_id(1)
@@ -204,10 +305,11 @@ def _tile_coords(H, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
 @triton.jit
 def _quant_rows_kernel(X, X8, SCALE, MEAN, PERM, perm_h, S, H, D,
                        sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
-                       HAS_PERM: tl.constexpr, SMOOTH: tl.constexpr, EMU_CAST: tl.constexpr,
+                       HAS_PERM: tl.constexpr, SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
                        BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     """One (plan block, batch x head) per program: the block's rows (through ``PERM`` when set)
-    minus the head's mean (``SMOOTH``), one fp32 scale ``amax / 448`` for the block, e4m3 rows."""
+    minus the head's mean (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3 rows;
+    with ``INT8`` ``amax / 127``, int8 rows)."""
     blk = tl.program_id(0)
     b, h, bh, pos, offs_d = _tile_coords(H, BLOCK, BLOCK_D)
     ok = (pos < S)[:, None] & (offs_d < D)[None, :]
@@ -220,9 +322,18 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, PERM, perm_h, S, H, D,
     if SMOOTH:
         mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
-    scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0) / 448.0, 1e-12)
+    amax = tl.max(tl.max(tl.abs(x), 1), 0)
+    # IEEE divisions (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
+    if INT8:
+        scale = tl.maximum(tl.div_rn(amax, 127.0), 1e-12)
+    else:
+        scale = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)
     tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
-    x8 = _cast_e4m3(x / scale, EMU_CAST)
+    xs = tl.div_rn(x, scale)
+    if INT8:
+        x8 = _cast_int8(xs)
+    else:
+        x8 = _cast_e4m3(xs, EMU_CAST)
     tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + tok[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
 
 
@@ -236,15 +347,15 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
     x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                 mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     sc = tl.load(VSC + bh * D + offs_d, mask=d_ok, other=1.0)
-    x8 = tl.trans(_cast_e4m3(x / sc[None, :], EMU_CAST))  # [BLOCK_D, BLOCK_T]
+    x8 = tl.trans(_cast_e4m3(tl.div_rn(x, sc[None, :]), EMU_CAST))  # [BLOCK_D, BLOCK_T]
     dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + t[None, :]
     tl.store(dst, x8, mask=d_ok[:, None] & (t < S_PAD)[None, :])
 
 
 def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, perm, block, mean=None):
     """Launch :func:`_quant_rows_kernel` over ``x`` of sizes ``(B, H, S, D)`` with (batch, head,
-    token) strides ``bhs_strides`` into ``out`` (strides ``out_strides``); returns the fp32
-    scales ``[B, H, ceil(S / block)]``."""
+    token) strides ``bhs_strides`` into ``out`` (e4m3 or int8, strides ``out_strides``); returns
+    the fp32 scales ``[B, H, ceil(S / block)]``."""
     B, H, S, D = sizes
     nb = -(-S // block)
     scale = torch.empty(B, H, nb, dtype=torch.float32, device=out.device)
@@ -255,23 +366,27 @@ def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, perm, block, mea
     BLOCK_D = max(16, triton.next_power_of_2(D))
     _quant_rows_kernel[(nb, B * H)](
         x, out, scale, mean_t, perm_t, perm_h, S, H, D, *bhs_strides, *out_strides, scale.stride(0), scale.stride(1),
-        mn_b, mn_h, HAS_PERM=perm is not None, SMOOTH=mean is not None, EMU_CAST=_interpreting(), BLOCK=block,
+        mn_b, mn_h, HAS_PERM=perm is not None, SMOOTH=mean is not None, INT8=out.dtype == torch.int8,
+        EMU_CAST=_interpreting(), BLOCK=block,
         BLOCK_D=BLOCK_D, num_warps=8 if block * BLOCK_D >= 128 * 128 else 4)
     return scale
 
 
-def _quantize_q_triton(q, perm, block_q):
+_TORCH_8BIT = {"e4m3": FP8_DTYPE, "int8": torch.int8}
+
+
+def _quantize_q_triton(q, perm, block_q, fmt="e4m3"):
     B, S, H, D = q.shape
-    q8 = torch.empty(B, S, H, D, dtype=FP8_DTYPE, device=q.device)
+    q8 = torch.empty(B, S, H, D, dtype=_TORCH_8BIT[fmt], device=q.device)
     qs = _quant_rows_triton(q, (q.stride(0), q.stride(2), q.stride(1)), (B, H, S, D), q8,
                             (q8.stride(0), q8.stride(2), q8.stride(1)), perm, block_q)
     return q8, qs
 
 
-def _smooth_quantize_k_triton(k, block_k):
+def _smooth_quantize_k_triton(k, block_k, fmt="e4m3"):
     B, Hk, S, D = k.shape
     mean = k.float().mean(2)  # [B, Hk, D]
-    k8 = torch.empty(B, Hk, S, D, dtype=FP8_DTYPE, device=k.device)
+    k8 = torch.empty(B, Hk, S, D, dtype=_TORCH_8BIT[fmt], device=k.device)
     ks = _quant_rows_triton(k, (k.stride(0), k.stride(1), k.stride(2)), (B, Hk, S, D), k8,
                             (k8.stride(0), k8.stride(1), k8.stride(2)), None, block_k, mean=mean)
     return k8, ks, mean
@@ -279,7 +394,7 @@ def _smooth_quantize_k_triton(k, block_k):
 
 def _quantize_v_triton(v, pad_to=16):
     B, Hk, S, D = v.shape
-    scale = (v.abs().amax(2).float() / FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
+    scale = _div(v.abs().amax(2).float(), FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
     s_pad = -(-S // pad_to) * pad_to
     vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
     BLOCK_D = max(16, triton.next_power_of_2(D))
@@ -292,40 +407,100 @@ def _quantize_v_triton(v, pad_to=16):
 
 @dataclass
 class FP8Operands:
-    """What the kernel's FP8 variant reads (shapes as in the functions above)."""
+    """What the kernel's quantised variants read (shapes as in the functions above). The name is
+    historical: ``q8`` / ``k8`` are e4m3 or int8 (:func:`precision_parts`), and ``vt8`` /
+    ``v_scale`` are None when P.V is not 8-bit (``precision="int8"``: the kernel reads V itself)."""
 
-    q8: torch.Tensor  # [B, S, H, D] e4m3, original token order
+    q8: torch.Tensor  # [B, S, H, D] e4m3 or int8, original token order
     q_scale: torch.Tensor  # [B, H, NQB] fp32
-    k8: torch.Tensor  # [B, Hk, S, D] e4m3, plan key order, smoothed
+    k8: torch.Tensor  # [B, Hk, S, D] e4m3 or int8, plan key order, smoothed
     k_scale: torch.Tensor  # [B, Hk, NKB] fp32
     k_mean: torch.Tensor  # [B, Hk, D] fp32 (the smoothing shift; for the LSE correction)
-    vt8: torch.Tensor  # [B, Hk, D, S_pad] e4m3, plan key order
-    v_scale: torch.Tensor  # [B, Hk, D] fp32
+    vt8: Optional[torch.Tensor]  # [B, Hk, D, S_pad] e4m3, plan key order (None without an 8-bit P.V)
+    v_scale: Optional[torch.Tensor]  # [B, Hk, D] fp32 (None without an 8-bit P.V)
 
 
-def quantize_fp8_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: torch.Tensor, perm: Optional[torch.Tensor],
-                          block_q: int, block_k: int, impl: Optional[str] = None) -> FP8Operands:
-    """The whole prologue: ``q [B, S, H, D]`` (original order, unit last stride), ``k_plan,
-    v_plan [B, Hk, S, D]`` (plan key order, any strides with a unit last one), the plan's query
-    ``perm`` ``[Hp, S]`` or None and block sizes. ``impl``: ``"triton"`` / ``"torch"`` (default:
-    ``VIDATTN_FP8_PROLOGUE`` or :data:`DEFAULT_IMPL`; torch where Triton cannot run)."""
-    if FP8_DTYPE is None:
+def _check_operands(q, k_plan, v_plan, perm, block_q, block_k, pv8):
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q must be a [B, S, H, D] tensor, got {getattr(q, 'shape', type(q).__name__)}")
+    B, S, H, D = q.shape
+    if not isinstance(k_plan, torch.Tensor) or k_plan.dim() != 4 or k_plan.shape[0] != B or k_plan.shape[2:] != (S, D):
+        raise ValueError(f"k_plan must be a [B, Hk, S, D] = [{B}, Hk, {S}, {D}] tensor, got "
+                         f"{getattr(k_plan, 'shape', type(k_plan).__name__)}")
+    Hk = k_plan.shape[1]
+    if Hk < 1 or H % Hk:
+        raise ValueError(f"k_plan's {Hk} heads must divide q's {H}")
+    if pv8 and (not isinstance(v_plan, torch.Tensor) or v_plan.shape != k_plan.shape):
+        raise ValueError(f"v_plan must be a tensor of k_plan's shape {tuple(k_plan.shape)}, got "
+                         f"{getattr(v_plan, 'shape', type(v_plan).__name__)}")
+    for name, x in (("q", q), ("k_plan", k_plan)) + ((("v_plan", v_plan),) if pv8 else ()):
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name} must have a unit last stride, got strides {x.stride()}")
+    for name, bs in (("block_q", block_q), ("block_k", block_k)):
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"{name} must be a positive int, got {bs!r}")
+    if perm is not None and (perm.dim() != 2 or perm.shape[1] != S or perm.shape[0] not in (1, H)):
+        raise ValueError(f"perm must be [1 or {H}, {S}] (plan position -> original token), got {tuple(perm.shape)}")
+
+
+def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[torch.Tensor],
+                      perm: Optional[torch.Tensor], block_q: int, block_k: int, precision: str = "fp8",
+                      impl: Optional[str] = None) -> FP8Operands:
+    """The whole prologue of the quantised precision ``precision``.
+
+    Args:
+        q: ``[B, S, H, D]`` fp16/bf16/fp32, original token order, unit last stride.
+        k_plan, v_plan: ``[B, Hk, S, D]`` (Hk divides H), plan key order, any strides with a unit
+            last one. ``v_plan`` is read only when P.V is 8-bit (``"fp8"``, ``"int8_fp8"``; may
+            be None for ``"int8"``).
+        perm: the plan's query order ``[Hp, S]`` (Hp in {1, H}; plan position -> original token)
+            or None.
+        block_q, block_k: the plan's block sizes (the quantisation blocks).
+        precision: ``"fp8"``, ``"int8"`` or ``"int8_fp8"`` (:func:`precision_parts`).
+        impl: ``"triton"`` / ``"torch"`` (default: ``VIDATTN_FP8_PROLOGUE`` or
+            :data:`DEFAULT_IMPL`; torch where Triton cannot run). Both give identical results.
+    Returns:
+        :class:`FP8Operands`: ``q8`` ``[B, S, H, D]`` contiguous (original order) and ``k8``
+        ``[B, Hk, S, D]`` contiguous (plan order, smoothed), e4m3fn or int8, their fp32 scales
+        ``[B, H, NQB]`` / ``[B, Hk, NKB]``, ``k_mean`` ``[B, Hk, D]``; with an 8-bit P.V ``vt8``
+        e4m3fn ``[B, Hk, D, S_pad]`` and ``v_scale`` ``[B, Hk, D]``, else both None.
+    Raises:
+        ValueError: ``precision`` is not a quantised precision, ``impl`` unknown, or the tensors /
+            block sizes / ``perm`` do not fit (naming the argument).
+    """
+    qk, pv8 = precision_parts(precision)
+    if qk is None:
+        raise ValueError(f"precision must be one of {PRECISIONS[1:]} (a quantised precision), got None")
+    if FP8_DTYPE is None and (qk == "e4m3" or pv8):
         raise TypeError(f"torch {torch.__version__} has no float8_e4m3fn")
     impl = impl or os.environ.get("VIDATTN_FP8_PROLOGUE") or DEFAULT_IMPL
     if impl not in ("triton", "torch"):
         raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+    _check_operands(q, k_plan, v_plan, perm, block_q, block_k, pv8)
     if q.device.type != "cuda" and not _interpreting():
         impl = "torch"
+    vt8 = vs = None
     with torch.no_grad():
         if impl == "triton":
-            q8, qs = _quantize_q_triton(q, perm, block_q)
-            k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k)
-            vt8, vs = _quantize_v_triton(v_plan)
+            q8, qs = _quantize_q_triton(q, perm, block_q, qk)
+            k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k, qk)
+            if pv8:
+                vt8, vs = _quantize_v_triton(v_plan)
         else:
-            q8, qs = quantize_q_blocks(q, perm, block_q)
-            k8, ks, km = smooth_quantize_k(k_plan, block_k)
-            vt8, vs = quantize_v_channels(v_plan)
+            q8, qs = quantize_q_blocks(q, perm, block_q, qk)
+            k8, ks, km = smooth_quantize_k(k_plan, block_k, qk)
+            if pv8:
+                vt8, vs = quantize_v_channels(v_plan)
     return FP8Operands(q8, qs, k8, ks, km, vt8, vs)
+
+
+def quantize_fp8_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[torch.Tensor],
+                          perm: Optional[torch.Tensor], block_q: int, block_k: int, impl: Optional[str] = None,
+                          precision: str = "fp8") -> FP8Operands:
+    """:func:`quantize_operands` under its former name (``precision`` defaults to ``"fp8"``)."""
+    return quantize_operands(q, k_plan, v_plan, perm, block_q, block_k, precision=precision, impl=impl)
 
 
 def lse_smoothing_correction(q: torch.Tensor, k_mean: torch.Tensor, scale: float) -> torch.Tensor:

@@ -12,10 +12,17 @@ work between warps to Triton. This one states them, the way FlashAttention-3 doe
   ``O += P V`` of tile ``j`` and runs the softmax of tile ``j + 1`` while that P.V is in flight; P
   stays in registers as the A operand of the P.V wgmma.
 
-Scope: bf16 / fp16, head dim 64 or 128, plan blocks of 64 or 128 query x ``BLOCK_N`` (64 or 128)
+Scope: bf16 / fp16 inputs, head dim 64 or 128, plan blocks of 64 or 128 query x ``BLOCK_N`` (64 or 128)
 key tokens (``SPLIT``: with 64-token query blocks each consumer warpgroup follows its own block's
 key list through its own ring), full blocks and partial blocks (``HAS_PARTIAL``: the precomputed
-uint8 token mask of each listed partial block is read under the S MMA), no rectification. The
+uint8 token mask of each listed partial block is read under the S MMA), no rectification. 8-bit
+operands (the quantisation prologue is :mod:`.quant_fp8`): ``QK8``: Q and K arrive as int8
+(``QK_INT8``, an s8 x s8 -> s32 wgmma) or e4m3 with fp32 scales per plan query block / key block,
+folded into each tile's logit scale; ``PV8``: V arrives transposed and quantised per channel
+(e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous, the K-major B operand FP8 wgmma needs), P enters
+P.V as e4m3 ``p * 448`` and each tile's P.V is accumulated in fp32 registers with ``PV_SPLIT_ACC`` (the MMA's
+own accumulation of 8-bit products is not full fp32; this costs registers) or in the MMA's
+accumulator across tiles; the epilogue applies the V channel scales. The
 launcher (:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the
 portable kernel. Options: ``PINGPONG`` (the consumer warpgroups take turns issuing their MMAs) and
 a persistent grid (the load warp runs ahead into the next work item).
@@ -63,10 +70,16 @@ class _Modes:
     SPLIT: gl.constexpr
     PINGPONG: gl.constexpr
     HAS_PARTIAL: gl.constexpr
+    QK8: gl.constexpr  # Q and K 8-bit (int8 or e4m3) with per-block scales
+    QK_INT8: gl.constexpr  # (QK8) int8, an integer MMA
+    PV8: gl.constexpr  # V^T e4m3 with channel scales, P e4m3
+    PV_SPLIT_ACC: gl.constexpr  # (PV8) each tile's P.V into fresh registers, added in fp32
+    I2F_BITS: gl.constexpr  # (QK_INT8) int32 logits to fp32 by bit arithmetic
     WG: gl.constexpr  # the consumer warpgroup these modes go to (0 or 1; the producer ignores it)
 
     @gluon.constexpr_function
-    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, WG):
+    def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8,
+                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, WG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -76,19 +89,31 @@ class _Modes:
         self.SPLIT = gl.constexpr(SPLIT)
         self.PINGPONG = gl.constexpr(PINGPONG)
         self.HAS_PARTIAL = gl.constexpr(HAS_PARTIAL)
+        self.QK8 = gl.constexpr(QK8)
+        self.QK_INT8 = gl.constexpr(QK_INT8)
+        self.PV8 = gl.constexpr(PV8)
+        self.PV_SPLIT_ACC = gl.constexpr(PV_SPLIT_ACC)
+        self.I2F_BITS = gl.constexpr(I2F_BITS)
         self.WG = gl.constexpr(WG)
 
 
 @gluon.jit
 def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: gl.constexpr,
                   HAS_PARTIAL: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
-                  row_o: gl.constexpr):
-    """Online-softmax step (base 2) of one key tile: ``qk`` fp32 ``[64, BLOCK_N]`` (wgmma layout),
-    ``m_i`` / ``l_i`` fp32 ``[64]``; ``tail``: this is the ragged last key block (columns from
-    ``col0``; columns past ``S`` masked); ``partial``: a partial block, whose uint8 token mask
-    ``bits`` ``[64, BLOCK_N]`` (0 = masked, also past the sequence end) applies. Returns P (Q's
-    dtype, the P.V A-operand layout), the new row max and sum, and the rescale factor of the output
-    rows (P.V accumulator row layout)."""
+                  row_o: gl.constexpr, P_MUL: gl.constexpr, I2F_BITS: gl.constexpr):
+    """Online-softmax step (base 2) of one key tile: ``qk`` fp32 (or int32: int8 Q.K^T) ``[64,
+    BLOCK_N]`` (wgmma layout), ``m_i`` / ``l_i`` fp32 ``[64]``; ``qk_scale`` this tile's logit
+    scale; ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
+    masked); ``partial``: a partial block, whose uint8 token mask ``bits`` ``[64, BLOCK_N]`` (0 =
+    masked, also past the sequence end) applies. Returns P (``dtype``, times ``P_MUL``, the P.V
+    A-operand layout), the new row max and sum (of the unscaled P), and the rescale factor of the
+    output rows (P.V accumulator row layout). ``I2F_BITS``: int32 logits become fp32 through
+    integer-add / float-subtract arithmetic (exact for ``|x| < 2**22``) instead of the
+    conversion instruction."""
+    if I2F_BITS:
+        qk = (qk + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
+    else:
+        qk = qk.to(gl.float32)
     if RAGGED:
         if tail:
             cols = col0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, qk.type.layout))
@@ -100,8 +125,21 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     p = gl.exp2(qk * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    p_op = gl.convert_layout(p.to(dtype), p_layout)
+    if P_MUL != 1.0:
+        p_op = gl.convert_layout((p * P_MUL).to(dtype), p_layout)
+    else:
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
     return p_op, m_new, l_i, gl.convert_layout(alpha, row_o)
+
+
+@gluon.jit
+def _hold(x):
+    """Keep the registers of the 8-bit register operand ``x`` of an asynchronous wgmma live up to
+    here (called right after its ``warpgroup_mma_wait``): the wait's ``deps`` do not take 8-bit
+    tensors, and without a later use the compiler may reuse those registers while the MMA still
+    reads them. An empty asm statement with side effects that reads them, four values per 32-bit
+    register."""
+    gl.inline_asm_elementwise("// hold $1", "=r,r", [x], dtype=gl.int8, is_pure=False, pack=4)
 
 
 @gluon.jit
@@ -155,6 +193,49 @@ class _Partials:
         self.slot_h = _as_value(slot_h)
 
 
+@aggregate
+class _Scales:
+    """Dequantisation scales of 8-bit operands (``QK8`` / ``PV8``): fp32 Q ``[B, H, NQB]``, K
+    ``[B, Hs, NKB]`` and V ``[B, Hs, D]`` (``Hs`` = H / ``HS_GROUP`` kv heads) with their (batch,
+    head) strides; unused pointers are any fp32 tensor."""
+
+    qsc: gl.tensor
+    ksc: gl.tensor
+    vsc: gl.tensor
+    qs_b: base_value
+    qs_h: base_value
+    ks_b: base_value
+    ks_h: base_value
+    vs_b: base_value
+    vs_h: base_value
+    HS_GROUP: base_value
+
+    @gluon.constexpr_function
+    def __init__(self, qsc, ksc, vsc, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h, HS_GROUP):
+        self.qsc = qsc
+        self.ksc = ksc
+        self.vsc = vsc
+        self.qs_b = _as_value(qs_b)
+        self.qs_h = _as_value(qs_h)
+        self.ks_b = _as_value(ks_b)
+        self.ks_h = _as_value(ks_h)
+        self.vs_b = _as_value(vs_b)
+        self.vs_h = _as_value(vs_h)
+        self.HS_GROUP = _as_value(HS_GROUP)
+
+
+@gluon.jit
+def _tile_scale(scales, f_idx, p_idx, j, nfb, ks_row, q_scale, HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr):
+    """The logit scale of key tile ``j`` of a query block's list: ``q_scale`` (softmax scale x
+    log2(e), x the query block's Q scale with ``QK8``), x the key block's K scale with ``QK8``."""
+    if QK8:
+        kb = _list_entry(f_idx, p_idx, j, nfb, HAS_PARTIAL)
+        ts = q_scale * gl.load(scales.ksc + ks_row + kb)
+    else:
+        ts = q_scale
+    return ts
+
+
 @gluon.jit
 def _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL: gl.constexpr):
     """(number of partial blocks, first mask slot) of plan query block ``qb``; (0, 0) without."""
@@ -186,7 +267,7 @@ def _mask_tile(parts, slot0, partial, i, mask_rows, mask_cols, HAS_PARTIAL: gl.c
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
-              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
+              stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, scales, modes):
     """One consumer warpgroup (``modes.WG``; Q tile ``q_smem[WG]``). For each work item of this
     program (persistent: items ``pid``,
     ``pid + grid``, ...): query rows ``qt * 128 + WG * 64 + [0, 64)`` of (batch, head)."""
@@ -199,22 +280,36 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     SPLIT: gl.constexpr = modes.SPLIT
     PINGPONG: gl.constexpr = modes.PINGPONG
     HAS_PARTIAL: gl.constexpr = modes.HAS_PARTIAL
+    QK8: gl.constexpr = modes.QK8
+    QK_INT8: gl.constexpr = modes.QK_INT8
+    PV8: gl.constexpr = modes.PV8
+    SPLIT_ACC: gl.constexpr = modes.PV8 and modes.PV_SPLIT_ACC
+    I2F_BITS: gl.constexpr = modes.QK_INT8 and modes.I2F_BITS
     WG: gl.constexpr = modes.WG
     q_smem = q_smem.index(WG)
     BM: gl.constexpr = 64
-    dtype: gl.constexpr = Q.dtype.element_ty
+    odtype: gl.constexpr = O.dtype.element_ty
+    # P.V operands: e4m3 (PV8) or the output's 16-bit dtype; the MMA K step is 32 for 8-bit operands
+    pdtype: gl.constexpr = gl.float8e4nv if PV8 else odtype
+    K_S: gl.constexpr = 32 if QK8 else 16
+    K_O: gl.constexpr = 32 if PV8 else 16
     mma_s: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_N, 16])
+                                                    instr_shape=[16, BLOCK_N, K_S])
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                    instr_shape=[16, BLOCK_D, 16])
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=2)
+                                                    instr_shape=[16, BLOCK_D, K_O])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=4 if PV8 else 2)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
     # global Q loads / O stores: 16-byte vectors along D
+    QV: gl.constexpr = 16 if QK8 else 8
+    io_q: gl.constexpr = gl.BlockedLayout([1, QV], [32 // (BLOCK_D // QV), BLOCK_D // QV], [4, 1], [1, 0])
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
     lrow: gl.constexpr = gl.SliceLayout(1, io)
     offs_d = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io))
-    zero_s = gl.zeros([BM, BLOCK_N], gl.float32, layout=mma_s)
+    offs_dq = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io_q))
+    zero_s = gl.zeros([BM, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, layout=mma_s)
+    zero_o = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
+    P_MUL: gl.constexpr = 448.0 if PV8 else 1.0
     # HAS_PARTIAL: offsets of this warpgroup's rows in a partial block's uint8 mask
     PLAN_BQ: gl.constexpr = 64 if SPLIT else 128
     # (row and column vectors only: an [M, N] offset tensor would hold 64 registers per thread)
@@ -226,19 +321,23 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     for tile in range(gl.program_id(0), NUM_TILES, gl.num_programs(0)):
         qt, bh, b, h, qb = _tile_coords(tile, NQT, H, SPLIT, WG)
         # ---- Q rows of this warpgroup (original token positions through the permutation)
-        rows = qt * 128 + WG * BM + gl.arange(0, BM, layout=lrow)
+        rows_q = qt * 128 + WG * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io_q))
+        rows = gl.convert_layout(rows_q, lrow)
         row_ok = rows < S
         if Q_PERM:
-            qtok = gl.load(QPERM + h * qperm_h + rows, mask=row_ok, other=0)
+            qtok_q = gl.load(QPERM + h * qperm_h + rows_q, mask=rows_q < S, other=0)
+            qtok = gl.convert_layout(qtok_q, lrow)
         else:
+            qtok_q = rows_q
             qtok = rows
-        q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok[:, None] * stride_qs + offs_d[None, :]
-        q = gl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok_q[:, None] * stride_qs + offs_dq[None, :]
+        q = gl.load(q_ptrs, mask=(rows_q < S)[:, None], other=0 if QK_INT8 else 0.0)
         q_smem.store(q)  # the last tile's MMAs have completed (waited below)
         fence_async_shared()
 
         nfb = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb, mask=qb < NQB, other=0)
         f_idx = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
+        p_idx = parts.idx + b * parts.pi_b + h * parts.pi_h + qb * parts.pi_q
         # the list is sorted: a ragged last key block can only be its last entry
         # (masked: with SPLIT the last program's second query block may lie past the plan)
         last_col0 = gl.load(f_idx + gl.maximum(nfb - 1, 0), mask=nfb > 0, other=0) * BLOCK_N
@@ -246,6 +345,13 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         # HAS_PARTIAL: the partial blocks follow the full ones in the same ring
         npb, slot0 = _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL)
         ntot = nfb + npb
+        # QK8: the query block's Q scale joins the logit scale; K scales per key block (_tile_scale)
+        hs = h // scales.HS_GROUP
+        ks_row = b * scales.ks_b + hs * scales.ks_h
+        if QK8:
+            q_scale = qk_scale * gl.load(scales.qsc + b * scales.qs_b + h * scales.qs_h + qb, mask=qb < NQB, other=1.0)
+        else:
+            q_scale = qk_scale
         m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
         l_i = gl.zeros([BM], gl.float32, layout=row_s)
         acc = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
@@ -259,9 +365,11 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
             bits = _mask_tile(parts, slot0, nfb == 0, 0 - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
+            ts = _tile_scale(scales, f_idx, p_idx, 0, nfb, ks_row, q_scale, HAS_PARTIAL, QK8)
             qk = warpgroup_mma_wait(0, deps=(qk, ))
             p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, nfb == 0, bits,
-                                               qk_scale, RAGGED, HAS_PARTIAL, BLOCK_N, dtype, p_layout, row_o)
+                                               ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype, p_layout, row_o, P_MUL,
+                                               I2F_BITS)
             # ---- steady state: S of tile j in flight with O += P V of tile j - 1
             for j in range(1, ntot):
                 s = ring + (it + j) % STAGES
@@ -271,16 +379,32 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
                     mbarrier.wait(turn.index(WG), (sg + j) & 1)
                 qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                acc = acc * alpha[:, None]
-                acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+                if SPLIT_ACC:  # this tile's P.V into fresh registers, added to the fp32 accumulator after the wait
+                    pv = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+                elif PV8:
+                    acc = acc * alpha[:, None]
+                    acc = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+                else:
+                    acc = acc * alpha[:, None]
+                    acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WG), count=1)
                 bits = _mask_tile(parts, slot0, j >= nfb, j - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
+                ts = _tile_scale(scales, f_idx, p_idx, j, nfb, ks_row, q_scale, HAS_PARTIAL, QK8)
                 qk = warpgroup_mma_wait(1, deps=(qk, ))
+                alpha_pv = alpha
                 p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
-                                                        j >= nfb, bits, qk_scale, RAGGED, HAS_PARTIAL, BLOCK_N, dtype,
-                                                        p_layout, row_o)
-                acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+                                                        j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
+                                                        p_layout, row_o, P_MUL, I2F_BITS)
+                if SPLIT_ACC:
+                    pv = warpgroup_mma_wait(0, deps=(pv, ))
+                    _hold(p)
+                    acc = acc * alpha_pv[:, None] + pv
+                elif PV8:
+                    acc = warpgroup_mma_wait(0, deps=(acc, ))
+                    _hold(p)
+                else:
+                    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
             # ---- last tile's P.V
@@ -288,21 +412,41 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             mbarrier.wait(v_ready.index(sp), ((it + ntot - 1) // STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (sg + ntot) & 1)
-            acc = acc * alpha[:, None]
-            acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+            if SPLIT_ACC:
+                pv = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), zero_o, use_acc=False, is_async=True)
+            elif PV8:
+                acc = acc * alpha[:, None]
+                acc = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+            else:
+                acc = acc * alpha[:, None]
+                acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
-            acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+            if SPLIT_ACC:
+                pv = warpgroup_mma_wait(0, deps=(pv, ))
+                _hold(p)
+                acc = acc * alpha[:, None] + pv
+            elif PV8:
+                acc = warpgroup_mma_wait(0, deps=(acc, ))
+                _hold(p)
+            else:
+                acc, p = warpgroup_mma_wait(0, deps=(acc, p))
             mbarrier.arrive(empty.index(sp), count=1)
             it += ntot
             sg += ntot + 1
 
-        # ---- epilogue: normalise, store O (and LSE) at the original token positions
+        # ---- epilogue: normalise (PV8: dequantise P x 448 and the V channel scales), store O (and
+        # LSE) at the original token positions
         l_o = gl.convert_layout(l_i, row_o)
         denom = gl.where(l_o > 0, l_o, 1.0)
-        out = acc / denom[:, None]
+        if PV8:
+            ch = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, mma_o))
+            vsc = gl.load(scales.vsc + b * scales.vs_b + hs * scales.vs_h + ch) * (1.0 / 448.0)
+            out = acc * vsc[None, :] / denom[:, None]
+        else:
+            out = acc / denom[:, None]
         out = gl.where((l_o > 0)[:, None], out, 0.0)
-        out = gl.convert_layout(out.to(dtype), io)
+        out = gl.convert_layout(out.to(odtype), io)
         o_ptrs = O + b.to(gl.int64) * stride_ob + h * stride_oh + qtok[:, None] * stride_os + offs_d[None, :]
         gl.store(o_ptrs, out, mask=row_ok[:, None])
         if RETURN_LSE:
@@ -314,15 +458,22 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
 
 
 @gluon.jit
-def _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, slot, lap, row, kv_col):
-    """Wait for ring slot ``slot`` to be free (its ``lap``-th use), then TMA K and V rows
-    ``row .. row + BLOCK_N`` (column ``kv_col``) into it."""
+def _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, slot, lap, k_row0, k_col, v_row0, v_col0, kb,
+               BLOCK_N: gl.constexpr, PV8: gl.constexpr):
+    """Wait for ring slot ``slot`` to be free (its ``lap``-th use), then TMA the K and V tiles of
+    key block ``kb`` into it: K rows ``k_row0 + kb * BLOCK_N + [0, BLOCK_N)`` at column ``k_col``,
+    V likewise from ``(v_row0, v_col0)``; with ``PV8`` the V^T tile is channel rows ``v_row0 +
+    [0, D)`` x the block's token columns."""
     # a fresh barrier passes a wait on parity 1: the first lap finds every slot free
     mbarrier.wait(empty.index(slot), (lap & 1) ^ 1)
     mbarrier.expect(k_ready.index(slot), desc_k.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc_k, [row, kv_col], k_ready.index(slot), k_smem.index(slot))
+    tma.async_copy_global_to_shared(desc_k, [k_row0 + kb * BLOCK_N, k_col], k_ready.index(slot), k_smem.index(slot))
     mbarrier.expect(v_ready.index(slot), desc_v.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc_v, [row, kv_col], v_ready.index(slot), v_smem.index(slot))
+    if PV8:
+        tma.async_copy_global_to_shared(desc_v, [v_row0, kb * BLOCK_N], v_ready.index(slot), v_smem.index(slot))
+    else:
+        tma.async_copy_global_to_shared(desc_v, [v_row0 + kb * BLOCK_N, v_col0], v_ready.index(slot),
+                                        v_smem.index(slot))
 
 
 @gluon.jit
@@ -338,7 +489,8 @@ def _list_entry(f_idx, p_idx, j, nfb, HAS_PARTIAL: gl.constexpr):
 
 @gluon.jit
 def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
-              NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes):
+              NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, VROW_B, VROW_H, VCOL_H, fn_b, fn_h, fi_b, fi_h, fi_q, parts,
+              modes):
     """The load warp: for the same work items as the consumers, TMA copies of the listed key
     blocks' K and V tiles (full blocks, then partial ones) into the ring (with ``SPLIT``, into
     each warpgroup's ring from its own plan block's list, alternating). With a persistent grid it
@@ -347,6 +499,7 @@ def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM,
     BLOCK_N: gl.constexpr = modes.BLOCK_N
     SPLIT: gl.constexpr = modes.SPLIT
     HAS_PARTIAL: gl.constexpr = modes.HAS_PARTIAL
+    PV8: gl.constexpr = modes.PV8
     it0 = 0  # ring uses so far (warpgroup 0's ring with SPLIT)
     it1 = 0  # SPLIT: warpgroup 1's ring
     for tile in range(gl.program_id(0), NUM_TILES, gl.num_programs(0)):
@@ -354,6 +507,8 @@ def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM,
         hk = h // HK_GROUP
         kv_row0 = b * ROW_B + hk * ROW_H
         kv_col = hk * COL_H
+        v_row0 = b * VROW_B + hk * VROW_H  # (PV8: V^T [B, Hk, D, S_pad] as (b, hk, channel) rows)
+        v_col0 = hk * VCOL_H
         n0 = gl.load(FULL_NUM + b * fn_b + h * fn_h + qb)
         f0 = FULL_IDX + b * fi_b + h * fi_h + qb * fi_q
         p0 = parts.idx + b * parts.pi_b + h * parts.pi_h + qb * parts.pi_q
@@ -366,49 +521,65 @@ def _producer(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM,
                 if j < t0:
                     kb = _list_entry(f0, p0, j, n0, HAS_PARTIAL)
                     _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, (it0 + j) % STAGES,
-                               (it0 + j) // STAGES, kv_row0 + kb * BLOCK_N, kv_col)
+                               (it0 + j) // STAGES, kv_row0, kv_col, v_row0, v_col0, kb, BLOCK_N, PV8)
                 if j < t1:
                     kb = _list_entry(f0 + fi_q, p0 + parts.pi_q, j, n1, HAS_PARTIAL)
                     _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, STAGES + (it1 + j) % STAGES,
-                               (it1 + j) // STAGES, kv_row0 + kb * BLOCK_N, kv_col)
+                               (it1 + j) // STAGES, kv_row0, kv_col, v_row0, v_col0, kb, BLOCK_N, PV8)
             it1 += t1
         else:
             for j in range(t0):
                 kb = _list_entry(f0, p0, j, n0, HAS_PARTIAL)
                 _load_tile(k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, (it0 + j) % STAGES,
-                           (it0 + j) // STAGES, kv_row0 + kb * BLOCK_N, kv_col)
+                           (it0 + j) // STAGES, kv_row0, kv_col, v_row0, v_col0, kb, BLOCK_N, PV8)
         it0 += t0
 
 
 @gluon.jit
 def _gluon_sparse_flash_fwd(
     desc_k, desc_v, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h, PART_NUM, PART_IDX, BITS, SLOT,
-    S, H, HK_GROUP, ROW_B, ROW_H, COL_H, NQT, NUM_TILES, NQB, NKB, qk_scale,
+    QSC, KSC, VSC,
+    S, H, HK_GROUP, ROW_B, ROW_H, COL_H, VROW_B, VROW_H, VCOL_H, NQT, NUM_TILES, NQB, NKB, qk_scale,
     stride_qb, stride_qh, stride_qs, stride_ob, stride_oh, stride_os,
     fn_b, fn_h, fi_b, fi_h, fi_q, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h,
+    qs_b, qs_h, ks_b, ks_h, vs_b, vs_h,
     RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
     SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
-    HAS_PARTIAL: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr, QK_INT8: gl.constexpr, PV8: gl.constexpr,
+    PV_SPLIT_ACC: gl.constexpr, I2F_BITS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
     rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
-    ``[B, S, H, D]`` bf16/fp16 at (batch, head, token) strides; LSE fp32 ``[B, H, S]`` (natural
-    log); FULL_NUM int32 ``[Bp, Hp, NQB]`` and FULL_IDX int32 ``[Bp, Hp, NQB, M]`` (sorted) at the
-    given strides (0 on broadcast dims); QPERM int32 ``[Hp, S]`` plan position -> original token;
-    HAS_PARTIAL: PART_NUM / PART_IDX (the same shapes), BITS uint8 ``[P, block_q, block_k]`` and
-    SLOT int64 ``[Bp, Hp, NQB]`` (:func:`.sparse_flash_tables.partial_block_masks`)."""
-    dtype: gl.constexpr = Q.dtype.element_ty
-    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], dtype)
-    q_smem = gl.allocate_shared_memory(dtype, [2, 64, BLOCK_D], q_layout)
+    ``[B, S, H, D]`` at (batch, head, token) strides, O bf16/fp16, Q the same (or int8 / e4m3 with
+    ``QK8``); K / V tiles through ``desc_k`` / ``desc_v`` (K ``[BLOCK_N, D]`` boxes, Q's dtype; V
+    ``[BLOCK_N, D]`` boxes in O's dtype, or with ``PV8`` e4m3 V^T ``[D, BLOCK_N]`` boxes of
+    ``[B * Hk * D, S_pad]``; the tile of key block ``kb`` of (b, kv head hk) is the box at ``(b *
+    ROW_B + hk * ROW_H + kb * BLOCK_N, hk * COL_H)`` of K, at the same with ``VROW_B`` /
+    ``VROW_H`` / ``VCOL_H`` of V, or with ``PV8`` at ``(b * VROW_B + hk * VROW_H, kb *
+    BLOCK_N)``); LSE fp32 ``[B, H, S]`` (natural log); FULL_NUM int32 ``[Bp, Hp,
+    NQB]`` and FULL_IDX int32 ``[Bp, Hp, NQB, M]`` (sorted) at the given strides (0 on broadcast
+    dims); QPERM int32 ``[Hp, S]`` plan position -> original token; HAS_PARTIAL: PART_NUM /
+    PART_IDX (the same shapes), BITS uint8 ``[P, block_q, block_k]`` and SLOT int64 ``[Bp, Hp,
+    NQB]`` (:func:`.sparse_flash_tables.partial_block_masks`); QSC / KSC / VSC fp32 dequantisation
+    scales ``[B, H, NQB]`` / ``[B, Hk, NKB]`` / ``[B, Hk, D]`` at (batch, head) strides (QK8 / PV8)."""
+    qdtype: gl.constexpr = Q.dtype.element_ty
+    q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], qdtype)
+    q_smem = gl.allocate_shared_memory(qdtype, [2, 64, BLOCK_D], q_layout)
     SLOTS: gl.constexpr = 2 * STAGES if SPLIT else STAGES  # SPLIT: one ring per consumer warpgroup
-    k_smem = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_k.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_v.layout)
+    k_smem = gl.allocate_shared_memory(desc_k.dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_k.layout)
+    if PV8:  # V^T tiles: channels x tokens
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [SLOTS, BLOCK_D, BLOCK_N], desc_v.layout)
+    else:
+        v_smem = gl.allocate_shared_memory(desc_v.dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_v.layout)
     k_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
-    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, 0)
-    modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, 1)
+    modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
+                   PV8, PV_SPLIT_ACC, I2F_BITS, 0)
+    modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
+                    PV8, PV_SPLIT_ACC, I2F_BITS, 1)
     parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
+    scales = _Scales(QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h, HK_GROUP)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     mbarrier.init(turn.index(0), count=1)
@@ -421,9 +592,10 @@ def _gluon_sparse_flash_fwd(
         mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
     consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
                      qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
-                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts)
+                     stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, scales)
     producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,
-                     NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, fn_b, fn_h, fi_b, fi_h, fi_q, parts, modes)
+                     NQT, NUM_TILES, NQB, ROW_B, ROW_H, COL_H, VROW_B, VROW_H, VCOL_H, fn_b, fn_h, fi_b, fi_h, fi_q,
+                     parts, modes)
     # the kernel's own warps are consumer warpgroup 0; the workers are warpgroup 1 and the load warp
     gl.warp_specialize([(_consumer, consumer_args + (modes, )), (_consumer, consumer_args + (modes1, )),
                         (_producer, producer_args)], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])

@@ -20,8 +20,10 @@ import triton
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .sparse_flash_io import (_bsh_strides, capability_major, interpreting, kv_in_plan_order, kv_view, last_launch,
-                              plan_bh_strides, prepare_call)
+from .quant_fp8 import (FP8_DTYPE, PRECISIONS, int8_logits_by_bits, lse_smoothing_correction, precision_parts,
+                        quantize_operands)
+from .sparse_flash_io import (_bhs_strides, _bsh_strides, capability_major, interpreting, kv_in_plan_order, kv_view,
+                              last_launch, plan_bh_strides, prepare_call)
 from .sparse_flash_kernel import LOG2E
 from .sparse_flash_tables import RuleMode, plan_launch_tables, plan_perm_int32
 
@@ -55,13 +57,17 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     """Why the Gluon Hopper kernel cannot run this case, or None when it can.
 
     It runs: CUDA compute capability 9.x (Hopper), not under ``TRITON_INTERPRET``; q/k/v bf16 or
-    fp16 ``[B, S, H|Hk, D]`` with D 64 or 128; native precision; a plan of 64- or 128-token query
-    and key blocks, no rectification, and partial blocks (if any) whose token masks fit
-    ``VIDATTN_MASK_BUDGET_BYTES`` (they are then read as precomputed uint8 masks). Shapes
-    are assumed checked by :func:`.sparse_flash_io.check_triton_inputs`.
+    fp16 ``[B, S, H|Hk, D]`` with D 64 or 128; ``precision`` None (the inputs' dtype) or a
+    quantised one of :data:`.quant_fp8.PRECISIONS` (``"fp8"``, ``"int8"``, ``"int8_fp8"``); a plan
+    of 64- or 128-token query and key blocks, no rectification, and partial blocks (if any) whose
+    token masks fit ``VIDATTN_MASK_BUDGET_BYTES`` (they are then read as precomputed uint8 masks).
+    Shapes are assumed checked by :func:`.sparse_flash_io.check_triton_inputs`.
     """
-    if precision is not None:
-        return f"precision={precision!r} runs on the portable kernel"
+    if precision not in PRECISIONS:
+        return f"precision={precision!r} (the Gluon kernel takes {PRECISIONS})"
+    qk, pv8 = precision_parts(precision)
+    if (qk == "e4m3" or pv8) and FP8_DTYPE is None:
+        return f"torch {torch.__version__} has no float8_e4m3fn"
     if q.dtype not in (torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype} (the Gluon kernel takes bf16 / fp16)"
     if q.shape[-1] not in (64, 128):
@@ -80,13 +86,14 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
                     "precomputed masks; the portable kernel evaluates the rule in-kernel)")
     if plan.rectification is not None:
         return "rectification terms run on the portable kernel"
-    if gluon_config(plan.block_q, plan.block_k, q.shape[-1])["STAGES"] < 2:
+    if gluon_config(plan.block_q, plan.block_k, q.shape[-1], precision)["STAGES"] < 2:
         return (f"plan blocks {plan.block_q}x{plan.block_k} at head dim {q.shape[-1]}: two K/V rings of two "
                 "stages do not fit in shared memory")
-    if plan.key_perm is None:  # K/V are read in place: their strides must allow a tensor descriptor
+    if plan.key_perm is None:  # K/V read in place (not re-laid by a quantisation prologue): strides must fit TMA
         B, S, Hk = k.shape[0], k.shape[1], k.shape[2]
         for name, t in (("k", k), ("v", v)):
-            if t.stride(-1) == 1 and kv_view(t, _bsh_strides(t), B, Hk, S) is None:
+            in_place = precision is None or (name == "v" and not pv8)
+            if in_place and t.stride(-1) == 1 and kv_view(t, _bsh_strides(t), B, Hk, S) is None:
                 return f"{name} strides {tuple(t.stride())} do not allow a TMA tensor descriptor"
     if interpreting():
         return "the Gluon kernel does not run under TRITON_INTERPRET"
@@ -98,18 +105,23 @@ def gluon_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Block
     return gluon_available()
 
 
-def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
+def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[str] = None) -> dict:
     """Launch settings: ``SPLIT`` (64-token plan query blocks: each consumer warpgroup follows its
     own block's key list through its own ring), ``STAGES`` (depth of each ring: as many as fit next
     to Q and the layout-conversion scratch, 2 to 4; ``VIDATTN_GLUON_STAGES`` overrides),
     ``PINGPONG`` (the consumer warpgroups alternate issuing their MMAs, so one's softmax runs
     under the other's; shared lists only; opt-in, ``VIDATTN_GLUON_PINGPONG=1``: on the H200 it was within noise of
     off at densities <= 0.5 and 7% slower on the dense HunyuanVideo plan),
+    ``PV_SPLIT_ACC`` (8-bit P.V: each tile's P.V is added to the output in fp32 registers instead
+    of accumulating in the MMA; ``VIDATTN_GLUON_PV_SPLIT_ACC``, default 1),
     ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer warpgroups / the
-    load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so)."""
+    load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so).
+    ``precision``: the operands' sizes (1 byte for 8-bit Q / K / V)."""
+    qk, pv8 = precision_parts(precision)
+    q_b, k_b, v_b = (1 if qk else 2), (1 if qk else 2), (1 if pv8 else 2)
     split = block_q == 64
-    stage = 2 * block_k * head_dim * 2 * (2 if split else 1)
-    q_bytes = _ROWS * head_dim * 2
+    stage = block_k * head_dim * (k_b + v_b) * (2 if split else 1)
+    q_bytes = _ROWS * head_dim * q_b
     scratch = 24 * 1024
     stages = min(4, (_SMEM_BYTES - q_bytes - scratch) // stage)  # < 2: does not fit (see gluon_refusal)
     forced = os.environ.get("VIDATTN_GLUON_STAGES")
@@ -117,7 +129,9 @@ def gluon_config(block_q: int, block_k: int, head_dim: int) -> dict:
         stages = int(forced)
     # PINGPONG: the two consumer warpgroups take turns issuing their MMAs (one list: not with SPLIT)
     pingpong = not split and os.environ.get("VIDATTN_GLUON_PINGPONG", "0") == "1"
-    return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, CONSUMER_REGS=240, PRODUCER_REGS=24)
+    split_acc = os.environ.get("VIDATTN_GLUON_PV_SPLIT_ACC", "1") != "0"
+    return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, PV_SPLIT_ACC=split_acc, CONSUMER_REGS=240,
+                PRODUCER_REGS=24)
 
 
 def _persistent_programs(device: torch.device) -> int:
@@ -135,8 +149,36 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _descriptor(t: torch.Tensor, view, box, gl_dtype):
+    """A 2-D TMA descriptor over the ``[rows, cols]`` view ``view = (rows, cols, row_stride)`` of
+    ``t`` with ``box``-shaped tiles (NVMMA shared layout of ``gl_dtype``)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    rows, cols, row_stride = view
+    layout = gl.NVMMASharedLayout.get_default_for(list(box), gl_dtype)
+    return TensorDescriptor(t, [rows, cols], [row_stride, 1], list(box), layout)
+
+
+def _gl_dtype(dtype: torch.dtype):
+    from triton.experimental.gluon import language as gl
+
+    return {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int8: gl.int8,
+            FP8_DTYPE: gl.float8e4nv}[dtype]
+
+
+def _kv_tile_view(t: torch.Tensor, bhs, B: int, Hk: int, S: int):
+    """(rows, cols, row_stride) and (row_b, row_h, col_h) of :func:`.sparse_flash_io.kv_view`."""
+    view = kv_view(t, bhs(t), B, Hk, S)
+    if view is None:
+        raise TritonUnsupported("K/V strides do not allow a tensor descriptor (the Gluon kernel loads by TMA)")
+    rows, cols, row_stride, row_b, row_h, col_h = view
+    return (rows, cols, row_stride), (row_b, row_h, col_h)
+
+
 def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: BlockPlan,
-                                 scale: Optional[float] = None, return_lse: bool = False):
+                                 scale: Optional[float] = None, return_lse: bool = False,
+                                 precision: Optional[str] = None):
     """Run ``plan`` with the Hopper Gluon kernel (the caller has checked :func:`gluon_refusal`).
 
     Args:
@@ -145,38 +187,47 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             run through their precomputed token masks.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
+        precision: None (bf16 / fp16 MMAs) or ``"fp8"`` / ``"int8"`` / ``"int8_fp8"``: Q and K
+            quantised per block (K smoothed; e4m3 or int8, :mod:`.quant_fp8`) and, for ``"fp8"`` /
+            ``"int8_fp8"``, V per channel to e4m3 with an e4m3 P; fp32 accumulation. Forward only.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the LSE).
     Raises:
         TritonUnsupported: K/V strides a tensor descriptor cannot describe.
     """
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
     from .sparse_flash_gluon import _gluon_sparse_flash_fwd
 
     plan, scale = prepare_call(q, k, v, plan, scale)
+    qk_fmt, pv8 = precision_parts(precision)
     B, S, H, D = q.shape
+    q_in = q
     q = q if q.stride(-1) == 1 else q.contiguous()
     kh, vh, kv_bhs = kv_in_plan_order(k, v, plan, H)
     Hk = kh.shape[1] if plan.key_perm is not None else kh.shape[2]
     BN = plan.block_k
-    layout = gl.NVMMASharedLayout.get_default_for([BN, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
-    descs = []
-    for t in (kh, vh):
-        view = kv_view(t, kv_bhs(t), B, Hk, S)
-        if view is None:
-            raise TritonUnsupported("K/V strides do not allow a tensor descriptor (the Gluon kernel loads by TMA)")
-        rows, cols, row_stride, row_b, row_h, col_h = view
-        descs.append(TensorDescriptor(t, [rows, cols], [row_stride, 1], [BN, D], layout))
-    desc_k, desc_v = descs
+    v_bhs = kv_bhs
+    ops = None
+    if qk_fmt is not None:  # quantisation prologue: 8-bit Q (original order), smoothed K (and V^T), plan order
+        as_bhsd = (lambda t: t) if plan.key_perm is not None else (lambda t: t.transpose(1, 2))
+        ops = quantize_operands(q, as_bhsd(kh), as_bhsd(vh) if pv8 else None, plan.perm, plan.block_q, BN,
+                                precision)
+        q, kh, kv_bhs = ops.q8, ops.k8, _bhs_strides
+    k_view, (row_b, row_h, col_h) = _kv_tile_view(kh, kv_bhs, B, Hk, S)
+    desc_k = _descriptor(kh, k_view, (BN, D), _gl_dtype(kh.dtype))
+    if pv8:  # V^T [B, Hk, D, S_pad] as rows (b, hk, channel) x tokens; boxes of D channels x BN tokens
+        vt = ops.vt8
+        desc_v = _descriptor(vt, (B * Hk * D, vt.shape[-1], vt.shape[-1]), (D, BN), _gl_dtype(vt.dtype))
+        vrow_b, vrow_h, vcol_h = Hk * D, D, 0
+    else:
+        v_view, (vrow_b, vrow_h, vcol_h) = _kv_tile_view(vh, v_bhs, B, Hk, S)
+        desc_v = _descriptor(vh, v_view, (BN, D), _gl_dtype(vh.dtype))
 
     t = plan_launch_tables(plan)
     fnum, fidx = t["fnum"], t["fidx"]
     qperm = plan_perm_int32(plan)
-    out = torch.empty(B, S, H, D, dtype=q.dtype, device=q.device)
+    out = torch.empty(B, S, H, D, dtype=q_in.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
-    cfg = gluon_config(plan.block_q, BN, D)
+    cfg = gluon_config(plan.block_q, BN, D, precision)
     bs = plan_bh_strides
     (fn_b, fn_h), (fi_b, fi_h) = bs(fnum), bs(fidx)
     has_partial = plan.has_partial
@@ -184,19 +235,31 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     bits, slot = (t["bits"], t["slot"]) if has_partial else (fnum, fnum)
     (pn_b, pn_h), (pi_b, pi_h) = bs(pnum), bs(pidx)
     slot_b, slot_h = bs(slot) if has_partial else (0, 0)
+    fdummy = t["fdummy"]
+    qsc = ops.q_scale if ops is not None else fdummy
+    ksc = ops.k_scale if ops is not None else fdummy
+    vsc = ops.v_scale if pv8 else fdummy
+    (qs_b, qs_h), (ks_b, ks_h), (vs_b, vs_h) = ((x.stride(0), x.stride(1)) if x.dim() == 3 else (0, 0)
+                                                for x in (qsc, ksc, vsc))
     nqt = triton.cdiv(S, _ROWS)
     num_tiles = nqt * B * H
     grid = (min(num_tiles, _persistent_programs(q.device)),)
     compiled = _gluon_sparse_flash_fwd[grid](
         desc_k, desc_v, q, out, lse, fnum, fidx, qperm if qperm is not None else fnum,
-        0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0), pnum, pidx, bits, slot,
-        S, H, H // Hk, row_b, row_h, col_h, nqt, num_tiles, plan.num_q_blocks, plan.num_k_blocks, scale * LOG2E,
+        0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0), pnum, pidx, bits, slot, qsc, ksc, vsc,
+        S, H, H // Hk, row_b, row_h, col_h, vrow_b, vrow_h, vcol_h, nqt, num_tiles, plan.num_q_blocks,
+        plan.num_k_blocks, scale * LOG2E,
         q.stride(0), q.stride(2), q.stride(1), out.stride(0), out.stride(2), out.stride(1),
         fn_b, fn_h, fi_b, fi_h, fidx.stride(2), pn_b, pn_h, pi_b, pi_h, pidx.stride(2), slot_b, slot_h,
+        qs_b, qs_h, ks_b, ks_h, vs_b, vs_h,
         RAGGED=S % BN != 0, Q_PERM=qperm is not None, RETURN_LSE=return_lse, STAGES=cfg["STAGES"],
         SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"], HAS_PARTIAL=has_partial,
-        BLOCK_N=BN, BLOCK_D=D, CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
+        BLOCK_N=BN, BLOCK_D=D, QK8=qk_fmt is not None, QK_INT8=qk_fmt == "int8", PV8=pv8,
+        PV_SPLIT_ACC=cfg["PV_SPLIT_ACC"], I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
+        CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"
     last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
+    if ops is not None and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
+        lse = lse + lse_smoothing_correction(q_in, ops.k_mean, scale)
     return (out, lse) if return_lse else out

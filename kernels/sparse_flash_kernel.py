@@ -12,9 +12,20 @@ over the plan's listed key blocks only:
   same softmax after the block loop;
 * token permutation: Q is read and O / LSE written at the original token positions through the
   plan's permutation; K/V arrive in plan order;
-* ``FP8`` (``precision="fp8"``, the same loops): e4m3 Q/K tiles with fp32 per-block
-  dequantisation scales folded into the logit scale, e4m3 P.V against a transposed per-channel
-  quantised V, dequantised in the epilogue (the prologue is :mod:`.quant_fp8`);
+* quantised precisions (the same loops; the prologue is :mod:`.quant_fp8`), two independent
+  switches:
+
+  - ``QK8``: Q and K tiles are 8-bit with one fp32 dequantisation scale per plan query block /
+    key block, folded into each tile's logit scale; ``QK_INT8`` selects int8 operands and an
+    int8 x int8 -> int32 dot (converted to fp32; exact, |sum| < 2^24 for D <= 256), else e4m3
+    (an e4m3 x e4m3 -> fp32 dot);
+  - ``PV8``: V arrives transposed and quantised per channel (e4m3 ``[B, Hk, D, S_pad]``, tokens
+    contiguous), P enters P.V as e4m3 ``p * 448``, and the epilogue divides by 448 and applies
+    the V channel scales. Without it P.V runs in V's dtype (P cast to it), V read in place.
+
+  ``precision="fp8"`` is QK8 (e4m3) + PV8, ``"int8"`` QK8 + QK_INT8, ``"int8_fp8"`` QK8 +
+  QK_INT8 + PV8. ``EMU_CAST`` (the CPU interpreter only) rounds P on the e4m3 / bf16 grid before
+  its cast, as the GPU's conversion does;
 * ``WARP_SPEC``: Triton's automatic warp specialisation of the full-block loop (opt-in).
 
 This module holds device code only: no plan, pattern or dispatcher import. The per-plan tables
@@ -28,7 +39,7 @@ from enum import IntEnum
 import triton
 import triton.language as tl
 
-from .quant_fp8 import _round_e4m3
+from .quant_fp8 import _bf16_round, _round_e4m3
 
 __all__ = ["RuleMode", "LOG2E", "_sparse_flash_fwd"]
 
@@ -79,21 +90,22 @@ def _nongrid_policy(ok, q_in, k_in, DENSE_NONGRID: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, vt_row0, col0, offs_n, offs_d, stride_ks, stride_vs,
-             n_cols, D, TAIL: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, V_T: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _load_kv(k_base, v_base, desc_k, desc_v, k_row0, k_col, v_row0, v_col, col0, offs_n, offs_d, stride_ks,
+             stride_vs, n_cols, D, TAIL: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+             V_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """K^T tile ``[BLOCK_D, BLOCK_N]`` and V tile ``[BLOCK_N, BLOCK_D]`` of key columns ``col0 + offs_n``.
     With ``USE_TMA`` the tiles come through tensor descriptors (bulk copies; rows past the
-    sequence are either zero-filled or finite neighbouring rows, masked out by the caller).
-    With ``V_T`` V is stored transposed (``[D, S_pad]`` per head, tokens contiguous; ``stride_vs``
-    is then the stride of one channel row and ``vt_row0`` the descriptor row of channel 0): the
-    FP8 path's layout, whose P.V operand has its reduction axis contiguous."""
+    sequence are either zero-filled or finite neighbouring rows, masked out by the caller); the
+    tile of K (V) is the box at descriptor row ``k_row0 + col0`` (``v_row0 + col0``), column
+    ``k_col`` (``v_col``). With ``V_T`` V is stored transposed (``[D, S_pad]`` per head, tokens
+    contiguous; ``stride_vs`` is then the stride of one channel row and ``v_row0`` the descriptor
+    row of channel 0): the 8-bit P.V's layout, whose operand has its reduction axis contiguous."""
     if USE_TMA:
-        kt = desc_k.load([kv_row0 + col0, kv_col]).T
+        kt = desc_k.load([k_row0 + col0, k_col]).T
         if V_T:
-            v = desc_v.load([vt_row0, col0]).T
+            v = desc_v.load([v_row0, col0]).T
         else:
-            v = desc_v.load([kv_row0 + col0, kv_col])
+            v = desc_v.load([v_row0 + col0, v_col])
     else:
         cols = col0 + offs_n
         kt_ptrs = k_base + offs_d[:, None] + cols[None, :] * stride_ks
@@ -120,18 +132,33 @@ def _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, vt_row0, col0, off
 
 
 @triton.jit
+def _int32_to_f32(x, I2F_BITS: tl.constexpr):
+    """int32 ``x`` (``|x| < 2**22``) as fp32: the conversion instruction, or with ``I2F_BITS``
+    (:func:`.quant_fp8.int8_logits_by_bits`) an integer add into the mantissa of ``1.5 * 2**23``
+    and a float subtract, exact in that range and off the slow conversion pipe."""
+    if I2F_BITS:
+        return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    return x.to(tl.float32)
+
+
+@triton.jit
 def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowed, bias, MASKED: tl.constexpr,
-                 TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, FP8: tl.constexpr,
-                 EMU_CAST: tl.constexpr):
+                 TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr,
+                 QK_INT8: tl.constexpr, PV8: tl.constexpr, EMU_CAST: tl.constexpr, I2F_BITS: tl.constexpr = False):
     """One key tile of the online softmax (base 2). ``m_i`` starts finite (-1e30), so a fully
     masked tile leaves the state unchanged without any NaN guard.
 
-    ``FP8``: q, kt, v are e4m3 (``qk_scale`` then includes this tile's Q and K dequantisation
-    scales); the numerators ``p`` in [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the
-    epilogue divides by 448 and applies the V channel scales), ``l_i`` sums the fp32 ``p``.
-    ``EMU_CAST``: round ``p`` on the e4m3 grid before the cast (interpreter only)."""
-    if FP8:
-        qk = tl.dot(q, kt)
+    ``QK8``: q, kt are e4m3, or int8 with ``QK_INT8`` (an int32 dot), and ``qk_scale`` includes
+    this tile's Q and K dequantisation scales. ``PV8``: v is e4m3 and the numerators ``p`` in
+    [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the epilogue divides by 448 and
+    applies the V channel scales); else P.V runs in v's dtype (``FP32_DOT``: in fp32). ``l_i``
+    sums the fp32 ``p``. ``EMU_CAST`` (interpreter only): round ``p`` on the e4m3 grid (PV8) or,
+    for a bf16 P.V of a QK8 tile, on the bf16 grid before the cast, as a GPU's conversion does."""
+    if QK8:
+        if QK_INT8:
+            qk = _int32_to_f32(tl.dot(q, kt, out_dtype=tl.int32), I2F_BITS)
+        else:
+            qk = tl.dot(q, kt)
     elif FP32_DOT:
         qk = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
     else:
@@ -156,12 +183,14 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    if FP8:
+    if PV8:
         p8 = p * 448.0
         if EMU_CAST:
             p8 = _round_e4m3(p8)
         acc = tl.dot(p8.to(v.dtype), v, acc)
     elif FP32_DOT:
+        if QK8 and EMU_CAST and v.dtype == tl.bfloat16:
+            p = _bf16_round(p)
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
@@ -170,10 +199,11 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
 
 @triton.jit
 def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base, v_base, desc_k, desc_v,
-               kv_row0, kv_col, vt_row0, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, TAIL: tl.constexpr,
-               HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, FP8: tl.constexpr, EMU_CAST: tl.constexpr,
-               EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, SUB_N: tl.constexpr, PLAN_BK: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               k_row0, k_col, v_row0, v_col, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, TAIL: tl.constexpr,
+               HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr, QK_INT8: tl.constexpr,
+               PV8: tl.constexpr, EMU_CAST: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
+               SUB_N: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               I2F_BITS: tl.constexpr):
     """Key tile ``j`` of a query block's full-block list (``SUB_N`` tiles per listed plan block):
     no token rule; ``TAIL`` masks columns past the sequence (the ragged last block only)."""
     kb = tl.load(f_idx + j // SUB_N)
@@ -182,23 +212,23 @@ def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias,
     if HAS_KEPT:
         bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
     tile_scale = qk_scale
-    if FP8:  # this key block's K dequantisation scale
+    if QK8:  # this key block's K dequantisation scale
         tile_scale = qk_scale * tl.load(KSC + ks_row + kb)
-    kt, v = _load_kv(k_base, v_base, desc_k, desc_v, kv_row0, kv_col, vt_row0, col0, offs_n, offs_d, stride_ks,
-                     stride_vs, S, D, TAIL, EVEN_D, USE_TMA, FP8, BLOCK_N, BLOCK_D)
+    kt, v = _load_kv(k_base, v_base, desc_k, desc_v, k_row0, k_col, v_row0, v_col, col0, offs_n, offs_d, stride_ks,
+                     stride_vs, S, D, TAIL, EVEN_D, USE_TMA, PV8, BLOCK_N, BLOCK_D)
     return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, ones, bias, False, TAIL, HAS_KEPT,
-                        FP32_DOT, FP8, EMU_CAST)
+                        FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST, I2F_BITS)
 
 
 @triton.jit
 def _sparse_flash_fwd(
     # ---- tensors: inputs / outputs (Q, O, LSE at original token positions; K, V in plan order)
-    Q, K, V, O, LSE, SCHED, DESC_K, DESC_V, ROW_B, ROW_H, COL_H, QPERM, qperm_h,
+    Q, K, V, O, LSE, SCHED, DESC_K, DESC_V, ROW_B, ROW_H, COL_H, VROW_B, VROW_H, VCOL_H, QPERM, qperm_h,
     # ---- plan tables: block lists, rule tables, rectification inputs
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     NA_TAB, BITS, SLOT, KEPT, PK, PV, PW,
-    # ---- FP8 dequantisation scales (FP8): Q per (b, h, query block), K per (b, kv head, key block),
-    # V per (b, kv head, channel)
+    # ---- dequantisation scales: Q per (b, h, query block), K per (b, kv head, key block) (QK8),
+    # V per (b, kv head, channel) (PV8)
     QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h,
     # ---- scalars
     S, H, HK_GROUP, qk_scale, NQT,
@@ -220,8 +250,8 @@ def _sparse_flash_fwd(
     # ---- modes and tile sizes
     RULE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_POOLED: tl.constexpr, RETURN_LSE: tl.constexpr,
     FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
-    RAGGED: tl.constexpr, Q_PERM: tl.constexpr, FP8: tl.constexpr, EMU_CAST: tl.constexpr,
-    WARP_SPEC: tl.constexpr,
+    RAGGED: tl.constexpr, Q_PERM: tl.constexpr, QK8: tl.constexpr, QK_INT8: tl.constexpr, PV8: tl.constexpr,
+    EMU_CAST: tl.constexpr, WARP_SPEC: tl.constexpr, I2F_BITS: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -258,11 +288,14 @@ def _sparse_flash_fwd(
         q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d < D)[None, :], other=0.0)
     k_base = K + b.to(tl.int64) * stride_kb + hk * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk * stride_vh
-    kv_row0 = b * ROW_B + hk * ROW_H  # descriptor row of token 0 of this (batch, kv head)
-    kv_col = hk * COL_H
-    vt_row0 = (b * (H // HK_GROUP) + hk) * D  # FP8: descriptor row of channel 0 of this V^T head
+    # descriptor coordinates (USE_TMA): K's row of token 0 of this (batch, kv head) and its column;
+    # V's the same, or with PV8 the row of channel 0 of this V^T head
+    k_row0 = b * ROW_B + hk * ROW_H
+    k_col = hk * COL_H
+    v_row0 = b * VROW_B + hk * VROW_H
+    v_col = hk * VCOL_H
     ks_row = b * ks_b + hk * ks_h
-    if FP8:  # the query block's Q dequantisation scale joins the softmax scale
+    if QK8:  # the query block's Q dequantisation scale joins the softmax scale
         qk_scale = qk_scale * tl.load(QSC + b * qs_b + h * qs_h + qb)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -283,15 +316,15 @@ def _sparse_flash_fwd(
     # WARP_SPEC: Triton's automatic warp specialisation of the main loop (opt-in, Hopper+)
     for j in tl.range(0, nmain * SUB_N, warp_specialize=WARP_SPEC):
         acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base,
-                                   v_base, DESC_K, DESC_V, kv_row0, kv_col, vt_row0, offs_n, offs_d, stride_ks,
-                                   stride_vs, S, D, qk_scale, False, HAS_KEPT, FP32_DOT, FP8, EMU_CAST, EVEN_D,
-                                   USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D)
+                                   v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, offs_n, offs_d, stride_ks,
+                                   stride_vs, S, D, qk_scale, False, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST,
+                                   EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS)
     if RAGGED:
         for j in range(nmain * SUB_N, nfb * SUB_N):
             acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones,
-                                       k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, vt_row0, offs_n, offs_d,
-                                       stride_ks, stride_vs, S, D, qk_scale, True, HAS_KEPT, FP32_DOT, FP8, EMU_CAST,
-                                       EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D)
+                                       k_base, v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, offs_n, offs_d,
+                                       stride_ks, stride_vs, S, D, qk_scale, True, HAS_KEPT, FP32_DOT, QK8, QK_INT8,
+                                       PV8, EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS)
 
     # ---- partial blocks: the token rule in-kernel
     npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb) * SUB_N
@@ -334,13 +367,14 @@ def _sparse_flash_fwd(
         if HAS_KEPT:
             bias = no_bias + tl.load(KEPT + kept_row + kb) * 1.4426950408889634
         tile_scale = qk_scale
-        if FP8:
+        if QK8:
             tile_scale = qk_scale * tl.load(KSC + ks_row + kb)
-        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, kv_row0, kv_col, vt_row0, col0, offs_n, offs_d, stride_ks,
-                         stride_vs, S, D, True, EVEN_D, USE_TMA, FP8, BLOCK_N, BLOCK_D)
+        kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, col0, offs_n, offs_d,
+                         stride_ks, stride_vs, S, D, True, EVEN_D, USE_TMA, PV8, BLOCK_N, BLOCK_D)
         # RULE 2 masks are 0 past the sequence end: no separate tail mask on the logits
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, ok, bias,
-                                     True, RULE != RULE_BLOCK_MASKS, HAS_KEPT, FP32_DOT, FP8, EMU_CAST)
+                                     True, RULE != RULE_BLOCK_MASKS, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST,
+                                     I2F_BITS)
 
     # ---- pooled columns of rectification (one per key block, weight -inf = absent)
     if HAS_POOLED:
@@ -348,15 +382,16 @@ def _sparse_flash_fwd(
             pc = c0 + offs_n
             pw = tl.load(PW + b * pw_b + h * pw_h + qb * pw_q + pc, mask=pc < NKB, other=float("-inf"))
             present = pw > float("-inf")
-            kt, v = _load_kv(PK + b * pk_b + h * pk_h, PV + b * pv_b + h * pv_h, DESC_K, DESC_V, 0, 0, 0, c0,
+            # (the launcher refuses pooled columns with a quantised precision)
+            kt, v = _load_kv(PK + b * pk_b + h * pk_h, PV + b * pv_b + h * pv_h, DESC_K, DESC_V, 0, 0, 0, 0, c0,
                              offs_n, offs_d, pk_s, pv_s, NKB, D, True, EVEN_D, False, False, BLOCK_N, BLOCK_D)
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, c0, offs_n, NKB, qk_scale, ones & present[None, :],
                                          no_bias + tl.where(present, pw, 0.0)[None, :] * 1.4426950408889634,
-                                         True, True, True, FP32_DOT, False, False)
+                                         True, True, True, FP32_DOT, False, False, False, False)
 
     denom = tl.where(l_i > 0, l_i, 1.0)
     out = acc / denom[:, None]
-    if FP8:  # dequantise P.V: the P factor 448 and the V channel scales
+    if PV8:  # dequantise P.V: the P factor 448 and the V channel scales
         vsc = tl.load(VSC + b * vs_b + hk * vs_h + offs_d, mask=offs_d < D, other=0.0)
         out = out * (vsc * (1.0 / 448.0))[None, :]
     out = tl.where((l_i > 0)[:, None], out, 0.0)

@@ -20,7 +20,7 @@ from triton.runtime.errors import OutOfResources
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .quant_fp8 import check_precision, fp8_support, lse_smoothing_correction, quantize_fp8_operands
+from .quant_fp8 import fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts, quantize_operands
 from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
 from .sparse_flash_gluon_launch import block_sparse_attention_gluon, gluon_mode, gluon_refusal
 from .sparse_flash_io import (TensorDescriptor, _bhs_strides, _bsh_strides, capability_major, check_triton_inputs,
@@ -40,7 +40,7 @@ def _env_int(name: str) -> Optional[int]:
 
 
 def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode: RuleMode,
-                  fp8: bool = False) -> dict:
+                  precision: Optional[str] = None) -> dict:
     """Tile sizes and launch settings for one call.
 
     The kernel's query/key tiles (``BLOCK_M`` x ``BLOCK_N``) may be smaller than the plan's blocks
@@ -51,8 +51,9 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     first, 2 all heads of a query tile adjacent),
     ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads), ``VIDATTN_WARP_SPECIALIZE``
     (1: Triton's automatic warp specialisation of the full-block loop, ``tl.range(...,
-    warp_specialize=True)``; off by default, an experiment for Hopper). ``fp8``: the call runs the
-    FP8 variant (full-block plans then take 128-key tiles at head dims up to 128).
+    warp_specialize=True)``; off by default, an experiment for Hopper). ``precision``: the call's
+    precision (None or a quantised one, :func:`.quant_fp8.precision_parts`); with 8-bit K and V
+    (``"fp8"``, ``"int8_fp8"``) full-block plans take 128-key tiles at head dims up to 128.
 
     Returns:
         dict with ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``stages`` (list to try in order),
@@ -62,8 +63,10 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     bm = min(plan.block_q, 128)
     masked = rule_mode != RuleMode.NONE
     # fp8 (1-byte K/V tiles), full blocks: 128-key tiles, 4 warps, 2 stages were the fastest of the
-    # H200 sweep (Wan shape: dense 9.73 ms vs 10.33 with 64-key tiles, d 0.25 2.78 vs 2.97 ms)
-    if fp8 and not masked and bd <= 128:
+    # H200 sweep (Wan shape: dense 9.73 ms vs 10.33 with 64-key tiles, d 0.25 2.78 vs 2.97 ms);
+    # int8_fp8 has the same tile bytes. int8 (1-byte K, 16-bit V) keeps the bf16 tiles.
+    _, pv8 = precision_parts(precision)
+    if pv8 and not masked and bd <= 128:
         bn = min(plan.block_k, 128)
     else:
         bn = min(plan.block_k, 64 if bd >= 128 else 128)
@@ -104,12 +107,20 @@ def _tma_ok(device: torch.device) -> bool:
 def _gluon_path(q, k, v, plan, precision):
     """The Hopper Gluon kernel's entry point when ``VIDATTN_GLUON`` and the case allow it, else None
     (the reason is kept in ``last_launch["gluon_refused"]``); with ``VIDATTN_GLUON=1`` a case it
-    cannot run raises :class:`TritonUnsupported`."""
+    cannot run raises :class:`TritonUnsupported`. In ``auto`` mode the quantised precisions take
+    the portable kernel: on the H200 (``benchmarks/gluon_ab.py --precisions``, Wan shape) the
+    Gluon kernel was 0.68-0.91x the portable one with an 8-bit P.V and 0.90-1.04x with
+    ``"int8"`` (slower at densities <= 0.25 and on neighborhood plans); ``VIDATTN_GLUON=1``
+    runs them on it."""
     if q.device.type != "cuda":  # the CPU interpreter: no Gluon
         return None
     mode = gluon_mode()
     if mode == "0":
         last_launch["gluon_refused"] = "VIDATTN_GLUON=0"
+        return None
+    if mode == "auto" and precision is not None:
+        last_launch["gluon_refused"] = (f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 "
+                                        "(measured faster there)")
         return None
     why = gluon_refusal(q, k, v, plan, precision)
     last_launch["gluon_refused"] = why
@@ -133,29 +144,33 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         plan: a BlockPlan on q's device (Bp in {1, B}, Hp in {1, H}); block sizes powers of two.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
-        precision: None (compute in the inputs' dtype) or ``"fp8"``: Q/K/V quantised to e4m3
-            (:mod:`.quant_fp8`: per-block Q/K scales with K smoothing, per-channel V scales) and
-            both matmuls on e4m3 operands with fp32 accumulation; forward only (no autograd
-            history), CUDA compute capability >= 8.9 (or the interpreter), no pooled
-            rectification columns. Output still in q's dtype.
+        precision: None (compute in the inputs' dtype) or a quantised precision
+            (:mod:`.quant_fp8`; per-block Q/K scales with K smoothing): ``"fp8"``: Q/K/V in e4m3
+            (per-channel V scales), both matmuls on e4m3 operands with fp32 accumulation;
+            ``"int8"``: int8 Q/K (an int32 Q.K^T), P.V in the inputs' dtype (fp32 for fp32
+            inputs); ``"int8_fp8"``: int8 Q.K^T and fp8's e4m3 P.V. All: forward only (no
+            autograd history), CUDA compute capability >= 8.9 (or the interpreter), no pooled
+            rectification columns; the LSE is exact up to the quantisation (the smoothing
+            shift added back). Output still in q's dtype.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the LSE).
     Raises:
         TritonUnsupported: for cases the kernel does not handle (the dispatcher falls back).
-        ValueError: ``precision`` is not None / ``"fp8"``.
+        ValueError: ``precision`` is not one of None, ``"fp8"``, ``"int8"``, ``"int8_fp8"``.
     """
-    fp8 = check_precision(precision) == "fp8"
+    qk_fmt, pv8 = precision_parts(precision)
+    quant = qk_fmt is not None
     plan, scale = prepare_call(q, k, v, plan, scale)
     gluon = _gluon_path(q, k, v, plan, precision)
     if gluon is not None:
-        return gluon(q, k, v, plan, scale, return_lse)
+        return gluon(q, k, v, plan, scale, return_lse, precision)
     last_launch["path"] = "portable"
-    if fp8:
-        ok, why = fp8_support(q.device)
+    if quant:
+        ok, why = fp8_support(q.device, precision)
         if not ok:
             raise TritonUnsupported(why)
         if plan.rectification is not None and plan.rectification.has_pooled:
-            raise TritonUnsupported("precision='fp8' does not fuse pooled rectification columns")
+            raise TritonUnsupported(f"precision={precision!r} does not fuse pooled rectification columns")
     q_in = q
     B, S, H, D = q.shape
     Hk = k.shape[2]
@@ -167,14 +182,18 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     q_bhs = _bsh_strides
     kperm = plan.key_perm  # keys may have their own order (kv_perm)
     kh, vh, kv_bhs = kv_in_plan_order(k, v, plan, H)
+    k_bhs = v_bhs = kv_bhs  # (batch, head, token) strides of the tensors the kernel reads
     Hk = kh.shape[1] if kperm is not None else Hk
-    fp8_ops = None
-    if fp8:  # quantisation prologue: e4m3 Q (original order), smoothed K and transposed V (plan order)
+    qops = None
+    if quant:  # quantisation prologue: 8-bit Q (original order), smoothed K, and for an 8-bit P.V
+        # transposed V (plan order); the int8 precision reads V itself
         k_bhsd = kh if kperm is not None else kh.transpose(1, 2)
         v_bhsd = vh if kperm is not None else vh.transpose(1, 2)
-        fp8_ops = quantize_fp8_operands(q, k_bhsd, v_bhsd, plan.perm, plan.block_q, plan.block_k)
-        q, kh, vh = fp8_ops.q8, fp8_ops.k8, fp8_ops.vt8
-        kv_bhs = _bhs_strides  # (V^T: channel-row stride)
+        qops = quantize_operands(q, k_bhsd, v_bhsd, plan.perm, plan.block_q, plan.block_k, precision)
+        q, kh = qops.q8, qops.k8
+        k_bhs = _bhs_strides
+        if pv8:
+            vh, v_bhs = qops.vt8, _bhs_strides  # (V^T: channel-row stride)
     qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 
@@ -196,23 +215,24 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     pw_t = pw if pooled else fdummy
 
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    cfg = launch_config(plan, D, q_in.dtype, rule_mode, fp8=fp8)
+    cfg = launch_config(plan, D, q_in.dtype, rule_mode, precision=precision)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
     nqt = triton.cdiv(S, BM)
-    use_tma = BLOCK_D == D and _tma_ok(dev) and q.dtype != torch.float32
+    use_tma = BLOCK_D == D and _tma_ok(dev) and torch.float32 not in (kh.dtype, vh.dtype)
     dk = dv = None
-    if use_tma:
-        dk = kv_descriptor(kh, kv_bhs(kh), B, Hk, S, BN)
-        if fp8:  # V^T [B, Hk, D, S_pad] as rows (b, h, channel) x tokens; boxes of D channels x BN tokens
+    if use_tma:  # K and V each as (descriptor, row_b, row_h, col_h): tile at (b*row_b + h*row_h + col0, h*col_h)
+        dk = kv_descriptor(kh, k_bhs(kh), B, Hk, S, BN)
+        if pv8:  # V^T [B, Hk, D, S_pad] as rows (b, h, channel) x tokens; boxes of D channels x BN tokens
             dv = (TensorDescriptor(vh, shape=[B * Hk * D, vh.shape[-1]], strides=[vh.shape[-1], 1],
-                                   block_shape=[D, BN]),) + (dk[1:] if dk is not None else ())
+                                   block_shape=[D, BN]), Hk * D, D, 0)
         else:
-            dv = kv_descriptor(vh, kv_bhs(vh), B, Hk, S, BN)
-        use_tma = dk is not None and dv is not None and dk[1:] == dv[1:]
+            dv = kv_descriptor(vh, v_bhs(vh), B, Hk, S, BN)
+        use_tma = dk is not None and dv is not None
+    last_launch["use_tma"] = use_tma
     if use_tma:
-        desc_k, desc_v, (row_b, row_h, col_h) = dk[0], dv[0], dk[1:]
+        (desc_k, row_b, row_h, col_h), (desc_v, vrow_b, vrow_h, vcol_h) = dk, dv
     else:
-        desc_k, desc_v, row_b, row_h, col_h = kh, vh, 0, 0, 0
+        desc_k, desc_v, row_b, row_h, col_h, vrow_b, vrow_h, vcol_h = kh, vh, 0, 0, 0, 0, 0, 0
     if cfg["sched"] != ProgramOrder.NATURAL:
         sched = program_schedule(plan, B, H, BM, cfg["sched"])
         grid = (sched.numel(),)
@@ -220,20 +240,22 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         sched = fnum
         grid = (nqt, B * H)
     io = dict(Q=q, K=kh, V=vh, O=out, LSE=lse, SCHED=sched, DESC_K=desc_k, DESC_V=desc_v, ROW_B=row_b, ROW_H=row_h,
-              COL_H=col_h, QPERM=qperm if qperm is not None else fnum,
+              COL_H=col_h, VROW_B=vrow_b, VROW_H=vrow_h, VCOL_H=vcol_h, QPERM=qperm if qperm is not None else fnum,
               qperm_h=0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0))
     plan_tables = dict(FULL_NUM=fnum, FULL_IDX=fidx, PART_NUM=pnum, PART_IDX=pidx, NA_TAB=na, BITS=bits, SLOT=slot,
                        KEPT=kept_t, PK=pk_t, PV=pv_t, PW=pw_t)
-    if fp8:
-        qsc, ksc, vsc = fp8_ops.q_scale, fp8_ops.k_scale, fp8_ops.v_scale
-        fp8_scales = dict(QSC=qsc, KSC=ksc, VSC=vsc, qs_b=qsc.stride(0), qs_h=qsc.stride(1), ks_b=ksc.stride(0),
-                          ks_h=ksc.stride(1), vs_b=vsc.stride(0), vs_h=vsc.stride(1))
-    else:
-        fp8_scales = dict(QSC=fdummy, KSC=fdummy, VSC=fdummy, qs_b=0, qs_h=0, ks_b=0, ks_h=0, vs_b=0, vs_h=0)
+    quant_scales = dict(QSC=fdummy, KSC=fdummy, VSC=fdummy, qs_b=0, qs_h=0, ks_b=0, ks_h=0, vs_b=0, vs_h=0)
+    if quant:  # Q per (b, h, query block), K per (b, kv head, key block)
+        qsc, ksc = qops.q_scale, qops.k_scale
+        quant_scales.update(QSC=qsc, KSC=ksc, qs_b=qsc.stride(0), qs_h=qsc.stride(1), ks_b=ksc.stride(0),
+                            ks_h=ksc.stride(1))
+    if pv8:  # V per (b, kv head, channel)
+        vsc = qops.v_scale
+        quant_scales.update(VSC=vsc, vs_b=vsc.stride(0), vs_h=vsc.stride(1))
     scalars = dict(S=S, H=H, HK_GROUP=H // Hk, qk_scale=scale * LOG2E, NQT=nqt, NKB=plan.num_k_blocks, D=D)
     io_strides = dict(zip(("stride_qb", "stride_qh", "stride_qs"), q_bhs(q)))
-    io_strides.update(zip(("stride_kb", "stride_kh", "stride_ks"), kv_bhs(kh)))
-    io_strides.update(zip(("stride_vb", "stride_vh", "stride_vs"), kv_bhs(vh)))
+    io_strides.update(zip(("stride_kb", "stride_kh", "stride_ks"), k_bhs(kh)))
+    io_strides.update(zip(("stride_vb", "stride_vh", "stride_vs"), v_bhs(vh)))
     io_strides.update(zip(("stride_ob", "stride_oh", "stride_os"), q_bhs(out)))
     (fn_b, fn_h), (fi_b, fi_h), (pn_b, pn_h), (pi_b, pi_h) = (plan_bh_strides(x) for x in (fnum, fidx, pnum, pidx))
     (slot_b, slot_h), (kept_b, kept_h), (pw_b, pw_h) = (plan_bh_strides(x) for x in (slot, kept_t, pw_t))
@@ -249,15 +271,18 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     modes = dict(
         RULE=int(rule_mode), HAS_KEPT=kept is not None, HAS_POOLED=pooled, RETURN_LSE=return_lse,
         # fp32 inputs: exact fp32 dots; the interpreter's bf16 dot is broken (triton 3.8), so upcast there
-        FP32_DOT=q.dtype == torch.float32 or (interpreting() and q.dtype == torch.bfloat16),
-        FP8=fp8, EMU_CAST=fp8 and interpreting(), WARP_SPEC=cfg["warp_specialize"],
+        # (with QK8 this concerns the 16-bit P.V only; with PV8 neither dot)
+        FP32_DOT=q_in.dtype == torch.float32 or (interpreting() and q_in.dtype == torch.bfloat16),
+        QK8=quant, QK_INT8=qk_fmt == "int8", PV8=pv8, EMU_CAST=quant and interpreting(),
+        I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
+        WARP_SPEC=cfg["warp_specialize"],
         EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != ProgramOrder.NATURAL, USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BLOCK_D,
     )
-    kernel_args = {**io, **plan_tables, **fp8_scales, **scalars, **io_strides, **table_strides, **rule_params, **modes}
-    key = (BM, BN, BLOCK_D, q.dtype, int(rule_mode), pooled, use_tma, cfg["num_warps"], tuple(cfg["stages"]),
-           cfg["warp_specialize"])
+    kernel_args = {**io, **plan_tables, **quant_scales, **scalars, **io_strides, **table_strides, **rule_params, **modes}
+    key = (BM, BN, BLOCK_D, q.dtype, vh.dtype, int(rule_mode), pooled, use_tma, cfg["num_warps"],
+           tuple(cfg["stages"]), cfg["warp_specialize"])
     last = None
     for stages in ([_stages_ok[key]] if key in _stages_ok else cfg["stages"]):
         try:
@@ -277,6 +302,6 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                                     f"({cfg['num_warps']} warps): {str(e).splitlines()[0][:200]}") from e
     else:
         raise TritonUnsupported(f"kernel does not fit this GPU: {last}")
-    if fp8 and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
-        lse = lse + lse_smoothing_correction(q_in, fp8_ops.k_mean, scale)
+    if quant and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
+        lse = lse + lse_smoothing_correction(q_in, qops.k_mean, scale)
     return (out, lse) if return_lse else out

@@ -159,9 +159,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--timing-repeats", type=int, default=2)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--no-probes", action="store_true")
-    p.add_argument("--precision", choices=("fp8",), default=None,
-                   help="precision of vidattn's sparse calls (default: the model's dtype); fp8: triton on CUDA, compute "
-                        "capability >= 8.9 (the dense reference is unchanged)")
+    p.add_argument("--precision", choices=("fp8", "int8", "int8_fp8"), default=None,
+                   help="precision of vidattn's sparse calls (default: the model's dtype): triton on CUDA, compute "
+                        "capability >= 8.9 (the dense reference is unchanged); fp8: e4m3 Q.K^T and P.V, int8: int8 "
+                        "Q.K^T and 16-bit P.V, int8_fp8: int8 Q.K^T and e4m3 P.V")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", default="pareto")
     a = p.parse_args(argv)

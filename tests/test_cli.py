@@ -325,6 +325,10 @@ def test_info(capsys):
         assert name in out
     if not torch.cuda.is_available():
         assert "triton forward kernel: portable (the Gluon kernel needs a Hopper GPU, sm_90)" in out
+    assert "triton precisions" in out
+    for line in ("fp8        e4m3 Q.K^T, e4m3 P.V: ", "int8       int8 Q.K^T, 16-bit P.V: ",
+                 "int8_fp8   int8 Q.K^T, e4m3 P.V: "):
+        assert line in out, out
 
 
 def test_bench_and_quality_dispatch(capsys, monkeypatch, tmp_path):
@@ -341,7 +345,8 @@ def test_bench_and_quality_dispatch(capsys, monkeypatch, tmp_path):
     assert rc == 0 and "attention" in out
 
 
-def test_quality_fp8_needs_a_cuda_device(tmp_path, capsys):
-    assert_usage_error(["quality", "--model", "tiny-wan", "--precision", "fp8", "--device", "cpu",
-                        "--out", str(tmp_path / "q")], capsys, "--precision fp8 needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp8", "int8", "int8_fp8"])
+def test_quality_fp8_needs_a_cuda_device(tmp_path, capsys, precision):
+    assert_usage_error(["quality", "--model", "tiny-wan", "--precision", precision, "--device", "cpu",
+                        "--out", str(tmp_path / "q")], capsys, f"--precision {precision} needs a CUDA GPU")
     assert not (tmp_path / "q").exists()

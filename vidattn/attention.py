@@ -269,7 +269,8 @@ _PRECISION: "contextvars.ContextVar[Optional[str]]" = contextvars.ContextVar("vi
 @contextlib.contextmanager
 def precision(name: Optional[str]):
     """Context manager: every vidattn attention call inside it that names no ``precision`` of its
-    own runs in ``name`` (None or ``"fp8"``), e.g. a whole pipeline call::
+    own runs in ``name`` (None, ``"fp8"``, ``"int8"`` or ``"int8_fp8"``; see
+    :func:`sparse_attention`), e.g. a whole pipeline call::
 
         with vidattn.precision("fp8"):
             video = pipe(...)
@@ -375,12 +376,18 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
             :func:`vidattn.backends.register_backend`.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
-        precision: None (compute in the inputs' dtype, fp32 accumulate) or ``"fp8"``: the triton
-            backend's opt-in e4m3 path (per-block Q/K quantisation with K smoothing, FP8 P.V;
-            :mod:`vidattn.kernels.quant_fp8`): forward only, CUDA compute capability >= 8.9,
-            no pooled rectification; no other backend offers it, so a case it cannot run raises
-            ``BackendUnsupported`` with the reason (never a silent bf16 fallback). Output in q's
-            dtype; expect ~2-5% relative L2 error vs exact attention (e4m3 has 3 mantissa bits).
+        precision: None (compute in the inputs' dtype, fp32 accumulate) or one of the triton
+            backend's opt-in quantised paths (per-block Q/K quantisation with K smoothing;
+            :mod:`vidattn.kernels.quant_fp8`):
+
+            * ``"int8"``: int8 Q.K^T (int32 accumulate), P.V in the inputs' 16-bit dtype; the
+              most accurate, ~1.4% relative L2 error vs exact attention on Gaussian inputs;
+            * ``"int8_fp8"``: int8 Q.K^T and an e4m3 P.V (per-channel V scales); ~4%;
+            * ``"fp8"``: e4m3 Q.K^T and P.V; ~5% (e4m3 has 3 mantissa bits).
+
+            All: forward only, CUDA compute capability >= 8.9, no pooled rectification; no
+            other backend offers them, so a case they cannot run raises ``BackendUnsupported``
+            with the reason (never a silent bf16 fallback). Output in q's dtype.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the lse).
 

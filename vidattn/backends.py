@@ -57,7 +57,8 @@ class Backend:
         fallback: names tried next, in order, when this backend cannot run a case.
         auto_devices: device types on which ``"auto"`` may pick it (None: any); e.g. the Triton
             kernel runs on CPU only under ``TRITON_INTERPRET=1``, a debugging path auto never takes.
-        precisions: compute precisions it offers: None (the inputs' dtype) and e.g. ``"fp8"``. For a
+        precisions: compute precisions it offers: None (the inputs' dtype) and e.g. ``"fp8"``,
+            ``"int8"``, ``"int8_fp8"`` (the triton backend's quantised paths). For a
             precision other than None the dispatcher calls ``can_run(..., precision=p)`` and
             ``run(..., precision=p)``; a backend that does not list it is never chosen for it.
     """
@@ -255,15 +256,15 @@ def _triton_can_run(plan, q, k, v, precision=None) -> Verdict:
         check_triton_inputs(q, k, v, plan)
     except BackendUnsupported as e:
         return False, str(e)
-    if precision == "fp8":
+    if precision is not None:  # the quantised precisions ("fp8", "int8", "int8_fp8"): the same refusals
         from vidattn.kernels.quant_fp8 import fp8_support
 
         if grad_required(q, k, v):
-            return False, "precision='fp8' is forward only (q/k/v require grad; the backward is bf16)"
+            return False, f"precision={precision!r} is forward only (q/k/v require grad; the backward is bf16)"
         rect = plan.rectification
         if rect is not None and rect.has_pooled:
-            return False, "precision='fp8' does not fuse pooled rectification columns"
-        return fp8_support(q.device)
+            return False, f"precision={precision!r} does not fuse pooled rectification columns"
+        return fp8_support(q.device, precision)
     if plan.kv_perm is not None and grad_required(q, k, v):
         return False, "the Triton backward does not support a separate key order (kv_perm, Clustered)"
     return True, ""
@@ -290,8 +291,8 @@ def _run_flex(*args, **kwargs):
 
 def _run_triton(*args, precision=None, **kwargs):
     # the differentiable wrapper: plain forward without grad; with grad, the Triton block-sparse
-    # backward from the saved LSE (vidattn.kernels.sparse_flash_autograd). precision="fp8" is the
-    # forward only (can_run refuses it when gradients are needed)
+    # backward from the saved LSE (vidattn.kernels.sparse_flash_autograd). The quantised precisions
+    # ("fp8", "int8", "int8_fp8") are the forward only (can_run refuses them when gradients are needed)
     if precision is not None:
         from vidattn.kernels.sparse_flash import block_sparse_attention_triton
 
@@ -310,7 +311,7 @@ def _register_builtins() -> None:
                      differentiable=True, fallback=("reference",), auto_devices=("cuda",))
     register_backend("triton", _run_triton,
                      _triton_can_run, differentiable=True, fallback=("flex", "reference"), auto_devices=("cuda",),
-                     precisions=(None, "fp8"))
+                     precisions=(None, "fp8", "int8", "int8_fp8"))
 
 
 _register_builtins()

@@ -43,7 +43,7 @@ def _refusal(q=None, plan=None, precision=None, dtype=torch.bfloat16, D=128):
 
 
 def test_refuses_what_it_does_not_run(monkeypatch):
-    assert "precision='fp8'" in _refusal(precision="fp8")
+    assert "precision='int4'" in _refusal(precision="int4")
     assert "dtype torch.float32" in _refusal(dtype=torch.float32)
     assert "head dim 96" in _refusal(D=96)
     assert "plan blocks 32x64" in _refusal(plan=random_full_plan(256, 2, 0.5, 32, 64, seed=0))
@@ -66,10 +66,14 @@ def test_mode_is_checked(monkeypatch):
 
 
 def test_stage_count_fits_shared_memory():
-    for bq, bk, d, want in ((128, 128, 128, 2), (128, 64, 128, 4), (128, 128, 64, 4), (64, 64, 128, 2),
-                            (64, 64, 64, 4), (64, 128, 64, 2), (64, 128, 128, 1)):
-        cfg = gluon_launch.gluon_config(bq, bk, d)
-        assert cfg["STAGES"] == want and cfg["SPLIT"] == (bq == 64)
+    # 227 KiB: Q (128 rows), 24 KiB of scratch, then rings of K + V tiles (1 byte per 8-bit value)
+    for bq, bk, d, precision, want in (
+            (128, 128, 128, None, 2), (128, 64, 128, None, 4), (128, 128, 64, None, 4), (64, 64, 128, None, 2),
+            (64, 64, 64, None, 4), (64, 128, 64, None, 2), (64, 128, 128, None, 1),
+            (128, 128, 128, "int8", 3), (128, 128, 128, "fp8", 4), (64, 128, 128, "int8", 1),
+            (64, 128, 128, "int8_fp8", 2)):
+        cfg = gluon_launch.gluon_config(bq, bk, d, precision)
+        assert cfg["STAGES"] == want and cfg["SPLIT"] == (bq == 64), (bq, bk, d, precision)
 
 
 def test_refuses_kv_strides_without_a_descriptor():
@@ -109,28 +113,39 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon._runtime import GluonASTSource
 from vidattn.kernels.sparse_flash_gluon import _gluon_sparse_flash_fwd
 
-SPLIT = __SPLIT__
-
-layout = gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16)
-desc = f"tensordesc<bf16[128, 128],{layout!r}>"
-ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H NQT NUM_TILES NQB NKB stride_qb stride_qh stride_qs stride_ob "
-        "stride_oh stride_os fn_b fn_h fi_b fi_h fi_q pn_b pn_h pi_b pi_h pi_q slot_b slot_h").split()
-sig = dict(desc_k=desc, desc_v=desc, Q="*bf16", O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
-           QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", qk_scale="fp32",
-           **{n: "i32" for n in ints})
+SPLIT, PRECISION, I2F_BITS = __SPLIT__, __PRECISION__, __I2F_BITS__
+QK8, QK_INT8, PV8 = PRECISION is not None, PRECISION in ("int8", "int8_fp8"), PRECISION in ("fp8", "int8_fp8")
+qk_t, qk_gl = ("i8", gl.int8) if QK_INT8 else ("fp8e4nv", gl.float8e4nv) if QK8 else ("bf16", gl.bfloat16)
+desc_k = f"tensordesc<{qk_t}[128, 128],{gl.NVMMASharedLayout.get_default_for([128, 128], qk_gl)!r}>"
+v_t, v_gl = ("fp8e4nv", gl.float8e4nv) if PV8 else ("bf16", gl.bfloat16)
+desc_v = f"tensordesc<{v_t}[128, 128],{gl.NVMMASharedLayout.get_default_for([128, 128], v_gl)!r}>"
+ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H VROW_B VROW_H VCOL_H NQT NUM_TILES NQB NKB stride_qb stride_qh "
+        "stride_qs stride_ob stride_oh stride_os fn_b fn_h fi_b fi_h fi_q pn_b pn_h pi_b pi_h pi_q slot_b slot_h "
+        "qs_b qs_h ks_b ks_h vs_b vs_h").split()
+sig = dict(desc_k=desc_k, desc_v=desc_v, Q="*" + qk_t, O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
+           QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", QSC="*fp32", KSC="*fp32",
+           VSC="*fp32", qk_scale="fp32", **{n: "i32" for n in ints})
 const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, HAS_PARTIAL=True,
-             BLOCK_N=128, BLOCK_D=128, CONSUMER_REGS=240,
-             PRODUCER_REGS=24)
+             BLOCK_N=128, BLOCK_D=128, QK8=QK8, QK_INT8=QK_INT8, PV8=PV8, PV_SPLIT_ACC=True, I2F_BITS=I2F_BITS,
+             CONSUMER_REGS=240, PRODUCER_REGS=24)
 sig.update({n: "constexpr" for n in const})
 c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4})
 print(json.dumps(dict(ptx=c.asm["ptx"], num_warps=c.metadata.num_warps, cubin=len(c.asm.get("cubin", b"")))))
 """
 
+# the wgmma of S = Q K^T and of O += P V in each precision
+_MMAS = {None: ("m64n128k16.f32.bf16.bf16", "m64n128k16.f32.bf16.bf16"),
+         "int8": ("m64n128k32.s32.s8.s8", "m64n128k16.f32.bf16.bf16"),
+         "fp8": ("m64n128k32.f32.e4m3.e4m3", "m64n128k32.f32.e4m3.e4m3"),
+         "int8_fp8": ("m64n128k32.s32.s8.s8", "m64n128k32.f32.e4m3.e4m3")}
+
 
 @pytest.mark.skipif(gluon_launch.gluon_available() is not None, reason="no usable Gluon Hopper module")
-@pytest.mark.parametrize("split", [False, True])
-def test_builds_for_sm90(split):
+@pytest.mark.parametrize("split,precision,i2f_bits", [(False, None, False), (True, None, False), (False, "int8", False),
+                                                      (True, "fp8", False), (False, "int8_fp8", False),
+                                                      (True, "int8", True)])
+def test_builds_for_sm90(split, precision, i2f_bits):
     """Compiled to PTX and a cubin in a fresh process (Gluon kernels do not build under the
     interpreter this suite runs in)."""
     import json
@@ -139,8 +154,9 @@ def test_builds_for_sm90(split):
     import sys
 
     env = dict(os.environ, TRITON_INTERPRET="0")
-    run = subprocess.run([sys.executable, "-c", _BUILD_SCRIPT.replace("__SPLIT__", str(split))], env=env,
-                         capture_output=True, text=True, timeout=300)
+    script = (_BUILD_SCRIPT.replace("__SPLIT__", str(split)).replace("__PRECISION__", repr(precision))
+              .replace("__I2F_BITS__", str(i2f_bits)))
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     if run.returncode != 0 and "ptxas" in run.stderr.lower():
         pytest.skip(f"no CUDA toolchain in this Triton install: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -151,6 +167,16 @@ def test_builds_for_sm90(split):
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # warpgroup MMAs, register hand-over
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # S of the next tile overlaps P.V of this one
     assert built["num_warps"] == 12  # 4 + 4 consumer warps, 1 load warp padded to a warpgroup
+    import re
+    mmas = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k\d+\.\w+\.\w+\.\w+)", ptx))
+    assert mmas == set(_MMAS[precision]), mmas
+    if precision in ("fp8", "int8_fp8"):  # the e4m3 P register operand is held past its MMA's wait
+        assert "// hold" in ptx
+    if precision in ("int8", "int8_fp8"):  # int32 logits: the conversion instruction, or bit arithmetic
+        # (64 logits per thread per 64 x 128 tile, two softmax call sites, two consumer warpgroups = 256;
+        # a few other conversions remain in every mode)
+        n_cvt = ptx.count("cvt.rn.f32.s32")
+        assert (n_cvt < 64) if i2f_bits else (n_cvt >= 256), n_cvt
 
 
 # ---- values on a Hopper GPU
@@ -228,3 +254,72 @@ def test_auto_mode_takes_portable_kernel_when_it_cannot_run(monkeypatch):
     monkeypatch.setenv("VIDATTN_GLUON", "1")
     with pytest.raises(TritonUnsupported, match="head dim 96"):
         block_sparse_attention_triton(q, k, v, plan)
+    # quantised precisions: the portable kernel unless VIDATTN_GLUON=1 (it was faster there)
+    q, k, v = (t.cuda() for t in random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=1))
+    monkeypatch.setenv("VIDATTN_GLUON", "auto")
+    block_sparse_attention_triton(q, k, v, plan, precision="int8")
+    assert last_launch["path"] == "portable" and "VIDATTN_GLUON=1" in last_launch["gluon_refused"]
+
+
+# relative L2 error vs the float64 reference on Gaussian inputs allowed per quantised precision
+# (the portable kernel's quantisation error, tests/kernels/test_sparse_flash_fp8.py), and how far the
+# Gluon kernel may sit from the portable kernel of the same precision (same operands, other MMA order)
+_QUANT_TOL = {"int8": 0.03, "int8_fp8": 0.08, "fp8": 0.12}
+_QUANT_DIFF = {"int8": 0.01, "int8_fp8": 0.03, "fp8": 0.03}
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision", ["int8", "int8_fp8", "fp8"])
+@pytest.mark.parametrize("S,H,Hk,D,bq,bk,density,perm,lse", [
+    (1000, 4, 2, 128, 128, 128, 0.3, True, True),  # ragged, grouped K/V, permuted, LSE
+    (777, 2, 1, 64, 128, 64, 0.6, False, True),
+    (1000, 2, 1, 128, 64, 64, 0.4, True, False),  # 64-token query blocks: a list per warpgroup
+    (2048, 2, 2, 128, 128, 128, 1.0, False, False),  # dense plan
+])
+def test_quantised_precisions_match_the_portable_kernel_and_reference(precision, S, H, Hk, D, bq, bk, density, perm,
+                                                                      lse, monkeypatch):
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    q, k, v = (t.cuda() for t in random_qkv(1, S, H, Hk, D, torch.bfloat16, seed=S + D))
+    plan = random_full_plan(S, H, density, bq, bk, seed=S, perm=perm, device="cuda")
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    got = block_sparse_attention_triton(q, k, v, plan, return_lse=lse, precision=precision)
+    assert last_launch["path"] == "gluon-hopper"
+    monkeypatch.setenv("VIDATTN_GLUON", "0")
+    port = block_sparse_attention_triton(q, k, v, plan, return_lse=lse, precision=precision)
+    assert last_launch["path"] == "portable"
+    want = reference(q.double(), k.double(), v.double(), plan, return_lse=lse)
+    if lse:
+        (got, got_lse), (port, port_lse), (want, want_lse) = got, port, want
+        lse_err = (got_lse.double() - want_lse).abs().mean()
+        assert lse_err < max(0.1, 1.5 * float((port_lse.double() - want_lse).abs().mean())), float(lse_err)
+    err, port_err = _rel(got, want), _rel(port, want)
+    assert err < _QUANT_TOL[precision], (precision, err)
+    assert err < 1.1 * port_err + 2e-3, (precision, err, port_err)  # no worse than the portable kernel
+    assert _rel(got, port) < _QUANT_DIFF[precision], (precision, _rel(got, port))
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision", ["int8", "int8_fp8"])
+def test_quantised_partial_blocks(precision, monkeypatch):
+    """A 3-D neighborhood with text tokens (partial blocks through their token masks) in a
+    quantised precision: against the float64 reference and the portable kernel."""
+    import vidattn
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    H = 2
+    plan = vidattn.Neighborhood(kernel_size=(3, 5, 7), block_size=128).plan(
+        vidattn.TokenLayout((4, 12, 16), suffix=20), num_heads=H).to("cuda")
+    assert plan.has_partial
+    q, k, v = (t.cuda() for t in random_qkv(1, plan.seq_len, H, H, 128, torch.bfloat16, seed=7))
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    got = block_sparse_attention_triton(q, k, v, plan, precision=precision)
+    assert last_launch["path"] == "gluon-hopper"
+    monkeypatch.setenv("VIDATTN_GLUON", "0")
+    port = block_sparse_attention_triton(q, k, v, plan, precision=precision)
+    want = reference(q.double(), k.double(), v.double(), plan)
+    assert _rel(got, want) < _QUANT_TOL[precision] and _rel(got, port) < _QUANT_DIFF[precision]

@@ -1,4 +1,5 @@
-"""`vidattn info`: versions, GPU, usable backends and the triton backend's forward kernel."""
+"""`vidattn info`: versions, GPU, usable backends, the triton backend's forward kernel and its
+quantised precisions."""
 
 from __future__ import annotations
 
@@ -40,6 +41,26 @@ def _forward_kernel(dev: str) -> str:
             "rectification; portable otherwise")
 
 
+_PRECISION_TEXT = {"fp8": "e4m3 Q.K^T, e4m3 P.V", "int8": "int8 Q.K^T, 16-bit P.V",
+                   "int8_fp8": "int8 Q.K^T, e4m3 P.V"}
+
+
+def _precisions(dev: str) -> list:
+    """One line per quantised precision of the triton backend: what it quantises and whether it
+    runs here (``vidattn.kernels.quant_fp8.fp8_support``'s verdict)."""
+    try:
+        import torch
+
+        from vidattn.kernels.quant_fp8 import PRECISIONS, fp8_support
+    except ImportError as e:  # triton not installed
+        return [f"  (none: {e})"]
+    lines = []
+    for p in PRECISIONS[1:]:
+        ok, why = fp8_support(torch.device(dev), p)
+        lines.append(f"  {p:<10} {_PRECISION_TEXT.get(p, '')}: {'yes' if ok else 'no, ' + why}")
+    return lines
+
+
 def run(a) -> int:
     import torch
 
@@ -65,4 +86,7 @@ def run(a) -> int:
     for name, status in vidattn.available_backends(dev).items():
         print(f"  {name:<10} {status}")
     print(f"triton forward kernel: {_forward_kernel(dev)}")
+    print("triton precisions (opt-in, forward only; precision= / vidattn.precision(...)):")
+    for line in _precisions(dev):
+        print(line)
     return 0

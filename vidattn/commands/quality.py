@@ -28,9 +28,10 @@ def add_parser(sub):
     q.add_argument("--attention-stats", action="store_true",
                    help="also measure the attention structure (quality/attention_stats.py) into the report and print it")
     q.add_argument("--no-cache", action="store_true", help="do not read or write the dense-video cache")
-    q.add_argument("--precision", choices=("fp8",), default=None,
-                   help="precision of vidattn's sparse calls (default: the model's dtype, fp32 accumulate); fp8: "
-                        "e4m3, triton backend on compute capability >= 8.9 (the dense reference is unchanged)")
+    q.add_argument("--precision", choices=("fp8", "int8", "int8_fp8"), default=None,
+                   help="precision of vidattn's sparse calls (default: the model's dtype, fp32 accumulate), on the "
+                        "triton backend, compute capability >= 8.9 (the dense reference is unchanged): fp8: e4m3 "
+                        "Q.K^T and P.V; int8: int8 Q.K^T, 16-bit P.V; int8_fp8: int8 Q.K^T, e4m3 P.V")
     q.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     q.add_argument("--out", default="quality_out", help="output folder (must be empty or new unless --overwrite)")
     q.add_argument("--overwrite", action="store_true")
@@ -69,8 +70,9 @@ def run(a) -> int:
         import torch
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if a.precision == "fp8" and not str(a.device).startswith("cuda"):
-        raise UsageError(f"--precision fp8 needs a CUDA GPU (compute capability >= 8.9), got --device {a.device}")
+    if a.precision is not None and not str(a.device).startswith("cuda"):
+        raise UsageError(f"--precision {a.precision} needs a CUDA GPU (compute capability >= 8.9), "
+                         f"got --device {a.device}")
     quiet = a.quiet
     a.quiet = a.quiet or a.json
     from vidattn.attention import precision
