@@ -595,7 +595,7 @@ def run_quant(args, log):
                 for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
                     try:
                         prologue[impl] = round(_bench(lambda: quant_fp8.quantize_operands(
-                            q, kb, vb, plan.perm, plan.block_q, plan.block_k, prec, impl=impl)), 3)
+                            q, kb, vb, plan.block_k, prec, impl=impl)), 3)
                     except Exception as e:  # noqa: BLE001
                         log(dict(shape=label, mode="fp8", name=f"{prec}-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
                 rf = rec(label, f"triton-{prec}-{tag}", quant_fn(q, k, v, plan, prec), fl,

@@ -17,8 +17,8 @@ key tokens (``SPLIT``: with 64-token query blocks each consumer warpgroup follow
 key list through its own ring), full blocks and partial blocks (``HAS_PARTIAL``: the precomputed
 uint8 token mask of each listed partial block is read under the S MMA), no rectification. 8-bit
 operands (the quantisation prologue is :mod:`.quant_fp8`): ``QK8``: Q and K arrive as int8
-(``QK_INT8``, an s8 x s8 -> s32 wgmma) or e4m3 with fp32 scales per plan query block / key block,
-folded into each tile's logit scale; ``PV8``: V arrives transposed and quantised per channel
+(``QK_INT8``, an s8 x s8 -> s32 wgmma) or e4m3 with fp32 scales per Q token / plan key block,
+folded into each tile's logit scale (a row vector); ``PV8``: V arrives transposed and quantised per channel
 (e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous, the K-major B operand FP8 wgmma needs), P enters
 P.V as e4m3 ``p * 448`` and each tile's P.V is accumulated in fp32 registers with ``PV_SPLIT_ACC`` (the MMA's
 own accumulation of 8-bit products is not full fp32; this costs registers) or in the MMA's
@@ -100,10 +100,10 @@ class _Modes:
 @gluon.jit
 def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: gl.constexpr,
                   HAS_PARTIAL: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
-                  row_o: gl.constexpr, P_MUL: gl.constexpr, I2F_BITS: gl.constexpr):
+                  row_o: gl.constexpr, P_MUL: gl.constexpr, I2F_BITS: gl.constexpr, ROW_SCALES: gl.constexpr):
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 (or int32: int8 Q.K^T) ``[64,
     BLOCK_N]`` (wgmma layout), ``m_i`` / ``l_i`` fp32 ``[64]``; ``qk_scale`` this tile's logit
-    scale; ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
+    scale (``ROW_SCALES``: one per row ``[64]``, 8-bit Q having one scale per token); ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
     masked); ``partial``: a partial block, whose uint8 token mask ``bits`` ``[64, BLOCK_N]`` (0 =
     masked, also past the sequence end) applies. Returns P (``dtype``, times ``P_MUL``, the P.V
     A-operand layout), the new row max and sum (of the unscaled P), and the rescale factor of the
@@ -121,8 +121,11 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     if HAS_PARTIAL:
         if partial:
             qk = gl.where(bits != 0, qk, float("-inf"))
-    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-    p = gl.exp2(qk * qk_scale - m_new[:, None])
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # (scales > 0: the max of the scaled row)
+    if ROW_SCALES:
+        p = gl.exp2(qk * qk_scale[:, None] - m_new[:, None])
+    else:
+        p = gl.exp2(qk * qk_scale - m_new[:, None])
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     if P_MUL != 1.0:
@@ -195,7 +198,7 @@ class _Partials:
 
 @aggregate
 class _Scales:
-    """Dequantisation scales of 8-bit operands (``QK8`` / ``PV8``): fp32 Q ``[B, H, NQB]``, K
+    """Dequantisation scales of 8-bit operands (``QK8`` / ``PV8``): fp32 Q ``[B, H, S]``, K
     ``[B, Hs, NKB]`` and V ``[B, Hs, D]`` (``Hs`` = H / ``HS_GROUP`` kv heads) with their (batch,
     head) strides; unused pointers are any fp32 tensor."""
 
@@ -227,7 +230,7 @@ class _Scales:
 @gluon.jit
 def _tile_scale(scales, f_idx, p_idx, j, nfb, ks_row, q_scale, HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr):
     """The logit scale of key tile ``j`` of a query block's list: ``q_scale`` (softmax scale x
-    log2(e), x the query block's Q scale with ``QK8``), x the key block's K scale with ``QK8``."""
+    log2(e); with ``QK8`` a row vector, x each row's Q scale), x the key block's K scale with ``QK8``."""
     if QK8:
         kb = _list_entry(f_idx, p_idx, j, nfb, HAS_PARTIAL)
         ts = q_scale * gl.load(scales.ksc + ks_row + kb)
@@ -345,11 +348,17 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         # HAS_PARTIAL: the partial blocks follow the full ones in the same ring
         npb, slot0 = _partial_count(parts, b, h, qb, NQB, HAS_PARTIAL)
         ntot = nfb + npb
-        # QK8: the query block's Q scale joins the logit scale; K scales per key block (_tile_scale)
+        # QK8: each row's Q scale joins the logit scale (a row vector); K scales per key block (_tile_scale)
         hs = h // scales.HS_GROUP
         ks_row = b * scales.ks_b + hs * scales.ks_h
         if QK8:
-            q_scale = qk_scale * gl.load(scales.qsc + b * scales.qs_b + h * scales.qs_h + qb, mask=qb < NQB, other=1.0)
+            rows_s = qt * 128 + WG * BM + gl.arange(0, BM, layout=row_s)  # one Q scale per row (token)
+            if Q_PERM:
+                tok_s = gl.load(QPERM + h * qperm_h + rows_s, mask=rows_s < S, other=0)
+            else:
+                tok_s = rows_s
+            q_scale = qk_scale * gl.load(scales.qsc + b * scales.qs_b + h * scales.qs_h + tok_s, mask=rows_s < S,
+                                         other=1.0)
         else:
             q_scale = qk_scale
         m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
@@ -369,7 +378,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             qk = warpgroup_mma_wait(0, deps=(qk, ))
             p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, nfb == 0, bits,
                                                ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype, p_layout, row_o, P_MUL,
-                                               I2F_BITS)
+                                               I2F_BITS, QK8)
             # ---- steady state: S of tile j in flight with O += P V of tile j - 1
             for j in range(1, ntot):
                 s = ring + (it + j) % STAGES
@@ -395,7 +404,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 alpha_pv = alpha
                 p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
                                                         j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
-                                                        p_layout, row_o, P_MUL, I2F_BITS)
+                                                        p_layout, row_o, P_MUL, I2F_BITS, QK8)
                 if SPLIT_ACC:
                     pv = warpgroup_mma_wait(0, deps=(pv, ))
                     _hold(p)
@@ -561,7 +570,7 @@ def _gluon_sparse_flash_fwd(
     dims); QPERM int32 ``[Hp, S]`` plan position -> original token; HAS_PARTIAL: PART_NUM /
     PART_IDX (the same shapes), BITS uint8 ``[P, block_q, block_k]`` and SLOT int64 ``[Bp, Hp,
     NQB]`` (:func:`.sparse_flash_tables.partial_block_masks`); QSC / KSC / VSC fp32 dequantisation
-    scales ``[B, H, NQB]`` / ``[B, Hk, NKB]`` / ``[B, Hk, D]`` at (batch, head) strides (QK8 / PV8)."""
+    scales ``[B, H, S]`` / ``[B, Hk, NKB]`` / ``[B, Hk, D]`` at (batch, head) strides (QK8 / PV8)."""
     qdtype: gl.constexpr = Q.dtype.element_ty
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], qdtype)
     q_smem = gl.allocate_shared_memory(qdtype, [2, 64, BLOCK_D], q_layout)

@@ -209,8 +209,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     ops = None
     if qk_fmt is not None:  # quantisation prologue: 8-bit Q (original order), smoothed K (and V^T), plan order
         as_bhsd = (lambda t: t) if plan.key_perm is not None else (lambda t: t.transpose(1, 2))
-        ops = quantize_operands(q, as_bhsd(kh), as_bhsd(vh) if pv8 else None, plan.perm, plan.block_q, BN,
-                                precision)
+        ops = quantize_operands(q, as_bhsd(kh), as_bhsd(vh) if pv8 else None, BN, precision)
         q, kh, kv_bhs = ops.q8, ops.k8, _bhs_strides
     k_view, (row_b, row_h, col_h) = _kv_tile_view(kh, kv_bhs, B, Hk, S)
     desc_k = _descriptor(kh, k_view, (BN, D), _gl_dtype(kh.dtype))

@@ -15,8 +15,9 @@ over the plan's listed key blocks only:
 * quantised precisions (the same loops; the prologue is :mod:`.quant_fp8`), two independent
   switches:
 
-  - ``QK8``: Q and K tiles are 8-bit with one fp32 dequantisation scale per plan query block /
-    key block, folded into each tile's logit scale; ``QK_INT8`` selects int8 operands and an
+  - ``QK8``: Q and K tiles are 8-bit with fp32 dequantisation scales, one per Q token (a row
+    vector of logit scales: free, the logits are scaled anyway) and one per plan key block,
+    folded into each tile's logit scale; ``QK_INT8`` selects int8 operands and an
     int8 x int8 -> int32 dot (converted to fp32; exact, |sum| < 2^24 for D <= 256), else e4m3
     (an e4m3 x e4m3 -> fp32 dot);
   - ``PV8``: V arrives transposed and quantised per channel (e4m3 ``[B, Hk, D, S_pad]``, tokens
@@ -142,14 +143,24 @@ def _int32_to_f32(x, I2F_BITS: tl.constexpr):
 
 
 @triton.jit
+def _scale_logits(qk, qk_scale, ROWS: tl.constexpr):
+    """``qk`` ``[M, N]`` times the logit scale: a scalar, or with ``ROWS`` (the 8-bit Q.K^T, whose Q
+    has one scale per token) one positive fp32 scale per row ``[M]``."""
+    if ROWS:
+        return qk * qk_scale[:, None]
+    return qk * qk_scale
+
+
+@triton.jit
 def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowed, bias, MASKED: tl.constexpr,
                  TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr,
                  QK_INT8: tl.constexpr, PV8: tl.constexpr, EMU_CAST: tl.constexpr, I2F_BITS: tl.constexpr = False):
     """One key tile of the online softmax (base 2). ``m_i`` starts finite (-1e30), so a fully
     masked tile leaves the state unchanged without any NaN guard.
 
-    ``QK8``: q, kt are e4m3, or int8 with ``QK_INT8`` (an int32 dot), and ``qk_scale`` includes
-    this tile's Q and K dequantisation scales. ``PV8``: v is e4m3 and the numerators ``p`` in
+    ``QK8``: q, kt are e4m3, or int8 with ``QK_INT8`` (an int32 dot), and ``qk_scale`` is a
+    row vector ``[M]`` that includes each row's Q and this tile's K dequantisation scale (else a
+    scalar). ``PV8``: v is e4m3 and the numerators ``p`` in
     [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the epilogue divides by 448 and
     applies the V channel scales); else P.V runs in v's dtype (``FP32_DOT``: in fp32). ``l_i``
     sums the fp32 ``p``. ``EMU_CAST`` (interpreter only): round ``p`` on the e4m3 grid (PV8) or,
@@ -164,7 +175,7 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
     else:
         qk = tl.dot(q, kt)
     if MASKED or TAIL or HAS_BIAS:
-        qk = qk * qk_scale
+        qk = _scale_logits(qk, qk_scale, QK8)
         if HAS_BIAS:
             qk = qk + bias
         if TAIL:
@@ -178,8 +189,8 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.exp2(qk * qk_scale - m_new[:, None])
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # (scales > 0: the max of the scaled row)
+        p = tl.exp2(_scale_logits(qk, qk_scale, QK8) - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -227,7 +238,7 @@ def _sparse_flash_fwd(
     # ---- plan tables: block lists, rule tables, rectification inputs
     FULL_NUM, FULL_IDX, PART_NUM, PART_IDX,
     NA_TAB, BITS, SLOT, KEPT, PK, PV, PW,
-    # ---- dequantisation scales: Q per (b, h, query block), K per (b, kv head, key block) (QK8),
+    # ---- dequantisation scales: Q per (b, h, token), K per (b, kv head, key block) (QK8),
     # V per (b, kv head, channel) (PV8)
     QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h,
     # ---- scalars
@@ -295,8 +306,8 @@ def _sparse_flash_fwd(
     v_row0 = b * VROW_B + hk * VROW_H
     v_col = hk * VCOL_H
     ks_row = b * ks_b + hk * ks_h
-    if QK8:  # the query block's Q dequantisation scale joins the softmax scale
-        qk_scale = qk_scale * tl.load(QSC + b * qs_b + h * qs_h + qb)
+    if QK8:  # each row's (token's) Q dequantisation scale joins the softmax scale: a row vector
+        qk_scale = qk_scale * tl.load(QSC + b * qs_b + h * qs_h + qtok, mask=row_ok, other=1.0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)

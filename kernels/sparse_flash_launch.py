@@ -189,7 +189,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         # transposed V (plan order); the int8 precision reads V itself
         k_bhsd = kh if kperm is not None else kh.transpose(1, 2)
         v_bhsd = vh if kperm is not None else vh.transpose(1, 2)
-        qops = quantize_operands(q, k_bhsd, v_bhsd, plan.perm, plan.block_q, plan.block_k, precision)
+        qops = quantize_operands(q, k_bhsd, v_bhsd, plan.block_k, precision)
         q, kh = qops.q8, qops.k8
         k_bhs = _bhs_strides
         if pv8:

@@ -122,24 +122,19 @@ def _cast_bf16(X, Y, N: tl.constexpr):
 
 
 # ----------------------------------------------------------------------------- quantisation prologue
-def test_q_block_scales_follow_the_plan_order():
-    """One scale per plan query block, cut through the plan's permutation; every block's largest
-    |q| maps to exactly 448 and the dequantised q is within e4m3 rounding."""
-    B, S, H, D, bq = 2, 40, 3, 16, 16
+def test_q_token_scales():
+    """One scale per (batch, head, token): every token's largest |q| maps to exactly 448 and the
+    dequantised q is within e4m3 rounding of q."""
+    B, S, H, D = 2, 40, 3, 16
     g = torch.Generator().manual_seed(0)
     q = torch.randn(B, S, H, D, generator=g) * torch.linspace(0.1, 10, S)[None, :, None, None]
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(H)])
-    q8, qs = quant_fp8.quantize_q_blocks(q, perm, bq)
-    assert q8.dtype == quant_fp8.FP8_DTYPE and q8.shape == q.shape and qs.shape == (B, H, 3)
-    qp = q.transpose(1, 2).gather(2, perm[None, :, :, None].expand(B, H, S, D))  # plan order
-    q8p = q8.float().transpose(1, 2).gather(2, perm[None, :, :, None].expand(B, H, S, D))
-    for blk in range(3):
-        sl = slice(16 * blk, 16 * blk + 16)
-        want = qp[:, :, sl].abs().amax((-1, -2)) / 448.0
-        torch.testing.assert_close(qs[:, :, blk], want, rtol=1e-6, atol=0)
-        assert torch.equal(q8p[:, :, sl].abs().amax((-1, -2)), torch.full((B, H), 448.0))
-        deq = q8p[:, :, sl] * qs[:, :, blk, None, None]
-        assert ((deq - qp[:, :, sl]).abs() <= qp[:, :, sl].abs() * 2 ** -4 + qs[:, :, blk, None, None] * 2 ** -9).all()
+    q8, qs = quant_fp8.quantize_q_tokens(q)
+    assert q8.dtype == quant_fp8.FP8_DTYPE and q8.shape == q.shape and qs.shape == (B, H, S) and qs.is_contiguous()
+    want = q.abs().amax(-1).transpose(1, 2) / 448.0
+    torch.testing.assert_close(qs, want, rtol=1e-6, atol=0)
+    assert torch.equal(q8.float().abs().amax(-1), torch.full((B, S, H), 448.0))
+    deq = q8.float() * qs.transpose(1, 2)[..., None]
+    assert ((deq - q).abs() <= q.abs() * 2 ** -4 + qs.transpose(1, 2)[..., None] * 2 ** -9).all()
 
 
 def test_k_smoothing_removes_the_token_mean():
@@ -181,29 +176,25 @@ def _plan_rows(x, perm):
     return x.transpose(1, 2).gather(2, perm[None, :, :, None].expand(B, H, S, D))
 
 
-def test_int8_q_blocks_independent_of_the_implementation():
-    """int8 Q against an independent float64 computation: one scale ``amax / 127`` per plan query
-    block (cut through the permutation), every block's largest |q| maps to exactly +-127, and each
-    value is the nearest integer to ``q / scale`` (so it round-trips within ``scale / 2``)."""
-    B, S, H, D, bq = 2, 40, 3, 16, 16
+def test_int8_q_tokens_independent_of_the_implementation():
+    """int8 Q against an independent float64 computation: one scale ``amax / 127`` per token,
+    every token's largest |q| maps to exactly +-127, and each value is the nearest integer to
+    ``q / scale`` (so it round-trips within ``scale / 2``), in both prologues."""
+    B, S, H, D = 2, 40, 3, 16
     g = torch.Generator().manual_seed(20)
     q = torch.randn(B, S, H, D, generator=g) * torch.linspace(0.1, 10, S)[None, :, None, None]
-    perm = torch.stack([torch.randperm(S, generator=g) for _ in range(H)])
     for impl in ("torch", "triton"):
-        ops = quant_fp8.quantize_operands(q, torch.zeros(B, 1, S, D), None, perm, bq, 16, "int8", impl=impl)
+        ops = quant_fp8.quantize_operands(q, torch.zeros(B, 1, S, D), None, 16, "int8", impl=impl)
         q8, qs = ops.q8, ops.q_scale
-        assert q8.dtype == torch.int8 and q8.shape == q.shape and q8.is_contiguous() and qs.shape == (B, H, 3)
+        assert q8.dtype == torch.int8 and q8.shape == q.shape and q8.is_contiguous() and qs.shape == (B, H, S)
         assert ops.vt8 is None and ops.v_scale is None  # int8: V is not quantised
-        qp, q8p = _plan_rows(q.double(), perm), _plan_rows(q8.double(), perm)
-        for blk in range(3):
-            sl = slice(16 * blk, 16 * blk + 16)
-            want = qp[:, :, sl].abs().amax((-1, -2)) / 127.0
-            torch.testing.assert_close(qs[:, :, blk].double(), want, rtol=1e-6, atol=0)
-            assert torch.equal(q8p[:, :, sl].abs().amax((-1, -2)), torch.full((B, H), 127.0, dtype=torch.double))
-            x = qp[:, :, sl] / qs[:, :, blk, None, None].double()
-            assert ((q8p[:, :, sl] - x).abs() <= 0.5 + 1e-4).all(), impl  # nearest integer
-            deq = q8p[:, :, sl] * qs[:, :, blk, None, None].double()
-            assert ((deq - qp[:, :, sl]).abs() <= qs[:, :, blk, None, None] * (0.5 + 1e-4)).all(), impl
+        want = q.double().abs().amax(-1).transpose(1, 2) / 127.0
+        torch.testing.assert_close(qs.double(), want, rtol=1e-6, atol=0)
+        assert torch.equal(q8.double().abs().amax(-1), torch.full((B, S, H), 127.0, dtype=torch.double))
+        sc = qs.transpose(1, 2)[..., None].double()
+        x = q.double() / sc
+        assert ((q8.double() - x).abs() <= 0.5 + 1e-4).all(), impl  # nearest integer
+        assert ((q8.double() * sc - q.double()).abs() <= sc * (0.5 + 1e-4)).all(), impl
 
 
 def test_int8_rounding_ties_to_even_in_both_implementations():
@@ -211,11 +202,14 @@ def test_int8_rounding_ties_to_even_in_both_implementations():
     the torch and the Triton prologue alike; values past +-127 cannot occur but would clamp."""
     vals = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 3.49, -3.51, 0.0, 5.5, -6.5, 7.0, 1.0])
     want = torch.tensor([127, 0, 2, 2, 0, -2, -2, 126, -126, 3, -4, 0, 6, -6, 7, 1], dtype=torch.int8)
-    q = vals.reshape(1, 16, 1, 1).expand(1, 16, 1, 16).contiguous()  # [B, S, H, D], 16 tokens: one block
+    # [B, S, H, D]: 16 tokens, each with 127 in channel 0 (its scale is then exactly 1) and the value in channel 1
+    q = torch.zeros(1, 16, 1, 16)
+    q[0, :, 0, 0], q[0, :, 0, 1] = 127.0, vals
     k = vals.reshape(1, 1, 16, 1).expand(1, 1, 16, 16) + 3.0  # + a mean that the smoothing removes exactly
     for impl in ("torch", "triton"):
-        ops = quant_fp8.quantize_operands(q, k, None, None, 16, 16, "int8", impl=impl)
-        assert ops.q_scale.item() == 1.0 and torch.equal(ops.q8[0, :, 0, 0], want), (impl, ops.q8[0, :, 0, 0])
+        ops = quant_fp8.quantize_operands(q, k, None, 16, "int8", impl=impl)
+        assert torch.equal(ops.q_scale, torch.ones(1, 1, 16)), impl
+        assert torch.equal(ops.q8[0, :, 0, 1], want), (impl, ops.q8[0, :, 0, 1])
         assert torch.equal(ops.k_mean, torch.full((1, 1, 16), 3.0 + vals.mean().item()))
     assert torch.equal(quant_fp8._to_int8(torch.tensor([200.0, -300.0, 126.6])), torch.tensor([127, -127, 127],
                                                                                             dtype=torch.int8))
@@ -365,7 +359,7 @@ def test_fp8_neighborhood_sweep(grid, kern, dil, causal, text, heads, block, til
 
 BROKEN = {  # name -> (quant_fp8 function replaced, replacement built from the original, precisions)
     "no smoothing": ("smooth_quantize_k", lambda f: _no_smoothing, PRECISIONS),
-    "q scale of another block": ("quantize_q_blocks", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
+    "q scale of another token": ("quantize_q_tokens", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
     "k scale of another block": ("smooth_quantize_k", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
     "v scale of another channel": ("quantize_v_channels", lambda f: lambda v: _roll(f(v), 1), ("fp8", "int8_fp8")),
     "int8 scale amax/448": ("_QMAX", lambda f: {**f, "int8": 448.0}, ("int8", "int8_fp8")),
@@ -469,22 +463,22 @@ def test_precision_parts_and_names():
 def test_quantize_operands_refuses_bad_input_naming_the_argument():
     q, k, v = _qkv(1, 32, 2, 1, 16, seed=15)
     kb, vb = k.transpose(1, 2), v.transpose(1, 2)
-    ok = quant_fp8.quantize_operands(q, kb, vb, None, 16, 16, "int8_fp8")
+    ok = quant_fp8.quantize_operands(q, kb, vb, 16, "int8_fp8")
     assert ok.q8.dtype == ok.k8.dtype == torch.int8 and ok.vt8.dtype == quant_fp8.FP8_DTYPE
     assert ok.k8.shape == (1, 1, 32, 16) and ok.vt8.shape == (1, 1, 16, 32) and ok.v_scale.shape == (1, 1, 16)
-    old = quant_fp8.quantize_fp8_operands(q, kb, vb, None, 16, 16)  # the former name: fp8
-    assert old.q8.dtype == quant_fp8.FP8_DTYPE and old.vt8 is not None
+    assert ok.q_scale.shape == (1, 2, 32)  # one per token
+    fp8 = quant_fp8.quantize_operands(q, kb, vb, 16)  # the default precision: fp8
+    assert fp8.q8.dtype == quant_fp8.FP8_DTYPE and fp8.vt8 is not None
     for kwargs, match in [(dict(precision=None), "precision"), (dict(precision="int4"), "precision"),
                           (dict(q=q[0]), "q must"), (dict(k_plan=kb[:, :, :7]), "k_plan"),
                           (dict(k_plan=torch.zeros(1, 3, 32, 16)), "k_plan's 3 heads"),
-                          (dict(v_plan=None), "v_plan"), (dict(block_q=0), "block_q"), (dict(block_k=1.5), "block_k"),
-                          (dict(perm=torch.arange(31)[None]), "perm"), (dict(q=q.int()), "q must be float"),
-                          (dict(impl="cuda"), "impl")]:
-        args = dict(q=q, k_plan=kb, v_plan=vb, perm=None, block_q=16, block_k=16, precision="fp8")
+                          (dict(v_plan=None), "v_plan"), (dict(block_k=0), "block_k"), (dict(block_k=1.5), "block_k"),
+                          (dict(q=q.int()), "q must be float"), (dict(impl="cuda"), "impl")]:
+        args = dict(q=q, k_plan=kb, v_plan=vb, block_k=16, precision="fp8")
         args.update(kwargs)
         with pytest.raises(ValueError, match=match):
             quant_fp8.quantize_operands(**args)
-    assert quant_fp8.quantize_operands(q, kb, None, None, 16, 16, "int8").vt8 is None  # int8 needs no V
+    assert quant_fp8.quantize_operands(q, kb, None, 16, "int8").vt8 is None  # int8 needs no V
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -580,20 +574,19 @@ def test_benchmark_fp8_rows_run_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("perm_heads", [0, 1, 3])
-def test_triton_prologue_equals_torch_prologue(perm_heads, precision):
+@pytest.mark.parametrize("block_k", [16, 32])
+def test_triton_prologue_equals_torch_prologue(block_k, precision):
     """The Triton quantisation kernels give bit-identical 8-bit tensors (e4m3 or int8) and scales
-    to the torch reference (plan permutation shared or per head, ragged blocks, D not a power of
-    two, non-contiguous inputs); without an 8-bit P.V neither quantises V."""
+    to the torch reference (ragged blocks, a ragged last tile of Q rows, D not a power of two,
+    non-contiguous inputs); without an 8-bit P.V neither quantises V."""
     B, S, H, Hk, D = 2, 45, 3, 3, 24
     g = torch.Generator().manual_seed(12)
     qkv = torch.randn(B, S, 3, H, D, generator=g).to(torch.bfloat16) * 3
     q = qkv[:, :, 0]
     k = (qkv[:, :, 1] + 4 * torch.randn(D, generator=g)).transpose(1, 2)  # [B, Hk, S, D] view
     v = qkv[:, :, 2].transpose(1, 2)
-    perm = None if perm_heads == 0 else torch.stack([torch.randperm(S, generator=g) for _ in range(perm_heads)])
-    a = quant_fp8.quantize_operands(q, k, v, perm, 16, 32, precision, impl="triton")
-    b = quant_fp8.quantize_operands(q, k, v, perm, 16, 32, precision, impl="torch")
+    a = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="triton")
+    b = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="torch")
     qk, pv8 = quant_fp8.precision_parts(precision)
     assert a.q8.dtype == a.k8.dtype == (torch.int8 if qk == "int8" else quant_fp8.FP8_DTYPE)
     for f in dataclasses.fields(a):
@@ -702,3 +695,19 @@ def test_int8_logits_by_bits_give_the_same_output(precision, monkeypatch):
     monkeypatch.setenv("VIDATTN_INT8_I2F", "fast")
     with pytest.raises(ValueError, match="VIDATTN_INT8_I2F"):
         triton_attn(q, k, v, plan, precision=precision)
+
+
+def test_q_rows_of_very_different_norms_keep_their_precision():
+    """Q has one scale per token: rows whose norms differ by 1.5 decades inside one block keep
+    int8's precision row by row (median row error ~1.5%; one scale per 128-token block, as before,
+    gave ~9% on these inputs in a float64 emulation)."""
+    S, D = 256, 64
+    g = torch.Generator().manual_seed(5)
+    norms = torch.logspace(0, 1.5, S)[torch.randperm(S, generator=g)]
+    q = (torch.randn(1, S, 1, D, generator=g) * norms[None, :, None, None]).to(torch.bfloat16)
+    k, v = (torch.randn(1, S, 1, D, generator=g).to(torch.bfloat16) for _ in range(2))
+    plan = vidattn.Dense(block_size=128).plan(TokenLayout((S,)))
+    out = triton_attn(q, k, v, plan, precision="int8").double()
+    ref = reference(q.double(), k.double(), v.double(), plan)
+    row_err = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert float(row_err.median()) < 0.03, float(row_err.median())
