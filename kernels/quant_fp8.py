@@ -2,7 +2,7 @@
 
 Torch ops only in the host API (the device code is three small Triton kernels below); one job:
 turn bf16/fp16/fp32 ``q, k, v`` into the 8-bit operands and fp32 scales the kernel's quantised
-variants read (the method of SageAttention: per-block Q/K quantisation with K smoothing, and
+variants read (the method of SageAttention: Q/K quantisation with K smoothing, Q per token and K per block, and
 optionally an FP8 P.V with per-channel V scales). Three precisions (:data:`PRECISIONS`; each is a
 Q.K^T format and whether P.V is 8-bit, :func:`precision_parts`):
 

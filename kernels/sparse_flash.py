@@ -8,7 +8,7 @@ A facade over three modules with one job each:
 * :mod:`.sparse_flash_launch`: input checks, launch configuration (env overrides, TMA) and the
   launcher :func:`block_sparse_attention_triton`;
 * :mod:`.quant_fp8`: the quantisation prologue of the opt-in quantised precisions ``"fp8"``,
-  ``"int8"`` and ``"int8_fp8"`` (e4m3 or int8 Q/K per block with K smoothing, e4m3 V per channel
+  ``"int8"`` and ``"int8_fp8"`` (e4m3 or int8 Q per token and K per block with K smoothing, e4m3 V per channel
   for an 8-bit P.V) and their capability check.
 
 Anything unsupported raises :class:`~vidattn.errors.TritonUnsupported` (a ``BackendUnsupported``).

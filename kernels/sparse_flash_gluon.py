@@ -70,7 +70,7 @@ class _Modes:
     SPLIT: gl.constexpr
     PINGPONG: gl.constexpr
     HAS_PARTIAL: gl.constexpr
-    QK8: gl.constexpr  # Q and K 8-bit (int8 or e4m3) with per-block scales
+    QK8: gl.constexpr  # Q and K 8-bit (int8 or e4m3): scales per Q token, per K block
     QK_INT8: gl.constexpr  # (QK8) int8, an integer MMA
     PV8: gl.constexpr  # V^T e4m3 with channel scales, P e4m3
     PV_SPLIT_ACC: gl.constexpr  # (PV8) each tile's P.V into fresh registers, added in fp32

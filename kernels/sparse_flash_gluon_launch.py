@@ -187,8 +187,8 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             run through their precomputed token masks.
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
-        precision: None (bf16 / fp16 MMAs) or ``"fp8"`` / ``"int8"`` / ``"int8_fp8"``: Q and K
-            quantised per block (K smoothed; e4m3 or int8, :mod:`.quant_fp8`) and, for ``"fp8"`` /
+        precision: None (bf16 / fp16 MMAs) or ``"fp8"`` / ``"int8"`` / ``"int8_fp8"``: Q quantised
+            per token and K per block (K smoothed; e4m3 or int8, :mod:`.quant_fp8`) and, for ``"fp8"`` /
             ``"int8_fp8"``, V per channel to e4m3 with an e4m3 P; fp32 accumulation. Forward only.
     Returns:
         ``[B, S, H, D]`` in q's dtype (and the LSE).

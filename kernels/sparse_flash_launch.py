@@ -145,7 +145,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 natural-log LSE ``[B, H, S]`` (original token order).
         precision: None (compute in the inputs' dtype) or a quantised precision
-            (:mod:`.quant_fp8`; per-block Q/K scales with K smoothing): ``"fp8"``: Q/K/V in e4m3
+            (:mod:`.quant_fp8`; per-token Q and per-block K scales, K smoothing): ``"fp8"``: Q/K/V in e4m3
             (per-channel V scales), both matmuls on e4m3 operands with fp32 accumulation;
             ``"int8"``: int8 Q/K (an int32 Q.K^T), P.V in the inputs' dtype (fp32 for fp32
             inputs); ``"int8_fp8"``: int8 Q.K^T and fp8's e4m3 P.V. All: forward only (no
@@ -245,7 +245,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     plan_tables = dict(FULL_NUM=fnum, FULL_IDX=fidx, PART_NUM=pnum, PART_IDX=pidx, NA_TAB=na, BITS=bits, SLOT=slot,
                        KEPT=kept_t, PK=pk_t, PV=pv_t, PW=pw_t)
     quant_scales = dict(QSC=fdummy, KSC=fdummy, VSC=fdummy, qs_b=0, qs_h=0, ks_b=0, ks_h=0, vs_b=0, vs_h=0)
-    if quant:  # Q per (b, h, query block), K per (b, kv head, key block)
+    if quant:  # Q per (b, h, token), K per (b, kv head, key block)
         qsc, ksc = qops.q_scale, qops.k_scale
         quant_scales.update(QSC=qsc, KSC=ksc, qs_b=qsc.stride(0), qs_h=qsc.stride(1), ks_b=ksc.stride(0),
                             ks_h=ksc.stride(1))

@@ -377,7 +377,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern:
         scale: softmax scale, default ``D ** -0.5``.
         return_lse: also return float32 log-sum-exp ``[B, H, S]``.
         precision: None (compute in the inputs' dtype, fp32 accumulate) or one of the triton
-            backend's opt-in quantised paths (per-block Q/K quantisation with K smoothing;
+            backend's opt-in quantised paths (per-token Q / per-block K quantisation with K smoothing;
             :mod:`vidattn.kernels.quant_fp8`):
 
             * ``"int8"``: int8 Q.K^T (int32 accumulate), P.V in the inputs' 16-bit dtype; the
