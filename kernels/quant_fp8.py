@@ -196,6 +196,21 @@ def quantize_q_tokens(q: torch.Tensor, fmt: str = "e4m3"):
     return q8, scale
 
 
+def _token_mean(k: torch.Tensor) -> torch.Tensor:
+    """fp32 mean over tokens of ``k`` ``[B, Hk, S, D]`` (any float dtype and strides) ->
+    ``[B, Hk, D]``, accumulated in fp32 without an fp32 copy of ``k`` (one read of K instead of a
+    read, a double-size write and a re-read; both prologues use it, so their means agree)."""
+    return torch.mean(k, dim=2, dtype=torch.float32)
+
+
+def _channel_amax(v: torch.Tensor) -> torch.Tensor:
+    """fp32 max of ``|v|`` over tokens of ``v`` ``[B, Hk, S, D]`` -> ``[B, Hk, D]``: the larger of
+    the max and minus the min, from one reduction over ``v`` (no copy of ``|v|``); the same value
+    as ``v.abs().amax(2)``."""
+    lo, hi = torch.aminmax(v, dim=2)
+    return torch.maximum(hi, -lo).float()
+
+
 def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3"):
     """K smoothing and per-block 8-bit quantisation.
 
@@ -210,7 +225,7 @@ def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3"):
     """
     _check_fmt(fmt)
     kf = k.float()
-    mean = kf.mean(2)  # [B, Hk, D]
+    mean = _token_mean(k)  # [B, Hk, D]
     ks = kf - mean[:, :, None]
     scale = _div(_block_amax(ks.abs().amax(-1), block_k), _QMAX[fmt]).clamp_min(_TINY)  # [B, Hk, NKB]
     S = k.shape[2]
@@ -231,7 +246,7 @@ def quantize_v_channels(v: torch.Tensor, pad_to: int = 16):
     """
     B, Hk, S, D = v.shape
     vf = v.float()
-    scale = _div(vf.abs().amax(2), FP8_MAX).clamp_min(_TINY)  # [B, Hk, D]
+    scale = _div(_channel_amax(v), FP8_MAX).clamp_min(_TINY)  # [B, Hk, D]
     s_pad = -(-S // pad_to) * pad_to
     vt8 = torch.zeros(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
     vt8[..., :S] = _to_e4m3((vf / scale[:, :, None]).transpose(2, 3))
@@ -375,7 +390,7 @@ def _quantize_q_triton(q, fmt="e4m3"):
 
 def _smooth_quantize_k_triton(k, block_k, fmt="e4m3"):
     B, Hk, S, D = k.shape
-    mean = k.float().mean(2)  # [B, Hk, D]
+    mean = _token_mean(k)  # [B, Hk, D]
     k8 = torch.empty(B, Hk, S, D, dtype=_TORCH_8BIT[fmt], device=k.device)
     ks = _quant_rows_triton(k, (k.stride(0), k.stride(1), k.stride(2)), (B, Hk, S, D), k8,
                             (k8.stride(0), k8.stride(1), k8.stride(2)), block_k, mean=mean)
@@ -384,7 +399,7 @@ def _smooth_quantize_k_triton(k, block_k, fmt="e4m3"):
 
 def _quantize_v_triton(v, pad_to=16):
     B, Hk, S, D = v.shape
-    scale = _div(v.abs().amax(2).float(), FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
+    scale = _div(_channel_amax(v), FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
     s_pad = -(-S // pad_to) * pad_to
     vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
     BLOCK_D = max(16, triton.next_power_of_2(D))
