@@ -146,6 +146,41 @@ def _hold(x):
 
 
 @gluon.jit
+def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr):
+    """Issue (asynchronously) the P.V wgmma of one key tile and return what is in flight: with
+    ``SPLIT_ACC`` the tile's product alone, into fresh registers ``zero_o`` (the accumulator is
+    rescaled and added to in :func:`_pv_finish`), else the accumulator ``acc`` rescaled by
+    ``alpha`` plus the product. ``p``: the A operand in registers; ``v_tile``: the slot's V tile
+    ``[BLOCK_N, D]``, or with ``PV8`` its V^T tile ``[D, BLOCK_N]`` (read K-major)."""
+    if PV8:
+        b_op = v_tile.permute((1, 0))
+    else:
+        b_op = v_tile
+    if SPLIT_ACC:
+        inflight = warpgroup_mma(p, b_op, zero_o, use_acc=False, is_async=True)
+    else:
+        inflight = warpgroup_mma(p, b_op, acc * alpha[:, None], is_async=True)
+    return inflight
+
+
+@gluon.jit
+def _pv_finish(acc, inflight, p, alpha, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr):
+    """Wait for the P.V of :func:`_pv_issue` and return ``(acc, p)``: with ``SPLIT_ACC`` the
+    accumulator rescaled by ``alpha`` (the factor of the tile the product belongs to) plus the
+    product, else the waited accumulator. An 8-bit ``p`` is held live past the wait (:func:`_hold`)."""
+    if SPLIT_ACC:
+        pv = warpgroup_mma_wait(0, deps=(inflight, ))
+        _hold(p)
+        acc = acc * alpha[:, None] + pv
+    elif PV8:
+        acc = warpgroup_mma_wait(0, deps=(inflight, ))
+        _hold(p)
+    else:
+        acc, p = warpgroup_mma_wait(0, deps=(inflight, p))
+    return acc, p
+
+
+@gluon.jit
 def _tile_coords(tile, NQT, H, SPLIT: gl.constexpr, WG: gl.constexpr):
     """Work item ``tile`` -> (query tile, batch x head, batch, head, plan query block)."""
     qt = tile % NQT
@@ -388,14 +423,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
                     mbarrier.wait(turn.index(WG), (sg + j) & 1)
                 qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                if SPLIT_ACC:  # this tile's P.V into fresh registers, added to the fp32 accumulator after the wait
-                    pv = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), zero_o, use_acc=False, is_async=True)
-                elif PV8:
-                    acc = acc * alpha[:, None]
-                    acc = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
-                else:
-                    acc = acc * alpha[:, None]
-                    acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+                pv = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WG), count=1)
                 bits = _mask_tile(parts, slot0, j >= nfb, j - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
@@ -405,15 +433,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
                                                         j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
                                                         p_layout, row_o, P_MUL, I2F_BITS, QK8)
-                if SPLIT_ACC:
-                    pv = warpgroup_mma_wait(0, deps=(pv, ))
-                    _hold(p)
-                    acc = acc * alpha_pv[:, None] + pv
-                elif PV8:
-                    acc = warpgroup_mma_wait(0, deps=(acc, ))
-                    _hold(p)
-                else:
-                    acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+                acc, p = _pv_finish(acc, pv, p, alpha_pv, PV8, SPLIT_ACC)
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
             # ---- last tile's P.V
@@ -421,25 +441,10 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             mbarrier.wait(v_ready.index(sp), ((it + ntot - 1) // STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (sg + ntot) & 1)
-            if SPLIT_ACC:
-                pv = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), zero_o, use_acc=False, is_async=True)
-            elif PV8:
-                acc = acc * alpha[:, None]
-                acc = warpgroup_mma(p, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
-            else:
-                acc = acc * alpha[:, None]
-                acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+            pv = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
-            if SPLIT_ACC:
-                pv = warpgroup_mma_wait(0, deps=(pv, ))
-                _hold(p)
-                acc = acc * alpha[:, None] + pv
-            elif PV8:
-                acc = warpgroup_mma_wait(0, deps=(acc, ))
-                _hold(p)
-            else:
-                acc, p = warpgroup_mma_wait(0, deps=(acc, p))
+            acc, p = _pv_finish(acc, pv, p, alpha, PV8, SPLIT_ACC)
             mbarrier.arrive(empty.index(sp), count=1)
             it += ntot
             sg += ntot + 1
