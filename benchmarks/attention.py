@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from vidattn.kernels.quant_fp8 import PRECISIONS
+
 SHAPES = {
     # name: (B, heads, grid, text tokens appended after the video, D)
     "wan1.3b-480p-81f": (1, 12, (21, 30, 52), 0, 128),
@@ -423,7 +425,7 @@ def _err(out, ref):
     return dict(rel_l2=round(math.sqrt(num / den), 5), cos=round(dot / math.sqrt(den * oo), 6))
 
 
-QUANT_PRECISIONS = ("fp8", "int8", "int8_fp8")  # the kernel's quantised precisions (vidattn.kernels.quant_fp8)
+QUANT_PRECISIONS = tuple(p for p in PRECISIONS if p is not None)  # the kernel's quantised precisions
 
 
 def quant_check(log, precisions=("fp8",)):
@@ -456,11 +458,6 @@ def quant_check(log, precisions=("fp8",)):
                 worst[prec] = max(worst[prec], e["rel_l2"])
                 log(dict(check=f"{prec}-{type(pat).__name__}", grid=layout.grid, D=D, heads=[H, Hk], **e))
     return worst
-
-
-def fp8_check(log):
-    """The fp8 precision's :func:`quant_check` (worst relative L2)."""
-    return quant_check(log, ("fp8",))["fp8"]
 
 
 FP8_VARIANTS = ((64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (64, 8, 2))  # (BLOCK_N, warps, stages)
@@ -662,9 +659,6 @@ def run_quant(args, log):
                     rec(label, f"triton-bf16-{tag}{sfx}", lambda: tri_fn(q, k, v, plan), fl, **extra)
                     for prec in precs:
                         rec(label, f"triton-{prec}-{tag}{sfx}", quant_fn(q, k, v, plan, prec), fl, **extra)
-
-
-run_fp8 = run_quant  # the former name (its default is the fp8 precision alone)
 
 
 def _precision_list(text: str):

@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="", help="only these shapes (name prefixes, comma-separated), e.g. wan")
     p.add_argument("--densities", default="0.5,0.25,0.125,0.0625", help="random block densities")
     args = p.parse_args(argv)
+    precisions = [x for x in args.precisions.split(",") if x]
     import vidattn
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton as tri, last_launch
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
                     extra[v] + (None, ) for v in args.variants.split(",") if v] + [
                     (f"gluon-st{s}", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_STAGES=s), None)
                     for s in args.stages.split(",") if s]
-            for prec in (x for x in args.precisions.split(",") if x):
+            for prec in precisions:
                 modes += [(f"{prec}-portable", dict(VIDATTN_GLUON="0"), prec),
                           (f"{prec}-gluon", dict(VIDATTN_GLUON="1"), prec)]
                 if prec != "int8":  # 8-bit P.V: accumulated in the MMA across tiles instead of in fp32
@@ -106,7 +107,7 @@ def main(argv=None) -> int:
                                      rel_diff_vs_portable=round(err, 5))
                 except Exception as e:
                     row[mode] = dict(skipped=repr(e)[:300])
-            for prec in (x for x in args.precisions.split(",") if x):
+            for prec in precisions:
                 g, pt = row.get(f"{prec}-gluon", {}), row.get(f"{prec}-portable", {})
                 if "ms" in g and "ms" in pt:
                     row[f"{prec}_gluon_speedup"] = round(pt["ms"] / g["ms"], 3)

@@ -166,7 +166,6 @@ def _div(x: torch.Tensor, c: float) -> torch.Tensor:
     return x / torch.full_like(x, c)
 
 
-
 def _block_amax(rows: torch.Tensor, block: int) -> torch.Tensor:
     """``[B, H, S]`` per-token amax -> ``[B, H, ceil(S / block)]`` per-block amax (padding 0)."""
     B, H, S = rows.shape
@@ -309,14 +308,14 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
                        sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
                        SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (block of rows, batch x head) per program: the block's rows minus the head's mean (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3 rows;
-    with ``INT8`` ``amax / 127``, int8 rows); with ``ROWS`` one scale per row instead, stored at
-    the row's token index (``SCALE`` ``[B, H, S]``, unit token stride)."""
+    """One (block of rows, batch x head) per program: the block's rows minus the head's mean
+    (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3 rows; with ``INT8``
+    ``amax / 127``, int8 rows); with ``ROWS`` one scale per row instead, stored at the row's
+    token index (``SCALE`` ``[B, H, S]``, unit token stride)."""
     blk = tl.program_id(0)
     b, h, bh, pos, offs_d = _tile_coords(H, BLOCK, BLOCK_D)
     ok = (pos < S)[:, None] & (offs_d < D)[None, :]
-    tok = pos
-    x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + tok[:, None].to(tl.int64) * sx_s + offs_d[None, :],
+    x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :],
                 mask=ok, other=0.0).to(tl.float32)
     if SMOOTH:
         mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
@@ -331,7 +330,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
     else:
         scale = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)
     if ROWS:
-        tl.store(SCALE + b * sc_b + h * sc_h + tok, scale, mask=pos < S)
+        tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
         xs = tl.div_rn(x, scale[:, None])
     else:
         tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
@@ -340,7 +339,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
         x8 = _cast_int8(xs)
     else:
         x8 = _cast_e4m3(xs, EMU_CAST)
-    tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + tok[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
+    tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
 
 
 @triton.jit

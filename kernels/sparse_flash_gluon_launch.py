@@ -20,10 +20,9 @@ import triton
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .quant_fp8 import (FP8_DTYPE, PRECISIONS, int8_logits_by_bits, lse_smoothing_correction, precision_parts,
-                        quantize_operands)
+from .quant_fp8 import FP8_DTYPE, PRECISIONS, int8_logits_by_bits, lse_smoothing_correction, precision_parts
 from .sparse_flash_io import (_bhs_strides, _bsh_strides, capability_major, interpreting, kv_in_plan_order, kv_view,
-                              last_launch, plan_bh_strides, prepare_call)
+                              last_launch, plan_bh_strides, prepare_call, quantize_plan_operands, vt_view)
 from .sparse_flash_kernel import LOG2E
 from .sparse_flash_tables import RuleMode, plan_launch_tables, plan_perm_int32
 
@@ -208,15 +207,13 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     v_bhs = kv_bhs
     ops = None
     if qk_fmt is not None:  # quantisation prologue: 8-bit Q (original order), smoothed K (and V^T), plan order
-        as_bhsd = (lambda t: t) if plan.key_perm is not None else (lambda t: t.transpose(1, 2))
-        ops = quantize_operands(q, as_bhsd(kh), as_bhsd(vh) if pv8 else None, BN, precision)
+        ops = quantize_plan_operands(q, kh, vh, plan, precision)
         q, kh, kv_bhs = ops.q8, ops.k8, _bhs_strides
     k_view, (row_b, row_h, col_h) = _kv_tile_view(kh, kv_bhs, B, Hk, S)
     desc_k = _descriptor(kh, k_view, (BN, D), _gl_dtype(kh.dtype))
     if pv8:  # V^T [B, Hk, D, S_pad] as rows (b, hk, channel) x tokens; boxes of D channels x BN tokens
-        vt = ops.vt8
-        desc_v = _descriptor(vt, (B * Hk * D, vt.shape[-1], vt.shape[-1]), (D, BN), _gl_dtype(vt.dtype))
-        vrow_b, vrow_h, vcol_h = Hk * D, D, 0
+        rows, cols, row_stride, vrow_b, vrow_h, vcol_h = vt_view(ops.vt8)
+        desc_v = _descriptor(ops.vt8, (rows, cols, row_stride), (D, BN), _gl_dtype(ops.vt8.dtype))
     else:
         v_view, (vrow_b, vrow_h, vcol_h) = _kv_tile_view(vh, v_bhs, B, Hk, S)
         desc_v = _descriptor(vh, v_view, (BN, D), _gl_dtype(vh.dtype))

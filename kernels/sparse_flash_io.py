@@ -20,8 +20,11 @@ from vidattn.plan import BlockPlan
 from vidattn.plan_order import expand_kv_heads, to_plan_order
 from vidattn.rules import NeighborhoodForm
 
+from .quant_fp8 import FP8Operands, precision_parts, quantize_operands
+
 __all__ = ["TensorDescriptor", "last_launch", "interpreting", "capability_major", "plan_bh_strides",
-           "kv_in_plan_order", "prepare_call", "check_triton_inputs", "kv_view", "kv_descriptor"]
+           "kv_in_plan_order", "quantize_plan_operands", "prepare_call", "check_triton_inputs", "kv_view",
+           "kv_descriptor", "vt_view"]
 
 # diagnostics of the latest forward launch: "path" ("gluon-hopper" / "portable"), "gluon_refused"
 # (why the Gluon kernel did not run), "regs_spills" = (registers per thread, spills)
@@ -77,6 +80,20 @@ def kv_in_plan_order(k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, heads: i
     kh = to_plan_order(k.transpose(1, 2), kperm).contiguous()
     vh = to_plan_order(v.transpose(1, 2), kperm).contiguous()
     return kh, vh, _bhs_strides
+
+
+def quantize_plan_operands(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, plan: BlockPlan,
+                           precision: str) -> FP8Operands:
+    """The quantisation prologue (:func:`.quant_fp8.quantize_operands`) of a quantised
+    ``precision`` on ``q`` ``[B, S, H, D]`` and on K / V as :func:`kv_in_plan_order` returned
+    them (``[B, S, Hk, D]`` in place, or ``[B, Hk', S, D]`` in plan order); V is read only for an
+    8-bit P.V."""
+    _, pv8 = precision_parts(precision)
+
+    def as_bhsd(t):
+        return t if plan.key_perm is not None else t.transpose(1, 2)
+
+    return quantize_operands(q, as_bhsd(kh), as_bhsd(vh) if pv8 else None, plan.block_k, precision)
 
 
 def prepare_call(q, k, v, plan, scale):
@@ -154,3 +171,16 @@ def kv_descriptor(t: torch.Tensor, strides_bhs, batch: int, kv_heads: int, seq_l
     rows, cols, ss, row_b, row_h, col_h = view
     desc = TensorDescriptor(t, shape=[rows, cols], strides=[ss, 1], block_shape=[block_n, t.shape[-1]])
     return desc, row_b, row_h, col_h
+
+
+def vt_view(vt: torch.Tensor):
+    """The 2-D view of a quantised V^T (e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous) that
+    tensor-descriptor tile loads use: rows are (batch, kv head, channel), columns tokens, so the
+    ``[D, block_n]`` tile of tokens ``col0 .. col0 + block_n`` of (batch b, head h) is the box at
+    ``(b * row_b + h * row_h, col0)``.
+
+    Returns:
+        ``(rows, cols, row_stride, row_b, row_h, col_h)`` as :func:`kv_view` (``col_h`` 0).
+    """
+    B, Hk, D, s_pad = vt.shape
+    return B * Hk * D, s_pad, s_pad, Hk * D, D, 0

@@ -20,12 +20,12 @@ from triton.runtime.errors import OutOfResources
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .quant_fp8 import fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts, quantize_operands
+from .quant_fp8 import fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts
 from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
 from .sparse_flash_gluon_launch import block_sparse_attention_gluon, gluon_mode, gluon_refusal
 from .sparse_flash_io import (TensorDescriptor, _bhs_strides, _bsh_strides, capability_major, check_triton_inputs,
                               interpreting, kv_descriptor, kv_in_plan_order, last_launch, plan_bh_strides,
-                              prepare_call)
+                              prepare_call, quantize_plan_operands, vt_view)
 from .sparse_flash_tables import ProgramOrder, plan_launch_tables, plan_perm_int32, program_schedule
 
 __all__ = ["block_sparse_attention_triton", "launch_config", "kv_descriptor", "check_triton_inputs", "last_launch",
@@ -187,9 +187,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     qops = None
     if quant:  # quantisation prologue: 8-bit Q (original order), smoothed K, and for an 8-bit P.V
         # transposed V (plan order); the int8 precision reads V itself
-        k_bhsd = kh if kperm is not None else kh.transpose(1, 2)
-        v_bhsd = vh if kperm is not None else vh.transpose(1, 2)
-        qops = quantize_operands(q, k_bhsd, v_bhsd, plan.block_k, precision)
+        qops = quantize_plan_operands(q, kh, vh, plan, precision)
         q, kh = qops.q8, qops.k8
         k_bhs = _bhs_strides
         if pv8:
@@ -223,8 +221,8 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if use_tma:  # K and V each as (descriptor, row_b, row_h, col_h): tile at (b*row_b + h*row_h + col0, h*col_h)
         dk = kv_descriptor(kh, k_bhs(kh), B, Hk, S, BN)
         if pv8:  # V^T [B, Hk, D, S_pad] as rows (b, h, channel) x tokens; boxes of D channels x BN tokens
-            dv = (TensorDescriptor(vh, shape=[B * Hk * D, vh.shape[-1]], strides=[vh.shape[-1], 1],
-                                   block_shape=[D, BN]), Hk * D, D, 0)
+            rows, cols, row_stride, *offsets = vt_view(vh)
+            dv = (TensorDescriptor(vh, shape=[rows, cols], strides=[row_stride, 1], block_shape=[D, BN]), *offsets)
         else:
             dv = kv_descriptor(vh, v_bhs(vh), B, Hk, S, BN)
         use_tma = dk is not None and dv is not None
