@@ -138,29 +138,49 @@ def _int32_to_f32(x, I2F_BITS: tl.constexpr):
     (:func:`.quant_fp8.int8_logits_by_bits`) an integer add into the mantissa of ``1.5 * 2**23``
     and a float subtract, exact in that range and off the slow conversion pipe."""
     if I2F_BITS:
-        return (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
-    return x.to(tl.float32)
+        y = (x + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+    else:
+        y = x.to(tl.float32)
+    return y
 
 
 @triton.jit
-def _scale_logits(qk, qk_scale, ROWS: tl.constexpr):
-    """``qk`` ``[M, N]`` times the logit scale: a scalar, or with ``ROWS`` (the 8-bit Q.K^T, whose Q
-    has one scale per token) one positive fp32 scale per row ``[M]``."""
+def _scale_logits(qk, qk_scale, q_rows, ROWS: tl.constexpr):
+    """``qk`` ``[M, N]`` times the scalar logit scale ``qk_scale`` and, with ``ROWS`` (the 8-bit
+    Q.K^T, whose Q has one scale per token), each row's positive fp32 scale ``q_rows`` ``[M]``."""
+    # (one return after an if / else: Triton's code generator still type-checks the statements
+    # after a return inside a constexpr ``if``; a [M] x [M, N] product there failed to compile)
     if ROWS:
-        return qk * qk_scale[:, None]
-    return qk * qk_scale
+        scaled = (qk * qk_scale) * q_rows[:, None]
+    else:
+        scaled = qk * qk_scale
+    return scaled
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowed, bias, MASKED: tl.constexpr,
+def _scale_rows(x, qk_scale, q_rows, ROWS: tl.constexpr):
+    """``x`` ``[M]`` times the logit scale (see :func:`_scale_logits`)."""
+    if ROWS:
+        scaled = (x * qk_scale) * q_rows
+    else:
+        scaled = x * qk_scale
+    return scaled
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, q_rows, allowed, bias, MASKED: tl.constexpr,
                  TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr,
                  QK_INT8: tl.constexpr, PV8: tl.constexpr, EMU_CAST: tl.constexpr, I2F_BITS: tl.constexpr = False):
     """One key tile of the online softmax (base 2). ``m_i`` starts finite (-1e30), so a fully
     masked tile leaves the state unchanged without any NaN guard.
 
-    ``QK8``: q, kt are e4m3, or int8 with ``QK_INT8`` (an int32 dot), and ``qk_scale`` is a
-    row vector ``[M]`` that includes each row's Q and this tile's K dequantisation scale (else a
-    scalar). ``PV8``: v is e4m3 and the numerators ``p`` in
+    ``qk_scale``: the scalar logit scale (softmax scale x log2(e), with ``QK8`` times this tile's K
+    dequantisation scale). ``QK8``: q, kt are e4m3, or int8 with ``QK_INT8`` (an int32 dot), and
+    ``q_rows`` ``[M]`` holds each row's Q dequantisation scale (else unused). It multiplies the
+    logits as a factor of its own (one more multiply per logit): so Triton converts the
+    loop-invariant vector to the MMA layout once, before the key loop. Its product with the scalar
+    was converted in every tile, which doubled the spills (fp8 at 128 x 128 tiles: a 624-byte stack
+    frame instead of 296, ``benchmarks/portable_build.py``). ``PV8``: v is e4m3 and the numerators ``p`` in
     [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the epilogue divides by 448 and
     applies the V channel scales); else P.V runs in v's dtype (``FP32_DOT``: in fp32). ``l_i``
     sums the fp32 ``p``. ``EMU_CAST`` (interpreter only): round ``p`` on the e4m3 grid (PV8) or,
@@ -175,7 +195,7 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
     else:
         qk = tl.dot(q, kt)
     if MASKED or TAIL or HAS_BIAS:
-        qk = _scale_logits(qk, qk_scale, QK8)
+        qk = _scale_logits(qk, qk_scale, q_rows, QK8)
         if HAS_BIAS:
             qk = qk + bias
         if TAIL:
@@ -189,8 +209,9 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         p = tl.exp2(qk - m_new[:, None])
     else:
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)  # (scales > 0: the max of the scaled row)
-        p = tl.exp2(_scale_logits(qk, qk_scale, QK8) - m_new[:, None])
+        # (scales > 0: the max of the scaled row is the scaled max)
+        m_new = tl.maximum(m_i, _scale_rows(tl.max(qk, 1), qk_scale, q_rows, QK8))
+        p = tl.exp2(_scale_logits(qk, qk_scale, q_rows, QK8) - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
@@ -210,7 +231,8 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, allowe
 
 @triton.jit
 def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base, v_base, desc_k, desc_v,
-               k_row0, k_col, v_row0, v_col, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, TAIL: tl.constexpr,
+               k_row0, k_col, v_row0, v_col, offs_n, offs_d, stride_ks, stride_vs, S, D, qk_scale, q_rows,
+               TAIL: tl.constexpr,
                HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr, QK_INT8: tl.constexpr,
                PV8: tl.constexpr, EMU_CAST: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
                SUB_N: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -227,7 +249,7 @@ def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias,
         tile_scale = qk_scale * tl.load(KSC + ks_row + kb)
     kt, v = _load_kv(k_base, v_base, desc_k, desc_v, k_row0, k_col, v_row0, v_col, col0, offs_n, offs_d, stride_ks,
                      stride_vs, S, D, TAIL, EVEN_D, USE_TMA, PV8, BLOCK_N, BLOCK_D)
-    return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, ones, bias, False, TAIL, HAS_KEPT,
+    return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, q_rows, ones, bias, False, TAIL, HAS_KEPT,
                         FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST, I2F_BITS)
 
 
@@ -306,8 +328,9 @@ def _sparse_flash_fwd(
     v_row0 = b * VROW_B + hk * VROW_H
     v_col = hk * VCOL_H
     ks_row = b * ks_b + hk * ks_h
-    if QK8:  # each row's (token's) Q dequantisation scale joins the softmax scale: a row vector
-        qk_scale = qk_scale * tl.load(QSC + b * qs_b + h * qs_h + qtok, mask=row_ok, other=1.0)
+    q_rows = qk_scale  # (unused without QK8)
+    if QK8:  # each row's (token's) Q dequantisation scale, a row vector
+        q_rows = tl.load(QSC + b * qs_b + h * qs_h + qtok, mask=row_ok, other=1.0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -328,14 +351,15 @@ def _sparse_flash_fwd(
     for j in tl.range(0, nmain * SUB_N, warp_specialize=WARP_SPEC):
         acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base,
                                    v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, offs_n, offs_d, stride_ks,
-                                   stride_vs, S, D, qk_scale, False, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST,
-                                   EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS)
+                                   stride_vs, S, D, qk_scale, q_rows, False, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8,
+                                   EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS)
     if RAGGED:
         for j in range(nmain * SUB_N, nfb * SUB_N):
             acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones,
                                        k_base, v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, offs_n, offs_d,
-                                       stride_ks, stride_vs, S, D, qk_scale, True, HAS_KEPT, FP32_DOT, QK8, QK_INT8,
-                                       PV8, EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS)
+                                       stride_ks, stride_vs, S, D, qk_scale, q_rows, True, HAS_KEPT, FP32_DOT, QK8,
+                                       QK_INT8, PV8, EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D,
+                                       I2F_BITS)
 
     # ---- partial blocks: the token rule in-kernel
     npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb) * SUB_N
@@ -383,7 +407,7 @@ def _sparse_flash_fwd(
         kt, v = _load_kv(k_base, v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, col0, offs_n, offs_d,
                          stride_ks, stride_vs, S, D, True, EVEN_D, USE_TMA, PV8, BLOCK_N, BLOCK_D)
         # RULE 2 masks are 0 past the sequence end: no separate tail mask on the logits
-        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, ok, bias,
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, q_rows, ok, bias,
                                      True, RULE != RULE_BLOCK_MASKS, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST,
                                      I2F_BITS)
 
@@ -396,7 +420,8 @@ def _sparse_flash_fwd(
             # (the launcher refuses pooled columns with a quantised precision)
             kt, v = _load_kv(PK + b * pk_b + h * pk_h, PV + b * pv_b + h * pv_h, DESC_K, DESC_V, 0, 0, 0, 0, c0,
                              offs_n, offs_d, pk_s, pv_s, NKB, D, True, EVEN_D, False, False, BLOCK_N, BLOCK_D)
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, c0, offs_n, NKB, qk_scale, ones & present[None, :],
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, c0, offs_n, NKB, qk_scale, q_rows,
+                                         ones & present[None, :],
                                          no_bias + tl.where(present, pw, 0.0)[None, :] * 1.4426950408889634,
                                          True, True, True, FP32_DOT, False, False, False, False)
 
