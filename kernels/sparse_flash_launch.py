@@ -111,23 +111,39 @@ def _tma_ok(device: torch.device) -> bool:
     return device.type == "cuda" and capability_major(device) >= 9
 
 
+def auto_portable_reason(plan: BlockPlan, precision: Optional[str]) -> Optional[str]:
+    """In ``VIDATTN_GLUON=auto`` mode, why a quantised call takes the portable kernel, or None
+    when it goes to the Gluon kernel (bf16 / fp16 always do, if the Gluon kernel can run them).
+
+    Measured on the H200 (``benchmarks/gluon_ab.py --precisions``, session 9, Wan and
+    HunyuanVideo): the Gluon kernel runs ``"int8"`` 1.05-1.07x the portable kernel on dense plans
+    (every block full), 0.95-1.00x on block-sparse plans, 0.88x on neighborhood plans; ``"fp8"``
+    0.83-1.03x; ``"int8_fp8"`` about 0.7x. So only ``"int8"`` on a dense plan goes to it.
+    """
+    if precision is None:
+        return None
+    dense = plan.rectification is None and not plan.has_partial and plan.block_density == 1.0
+    if precision == "int8" and dense:
+        return None
+    return (f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 (measured faster there"
+            + ("" if precision != "int8" else " except on dense plans") + ")")
+
+
 def _gluon_path(q, k, v, plan, precision):
     """The Hopper Gluon kernel's entry point when ``VIDATTN_GLUON`` and the case allow it, else None
     (the reason is kept in ``last_launch["gluon_refused"]``); with ``VIDATTN_GLUON=1`` a case it
     cannot run raises :class:`TritonUnsupported`. In ``auto`` mode the quantised precisions take
-    the portable kernel: on the H200 (``benchmarks/gluon_ab.py --precisions``, Wan shape) the
-    Gluon kernel was 0.68-0.91x the portable one with an 8-bit P.V and 0.90-1.04x with
-    ``"int8"`` (slower at densities <= 0.25 and on neighborhood plans); ``VIDATTN_GLUON=1``
-    runs them on it."""
+    the portable kernel except ``"int8"`` on dense plans (:func:`auto_portable_reason`);
+    ``VIDATTN_GLUON=1`` runs them all on it."""
     if q.device.type != "cuda":  # the CPU interpreter: no Gluon
         return None
     mode = gluon_mode()
     if mode == "0":
         last_launch["gluon_refused"] = "VIDATTN_GLUON=0"
         return None
-    if mode == "auto" and precision is not None:
-        last_launch["gluon_refused"] = (f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 "
-                                        "(measured faster there)")
+    portable_why = auto_portable_reason(plan, precision) if mode == "auto" else None
+    if portable_why is not None:
+        last_launch["gluon_refused"] = portable_why
         return None
     why = gluon_refusal(q, k, v, plan, precision)
     last_launch["gluon_refused"] = why

@@ -259,6 +259,25 @@ def test_auto_mode_takes_portable_kernel_when_it_cannot_run(monkeypatch):
     monkeypatch.setenv("VIDATTN_GLUON", "auto")
     block_sparse_attention_triton(q, k, v, plan, precision="int8")
     assert last_launch["path"] == "portable" and "VIDATTN_GLUON=1" in last_launch["gluon_refused"]
+    block_sparse_attention_triton(q, k, v, random_full_plan(256, 2, 1.0, 128, 128, seed=0, device="cuda"),
+                                  precision="int8")
+    assert last_launch["path"] == "gluon-hopper"  # int8 on a dense plan: faster on the Gluon kernel
+
+
+def test_auto_mode_sends_only_int8_on_dense_plans_to_the_gluon_kernel():
+    from vidattn.kernels.sparse_flash_launch import auto_portable_reason
+
+    dense, half = random_full_plan(512, 2, 1.0, 128, 128, seed=0), random_full_plan(512, 2, 0.5, 128, 128, seed=0)
+    assert auto_portable_reason(dense, None) is None and auto_portable_reason(half, None) is None
+    assert auto_portable_reason(dense, "int8") is None
+    assert "except on dense plans" in auto_portable_reason(half, "int8")
+    for precision in ("fp8", "int8_fp8"):
+        assert "portable kernel" in auto_portable_reason(dense, precision)
+    cls = torch.full((1, 2, 4, 4), FULL, dtype=torch.int8)
+    cls[0, 0, 0, 0] = PARTIAL  # every block listed, one of them partial: not dense
+    from kernel_cases import StripeRule
+    partial = plan_from_block_mask(cls, seq_len=512, block_q=128, block_k=128, rule=StripeRule(), token_density=1.0)
+    assert auto_portable_reason(partial, "int8") is not None
 
 
 # relative L2 error vs the float64 reference on Gaussian inputs allowed per quantised precision

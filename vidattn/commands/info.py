@@ -37,8 +37,8 @@ def _forward_kernel(dev: str) -> str:
         return f"portable ({why})"
     if gluon_mode() == "0":
         return "portable (VIDATTN_GLUON=0)"
-    return ("gluon-hopper for bf16/fp16, head dim 64/128, 64/128-token blocks, native precision, no "
-            "rectification; portable otherwise")
+    return ("gluon-hopper for bf16/fp16, head dim 64/128, 64/128-token blocks, native precision or int8 on dense "
+            "plans, no rectification; portable otherwise")
 
 
 _PRECISION_TEXT = {"fp8": "e4m3 Q.K^T, e4m3 P.V", "int8": "int8 Q.K^T, 16-bit P.V",
