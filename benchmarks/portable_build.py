@@ -44,7 +44,6 @@ def capture(precision: str | None, block_m: int, block_n: int, head_dim: int = 1
     as on the video shapes. Returns ``dict(signature=..., constexprs=..., num_warps=..., num_stages=...)``.
     """
     import torch
-    from triton.runtime.jit import mangle_type
 
     from vidattn.kernels import sparse_flash_launch as L
     from vidattn.plan import FULL, plan_from_block_mask
@@ -93,19 +92,28 @@ def capture(precision: str | None, block_m: int, block_n: int, head_dim: int = 1
     import inspect
 
     constexpr_names = {n for n, prm in inspect.signature(fn.fn).parameters.items() if "constexpr" in str(prm.annotation)}
-    sig, consts = {}, {}
-    for name in fn.arg_names:
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    sig, consts, div16 = {}, {}, []
+    for i, name in enumerate(fn.arg_names):
         val = seen[name]
         if name in constexpr_names:
             consts[name] = val if isinstance(val, (bool, int, float)) else int(val)
             sig[name] = "constexpr"
-        elif isinstance(val, float):
-            sig[name] = "fp32"
-        else:
-            sig[name] = mangle_type(val)
+            continue
+        # the JIT's own specialisation: ints equal to 1 become constants, 16-divisible ints and
+        # 16-byte aligned pointers get tt.divisibility (vector loads, cheaper addresses)
+        kind, attr = native_specialize_impl(BaseBackend, val, False, True, True)
+        if kind == "constexpr":
+            consts[name], sig[name] = attr, "constexpr"
+            continue
+        sig[name] = kind
+        if attr == "D":
+            div16.append(i)
     consts["EMU_CAST"] = False
     consts["FP32_DOT"] = False
-    return dict(signature=sig, constexprs=consts, num_warps=num_warps, num_stages=num_stages)
+    return dict(signature=sig, constexprs=consts, div16=div16, num_warps=num_warps, num_stages=num_stages)
 
 
 def build(captured: dict) -> dict:
@@ -120,7 +128,8 @@ def build(captured: dict) -> dict:
 
     from vidattn.kernels.sparse_flash_kernel import _sparse_flash_fwd
 
-    src = triton.compiler.ASTSource(_sparse_flash_fwd, captured["signature"], captured["constexprs"])
+    attrs = {(i,): [["tt.divisibility", 16]] for i in captured.get("div16", [])}
+    src = triton.compiler.ASTSource(_sparse_flash_fwd, captured["signature"], captured["constexprs"], attrs)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": captured["num_warps"], "num_stages": captured["num_stages"]})
     ptx = c.asm["ptx"]

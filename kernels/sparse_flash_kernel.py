@@ -179,8 +179,8 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, q_rows
     ``q_rows`` ``[M]`` holds each row's Q dequantisation scale (else unused). It multiplies the
     logits as a factor of its own (one more multiply per logit): so Triton converts the
     loop-invariant vector to the MMA layout once, before the key loop. Its product with the scalar
-    was converted in every tile, which doubled the spills (fp8 at 128 x 128 tiles: a 624-byte stack
-    frame instead of 296, ``benchmarks/portable_build.py``). ``PV8``: v is e4m3 and the numerators ``p`` in
+    was converted in every tile: fp8 at 128 x 128 tiles spilled a 536-byte stack frame instead of
+    16 bytes (``benchmarks/portable_build.py``; the H200 driver reported the same). ``PV8``: v is e4m3 and the numerators ``p`` in
     [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the epilogue divides by 448 and
     applies the V channel scales); else P.V runs in v's dtype (``FP32_DOT``: in fp32). ``l_i``
     sums the fp32 ``p``. ``EMU_CAST`` (interpreter only): round ``p`` on the e4m3 grid (PV8) or,

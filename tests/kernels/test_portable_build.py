@@ -25,3 +25,5 @@ def test_builds_for_sm90(precision):
     # per-token Q scale folded into the per-tile scale did, and doubled the spills)
     assert built["loop_row_converts"] == 0, built
     assert built["regs"] is not None and built["stack_frame"] is not None
+    if precision != "bf16":  # 0-40 bytes with triton 3.6-3.8 (the H200 driver agrees); 536 when broken
+        assert built["stack_frame"] <= 128, built
