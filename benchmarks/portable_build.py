@@ -40,7 +40,8 @@ def capture(precision: str | None, block_m: int, block_n: int, head_dim: int = 1
     """Kernel arguments of one launcher call, as Triton signature strings / constexpr values.
 
     Runs in an interpreter process (``TRITON_INTERPRET=1``). ``rule``: ``"full"`` (random full
-    blocks) or ``"dense"``; ``seq_len`` not a multiple of 128 adds the ragged last key block's loop,
+    blocks), ``"dense"``, or ``"na"`` / ``"gna"`` (the neighborhood window (9, 15, 27), plain or with
+    stride (3, 5, 9), on a 12 x 20 x 36 grid: partial blocks and the token rule); ``seq_len`` not a multiple of 128 adds the ragged last key block's loop,
     as on the video shapes. Returns ``dict(signature=..., constexprs=..., num_warps=..., num_stages=...)``.
     """
     import torch
@@ -52,12 +53,21 @@ def capture(precision: str | None, block_m: int, block_n: int, head_dim: int = 1
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, S, H, head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
     nq, nk = -(-S // bq), -(-S // bk)
-    if rule == "dense":
+    if rule in ("na", "gna"):  # the Wan setting's window on a smaller grid: partial blocks, token rule
+        import vidattn
+
+        layout = vidattn.TokenLayout((12, 20, 36))
+        stride = (3, 5, 9) if rule == "gna" else 1
+        plan = vidattn.Neighborhood(kernel_size=(9, 15, 27), stride=stride).plan(layout)
+        S = layout.seq_len
+        q, k, v = (torch.randn(1, S, H, head_dim, generator=g).to(torch.bfloat16) for _ in range(3))
+    elif rule == "dense":
         cls = torch.full((1, H, nq, nk), FULL, dtype=torch.int8)
     else:
         idx = torch.argsort(torch.rand(1, H, nq, nk, generator=g), dim=-1)[..., : nk // 2]
         cls = torch.zeros(1, H, nq, nk, dtype=torch.int8).scatter_(-1, idx, FULL)
-    plan = plan_from_block_mask(cls, seq_len=S, block_q=bq, block_k=bk, rule=None, token_density=0.5)
+    if rule in ("full", "dense"):
+        plan = plan_from_block_mask(cls, seq_len=S, block_q=bq, block_k=bk, rule=None, token_density=0.5)
 
     # the GPU's decisions on CPU tensors: tiles as on a GPU, TMA descriptors, no emulation
     if block_m:  # else launch_config's choice on a GPU
@@ -157,7 +167,7 @@ def build(captured: dict) -> dict:
     frame = re.search(r"(\d+) bytes stack frame", info)
     mmas = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k\d+\.\w+\.\w+\.\w+)", ptx)))
     return dict(regs=int(regs.group(1)) if regs else None, stack_frame=int(frame.group(1)) if frame else None,
-                loop_row_converts=loop_row_converts, wgmma=mmas,
+                loop_row_converts=loop_row_converts, wgmma=mmas, shfl_idx=ptx.count("shfl.sync.idx"),
                 spill_stores=int(spills.group(1)) if spills else None,
                 spill_loads=int(spills.group(2)) if spills else None, ptx_lines=ptx.count("\n"))
 
@@ -203,7 +213,8 @@ def main() -> None:
     p.add_argument("--precisions", default="bf16,fp8,int8,int8_fp8")
     p.add_argument("--tiles", default="0x0", help="BLOCK_MxBLOCK_N list (0x0: launch_config's choice)")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--rule", choices=("full", "dense"), default="full")
+    p.add_argument("--rule", choices=("full", "dense", "na", "gna"), default="full",
+                   help="random full blocks, a dense plan, or the neighborhood (9, 15, 27) window plain / strided (3, 5, 9)")
     p.add_argument("--warps", type=int, default=0, help="0: launch_config's choice")
     p.add_argument("--seq-len", type=int, default=1000, help="tokens (not a multiple of 128: a ragged last block)")
     p.add_argument("--dump", default="", help="write each case's TTIR / TTGIR / LLIR / PTX under this folder")

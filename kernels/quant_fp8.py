@@ -57,6 +57,7 @@ import triton.language as tl
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "INT8_MAX", "P_SCALE", "PRECISIONS", "QK_FORMATS", "check_precision",
            "precision_parts", "fp8_support", "quantize_q_tokens", "smooth_quantize_k", "quantize_v_channels",
+           "p8_key_order", "P8_KEY_DIMS", "P8_MIN_TILE",
            "FP8Operands", "quantize_operands", "round_to_e4m3", "lse_smoothing_correction",
            "DEFAULT_IMPL", "int8_logits_by_bits"]
 
@@ -69,6 +70,16 @@ QK_FORMATS = ("e4m3", "int8")  # the 8-bit formats of Q and K
 _PARTS = {None: (None, False), "fp8": ("e4m3", True), "int8": ("int8", False), "int8_fp8": ("int8", True)}
 _QMAX = {"e4m3": FP8_MAX, "int8": INT8_MAX}
 _TINY = 1e-12  # scale floor for all-zero blocks / channels
+
+# The key order of the 8-bit P.V. A kernel's e4m3 P tile, viewed as [M, N / 32, 2, 2, 2, 2, 2]
+# (the five bits of a key inside its 32-key group), is permuted by these dims before it becomes
+# the P.V register operand: position a = 16 h + 4 t + i then holds key 16 h + 8 (i // 2) + 2 t +
+# i % 2, the key whose logit thread t (of a quad) holds in that register of the Hopper S
+# accumulator, so the operand needs no shuffle between threads. V^T stores its tokens in the same
+# order (p8_key_order), so P.V is unchanged. Tokens pad to a multiple of 32 for it.
+P8_KEY_DIMS = tl.constexpr((0, 1, 2, 4, 5, 3, 6))
+P8_MIN_TILE = 32  # key tiles narrower than a group keep the token order
+_VT_PAD = 32
 DEFAULT_IMPL = "triton"  # prologue implementation: "triton" (kernels below) or "torch"
 
 
@@ -232,23 +243,35 @@ def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3"):
     return _quantize(ks / tok[..., None], fmt).contiguous(), scale.contiguous(), mean
 
 
-def quantize_v_channels(v: torch.Tensor, pad_to: int = 16):
+def p8_key_order(n: int, device=None) -> torch.Tensor:
+    """Which token each position of a quantised V^T row holds: int64 ``[n]`` (``n`` a multiple of
+    32), :data:`P8_KEY_DIMS` applied to ``arange(n)`` (each 32-token group stays in place)."""
+    if n % 32:
+        raise ValueError(f"n must be a multiple of 32, got {n}")
+    dims = tuple(d - 1 for d in P8_KEY_DIMS.value[1:])  # without the row dim
+    return torch.arange(n, device=device).reshape(n // 32, 2, 2, 2, 2, 2).permute(dims).reshape(n)
+
+
+def quantize_v_channels(v: torch.Tensor, key_order: bool = True):
     """Per-channel e4m3 quantisation of V, stored transposed.
 
     Args:
         v: ``[B, Hk, S, D]`` float (any strides), tokens in the plan's key order.
-        pad_to: the token axis of the result is padded (zeros) to a multiple of this (16: rows of
-            16-byte aligned length, as tensor-descriptor loads need).
+        key_order: tokens in :func:`p8_key_order` (for kernels whose key tiles are at least
+            :data:`P8_MIN_TILE` wide), else in their own order.
     Returns:
-        ``(vt8, v_scale)``: e4m3fn ``[B, Hk, D, S_pad]`` and fp32 ``[B, Hk, D]`` with
-        ``v[b, h, s, c] ~= vt8[b, h, c, s] * v_scale[b, h, c]``.
+        ``(vt8, v_scale)``: e4m3fn ``[B, Hk, D, S_pad]`` (``S_pad``: ``S`` rounded up to a multiple
+        of 32, zeros for the padding tokens) and fp32 ``[B, Hk, D]`` with ``v[b, h, order[a], c] ~=
+        vt8[b, h, c, a] * v_scale[b, h, c]``, ``order = p8_key_order(S_pad)`` (or ``arange``).
     """
     B, Hk, S, D = v.shape
     vf = v.float()
     scale = _div(_channel_amax(v), FP8_MAX).clamp_min(_TINY)  # [B, Hk, D]
-    s_pad = -(-S // pad_to) * pad_to
+    s_pad = -(-S // _VT_PAD) * _VT_PAD
     vt8 = torch.zeros(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
     vt8[..., :S] = _to_e4m3((vf / scale[:, :, None]).transpose(2, 3))
+    if key_order:
+        vt8 = vt8.view(torch.uint8).index_select(-1, p8_key_order(s_pad, v.device)).view(FP8_DTYPE)
     return vt8, scale.contiguous()
 
 
@@ -344,16 +367,21 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
 
 @triton.jit
 def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                    EMU_CAST: tl.constexpr):
+                    EMU_CAST: tl.constexpr, KEY_ORDER: tl.constexpr):
     """One (token tile, batch x head) per program: V rows divided by the channel scales, stored
-    transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S .. S_PAD written as 0)."""
+    transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S .. S_PAD written as 0); with
+    ``KEY_ORDER`` token ``t`` at its position in :func:`p8_key_order` (``BLOCK_T`` a multiple of 32)."""
     b, h, bh, t, offs_d = _tile_coords(H, BLOCK_T, BLOCK_D)
     d_ok = offs_d < D
     x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                 mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     sc = tl.load(VSC + bh * D + offs_d, mask=d_ok, other=1.0)
     x8 = tl.trans(_cast_e4m3(tl.div_rn(x, sc[None, :]), EMU_CAST))  # [BLOCK_D, BLOCK_T]
-    dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + t[None, :]
+    # position of token t inside its 32-token group: bits (4, 3, 2, 1, 0) of t go to (4, 1, 3, 2, 0)
+    pos = t
+    if KEY_ORDER:
+        pos = (t & ~14) | (((t >> 3) & 1) << 1) | (((t >> 2) & 1) << 3) | (((t >> 1) & 1) << 2)
+    dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + pos[None, :]
     tl.store(dst, x8, mask=d_ok[:, None] & (t < S_PAD)[None, :])
 
 
@@ -396,16 +424,16 @@ def _smooth_quantize_k_triton(k, block_k, fmt="e4m3"):
     return k8, ks, mean
 
 
-def _quantize_v_triton(v, pad_to=16):
+def _quantize_v_triton(v, key_order=True):
     B, Hk, S, D = v.shape
     scale = _div(_channel_amax(v), FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
-    s_pad = -(-S // pad_to) * pad_to
+    s_pad = -(-S // _VT_PAD) * _VT_PAD
     vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
     BLOCK_D = max(16, triton.next_power_of_2(D))
     BLOCK_T = 64 if BLOCK_D <= 128 else 32
     _quant_v_kernel[(triton.cdiv(s_pad, BLOCK_T), B * Hk)](
         v, vt8, scale, S, s_pad, Hk, D, v.stride(0), v.stride(1), v.stride(2), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        EMU_CAST=_interpreting(), num_warps=4)
+        EMU_CAST=_interpreting(), KEY_ORDER=key_order, num_warps=4)
     return vt8, scale
 
 
@@ -447,7 +475,8 @@ def _check_operands(q, k_plan, v_plan, block_k, pv8):
 
 
 def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[torch.Tensor], block_k: int,
-                      precision: str = "fp8", impl: Optional[str] = None) -> FP8Operands:
+                      precision: str = "fp8", impl: Optional[str] = None,
+                      v_key_order: bool = True) -> FP8Operands:
     """The whole prologue of the quantised precision ``precision``.
 
     Args:
@@ -459,6 +488,7 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
         precision: ``"fp8"``, ``"int8"`` or ``"int8_fp8"`` (:func:`precision_parts`).
         impl: ``"triton"`` / ``"torch"`` (default: ``VIDATTN_FP8_PROLOGUE`` or
             :data:`DEFAULT_IMPL`; torch where Triton cannot run). Both give identical results.
+        v_key_order: ``vt8``'s tokens in :func:`p8_key_order` (:func:`quantize_v_channels`).
     Returns:
         :class:`FP8Operands`: ``q8`` ``[B, S, H, D]`` contiguous (original order) and ``k8``
         ``[B, Hk, S, D]`` contiguous (plan order, smoothed), e4m3fn or int8, their fp32 scales
@@ -485,12 +515,12 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
             q8, qs = _quantize_q_triton(q, qk)
             k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k, qk)
             if pv8:
-                vt8, vs = _quantize_v_triton(v_plan)
+                vt8, vs = _quantize_v_triton(v_plan, v_key_order)
         else:
             q8, qs = quantize_q_tokens(q, qk)
             k8, ks, km = smooth_quantize_k(k_plan, block_k, qk)
             if pv8:
-                vt8, vs = quantize_v_channels(v_plan)
+                vt8, vs = quantize_v_channels(v_plan, v_key_order)
     return FP8Operands(q8, qs, k8, ks, km, vt8, vs)
 
 

@@ -18,11 +18,13 @@ key list through its own ring), full blocks and partial blocks (``HAS_PARTIAL``:
 uint8 token mask of each listed partial block is read under the S MMA), no rectification. 8-bit
 operands (the quantisation prologue is :mod:`.quant_fp8`): ``QK8``: Q and K arrive as int8
 (``QK_INT8``, an s8 x s8 -> s32 wgmma) or e4m3 with fp32 scales per Q token / plan key block,
-folded into each tile's logit scale (a row vector); ``PV8``: V arrives transposed and quantised per channel
-(e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous, the K-major B operand FP8 wgmma needs), P enters
-P.V as e4m3 ``p * 448`` and each tile's P.V is accumulated in fp32 registers with ``PV_SPLIT_ACC`` (the MMA's
-own accumulation of 8-bit products is not full fp32; this costs registers) or in the MMA's
-accumulator across tiles; the epilogue applies the V channel scales. The
+folded into each tile's logit scale (a row vector); ``PV8``: V arrives transposed and quantised
+per channel (e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous, the K-major B operand FP8 wgmma
+needs; within each 32-token group in the order of :data:`.quant_fp8.P8_KEY_DIMS`, the register
+order of P, whose keys are permuted the same way), P enters P.V as e4m3 ``p * 448`` and each
+tile's P.V is accumulated in fp32 registers with ``PV_SPLIT_ACC`` (the MMA's own accumulation of
+8-bit products is not full fp32; this costs registers) or in the MMA's accumulator across tiles;
+the epilogue applies the V channel scales. The
 launcher (:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the
 portable kernel. Options: ``PINGPONG`` (the consumer warpgroups take turns issuing their MMAs) and
 a persistent grid (the load warp runs ahead into the next work item).
@@ -48,6 +50,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 
 from triton.language.core import base_value
+
+from .quant_fp8 import P8_KEY_DIMS  # the key order of the e4m3 P.V operand (and of V^T's tokens)
 
 try:  # a class of constexpr fields travels into warp-specialised partitions (plain constexprs do not)
     from triton.language.core import _aggregate as aggregate
@@ -129,7 +133,9 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     if P_MUL != 1.0:
-        p_op = gl.convert_layout((p * P_MUL).to(dtype), p_layout)
+        p8 = (p * P_MUL).to(dtype)  # keys in the S accumulator's register order (.quant_fp8.P8_KEY_DIMS)
+        p8 = p8.reshape([64, BLOCK_N // 32, 2, 2, 2, 2, 2]).permute(P8_KEY_DIMS.value).reshape([64, BLOCK_N])
+        p_op = gl.convert_layout(p8, p_layout)
     else:
         p_op = gl.convert_layout(p.to(dtype), p_layout)
     return p_op, m_new, l_i, gl.convert_layout(alpha, row_o)

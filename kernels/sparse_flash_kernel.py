@@ -21,7 +21,9 @@ over the plan's listed key blocks only:
     int8 x int8 -> int32 dot (converted to fp32; exact, |sum| < 2^24 for D <= 256), else e4m3
     (an e4m3 x e4m3 -> fp32 dot);
   - ``PV8``: V arrives transposed and quantised per channel (e4m3 ``[B, Hk, D, S_pad]``, tokens
-    contiguous), P enters P.V as e4m3 ``p * 448``, and the epilogue divides by 448 and applies
+    contiguous; with ``P8_ORDER`` within each 32-token group in the order of
+    :data:`.quant_fp8.P8_KEY_DIMS`, and P's keys permuted the same way, the order its registers
+    hold them in), P enters P.V as e4m3 ``p * 448``, and the epilogue divides by 448 and applies
     the V channel scales. Without it P.V runs in V's dtype (P cast to it), V read in place.
 
   ``precision="fp8"`` is QK8 (e4m3) + PV8, ``"int8"`` QK8 + QK_INT8, ``"int8_fp8"`` QK8 +
@@ -40,7 +42,7 @@ from enum import IntEnum
 import triton
 import triton.language as tl
 
-from .quant_fp8 import _bf16_round, _round_e4m3
+from .quant_fp8 import P8_KEY_DIMS, _bf16_round, _round_e4m3
 
 __all__ = ["RuleMode", "LOG2E", "_sparse_flash_fwd"]
 
@@ -100,7 +102,8 @@ def _load_kv(k_base, v_base, desc_k, desc_v, k_row0, k_col, v_row0, v_col, col0,
     tile of K (V) is the box at descriptor row ``k_row0 + col0`` (``v_row0 + col0``), column
     ``k_col`` (``v_col``). With ``V_T`` V is stored transposed (``[D, S_pad]`` per head, tokens
     contiguous; ``stride_vs`` is then the stride of one channel row and ``v_row0`` the descriptor
-    row of channel 0): the 8-bit P.V's layout, whose operand has its reduction axis contiguous."""
+    row of channel 0; tokens in :data:`.quant_fp8.P8_KEY_DIMS` order within 32-token groups): the 8-bit
+    P.V's layout, whose operand has its reduction axis contiguous."""
     if USE_TMA:
         kt = desc_k.load([k_row0 + col0, k_col]).T
         if V_T:
@@ -116,12 +119,15 @@ def _load_kv(k_base, v_base, desc_k, desc_v, k_row0, k_col, v_row0, v_col, col0,
             v_ptrs = v_base + cols[:, None] * stride_vs + offs_d[None, :]
         if TAIL:
             col_ok = cols < n_cols
+            # V^T rows hold S_pad (= stride_vs) positions, tokens in P8_KEY_DIMS order: a position
+            # past the sequence may hold a token inside it, so only the row's end masks
+            v_ok = cols < stride_vs if V_T else col_ok
             if EVEN_D:
                 kt = tl.load(kt_ptrs, mask=col_ok[None, :], other=0.0)
-                v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=v_ok[:, None], other=0.0)
             else:
                 kt = tl.load(kt_ptrs, mask=col_ok[None, :] & (offs_d < D)[:, None], other=0.0)
-                v = tl.load(v_ptrs, mask=col_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=v_ok[:, None] & (offs_d < D)[None, :], other=0.0)
         else:
             if EVEN_D:
                 kt = tl.load(kt_ptrs)
@@ -170,7 +176,8 @@ def _scale_rows(x, qk_scale, q_rows, ROWS: tl.constexpr):
 @triton.jit
 def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, q_rows, allowed, bias, MASKED: tl.constexpr,
                  TAIL: tl.constexpr, HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr,
-                 QK_INT8: tl.constexpr, PV8: tl.constexpr, EMU_CAST: tl.constexpr, I2F_BITS: tl.constexpr = False):
+                 QK_INT8: tl.constexpr, PV8: tl.constexpr, EMU_CAST: tl.constexpr, I2F_BITS: tl.constexpr = False,
+                 P8_ORDER: tl.constexpr = False):
     """One key tile of the online softmax (base 2). ``m_i`` starts finite (-1e30), so a fully
     masked tile leaves the state unchanged without any NaN guard.
 
@@ -180,9 +187,10 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, q_rows
     logits as a factor of its own (one more multiply per logit): so Triton converts the
     loop-invariant vector to the MMA layout once, before the key loop. Its product with the scalar
     was converted in every tile: fp8 at 128 x 128 tiles spilled a 536-byte stack frame instead of
-    16 bytes (``benchmarks/portable_build.py``; the H200 driver reported the same). ``PV8``: v is e4m3 and the numerators ``p`` in
-    [0, 1] enter P.V as e4m3 ``p * 448`` (fp32 accumulate; the epilogue divides by 448 and
-    applies the V channel scales); else P.V runs in v's dtype (``FP32_DOT``: in fp32). ``l_i``
+    16 bytes (``benchmarks/portable_build.py``; the H200 driver reported the same). ``PV8``: v is
+    e4m3 and the numerators ``p`` in [0, 1] enter P.V as e4m3 ``p * 448`` (``P8_ORDER``: keys
+    permuted into the S accumulator's register order, as V^T's tokens are; fp32 accumulate; the
+    epilogue divides by 448 and applies the V channel scales); else P.V runs in v's dtype (``FP32_DOT``: in fp32). ``l_i``
     sums the fp32 ``p``. ``EMU_CAST`` (interpreter only): round ``p`` on the e4m3 grid (PV8) or,
     for a bf16 P.V of a QK8 tile, on the bf16 grid before the cast, as a GPU's conversion does."""
     if QK8:
@@ -219,7 +227,11 @@ def _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, n_cols, qk_scale, q_rows
         p8 = p * 448.0
         if EMU_CAST:
             p8 = _round_e4m3(p8)
-        acc = tl.dot(p8.to(v.dtype), v, acc)
+        p8 = p8.to(v.dtype)
+        if P8_ORDER:  # keys in the S accumulator's register order, as V^T's tokens (P8_KEY_DIMS)
+            p8 = tl.reshape(p8, [p8.shape[0], p8.shape[1] // 32, 2, 2, 2, 2, 2])
+            p8 = tl.reshape(tl.permute(p8, P8_KEY_DIMS.value), [p8.shape[0], p8.shape[1] * 32])
+        acc = tl.dot(p8, v, acc)
     elif FP32_DOT:
         if QK8 and EMU_CAST and v.dtype == tl.bfloat16:
             p = _bf16_round(p)
@@ -236,7 +248,7 @@ def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias,
                HAS_KEPT: tl.constexpr, FP32_DOT: tl.constexpr, QK8: tl.constexpr, QK_INT8: tl.constexpr,
                PV8: tl.constexpr, EMU_CAST: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr,
                SUB_N: tl.constexpr, PLAN_BK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               I2F_BITS: tl.constexpr):
+               I2F_BITS: tl.constexpr, P8_ORDER: tl.constexpr):
     """Key tile ``j`` of a query block's full-block list (``SUB_N`` tiles per listed plan block):
     no token rule; ``TAIL`` masks columns past the sequence (the ragged last block only)."""
     kb = tl.load(f_idx + j // SUB_N)
@@ -250,7 +262,7 @@ def _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias,
     kt, v = _load_kv(k_base, v_base, desc_k, desc_v, k_row0, k_col, v_row0, v_col, col0, offs_n, offs_d, stride_ks,
                      stride_vs, S, D, TAIL, EVEN_D, USE_TMA, PV8, BLOCK_N, BLOCK_D)
     return _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, q_rows, ones, bias, False, TAIL, HAS_KEPT,
-                        FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST, I2F_BITS)
+                        FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST, I2F_BITS, P8_ORDER)
 
 
 @triton.jit
@@ -284,7 +296,7 @@ def _sparse_flash_fwd(
     RULE: tl.constexpr, HAS_KEPT: tl.constexpr, HAS_POOLED: tl.constexpr, RETURN_LSE: tl.constexpr,
     FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED: tl.constexpr, Q_PERM: tl.constexpr, QK8: tl.constexpr, QK_INT8: tl.constexpr, PV8: tl.constexpr,
-    EMU_CAST: tl.constexpr, WARP_SPEC: tl.constexpr, I2F_BITS: tl.constexpr,
+    EMU_CAST: tl.constexpr, WARP_SPEC: tl.constexpr, I2F_BITS: tl.constexpr, P8_ORDER: tl.constexpr,
     PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -352,14 +364,14 @@ def _sparse_flash_fwd(
         acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones, k_base,
                                    v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, offs_n, offs_d, stride_ks,
                                    stride_vs, S, D, qk_scale, q_rows, False, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8,
-                                   EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS)
+                                   EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D, I2F_BITS, P8_ORDER)
     if RAGGED:
         for j in range(nmain * SUB_N, nfb * SUB_N):
             acc, m_i, l_i = _full_tile(acc, m_i, l_i, q, j, f_idx, KEPT, kept_row, KSC, ks_row, no_bias, ones,
                                        k_base, v_base, DESC_K, DESC_V, k_row0, k_col, v_row0, v_col, offs_n, offs_d,
                                        stride_ks, stride_vs, S, D, qk_scale, q_rows, True, HAS_KEPT, FP32_DOT, QK8,
                                        QK_INT8, PV8, EMU_CAST, EVEN_D, USE_TMA, SUB_N, PLAN_BK, BLOCK_N, BLOCK_D,
-                                       I2F_BITS)
+                                       I2F_BITS, P8_ORDER)
 
     # ---- partial blocks: the token rule in-kernel
     npart = tl.load(PART_NUM + b * pn_b + h * pn_h + qb) * SUB_N
@@ -409,7 +421,7 @@ def _sparse_flash_fwd(
         # RULE 2 masks are 0 past the sequence end: no separate tail mask on the logits
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, kt, v, col0, offs_n, S, tile_scale, q_rows, ok, bias,
                                      True, RULE != RULE_BLOCK_MASKS, HAS_KEPT, FP32_DOT, QK8, QK_INT8, PV8, EMU_CAST,
-                                     I2F_BITS)
+                                     I2F_BITS, P8_ORDER)
 
     # ---- pooled columns of rectification (one per key block, weight -inf = absent)
     if HAS_POOLED:

@@ -20,7 +20,7 @@ from triton.runtime.errors import OutOfResources
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .quant_fp8 import fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts
+from .quant_fp8 import P8_MIN_TILE, fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts
 from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
 from .sparse_flash_gluon_launch import block_sparse_attention_gluon, gluon_mode, gluon_refusal
 from .sparse_flash_io import (TensorDescriptor, _bhs_strides, _bsh_strides, capability_major, check_triton_inputs,
@@ -49,7 +49,9 @@ def launch_config(plan: BlockPlan, head_dim: int, dtype: torch.dtype, rule_mode:
     overrides: ``VIDATTN_TRITON_BLOCK_M``, ``VIDATTN_TRITON_BLOCK_N``, ``VIDATTN_TRITON_WARPS``,
     ``VIDATTN_TRITON_STAGES``, ``VIDATTN_TRITON_SCHED`` (0 natural order, 1 heaviest query tiles
     first, 2 all heads of a query tile adjacent),
-    ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads), ``VIDATTN_WARP_SPECIALIZE``
+    ``VIDATTN_TRITON_TMA`` (0 disables tensor-descriptor loads), ``VIDATTN_P8_KEY_ORDER`` (0: an 8-bit
+    P.V with keys in token order, P moved between threads; else in the S accumulator's register
+    order, :data:`.quant_fp8.P8_KEY_DIMS`, for key tiles of >= 32), ``VIDATTN_WARP_SPECIALIZE``
     (1: Triton's automatic warp specialisation of the full-block loop, ``tl.range(...,
     warp_specialize=True)``; off by default, an experiment for Hopper). ``precision``: the call's
     precision (None or a quantised one, :func:`.quant_fp8.precision_parts`); with 8-bit K and V
@@ -207,14 +209,6 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     kh, vh, kv_bhs = kv_in_plan_order(k, v, plan, H)
     k_bhs = v_bhs = kv_bhs  # (batch, head, token) strides of the tensors the kernel reads
     Hk = kh.shape[1] if kperm is not None else Hk
-    qops = None
-    if quant:  # quantisation prologue: 8-bit Q (original order), smoothed K, and for an 8-bit P.V
-        # transposed V (plan order); the int8 precision reads V itself
-        qops = quantize_plan_operands(q, kh, vh, plan, precision)
-        q, kh = qops.q8, qops.k8
-        k_bhs = _bhs_strides
-        if pv8:
-            vh, v_bhs = qops.vt8, _bhs_strides  # (V^T: channel-row stride)
     qperm = plan_perm_int32(plan)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=dev) if return_lse else out
 
@@ -238,6 +232,17 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     BLOCK_D = max(16, triton.next_power_of_2(D))
     cfg = launch_config(plan, D, q_in.dtype, rule_mode, precision=precision)
     BM, BN = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    p8_order = pv8 and BN >= P8_MIN_TILE and os.environ.get("VIDATTN_P8_KEY_ORDER", "1") != "0"
+    last_launch["p8_key_order"] = p8_order
+    qops = None
+    if quant:  # quantisation prologue: 8-bit Q (original order), smoothed K, and for an 8-bit P.V
+        # transposed V (plan order, tokens in the P8 key order for key tiles of >= 32); the int8
+        # precision reads V itself
+        qops = quantize_plan_operands(q, kh, vh, plan, precision, v_key_order=p8_order)
+        q, kh = qops.q8, qops.k8
+        k_bhs = _bhs_strides
+        if pv8:
+            vh, v_bhs = qops.vt8, _bhs_strides  # (V^T: channel-row stride)
     nqt = triton.cdiv(S, BM)
     use_tma = BLOCK_D == D and _tma_ok(dev) and torch.float32 not in (kh.dtype, vh.dtype)
     dk = dv = None
@@ -295,7 +300,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         # (with QK8 this concerns the 16-bit P.V only; with PV8 neither dot)
         FP32_DOT=q_in.dtype == torch.float32 or (interpreting() and q_in.dtype == torch.bfloat16),
         QK8=quant, QK_INT8=qk_fmt == "int8", PV8=pv8, EMU_CAST=quant and interpreting(),
-        I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
+        I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(), P8_ORDER=p8_order,
         WARP_SPEC=cfg["warp_specialize"],
         EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != ProgramOrder.NATURAL, USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,

@@ -166,12 +166,21 @@ def test_v_channel_scales_and_transposed_padded_layout():
     g = torch.Generator().manual_seed(2)
     v = torch.randn(B, Hk, S, D, generator=g) * torch.logspace(-2, 2, D)
     vt8, vs = quant_fp8.quantize_v_channels(v)
-    assert vt8.shape == (B, Hk, D, 48) and vs.shape == (B, Hk, D)
-    assert torch.equal(vt8[..., S:].float(), torch.zeros(B, Hk, D, 48 - S))
+    assert vt8.shape == (B, Hk, D, 64) and vs.shape == (B, Hk, D)  # tokens padded to a multiple of 32
+    # tokens in the P8 key order: position 16 h + 4 t + i of each 32-group holds token
+    # 16 h + 8 (i // 2) + 2 t + i % 2 (the wgmma S accumulator's register order)
+    order = torch.tensor([32 * g + 16 * h + 8 * (i // 2) + 2 * t + i % 2 for g in range(2) for h in range(2)
+                          for t in range(4) for i in range(4)])
+    assert torch.equal(quant_fp8.p8_key_order(64), order)
+    tok = torch.empty_like(order)
+    tok[order] = torch.arange(64)  # the position of each token
+    assert torch.equal(vt8.float()[..., tok[S:]], torch.zeros(B, Hk, D, 64 - S))
     torch.testing.assert_close(vs, v.abs().amax(2) / 448.0, rtol=1e-6, atol=0)
-    assert torch.equal(vt8.float()[..., :S].abs().amax(-1), torch.full((B, Hk, D), 448.0))
-    deq = vt8.float()[..., :S].transpose(2, 3) * vs[:, :, None]
+    assert torch.equal(vt8.float()[..., tok[:S]].abs().amax(-1), torch.full((B, Hk, D), 448.0))
+    deq = vt8.float()[..., tok[:S]].transpose(2, 3) * vs[:, :, None]
     assert ((deq - v).abs() <= v.abs() * 2 ** -4 + vs[:, :, None] * 2 ** -9).all()
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant_fp8.p8_key_order(48)
 
 
 def _plan_rows(x, perm):
@@ -365,10 +374,37 @@ BROKEN = {  # name -> (quant_fp8 function replaced, replacement built from the o
     "no smoothing": ("smooth_quantize_k", lambda f: _no_smoothing, PRECISIONS),
     "q scale of another token": ("quantize_q_tokens", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
     "k scale of another block": ("smooth_quantize_k", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
-    "v scale of another channel": ("quantize_v_channels", lambda f: lambda v: _roll(f(v), 1), ("fp8", "int8_fp8")),
+    "v scale of another channel": ("quantize_v_channels", lambda f: lambda v, *a: _roll(f(v, *a), 1),
+                                   ("fp8", "int8_fp8")),
     "int8 scale amax/448": ("_QMAX", lambda f: {**f, "int8": 448.0}, ("int8", "int8_fp8")),
     "int8 q rounded toward zero": ("_to_int8", lambda f: lambda x: x.clamp(-127, 127).to(torch.int8), ("int8",)),
 }
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8_fp8"])
+def test_v_tokens_out_of_the_kernels_key_order_fail(monkeypatch, precision):
+    """The P.V key order is a contract between the prologue (V^T's token order) and the kernel
+    (P's column permutation): with V^T left in token order the output is wrong, so the accuracy
+    checks above see the order."""
+    from vidattn.plan import FULL, plan_from_block_mask
+
+    S, bk = 96, 32
+    cls = torch.full((1, 1, S // bk, S // bk), FULL, dtype=torch.int8)
+    plan = plan_from_block_mask(cls, seq_len=S, block_q=bk, block_k=bk, rule=None, token_density=1.0)
+    q, k, v = _qkv(1, S, 1, 1, 32, seed=1)
+    _check(q, k, v, plan, precision=precision)
+    from vidattn.kernels import sparse_flash_launch as launch
+
+    real = launch.quantize_plan_operands
+    # the prologue keeps V^T in token order while the kernel still permutes P
+    monkeypatch.setattr(launch, "quantize_plan_operands", lambda *a, v_key_order: real(*a, v_key_order=False))
+    with pytest.raises(AssertionError):
+        _check(q, k, v, plan, precision=precision)
+    # both in token order (the A/B switch): right again
+    monkeypatch.setattr(launch, "quantize_plan_operands", real)
+    monkeypatch.setenv("VIDATTN_P8_KEY_ORDER", "0")
+    _check(q, k, v, plan, precision=precision)
+    assert launch.last_launch.get("p8_key_order") is False
 
 
 def _no_smoothing(k, block_k, fmt="e4m3"):

@@ -172,11 +172,36 @@ def test_builds_for_sm90(split, precision, i2f_bits):
     assert mmas == set(_MMAS[precision]), mmas
     if precision in ("fp8", "int8_fp8"):  # the e4m3 P register operand is held past its MMA's wait
         assert "// hold" in ptx
+    # P reaches the P.V MMA without shuffles between threads: only the row max / sum butterflies
+    # and one index shuffle in every mode (the e4m3 P needed 64 more before P8_KEY_DIMS)
+    assert ptx.count("shfl.sync.idx") <= 1, ptx.count("shfl.sync.idx")
     if precision in ("int8", "int8_fp8"):  # int32 logits: the conversion instruction, or bit arithmetic
         # (64 logits per thread per 64 x 128 tile, two softmax call sites, two consumer warpgroups = 256;
         # a few other conversions remain in every mode)
         n_cvt = ptx.count("cvt.rn.f32.s32")
         assert (n_cvt < 64) if i2f_bits else (n_cvt >= 256), n_cvt
+
+
+def test_e4m3_p_key_order_leaves_p_dot_v_unchanged():
+    """The kernels permute the e4m3 P's columns into the S accumulator's register order
+    (``P8_KEY_DIMS``); the prologue stores V^T's tokens in the same order. Against the order derived
+    from the wgmma register layouts: in each 32-key group, A-operand position 16 h + 4 t + i
+    (thread t of a quad, byte i) holds the S column 16 h + 8 (i // 2) + 2 t + i % 2."""
+    from vidattn.kernels.quant_fp8 import P8_KEY_DIMS, p8_key_order, quantize_v_channels
+
+    n = 128
+    want = [32 * g + 16 * h + 8 * (i // 2) + 2 * t + i % 2 for g in range(n // 32) for h in range(2)
+            for t in range(4) for i in range(4)]
+    assert p8_key_order(n).tolist() == want
+    g = torch.Generator().manual_seed(0)
+    p, v = torch.rand(64, n, generator=g, dtype=torch.float64), torch.randn(2, 3, n, 16, generator=g)
+    # the kernels' view of P (reshape / permute are row-major in Triton and Gluon as in torch)
+    p_k = p.reshape(64, n // 32, 2, 2, 2, 2, 2).permute(P8_KEY_DIMS.value).reshape(64, n)
+    assert not torch.equal(p_k, p)
+    vt8, vs = quantize_v_channels(v)  # [B, Hk, D, S_pad], tokens in the P8 key order
+    vt_nat, _ = quantize_v_channels(v, key_order=False)
+    ref = p @ (vt_nat.double() * vs[..., None]).transpose(-1, -2)
+    torch.testing.assert_close(p_k @ (vt8.double() * vs[..., None]).transpose(-1, -2), ref, rtol=1e-12, atol=1e-12)
 
 
 # ---- values on a Hopper GPU
