@@ -106,34 +106,6 @@ def test_refuses_what_does_not_fit_shared_memory():
 
 # ---- the kernel builds for sm_90 with this Triton (no GPU: triton.compile to PTX and cubin)
 
-_BUILD_SCRIPT = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon._runtime import GluonASTSource
-from vidattn.kernels.sparse_flash_gluon import _gluon_sparse_flash_fwd
-
-SPLIT, PRECISION, I2F_BITS = __SPLIT__, __PRECISION__, __I2F_BITS__
-QK8, QK_INT8, PV8 = PRECISION is not None, PRECISION in ("int8", "int8_fp8"), PRECISION in ("fp8", "int8_fp8")
-qk_t, qk_gl = ("i8", gl.int8) if QK_INT8 else ("fp8e4nv", gl.float8e4nv) if QK8 else ("bf16", gl.bfloat16)
-desc_k = f"tensordesc<{qk_t}[128, 128],{gl.NVMMASharedLayout.get_default_for([128, 128], qk_gl)!r}>"
-v_t, v_gl = ("fp8e4nv", gl.float8e4nv) if PV8 else ("bf16", gl.bfloat16)
-desc_v = f"tensordesc<{v_t}[128, 128],{gl.NVMMASharedLayout.get_default_for([128, 128], v_gl)!r}>"
-ints = ("qperm_h S H HK_GROUP ROW_B ROW_H COL_H VROW_B VROW_H VCOL_H NQT NUM_TILES NQB NKB stride_qb stride_qh "
-        "stride_qs stride_ob stride_oh stride_os fn_b fn_h fi_b fi_h fi_q pn_b pn_h pi_b pi_h pi_q slot_b slot_h "
-        "qs_b qs_h ks_b ks_h vs_b vs_h").split()
-sig = dict(desc_k=desc_k, desc_v=desc_v, Q="*" + qk_t, O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
-           QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", QSC="*fp32", KSC="*fp32",
-           VSC="*fp32", qk_scale="fp32", **{n: "i32" for n in ints})
-const = dict(RAGGED=True, Q_PERM=True, RETURN_LSE=True, STAGES=2, SPLIT=SPLIT, PINGPONG=not SPLIT, HAS_PARTIAL=True,
-             BLOCK_N=128, BLOCK_D=128, QK8=QK8, QK_INT8=QK_INT8, PV8=PV8, PV_SPLIT_ACC=True, I2F_BITS=I2F_BITS,
-             CONSUMER_REGS=240, PRODUCER_REGS=24)
-sig.update({n: "constexpr" for n in const})
-c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
-                   options={"num_warps": 4})
-print(json.dumps(dict(ptx=c.asm["ptx"], num_warps=c.metadata.num_warps, cubin=len(c.asm.get("cubin", b"")))))
-"""
-
 # the wgmma of S = Q K^T and of O += P V in each precision
 _MMAS = {None: ("m64n128k16.f32.bf16.bf16", "m64n128k16.f32.bf16.bf16"),
          "int8": ("m64n128k32.s32.s8.s8", "m64n128k16.f32.bf16.bf16"),
@@ -146,23 +118,18 @@ _MMAS = {None: ("m64n128k16.f32.bf16.bf16", "m64n128k16.f32.bf16.bf16"),
                                                       (True, "fp8", False), (False, "int8_fp8", False),
                                                       (True, "int8", True)])
 def test_builds_for_sm90(split, precision, i2f_bits):
-    """Compiled to PTX and a cubin in a fresh process (Gluon kernels do not build under the
-    interpreter this suite runs in)."""
-    import json
-    import os
-    import subprocess
-    import sys
+    """Compiled to PTX and a cubin in a fresh process, every mode on (``benchmarks/gluon_build.py``;
+    Gluon kernels do not build under the interpreter this suite runs in)."""
+    from benchmarks.gluon_build import build
 
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    script = (_BUILD_SCRIPT.replace("__SPLIT__", str(split)).replace("__PRECISION__", repr(precision))
-              .replace("__I2F_BITS__", str(i2f_bits)))
-    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    if run.returncode != 0 and "ptxas" in run.stderr.lower():
-        pytest.skip(f"no CUDA toolchain in this Triton install: {run.stderr[-300:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
-    built = json.loads(run.stdout.strip().splitlines()[-1])
+    try:
+        built = build(precision or "bf16", split=split, i2f_bits=i2f_bits, modes="all")
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"no CUDA toolchain in this Triton install: {str(e)[-300:]}")
+        raise
     ptx = built["ptx"]
-    assert built["cubin"] > 0
+    assert built["cubin_bytes"] > 0
     assert ptx.count("cp.async.bulk.tensor") >= 2  # K and V by TMA
     assert "wgmma.mma_async" in ptx and "setmaxnreg" in ptx  # warpgroup MMAs, register hand-over
     assert "wgmma.wait_group.sync.aligned 1" in ptx  # S of the next tile overlaps P.V of this one
