@@ -60,30 +60,21 @@ def _compile(cfg: dict) -> dict:
     return dict(ptx=c.asm["ptx"], num_warps=c.metadata.num_warps, cubin=c.asm.get("cubin", b"").hex())
 
 
-def _tool(name: str) -> str:
-    from triton.backends.nvidia import compiler
-
-    return os.path.join(os.path.dirname(compiler.__file__), "bin", name)
-
-
 def _analyse(ptx: str, cubin: bytes) -> dict:
-    """ptxas -v on the PTX and nvdisasm's SASS of the cubin: stack frame / spill bytes, the
-    cross-thread shuffles of the PTX and the SASS opcode counts (static)."""
+    """ptxas -v on the PTX (:func:`portable_build.ptxas_usage`) and nvdisasm's SASS of the cubin:
+    stack frame / spill bytes, the cross-thread shuffles of the PTX and the SASS opcode counts
+    (static)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from portable_build import ptxas_usage, sm90_tool
+
     out = {"shfl_idx": ptx.count("shfl.sync.idx"), "shfl_bfly": ptx.count("shfl.sync.bfly")}
+    usage = ptxas_usage(ptx)
+    out.update(stack_frame=usage["stack_frame"], spill_stores=usage["spill_stores"])
     with tempfile.TemporaryDirectory() as d:
-        src, obj = os.path.join(d, "k.ptx"), os.path.join(d, "k.cubin")
-        with open(src, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([_tool("ptxas"), "-lineinfo", "-v", "--gpu-name=sm_90a", src, "-o", obj],
-                             capture_output=True, text=True)
-        info = run.stderr + run.stdout
-        frame = re.search(r"(\d+) bytes stack frame", info)
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-        out.update(stack_frame=int(frame.group(1)) if frame else None,
-                   spill_stores=int(spills.group(1)) if spills else None)
+        obj = os.path.join(d, "k.cubin")
         with open(obj, "wb") as f:
             f.write(cubin)
-        sass = subprocess.run([_tool("nvdisasm"), "-c", obj], capture_output=True, text=True).stdout
+        sass = subprocess.run([sm90_tool("nvdisasm"), "-c", obj], capture_output=True, text=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9]+)", sass, flags=re.M)
     out["sass"] = dict(collections.Counter(ops).most_common())
     return out

@@ -150,26 +150,38 @@ def build(captured: dict) -> dict:
         for kind in ("ttir", "ttgir", "llir", "ptx"):
             with open(os.path.join(dump, f"kernel.{kind}"), "w") as f:
                 f.write(c.asm[kind])
-    from triton.backends.nvidia.compiler import get_ptxas
+    usage = ptxas_usage(ptx)
+    mmas = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k\d+\.\w+\.\w+\.\w+)", ptx)))
+    return dict(usage, loop_row_converts=loop_row_converts, wgmma=mmas, shfl_idx=ptx.count("shfl.sync.idx"),
+                ptx_lines=ptx.count("\n"))
 
-    try:
-        ptxas = get_ptxas(90).path  # triton >= 3.6 takes the arch
-    except TypeError:
-        ptxas = get_ptxas().path
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"vidattn_portable_{os.getpid()}.ptx")
-    with open(path, "w") as f:
-        f.write(ptx)
-    run = subprocess.run([ptxas, "-lineinfo", "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"], capture_output=True,
-                         text=True)
+
+def sm90_tool(name: str) -> str:
+    """Path of one of the CUDA tools Triton ships (``ptxas``, ``nvdisasm``)."""
+    from triton.backends.nvidia import compiler
+
+    return os.path.join(os.path.dirname(compiler.__file__), "bin", name)
+
+
+def ptxas_usage(ptx: str, cubin_path: str = "") -> dict:
+    """``ptxas -v`` of PTX text for sm_90a, as Triton runs it: ``dict(regs, stack_frame,
+    spill_stores, spill_loads)`` (ints or None; bytes). ``cubin_path``: where to keep the cubin
+    (else a temporary file)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([sm90_tool("ptxas"), "-lineinfo", "-v", "--gpu-name=sm_90a", src, "-o",
+                              cubin_path or os.path.join(d, "k.cubin")], capture_output=True, text=True)
     info = run.stderr + run.stdout
     regs = re.search(r"Used (\d+) registers", info)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
     frame = re.search(r"(\d+) bytes stack frame", info)
-    mmas = sorted(set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k\d+\.\w+\.\w+\.\w+)", ptx)))
     return dict(regs=int(regs.group(1)) if regs else None, stack_frame=int(frame.group(1)) if frame else None,
-                loop_row_converts=loop_row_converts, wgmma=mmas, shfl_idx=ptx.count("shfl.sync.idx"),
                 spill_stores=int(spills.group(1)) if spills else None,
-                spill_loads=int(spills.group(2)) if spills else None, ptx_lines=ptx.count("\n"))
+                spill_loads=int(spills.group(2)) if spills else None)
 
 
 def _row_converts_in_loops(ttgir: str) -> int:
