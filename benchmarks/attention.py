@@ -537,7 +537,7 @@ def run_quant(args, log):
         for prec in precs:
             log(dict(check=f"{prec}_worst_rel_err", value=worst[prec]))
 
-    def rec(label, name, fn, flops, **extra):
+    def rec(label, name, fn, flops, emit=True, **extra):
         try:
             ms = _bench(fn)
             r = dict(shape=label, mode="fp8", name=name, ms=round(ms, 3), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
@@ -546,7 +546,8 @@ def run_quant(args, log):
                 r["regs_spills"] = last_launch.get("regs_spills")
         except Exception as e:  # noqa: BLE001 - a row that does not run is a skip with its reason
             r = dict(shape=label, mode="fp8", name=name, skipped=repr(e)[:300], **extra)
-        log(r)
+        if emit:
+            log(r)
         return r
 
     def quant_fn(q, k, v, plan, prec):
@@ -588,20 +589,24 @@ def run_quant(args, log):
             rb = rec(label, f"triton-bf16-{tag}", lambda: tri_fn(q, k, v, plan), fl, **extra)
             kb, vb = k.transpose(1, 2), v.transpose(1, 2)
             for prec in precs:
-                prologue = {}
-                for impl in ("triton", "torch"):  # the quantisation prologue alone, both implementations
+                rf = rec(label, f"triton-{prec}-{tag}", quant_fn(q, k, v, plan, prec), fl, emit=False, **extra)
+                # the quantisation prologue alone, both implementations, V^T in the order the launch used
+                order = bool(last_launch.get("p8_key_order", True))
+                for impl in ("triton", "torch"):
                     try:
-                        prologue[impl] = round(_bench(lambda: quant_fp8.quantize_operands(
-                            q, kb, vb, plan.block_k, prec, impl=impl)), 3)
+                        rf[f"prologue{'' if impl == 'triton' else '_torch'}_ms"] = round(_bench(
+                            lambda: quant_fp8.quantize_operands(q, kb, vb, plan.block_k, prec, impl=impl,
+                                                                v_key_order=order)), 3)
                     except Exception as e:  # noqa: BLE001
                         log(dict(shape=label, mode="fp8", name=f"{prec}-prologue-{impl}-{tag}", skipped=repr(e)[:300]))
-                rf = rec(label, f"triton-{prec}-{tag}", quant_fn(q, k, v, plan, prec), fl,
-                         prologue_ms=prologue.get("triton"), prologue_torch_ms=prologue.get("torch"), **extra)
+                if quant_fp8.precision_parts(prec)[1]:
+                    rf["p8_key_order"] = order
                 if "ms" in rf and "ms" in rb:
                     rf["speedup_vs_bf16"] = round(rb["ms"] / rf["ms"], 3)
-                    p_ms = prologue.get("triton")
+                    p_ms = rf.get("prologue_ms")
                     if p_ms is not None and rf["ms"] > p_ms:
                         rf["kernel_tflops_est"] = round(fl / ((rf["ms"] - p_ms) * 1e-3) / 1e12, 1)
+                log(rf)
             try:  # accuracy on the same inputs
                 ob = tri_fn(q, k, v, plan)
                 obh = ob.transpose(1, 2)

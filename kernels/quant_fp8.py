@@ -368,21 +368,23 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
 @triton.jit
 def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                     EMU_CAST: tl.constexpr, KEY_ORDER: tl.constexpr):
-    """One (token tile, batch x head) per program: V rows divided by the channel scales, stored
+    """One (V^T position tile, batch x head) per program: V rows divided by the channel scales, stored
     transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S .. S_PAD written as 0); with
-    ``KEY_ORDER`` token ``t`` at its position in :func:`p8_key_order` (``BLOCK_T`` a multiple of 32)."""
-    b, h, bh, t, offs_d = _tile_coords(H, BLOCK_T, BLOCK_D)
+    ``KEY_ORDER`` position ``p`` holds token :func:`p8_key_order` ``[p]`` (``BLOCK_T`` a multiple of 32).
+    The permutation is applied to the rows loaded (whole D-channel rows, still coalesced), so the
+    transposed e4m3 store stays contiguous along the positions."""
+    b, h, bh, p, offs_d = _tile_coords(H, BLOCK_T, BLOCK_D)
     d_ok = offs_d < D
+    # token at position p inside its 32-token group: bits (4, 3, 2, 1, 0) of p come from token bits (4, 2, 1, 3, 0)
+    t = p
+    if KEY_ORDER:
+        t = (p & ~14) | (((p >> 1) & 1) << 3) | (((p >> 3) & 1) << 2) | (((p >> 2) & 1) << 1)
     x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                 mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     sc = tl.load(VSC + bh * D + offs_d, mask=d_ok, other=1.0)
     x8 = tl.trans(_cast_e4m3(tl.div_rn(x, sc[None, :]), EMU_CAST))  # [BLOCK_D, BLOCK_T]
-    # position of token t inside its 32-token group: bits (4, 3, 2, 1, 0) of t go to (4, 1, 3, 2, 0)
-    pos = t
-    if KEY_ORDER:
-        pos = (t & ~14) | (((t >> 3) & 1) << 1) | (((t >> 2) & 1) << 3) | (((t >> 1) & 1) << 2)
-    dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + pos[None, :]
-    tl.store(dst, x8, mask=d_ok[:, None] & (t < S_PAD)[None, :])
+    dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + p[None, :]
+    tl.store(dst, x8, mask=d_ok[:, None] & (p < S_PAD)[None, :])
 
 
 def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None, rows=False):

@@ -614,19 +614,19 @@ def test_benchmark_fp8_rows_run_on_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
-@pytest.mark.parametrize("block_k", [16, 32])
-def test_triton_prologue_equals_torch_prologue(block_k, precision):
+@pytest.mark.parametrize("block_k,key_order", [(16, True), (32, True), (16, False)])
+def test_triton_prologue_equals_torch_prologue(block_k, key_order, precision):
     """The Triton quantisation kernels give bit-identical 8-bit tensors (e4m3 or int8) and scales
     to the torch reference (ragged blocks, a ragged last tile of Q rows, D not a power of two,
-    non-contiguous inputs); without an 8-bit P.V neither quantises V."""
-    B, S, H, Hk, D = 2, 45, 3, 3, 24
+    non-contiguous inputs), V^T in either token order; without an 8-bit P.V neither quantises V."""
+    B, S, H, Hk, D = 2, 77, 3, 3, 24
     g = torch.Generator().manual_seed(12)
     qkv = torch.randn(B, S, 3, H, D, generator=g).to(torch.bfloat16) * 3
     q = qkv[:, :, 0]
     k = (qkv[:, :, 1] + 4 * torch.randn(D, generator=g)).transpose(1, 2)  # [B, Hk, S, D] view
     v = qkv[:, :, 2].transpose(1, 2)
-    a = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="triton")
-    b = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="torch")
+    a = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="triton", v_key_order=key_order)
+    b = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="torch", v_key_order=key_order)
     qk, pv8 = quant_fp8.precision_parts(precision)
     assert a.q8.dtype == a.k8.dtype == (torch.int8 if qk == "int8" else quant_fp8.FP8_DTYPE)
     for f in dataclasses.fields(a):
