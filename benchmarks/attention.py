@@ -544,6 +544,7 @@ def run_quant(args, log):
                      **extra)
             if name.startswith("triton"):
                 r["regs_spills"] = last_launch.get("regs_spills")
+                r["path"] = last_launch.get("path")
         except Exception as e:  # noqa: BLE001 - a row that does not run is a skip with its reason
             r = dict(shape=label, mode="fp8", name=name, skipped=repr(e)[:300], **extra)
         if emit:

@@ -9,7 +9,7 @@ fully block-sparse strided neighborhood). Needs a Hopper GPU.
                                   [--precisions int8,int8_fp8,fp8] [--i2f-bits] [--no-bf16]
 
 ``--precisions``: also time both kernels in these quantised precisions (``{precision}-portable`` /
-``{precision}-gluon``, and ``{precision}-gluon-accfused`` with ``VIDATTN_GLUON_PV_SPLIT_ACC=0`` for
+``{precision}-gluon``, and ``{precision}-gluon-splitacc`` with ``VIDATTN_GLUON_PV_SPLIT_ACC=1`` for
 8-bit P.V; with ``--i2f-bits`` also ``{precision}-{kernel}-i2fbits``, ``VIDATTN_INT8_I2F=bits``, for the
 int8 ones), each with its relative L2 difference from the bf16 portable kernel's output.
 
@@ -87,8 +87,8 @@ def main(argv=None) -> int:
             for prec in precisions:
                 modes += [(f"{prec}-portable", dict(VIDATTN_GLUON="0"), prec),
                           (f"{prec}-gluon", dict(VIDATTN_GLUON="1"), prec)]
-                if prec != "int8":  # 8-bit P.V: accumulated in the MMA across tiles instead of in fp32
-                    modes.append((f"{prec}-gluon-accfused", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PV_SPLIT_ACC="0"),
+                if prec != "int8":  # 8-bit P.V: each tile's added in fp32 registers instead of in the MMA
+                    modes.append((f"{prec}-gluon-splitacc", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PV_SPLIT_ACC="1"),
                                   prec))
                 if prec.startswith("int8") and args.i2f_bits:  # int32 logits to fp32 by bit arithmetic
                     modes += [(f"{prec}-portable-i2fbits", dict(VIDATTN_GLUON="0", VIDATTN_INT8_I2F="bits"), prec),

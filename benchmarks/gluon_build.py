@@ -80,8 +80,8 @@ def _analyse(ptx: str, cubin: bytes) -> dict:
     return out
 
 
-def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all", split_acc: bool = True,
-          stages: int = 2) -> dict:
+def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all",
+          split_acc: bool = False, stages: int = 2) -> dict:
     """Compile in a fresh process, then analyse. ``precision``: ``"bf16"``, ``"int8"``, ``"fp8"``
     or ``"int8_fp8"``. Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
     shfl_idx, shfl_bfly, sass={opcode: count})``; RuntimeError with the compiler's message."""
@@ -106,7 +106,8 @@ def main() -> None:
     p.add_argument("--precisions", default="bf16,int8,fp8,int8_fp8")
     p.add_argument("--modes", choices=("all", "bench"), default="bench")
     p.add_argument("--split", action="store_true", help="64-token query blocks (one list per warpgroup)")
-    p.add_argument("--fused-acc", action="store_true", help="8-bit P.V accumulated in the MMA across tiles")
+    p.add_argument("--split-acc", action="store_true",
+                   help="8-bit P.V of each tile added in fp32 registers (default: accumulated in the MMA across tiles)")
     p.add_argument("--stages", type=int, default=2)
     p.add_argument("--top", type=int, default=12, help="SASS opcodes to print")
     p.add_argument("--step", default="", help=argparse.SUPPRESS)
@@ -116,7 +117,7 @@ def main() -> None:
         return
     for prec in a.precisions.split(","):
         try:
-            r = build(prec, split=a.split, modes=a.modes, split_acc=not a.fused_acc, stages=a.stages)
+            r = build(prec, split=a.split, modes=a.modes, split_acc=a.split_acc, stages=a.stages)
         except RuntimeError as e:
             print(json.dumps(dict(precision=prec, error=str(e).strip().splitlines()[-1][:300])))
             continue

@@ -254,22 +254,28 @@ def test_auto_mode_takes_portable_kernel_when_it_cannot_run(monkeypatch):
     block_sparse_attention_triton(q, k, v, random_full_plan(256, 2, 1.0, 128, 128, seed=0, device="cuda"),
                                   precision="int8")
     assert last_launch["path"] == "gluon-hopper"  # int8 on a dense plan: faster on the Gluon kernel
+    block_sparse_attention_triton(q, k, v, plan, precision="fp8")
+    assert last_launch["path"] == "portable"
+    block_sparse_attention_triton(q, k, v, random_full_plan(256, 2, 1.0, 128, 128, seed=0, device="cuda"),
+                                  precision="fp8")
+    assert last_launch["path"] == "gluon-hopper"  # so is fp8
 
 
-def test_auto_mode_sends_only_int8_on_dense_plans_to_the_gluon_kernel():
+def test_auto_mode_sends_only_int8_and_fp8_on_dense_plans_to_the_gluon_kernel():
     from vidattn.kernels.sparse_flash_launch import auto_portable_reason
 
     dense, half = random_full_plan(512, 2, 1.0, 128, 128, seed=0), random_full_plan(512, 2, 0.5, 128, 128, seed=0)
     assert auto_portable_reason(dense, None) is None and auto_portable_reason(half, None) is None
-    assert auto_portable_reason(dense, "int8") is None
-    assert "except on dense plans" in auto_portable_reason(half, "int8")
-    for precision in ("fp8", "int8_fp8"):
-        assert "portable kernel" in auto_portable_reason(dense, precision)
+    for precision in ("int8", "fp8"):
+        assert auto_portable_reason(dense, precision) is None
+        assert "except on dense plans" in auto_portable_reason(half, precision)
+    assert "portable kernel" in auto_portable_reason(dense, "int8_fp8")
+    assert "except on dense plans" not in auto_portable_reason(dense, "int8_fp8")
     cls = torch.full((1, 2, 4, 4), FULL, dtype=torch.int8)
     cls[0, 0, 0, 0] = PARTIAL  # every block listed, one of them partial: not dense
     from kernel_cases import StripeRule
     partial = plan_from_block_mask(cls, seq_len=512, block_q=128, block_k=128, rule=StripeRule(), token_density=1.0)
-    assert auto_portable_reason(partial, "int8") is not None
+    assert auto_portable_reason(partial, "int8") is not None and auto_portable_reason(partial, "fp8") is not None
 
 
 # relative L2 error vs the float64 reference on Gaussian inputs allowed per quantised precision
@@ -312,6 +318,27 @@ def test_quantised_precisions_match_the_portable_kernel_and_reference(precision,
     assert err < _QUANT_TOL[precision], (precision, err)
     assert err < 1.1 * port_err + 2e-3, (precision, err, port_err)  # no worse than the portable kernel
     assert _rel(got, port) < _QUANT_DIFF[precision], (precision, _rel(got, port))
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision", ["int8_fp8", "fp8"])
+def test_8bit_pv_accumulation_in_fp32_registers_matches_the_mma_accumulation(precision, monkeypatch):
+    """``VIDATTN_GLUON_PV_SPLIT_ACC=1`` (each tile's e4m3 P.V added in fp32 registers) and the default
+    (accumulated in the MMA across tiles): both against the float64 reference, and close to each other."""
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    S, H = 1500, 2
+    q, k, v = (t.cuda() for t in random_qkv(1, S, H, H, 128, torch.bfloat16, seed=11))
+    plan = random_full_plan(S, H, 0.7, 128, 128, seed=3, perm=True, device="cuda")
+    want = reference(q.double(), k.double(), v.double(), plan)
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    outs = {}
+    for split in ("0", "1"):
+        monkeypatch.setenv("VIDATTN_GLUON_PV_SPLIT_ACC", split)
+        outs[split] = block_sparse_attention_triton(q, k, v, plan, precision=precision)
+        assert last_launch["path"] == "gluon-hopper"
+        assert _rel(outs[split], want) < _QUANT_TOL[precision], (split, _rel(outs[split], want))
+    assert _rel(outs["0"], outs["1"]) < _QUANT_DIFF[precision]
 
 
 @ON_GPU
