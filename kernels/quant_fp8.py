@@ -24,9 +24,10 @@ precision      Q.K^T                           P.V
   head, key block of ``block_k`` tokens in plan order); head-major ``[B, Hk, S, D]``;
 * **int8 rounding**: ``q8 = round(x / scale)`` to the nearest integer, ties to even (torch's
   ``round``; in the Triton kernel the fp32 ``(x + 1.5 * 2**23) - 1.5 * 2**23``, the same IEEE
-  result), clamped to ``[-127, 127]``; the division is IEEE round-to-nearest on both sides
-  (``tl.div_rn``; torch divides by a tensor, not a Python scalar, which CUDA would turn into a
-  multiplication), so the two implementations agree bit for bit, on CPU and GPU;
+  result), clamped to ``[-127, 127]``; values are multiplied by the IEEE reciprocal of their
+  scale (``tl.div_rn(1, scale)`` / torch's tensor division ``1 / scale``; a plain fp32 ``/`` is
+  approximate on GPUs), then an exact fp32 product, so the two implementations agree bit for bit,
+  on CPU and GPU, given the same K mean;
 * **V** (8-bit P.V only): one scale per (batch, kv head, channel) (``amax / 448`` over tokens),
   stored transposed ``[B, Hk, D, S_pad]`` (``S_pad``: S rounded up to 16, zero-filled) so that
   the kernel's P.V operand has the reduction (token) axis contiguous, the layout FP8 tensor-core
@@ -35,11 +36,14 @@ precision      Q.K^T                           P.V
   :data:`P_SCALE` before their cast to e4m3, and the accumulator is divided by it (and multiplied
   by the V channel scales) once at the end.
 
-Two implementations with identical results: torch ops (:func:`quantize_q_tokens`,
-:func:`smooth_quantize_k`, :func:`quantize_v_channels`; the reference) and three small Triton
-kernels that read each tensor once more than the reductions need and write the 8-bit values
-directly (the default where Triton runs; ``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL`
-selects). The whole prologue: :func:`quantize_operands`.
+Two implementations: torch ops (:func:`quantize_q_tokens`, :func:`smooth_quantize_k`,
+:func:`quantize_v_channels`; the reference) and four small Triton kernels (the default where
+Triton runs; ``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL` selects): one pass over K and
+V for K's token mean and V's channel amax (:func:`_kv_stats_kernel`), then one pass per tensor that
+writes its 8-bit values (Q, K, V^T). Their launch settings are :data:`TUNING`. The two agree bit
+for bit given the same K mean (the Triton one sums fp32 chunks of tokens, torch its own order:
+equal to fp32 rounding); ``quantize_operands(..., k_mean=)`` passes one. The whole prologue:
+:func:`quantize_operands`.
 
 Capability: :func:`fp8_support` (CUDA compute capability >= 8.9, or the CPU interpreter; the same
 for every quantised precision).
@@ -177,6 +181,12 @@ def _div(x: torch.Tensor, c: float) -> torch.Tensor:
     return x / torch.full_like(x, c)
 
 
+def _recip(x: torch.Tensor) -> torch.Tensor:
+    """IEEE ``1 / x`` (both prologues multiply by the reciprocal of a scale, computed this way:
+    torch's tensor division / Triton's ``tl.div_rn(1, x)``, then an exact fp32 product)."""
+    return torch.ones_like(x) / x
+
+
 def _block_amax(rows: torch.Tensor, block: int) -> torch.Tensor:
     """``[B, H, S]`` per-token amax -> ``[B, H, ceil(S / block)]`` per-block amax (padding 0)."""
     B, H, S = rows.shape
@@ -202,7 +212,7 @@ def quantize_q_tokens(q: torch.Tensor, fmt: str = "e4m3"):
     _check_fmt(fmt)
     amax = q.detach().abs().amax(-1).float().transpose(1, 2)  # [B, H, S]
     scale = _div(amax, _QMAX[fmt]).clamp_min(_TINY).contiguous()
-    q8 = _quantize(q.float() / scale.transpose(1, 2)[..., None], fmt).contiguous()
+    q8 = _quantize(q.float() * _recip(scale).transpose(1, 2)[..., None], fmt).contiguous()
     return q8, scale
 
 
@@ -221,13 +231,15 @@ def _channel_amax(v: torch.Tensor) -> torch.Tensor:
     return torch.maximum(hi, -lo).float()
 
 
-def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3"):
+def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3", mean: Optional[torch.Tensor] = None):
     """K smoothing and per-block 8-bit quantisation.
 
     Args:
         k: ``[B, Hk, S, D]`` float (any strides), tokens in the plan's key order.
         block_k: the plan's key block size.
         fmt: ``"e4m3"`` or ``"int8"`` (as :func:`quantize_q_tokens`, one scale per block).
+        mean: the smoothing shift, fp32 ``[B, Hk, D]`` (default: the token mean of ``k``; any
+            per-head vector keeps the attention exact, the mean quantises K most finely).
     Returns:
         ``(k8, k_scale, k_mean)``: e4m3fn or int8 ``[B, Hk, S, D]`` contiguous, fp32
         ``[B, Hk, NKB]`` and fp32 ``[B, Hk, D]`` with
@@ -235,12 +247,12 @@ def smooth_quantize_k(k: torch.Tensor, block_k: int, fmt: str = "e4m3"):
     """
     _check_fmt(fmt)
     kf = k.float()
-    mean = _token_mean(k)  # [B, Hk, D]
+    mean = _token_mean(k) if mean is None else _check_mean(mean, k)  # [B, Hk, D]
     ks = kf - mean[:, :, None]
     scale = _div(_block_amax(ks.abs().amax(-1), block_k), _QMAX[fmt]).clamp_min(_TINY)  # [B, Hk, NKB]
     S = k.shape[2]
     tok = scale[:, :, torch.arange(S, device=k.device) // block_k]  # [B, Hk, S]
-    return _quantize(ks / tok[..., None], fmt).contiguous(), scale.contiguous(), mean
+    return _quantize(ks * _recip(tok)[..., None], fmt).contiguous(), scale.contiguous(), mean
 
 
 def p8_key_order(n: int, device=None) -> torch.Tensor:
@@ -266,14 +278,23 @@ def quantize_v_channels(v: torch.Tensor, key_order: bool = True):
     """
     B, Hk, S, D = v.shape
     vf = v.float()
-    scale = _div(_channel_amax(v), FP8_MAX).clamp_min(_TINY)  # [B, Hk, D]
+    scale = _v_scale(_channel_amax(v))  # [B, Hk, D]
     s_pad = -(-S // _VT_PAD) * _VT_PAD
     vt8 = torch.zeros(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
-    vt8[..., :S] = _to_e4m3((vf / scale[:, :, None]).transpose(2, 3))
+    vt8[..., :S] = _to_e4m3((vf * _recip(scale)[:, :, None]).transpose(2, 3))
     if key_order:
         vt8 = vt8.view(torch.uint8).index_select(-1, p8_key_order(s_pad, v.device)).view(FP8_DTYPE)
-    return vt8, scale.contiguous()
+    return vt8, scale
 
+
+def _check_mean(mean, k: torch.Tensor) -> torch.Tensor:
+    B, Hk, _, D = k.shape
+    if not isinstance(mean, torch.Tensor) or tuple(mean.shape) != (B, Hk, D):
+        raise ValueError(f"k_mean must be a [B, Hk, D] = [{B}, {Hk}, {D}] tensor, got "
+                         f"{getattr(mean, 'shape', type(mean).__name__)}")
+    if mean.dtype != torch.float32:
+        raise ValueError(f"k_mean must be float32, got {mean.dtype}")
+    return mean.to(k.device)
 
 
 # ----------------------------------------------------------------------------- device code
@@ -327,52 +348,123 @@ def _tile_coords(H, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
-                       sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
-                       SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (block of rows, batch x head) per program: the block's rows minus the head's mean
-    (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3 rows; with ``INT8``
-    ``amax / 127``, int8 rows); with ``ROWS`` one scale per row instead, stored at the row's
-    token index (``SCALE`` ``[B, H, S]``, unit token stride)."""
-    blk = tl.program_id(0)
-    b, h, bh, pos, offs_d = _tile_coords(H, BLOCK, BLOCK_D)
-    ok = (pos < S)[:, None] & (offs_d < D)[None, :]
-    x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :],
-                mask=ok, other=0.0).to(tl.float32)
-    if SMOOTH:
-        mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
-        x = tl.where(ok, x - mean[None, :], 0.0)
-    if ROWS:
-        amax = tl.max(tl.abs(x), 1)  # [BLOCK]
-    else:
-        amax = tl.max(tl.max(tl.abs(x), 1), 0)
-    # IEEE divisions (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
-    if INT8:
-        scale = tl.maximum(tl.div_rn(amax, 127.0), 1e-12)
-    else:
-        scale = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)
-    if ROWS:
-        tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
-        xs = tl.div_rn(x, scale[:, None])
-    else:
-        tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
-        xs = tl.div_rn(x, scale)
+def _kv_stats_kernel(K, V, KSUM, VMAX, S, H, D, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                     CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_V: tl.constexpr):
+    """One (chunk of ``CHUNK`` tokens, batch x head) per program, one read of K (and V): the fp32
+    sum of the chunk's K rows and (``HAS_V``) the max of ``|v|`` per channel, stored at
+    ``KSUM`` / ``VMAX`` ``[B * H, n_chunks, D]`` (contiguous). The host reduces the chunks."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
+    vmax = tl.zeros([BLOCK_D], dtype=tl.float32)
+    vnan = tl.zeros([BLOCK_D], dtype=tl.int32)
+    k_base = K + b.to(tl.int64) * sk_b + h * sk_h
+    v_base = V + b.to(tl.int64) * sv_b + h * sv_h
+    for t0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, TILE):
+        pos = t0 + tl.arange(0, TILE)
+        ok = (pos < S)[:, None] & d_ok[None, :]
+        x = tl.load(k_base + pos[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=ok, other=0.0)
+        ksum += tl.sum(x.to(tl.float32), 0)
+        if HAS_V:
+            y = tl.load(v_base + pos[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=ok, other=0.0)
+            y = y.to(tl.float32)
+            vmax = tl.maximum(vmax, tl.max(tl.abs(y), 0))
+            vnan = tl.maximum(vnan, tl.max((y != y).to(tl.int32), 0))
+    n_chunks = tl.num_programs(0)
+    dst = (bh * n_chunks + chunk) * D + offs_d
+    tl.store(KSUM + dst, ksum, mask=d_ok)
+    if HAS_V:  # a NaN makes its channel's max NaN, as in torch
+        tl.store(VMAX + dst, tl.where(vnan > 0, float("nan"), vmax), mask=d_ok)
+
+
+@triton.jit
+def _quant_tile(x, inv, INT8: tl.constexpr, EMU_CAST: tl.constexpr):
+    """fp32 ``x`` times the reciprocal of its scale (broadcast ``inv``), cast to int8 or e4m3."""
+    xs = x * inv
     if INT8:
         x8 = _cast_int8(xs)
     else:
         x8 = _cast_e4m3(xs, EMU_CAST)
-    tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
+    return x8
+
+
+@triton.jit
+def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
+                       sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
+                       SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (block of ``BLOCK`` rows, batch x head) per program, in sub-tiles of ``SUB`` rows: the
+    rows minus the head's mean (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3
+    rows; with ``INT8`` ``amax / 127``, int8 rows; a first pass over the sub-tiles finds the amax
+    when there are several, the second re-reads them from cache); with ``ROWS`` one scale per row
+    instead, stored at the row's token index (``SCALE`` ``[B, H, S]``, unit token stride), in one
+    pass. Rows are multiplied by the IEEE reciprocal of their scale (``tl.div_rn(1, scale)``)."""
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    x_base = X + b.to(tl.int64) * sx_b + h * sx_h
+    o_base = X8 + b.to(tl.int64) * s8_b + h * s8_h
+    if SMOOTH:
+        mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=d_ok, other=0.0)
+    qmax = 127.0 if INT8 else 448.0
+    if ROWS:
+        for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
+            pos = r0 + tl.arange(0, SUB)
+            ok = (pos < S)[:, None] & d_ok[None, :]
+            x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+            if SMOOTH:
+                x = tl.where(ok, x - mean[None, :], 0.0)
+            # IEEE division (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
+            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1), qmax), 1e-12)
+            tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
+            x8 = _quant_tile(x, tl.div_rn(1.0, scale)[:, None], INT8, EMU_CAST)
+            tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
+    else:
+        if SUB == BLOCK:  # the block stays in registers
+            pos = blk * BLOCK + tl.arange(0, BLOCK)
+            ok = (pos < S)[:, None] & d_ok[None, :]
+            x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+            if SMOOTH:
+                x = tl.where(ok, x - mean[None, :], 0.0)
+            scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
+            tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
+            x8 = _quant_tile(x, tl.div_rn(1.0, scale), INT8, EMU_CAST)
+            tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
+        else:
+            amax = tl.zeros([SUB], dtype=tl.float32)
+            for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
+                pos = r0 + tl.arange(0, SUB)
+                ok = (pos < S)[:, None] & d_ok[None, :]
+                x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+                if SMOOTH:
+                    x = tl.where(ok, x - mean[None, :], 0.0)
+                amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
+            scale = tl.maximum(tl.div_rn(tl.max(amax, 0), qmax), 1e-12)
+            tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
+            inv = tl.div_rn(1.0, scale)
+            for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
+                pos = r0 + tl.arange(0, SUB)
+                ok = (pos < S)[:, None] & d_ok[None, :]
+                x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+                if SMOOTH:
+                    x = tl.where(ok, x - mean[None, :], 0.0)
+                tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], _quant_tile(x, inv, INT8, EMU_CAST),
+                         mask=ok)
 
 
 @triton.jit
 def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                     EMU_CAST: tl.constexpr, KEY_ORDER: tl.constexpr):
-    """One (V^T position tile, batch x head) per program: V rows divided by the channel scales, stored
-    transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S .. S_PAD written as 0); with
-    ``KEY_ORDER`` position ``p`` holds token :func:`p8_key_order` ``[p]`` (``BLOCK_T`` a multiple of 32).
-    The permutation is applied to the rows loaded (whole D-channel rows, still coalesced), so the
-    transposed e4m3 store stays contiguous along the positions."""
+    """One (V^T position tile, batch x head) per program: V rows divided by the channel scales (times
+    their IEEE reciprocals), stored transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S ..
+    S_PAD written as 0); with ``KEY_ORDER`` position ``p`` holds token :func:`p8_key_order` ``[p]``
+    (``BLOCK_T`` a multiple of 32). The permutation is applied to the rows loaded (whole D-channel
+    rows, still coalesced), so the transposed e4m3 store stays contiguous along the positions."""
     b, h, bh, p, offs_d = _tile_coords(H, BLOCK_T, BLOCK_D)
     d_ok = offs_d < D
     # token at position p inside its 32-token group: bits (4, 3, 2, 1, 0) of p come from token bits (4, 2, 1, 3, 0)
@@ -382,60 +474,102 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
     x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                 mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     sc = tl.load(VSC + bh * D + offs_d, mask=d_ok, other=1.0)
-    x8 = tl.trans(_cast_e4m3(tl.div_rn(x, sc[None, :]), EMU_CAST))  # [BLOCK_D, BLOCK_T]
+    x8 = tl.trans(_cast_e4m3(x * tl.div_rn(1.0, sc)[None, :], EMU_CAST))  # [BLOCK_D, BLOCK_T]
     dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + p[None, :]
     tl.store(dst, x8, mask=d_ok[:, None] & (p < S_PAD)[None, :])
 
 
-def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None, rows=False):
+# launch settings of the prologue kernels (chosen on the H200, benchmarks/prologue_breakdown.py)
+TUNING = dict(q_rows=64, q_sub=64, q_warps=4, k_sub=128, k_warps=8, v_tile=64, v_warps=4,
+              stats_chunk=1024, stats_tile=64, stats_warps=4)
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _kv_stats_triton(k: torch.Tensor, v: Optional[torch.Tensor], tuning=None):
+    """One pass over ``k`` (and ``v``) ``[B, Hk, S, D]`` (any strides, unit last one): the fp32
+    token mean of K ``[B, Hk, D]`` and, with ``v``, the fp32 max of ``|v|`` over tokens
+    ``[B, Hk, D]`` (else None). The mean sums ``stats_chunk``-token chunks in fp32 and then the
+    chunks; the max is exact (a NaN makes its channel's max NaN, as in torch)."""
+    t = dict(TUNING, **(tuning or {}))
+    B, Hk, S, D = k.shape
+    chunk = min(t["stats_chunk"], max(t["stats_tile"], triton.next_power_of_2(S)))
+    n_chunks = triton.cdiv(S, chunk)
+    ksum = torch.empty(B * Hk, n_chunks, D, dtype=torch.float32, device=k.device)
+    vmax = torch.empty_like(ksum) if v is not None else ksum
+    vv = v if v is not None else k
+    _kv_stats_kernel[(n_chunks, B * Hk)](
+        k, vv, ksum, vmax, S, Hk, D, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        CHUNK=chunk, TILE=min(t["stats_tile"], chunk), BLOCK_D=_block_d(D), HAS_V=v is not None,
+        num_warps=t["stats_warps"])
+    mean = (ksum.sum(1) / S).view(B, Hk, D)
+    amax = vmax.amax(1).view(B, Hk, D) if v is not None else None
+    return mean, amax
+
+
+def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None, rows=False, sub=None, warps=None):
     """Launch :func:`_quant_rows_kernel` over ``x`` of sizes ``(B, H, S, D)`` with (batch, head,
     token) strides ``bhs_strides`` into ``out`` (e4m3 or int8, strides ``out_strides``); returns
     the fp32 scales ``[B, H, ceil(S / block)]`` (``rows``: one per token, ``[B, H, S]``; ``block``
-    is then only the tile of rows per program)."""
+    is then only the rows per program). ``sub``: rows per sub-tile (divides ``block``)."""
     B, H, S, D = sizes
     nb = -(-S // block)
+    sub = min(sub or block, block)
     scale = torch.empty(B, H, S if rows else nb, dtype=torch.float32, device=out.device)
     mean_t = mean if mean is not None else scale
     mn_b, mn_h = (mean.stride(0), mean.stride(1)) if mean is not None else (0, 0)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = _block_d(D)
     _quant_rows_kernel[(nb, B * H)](
         x, out, scale, mean_t, S, H, D, *bhs_strides, *out_strides, scale.stride(0), scale.stride(1),
         mn_b, mn_h, SMOOTH=mean is not None, INT8=out.dtype == torch.int8,
-        EMU_CAST=_interpreting(), ROWS=rows, BLOCK=block,
-        BLOCK_D=BLOCK_D, num_warps=8 if block * BLOCK_D >= 128 * 128 else 4)
+        EMU_CAST=_interpreting(), ROWS=rows, BLOCK=block, SUB=sub,
+        BLOCK_D=BLOCK_D, num_warps=warps or (8 if sub * BLOCK_D >= 128 * 128 else 4))
     return scale
 
 
 _TORCH_8BIT = {"e4m3": FP8_DTYPE, "int8": torch.int8}
 
 
-def _quantize_q_triton(q, fmt="e4m3"):
+def _quantize_q_triton(q, fmt="e4m3", tuning=None):
+    t = dict(TUNING, **(tuning or {}))
     B, S, H, D = q.shape
     q8 = torch.empty(B, S, H, D, dtype=_TORCH_8BIT[fmt], device=q.device)
     qs = _quant_rows_triton(q, (q.stride(0), q.stride(2), q.stride(1)), (B, H, S, D), q8,
-                            (q8.stride(0), q8.stride(2), q8.stride(1)), 64, rows=True)
+                            (q8.stride(0), q8.stride(2), q8.stride(1)), t["q_rows"], rows=True,
+                            sub=t["q_sub"], warps=t["q_warps"])
     return q8, qs
 
 
-def _smooth_quantize_k_triton(k, block_k, fmt="e4m3"):
+def _smooth_quantize_k_triton(k, block_k, fmt="e4m3", mean=None, tuning=None):
+    t = dict(TUNING, **(tuning or {}))
     B, Hk, S, D = k.shape
-    mean = _token_mean(k)  # [B, Hk, D]
+    if mean is None:
+        mean = _kv_stats_triton(k, None, tuning)[0]
     k8 = torch.empty(B, Hk, S, D, dtype=_TORCH_8BIT[fmt], device=k.device)
     ks = _quant_rows_triton(k, (k.stride(0), k.stride(1), k.stride(2)), (B, Hk, S, D), k8,
-                            (k8.stride(0), k8.stride(1), k8.stride(2)), block_k, mean=mean)
+                            (k8.stride(0), k8.stride(1), k8.stride(2)), block_k, mean=mean,
+                            sub=t["k_sub"], warps=t["k_warps"])
     return k8, ks, mean
 
 
-def _quantize_v_triton(v, key_order=True):
+def _v_scale(amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel V scales from the channel amax ``[B, Hk, D]`` (both implementations)."""
+    return _div(amax, FP8_MAX).clamp_min(_TINY).contiguous()
+
+
+def _quantize_v_triton(v, key_order=True, amax=None, tuning=None):
+    t = dict(TUNING, **(tuning or {}))
     B, Hk, S, D = v.shape
-    scale = _div(_channel_amax(v), FP8_MAX).clamp_min(_TINY).contiguous()  # [B, Hk, D]
+    scale = _v_scale(_channel_amax(v) if amax is None else amax)  # [B, Hk, D]
     s_pad = -(-S // _VT_PAD) * _VT_PAD
     vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    BLOCK_T = 64 if BLOCK_D <= 128 else 32
+    BLOCK_D = _block_d(D)
+    BLOCK_T = t["v_tile"] if BLOCK_D <= 128 else 32
     _quant_v_kernel[(triton.cdiv(s_pad, BLOCK_T), B * Hk)](
         v, vt8, scale, S, s_pad, Hk, D, v.stride(0), v.stride(1), v.stride(2), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        EMU_CAST=_interpreting(), KEY_ORDER=key_order, num_warps=4)
+        EMU_CAST=_interpreting(), KEY_ORDER=key_order, num_warps=t["v_warps"])
     return vt8, scale
 
 
@@ -478,7 +612,7 @@ def _check_operands(q, k_plan, v_plan, block_k, pv8):
 
 def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[torch.Tensor], block_k: int,
                       precision: str = "fp8", impl: Optional[str] = None,
-                      v_key_order: bool = True) -> FP8Operands:
+                      v_key_order: bool = True, k_mean: Optional[torch.Tensor] = None) -> FP8Operands:
     """The whole prologue of the quantised precision ``precision``.
 
     Args:
@@ -491,6 +625,10 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
         impl: ``"triton"`` / ``"torch"`` (default: ``VIDATTN_FP8_PROLOGUE`` or
             :data:`DEFAULT_IMPL`; torch where Triton cannot run). Both give identical results.
         v_key_order: ``vt8``'s tokens in :func:`p8_key_order` (:func:`quantize_v_channels`).
+        k_mean: the K smoothing shift, fp32 ``[B, Hk, D]`` (default: K's token mean, which the
+            Triton prologue sums in fp32 chunks of tokens and the torch one with ``torch.mean``;
+            equal to ~1e-7 relative, so pass one implementation's ``k_mean`` to the other to
+            compare their 8-bit tensors bit for bit).
     Returns:
         :class:`FP8Operands`: ``q8`` ``[B, S, H, D]`` contiguous (original order) and ``k8``
         ``[B, Hk, S, D]`` contiguous (plan order, smoothed), e4m3fn or int8, their fp32 scales
@@ -511,16 +649,23 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
     _check_operands(q, k_plan, v_plan, block_k, pv8)
     if q.device.type != "cuda" and not _interpreting():
         impl = "torch"
+    if k_mean is not None:
+        k_mean = _check_mean(k_mean, k_plan)
     vt8 = vs = None
     with torch.no_grad():
         if impl == "triton":
+            # one pass over K and V for the K mean and V's channel amax, then one per tensor to quantise
+            if k_mean is None:
+                k_mean, v_amax = _kv_stats_triton(k_plan, v_plan if pv8 else None)
+            else:
+                v_amax = _channel_amax(v_plan) if pv8 else None
             q8, qs = _quantize_q_triton(q, qk)
-            k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k, qk)
+            k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k, qk, mean=k_mean)
             if pv8:
-                vt8, vs = _quantize_v_triton(v_plan, v_key_order)
+                vt8, vs = _quantize_v_triton(v_plan, v_key_order, amax=v_amax)
         else:
             q8, qs = quantize_q_tokens(q, qk)
-            k8, ks, km = smooth_quantize_k(k_plan, block_k, qk)
+            k8, ks, km = smooth_quantize_k(k_plan, block_k, qk, mean=k_mean)
             if pv8:
                 vt8, vs = quantize_v_channels(v_plan, v_key_order)
     return FP8Operands(q8, qs, k8, ks, km, vt8, vs)

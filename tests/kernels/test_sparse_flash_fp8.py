@@ -223,7 +223,7 @@ def test_int8_rounding_ties_to_even_in_both_implementations():
         ops = quant_fp8.quantize_operands(q, k, None, 16, "int8", impl=impl)
         assert torch.equal(ops.q_scale, torch.ones(1, 1, 16)), impl
         assert torch.equal(ops.q8[0, :, 0, 1], want), (impl, ops.q8[0, :, 0, 1])
-        assert torch.equal(ops.k_mean, torch.full((1, 1, 16), 3.0 + vals.mean().item()))
+        torch.testing.assert_close(ops.k_mean, torch.full((1, 1, 16), 3.0 + vals.mean().item()), rtol=1e-6, atol=0)
     assert torch.equal(quant_fp8._to_int8(torch.tensor([200.0, -300.0, 126.6])), torch.tensor([127, -127, 127],
                                                                                             dtype=torch.int8))
 
@@ -373,7 +373,7 @@ def test_fp8_neighborhood_sweep(grid, kern, dil, causal, text, heads, block, til
 BROKEN = {  # name -> (quant_fp8 function replaced, replacement built from the original, precisions)
     "no smoothing": ("smooth_quantize_k", lambda f: _no_smoothing, PRECISIONS),
     "q scale of another token": ("quantize_q_tokens", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
-    "k scale of another block": ("smooth_quantize_k", lambda f: lambda *a: _roll(f(*a), 1), PRECISIONS),
+    "k scale of another block": ("smooth_quantize_k", lambda f: lambda *a, **kw: _roll(f(*a, **kw), 1), PRECISIONS),
     "v scale of another channel": ("quantize_v_channels", lambda f: lambda v, *a: _roll(f(v, *a), 1),
                                    ("fp8", "int8_fp8")),
     "int8 scale amax/448": ("_QMAX", lambda f: {**f, "int8": 448.0}, ("int8", "int8_fp8")),
@@ -407,7 +407,7 @@ def test_v_tokens_out_of_the_kernels_key_order_fail(monkeypatch, precision):
     assert launch.last_launch.get("p8_key_order") is False
 
 
-def _no_smoothing(k, block_k, fmt="e4m3"):
+def _no_smoothing(k, block_k, fmt="e4m3", mean=None):
     """K quantised per block without subtracting the mean (the smoothing broken)."""
     kf = k.float()
     scale = (quant_fp8._block_amax(kf.abs().amax(-1), block_k) / quant_fp8._QMAX[fmt]).clamp_min(1e-12)
@@ -626,7 +626,12 @@ def test_triton_prologue_equals_torch_prologue(block_k, key_order, precision):
     k = (qkv[:, :, 1] + 4 * torch.randn(D, generator=g)).transpose(1, 2)  # [B, Hk, S, D] view
     v = qkv[:, :, 2].transpose(1, 2)
     a = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="triton", v_key_order=key_order)
-    b = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="torch", v_key_order=key_order)
+    # the two sum K's tokens in different orders: the means agree to fp32 rounding ...
+    want = k.double().mean(2)
+    assert ((a.k_mean.double() - want).abs() <= 1e-6 * k.double().abs().amax(2)).all()
+    # ... and given one mean, every 8-bit value and scale is the same
+    b = quant_fp8.quantize_operands(q, k, v, block_k, precision, impl="torch", v_key_order=key_order,
+                                    k_mean=a.k_mean)
     qk, pv8 = quant_fp8.precision_parts(precision)
     assert a.q8.dtype == a.k8.dtype == (torch.int8 if qk == "int8" else quant_fp8.FP8_DTYPE)
     for f in dataclasses.fields(a):
@@ -636,6 +641,65 @@ def test_triton_prologue_equals_torch_prologue(block_k, key_order, precision):
             continue
         assert x.dtype == y.dtype and x.shape == y.shape, f.name
         assert torch.equal(x.float(), y.float()), f.name
+
+
+@pytest.mark.parametrize("tuning", [dict(q_rows=32, q_sub=16, k_sub=8, v_tile=32, stats_chunk=32, stats_tile=16),
+                                    dict(q_rows=16, q_sub=16, k_sub=32, v_tile=64, stats_chunk=16, stats_tile=16)])
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_triton_prologue_launch_settings_keep_the_values(monkeypatch, tuning, precision):
+    """Every launch setting of the prologue kernels (rows per program and per sub-tile, the two-pass
+    K block of several sub-tiles, V^T tiles, K/V statistics over several chunks and a ragged last
+    one) gives the torch reference's 8-bit tensors and scales, and a K mean within fp32 rounding of
+    the float64 one."""
+    B, S, H, D = 1, 97, 2, 20
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, S, H, D, generator=g) * 2 for _ in range(3))
+    k = (k + 5 * torch.randn(D, generator=g)).transpose(1, 2)
+    v = v.transpose(1, 2)
+    monkeypatch.setattr(quant_fp8, "TUNING", dict(quant_fp8.TUNING, **tuning))
+    a = quant_fp8.quantize_operands(q, k, v, 32, precision, impl="triton")
+    b = quant_fp8.quantize_operands(q, k, v, 32, precision, impl="torch", k_mean=a.k_mean)
+    assert ((a.k_mean.double() - k.double().mean(2)).abs() <= 1e-6 * k.double().abs().amax(2)).all()
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert (x is None and y is None) or torch.equal(x.float(), y.float()), f.name
+
+
+def test_kv_statistics_one_pass_mean_amax_and_nan():
+    """The one-pass K/V statistics: the K token mean (fp32 chunks, then the chunks) within fp32
+    rounding of float64, V's channel amax exactly torch's, and a NaN in V makes exactly its
+    channel's amax NaN (torch's semantics); without V only the mean."""
+    B, Hk, S, D = 2, 3, 150, 24
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(B, Hk, S, D, generator=g) * 3 + 7
+    v = torch.randn(B, S, Hk, D, generator=g).transpose(1, 2)  # token-major view
+    v[1, 2, 149, 5] = float("nan")
+    mean, amax = quant_fp8._kv_stats_triton(k, v, dict(stats_chunk=64, stats_tile=16))
+    assert mean.shape == amax.shape == (B, Hk, D) and mean.dtype == amax.dtype == torch.float32
+    assert ((mean.double() - k.double().mean(2)).abs() <= 1e-6 * k.double().abs().amax(2)).all()
+    want = quant_fp8._channel_amax(v)
+    assert torch.equal(amax.isnan(), want.isnan()) and amax.isnan().sum() == 1 and amax[1, 2, 5].isnan()
+    assert torch.equal(amax[~amax.isnan()], want[~want.isnan()])
+    mean2, none = quant_fp8._kv_stats_triton(k, None)
+    assert none is None and ((mean2.double() - k.double().mean(2)).abs() <= 1e-6 * 10).all()
+
+
+def test_k_mean_argument_is_checked_and_used():
+    """``k_mean`` replaces the smoothing shift in both prologues (the attention stays exact for any
+    shift; the dequantised K plus the shift is K), and a wrong shape or dtype is refused by name."""
+    B, S, H, D = 1, 40, 1, 16
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(B, S, H, D, generator=g), torch.randn(B, H, S, D, generator=g) + 2
+    shift = torch.full((B, H, D), 1.5)
+    for impl in ("torch", "triton"):
+        ops = quant_fp8.quantize_operands(q, k, None, 16, "int8", impl=impl, k_mean=shift)
+        assert torch.equal(ops.k_mean, shift)
+        deq = ops.k8.float() * ops.k_scale.repeat_interleave(16, 2)[:, :, :S, None] + shift[:, :, None]
+        assert ((deq - k).abs() <= ops.k_scale.max() * 0.5001).all(), impl
+    for bad, msg in ((torch.zeros(B, H, D + 1), r"k_mean must be a \[B, Hk, D\]"),
+                     (torch.zeros(B, H, D, dtype=torch.float64), "k_mean must be float32")):
+        with pytest.raises(ValueError, match=msg):
+            quant_fp8.quantize_operands(q, k, None, 16, "int8", k_mean=bad)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -1,0 +1,151 @@
+"""Time the parts of the 8-bit quantisation prologue (``kernels/quant_fp8.py``) on the GPU.
+
+For each shape (Wan2.1-1.3B and HunyuanVideo attention) and K/V layout (token-major in place, as
+dense plans read them; head-major contiguous, as permuted plans read them), times with CUDA events
+(median of repeats): the Q quantisation, the K token mean, the K smoothing/quantisation, the V
+channel amax, the V^T quantisation, and the whole prologue of each precision, next to the HBM
+floor of the bytes each step must move (``--bw`` GB/s). Prints one JSON line per row; ``--json``
+also writes them to a file. ``--sweep`` also times each prologue kernel over a set of launch
+settings (``quant_fp8.TUNING`` keys) and the whole prologue with the fastest of each;
+``--baseline FILE`` times the ``quantize_operands`` of another copy of ``quant_fp8.py`` (an A/B
+against an earlier prologue in the same run).
+
+    python benchmarks/prologue_breakdown.py --sweep --json prologue.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+
+import torch
+
+SHAPES = {"wan": (1, 32760, 12, 128), "hunyuan": (1, 119056, 24, 128)}
+# launch settings swept per kernel (quant_fp8.TUNING keys)
+SWEEP = {
+    "q": [dict(q_rows=r, q_sub=s, q_warps=w) for r, s, w in
+          ((64, 64, 4), (32, 32, 4), (16, 16, 2), (128, 32, 4), (128, 64, 8), (256, 32, 4), (64, 16, 4), (32, 32, 2))],
+    "k": [dict(k_sub=s, k_warps=w) for s, w in ((128, 8), (128, 4), (128, 16), (64, 4), (32, 4), (32, 2), (16, 4))],
+    "v": [dict(v_tile=t, v_warps=w) for t, w in ((64, 4), (32, 4), (128, 8), (64, 8), (32, 2), (128, 4))],
+    "stats": [dict(stats_chunk=c, stats_tile=t, stats_warps=w) for c, t, w in
+              ((1024, 64, 4), (512, 32, 4), (2048, 64, 8), (1024, 32, 2), (256, 32, 4), (4096, 64, 4))],
+}
+
+
+def _time(fn, reps=20, warm=3):
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b))
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def _with_tuning(qf, tuning, fn):
+    saved = dict(qf.TUNING)
+    qf.TUNING.update(tuning)
+    try:
+        return fn()
+    finally:
+        qf.TUNING.clear()
+        qf.TUNING.update(saved)
+
+
+def main(argv=None):
+    from vidattn.kernels import quant_fp8 as qf
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="wan,hunyuan")
+    ap.add_argument("--bw", type=float, default=4300.0, help="HBM bandwidth for the floor, GB/s")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--baseline", default=None, help="another quant_fp8.py to time in the same run")
+    args = ap.parse_args(argv)
+    rows = []
+    base = None
+    if args.baseline:
+        spec = importlib.util.spec_from_file_location("baseline_quant_fp8", args.baseline)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
+
+    def log(r):
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    for name in args.shapes.split(","):
+        B, S, H, D = SHAPES[name]
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+        nbytes = B * S * H * D * 2  # one bf16 tensor
+        for layout in ("token_major", "head_major"):
+            if layout == "token_major":
+                kb, vb = k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                kb, vb = k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
+            floor = lambda reads, writes: round((reads + writes) * nbytes / (args.bw * 1e6), 4)  # noqa: E731
+            parts = {
+                "q_quant": (lambda: qf._quantize_q_triton(q, "e4m3"), floor(1, 0.5)),
+                "kv_stats": (lambda: qf._kv_stats_triton(kb, vb), floor(2, 0)),
+                "k_quant": (lambda: qf._smooth_quantize_k_triton(kb, 128, "e4m3", mean=km), floor(1, 0.5)),
+                "v_quant": (lambda: qf._quantize_v_triton(vb, True, amax=va), floor(1, 0.5)),
+            }
+            km, va = qf._kv_stats_triton(kb, vb)
+            best = {}
+            if args.sweep:
+                fns = {"q": lambda t: qf._quantize_q_triton(q, "e4m3", tuning=t),
+                       "k": lambda t: qf._smooth_quantize_k_triton(kb, 128, "e4m3", mean=km, tuning=t),
+                       "v": lambda t: qf._quantize_v_triton(vb, True, amax=va, tuning=t),
+                       "stats": lambda t: qf._kv_stats_triton(kb, vb, tuning=t)}
+                for kern, settings in SWEEP.items():
+                    if kern == "q" and layout != "token_major":
+                        continue
+                    res = []
+                    for t in settings:
+                        try:
+                            ms = _time(lambda: fns[kern](t))
+                            res.append((ms, t))
+                            log(dict(shape=name, layout=layout, sweep=kern, tuning=t, ms=round(ms, 4)))
+                        except Exception as e:  # noqa: BLE001
+                            log(dict(shape=name, layout=layout, sweep=kern, tuning=t, error=repr(e)[:300]))
+                    if res:
+                        best.update(min(res, key=lambda r: r[0])[1])
+                log(dict(shape=name, layout=layout, best_tuning=best))
+            if base is not None:
+                for prec in ("fp8", "int8_fp8", "int8"):
+                    parts[f"prologue_{prec}_baseline"] = (
+                        lambda prec=prec: base.quantize_operands(q, kb, vb, 128, prec, impl="triton"),
+                        floor(5 if prec != "int8" else 3, 1.5 if prec != "int8" else 1.0))
+            for prec in ("fp8", "int8_fp8", "int8"):
+                parts[f"prologue_{prec}"] = (
+                    lambda prec=prec: qf.quantize_operands(q, kb, vb, 128, prec, impl="triton"),
+                    floor(5 if prec != "int8" else 3, 1.5 if prec != "int8" else 1.0))
+            if best:
+                for prec in ("fp8", "int8"):
+                    parts[f"prologue_{prec}_best"] = (
+                        lambda prec=prec, best=best: _with_tuning(qf, best, lambda: qf.quantize_operands(
+                            q, kb, vb, 128, prec, impl="triton")),
+                        floor(5 if prec != "int8" else 3, 1.5 if prec != "int8" else 1.0))
+            for part, (fn, fl) in parts.items():
+                try:
+                    ms = _time(fn)
+                    log(dict(shape=name, layout=layout, part=part, ms=round(ms, 4), floor_ms=fl,
+                             x_floor=round(ms / fl, 2)))
+                except Exception as e:  # noqa: BLE001 - report and go on
+                    log(dict(shape=name, layout=layout, part=part, error=repr(e)[:300]))
+        del q, k, v
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
