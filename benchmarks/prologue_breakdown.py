@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 
 import torch
 
@@ -29,11 +30,12 @@ SWEEP = {
     "k": [dict(k_sub=s, k_warps=w) for s, w in ((128, 8), (128, 4), (128, 16), (64, 4), (32, 4), (32, 2), (16, 4))],
     "v": [dict(v_tile=t, v_warps=w) for t, w in ((64, 4), (32, 4), (128, 8), (64, 8), (32, 2), (128, 4))],
     "stats": [dict(stats_chunk=c, stats_tile=t, stats_warps=w) for c, t, w in
-              ((1024, 64, 4), (512, 32, 4), (2048, 64, 8), (1024, 32, 2), (256, 32, 4), (4096, 64, 4))],
+              ((512, 32, 4), (1024, 32, 4), (512, 16, 4), (256, 16, 2), (512, 64, 8), (1024, 64, 8), (512, 32, 8),
+               (512, 32, 2))],
 }
 
 
-def _time(fn, reps=20, warm=3):
+def _time(fn, reps=40, warm=10):
     for _ in range(warm):
         fn()
     torch.cuda.synchronize()
@@ -67,6 +69,9 @@ def main(argv=None):
     ap.add_argument("--bw", type=float, default=4300.0, help="HBM bandwidth for the floor, GB/s")
     ap.add_argument("--json", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--kernels", default=",".join(SWEEP), help="which kernels --sweep sweeps")
+    ap.add_argument("--check", action="store_true",
+                    help="also check the Triton prologue against the torch one bit for bit (given its K mean)")
     ap.add_argument("--baseline", default=None, help="another quant_fp8.py to time in the same run")
     args = ap.parse_args(argv)
     rows = []
@@ -74,6 +79,7 @@ def main(argv=None):
     if args.baseline:
         spec = importlib.util.spec_from_file_location("baseline_quant_fp8", args.baseline)
         base = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = base  # dataclasses look the module up
         spec.loader.exec_module(base)
 
     def log(r):
@@ -98,6 +104,18 @@ def main(argv=None):
                 "v_quant": (lambda: qf._quantize_v_triton(vb, True, amax=va), floor(1, 0.5)),
             }
             km, va = qf._kv_stats_triton(kb, vb)
+            if args.check:
+                for prec in ("fp8", "int8_fp8", "int8"):
+                    a = qf.quantize_operands(q, kb, vb, 128, prec, impl="triton")
+                    t = qf.quantize_operands(q, kb, vb, 128, prec, impl="torch", k_mean=a.k_mean)
+                    same = {f: bool(getattr(a, f) is None and getattr(t, f) is None) or bool(
+                        torch.equal(getattr(a, f).float(), getattr(t, f).float()))
+                            for f in ("q8", "q_scale", "k8", "k_scale", "k_mean", "vt8", "v_scale")}
+                    mean_err = ((a.k_mean.double() - kb.double().mean(2)).abs().max()
+                                / kb.double().abs().amax(2).max()).item()
+                    log(dict(shape=name, layout=layout, check=prec, bit_identical=all(same.values()), fields=same,
+                             k_mean_rel_err=mean_err))
+                    del a, t
             best = {}
             if args.sweep:
                 fns = {"q": lambda t: qf._quantize_q_triton(q, "e4m3", tuning=t),
@@ -105,7 +123,7 @@ def main(argv=None):
                        "v": lambda t: qf._quantize_v_triton(vb, True, amax=va, tuning=t),
                        "stats": lambda t: qf._kv_stats_triton(kb, vb, tuning=t)}
                 for kern, settings in SWEEP.items():
-                    if kern == "q" and layout != "token_major":
+                    if kern not in args.kernels.split(",") or (kern == "q" and layout != "token_major"):
                         continue
                     res = []
                     for t in settings:

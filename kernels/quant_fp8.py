@@ -358,26 +358,27 @@ def _kv_stats_kernel(K, V, KSUM, VMAX, S, H, D, sk_b, sk_h, sk_s, sv_b, sv_h, sv
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    ksum = tl.zeros([BLOCK_D], dtype=tl.float32)
-    vmax = tl.zeros([BLOCK_D], dtype=tl.float32)
-    vnan = tl.zeros([BLOCK_D], dtype=tl.int32)
+    # elementwise accumulators over the chunk's tiles, reduced over tokens once at the end (a
+    # reduction per tile would cross warps through shared memory every iteration)
+    ksum = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
+    vmax = tl.zeros([TILE, BLOCK_D], dtype=tl.float32)
+    vnan = tl.zeros([TILE, BLOCK_D], dtype=tl.int1)
     k_base = K + b.to(tl.int64) * sk_b + h * sk_h
     v_base = V + b.to(tl.int64) * sv_b + h * sv_h
     for t0 in range(chunk * CHUNK, chunk * CHUNK + CHUNK, TILE):
         pos = t0 + tl.arange(0, TILE)
         ok = (pos < S)[:, None] & d_ok[None, :]
-        x = tl.load(k_base + pos[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=ok, other=0.0)
-        ksum += tl.sum(x.to(tl.float32), 0)
+        ksum += tl.load(k_base + pos[:, None].to(tl.int64) * sk_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
         if HAS_V:
-            y = tl.load(v_base + pos[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=ok, other=0.0)
-            y = y.to(tl.float32)
-            vmax = tl.maximum(vmax, tl.max(tl.abs(y), 0))
-            vnan = tl.maximum(vnan, tl.max((y != y).to(tl.int32), 0))
+            y = tl.load(v_base + pos[:, None].to(tl.int64) * sv_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+            vmax = tl.maximum(vmax, tl.abs(y))
+            vnan = vnan | (y != y)
     n_chunks = tl.num_programs(0)
     dst = (bh * n_chunks + chunk) * D + offs_d
-    tl.store(KSUM + dst, ksum, mask=d_ok)
+    tl.store(KSUM + dst, tl.sum(ksum, 0), mask=d_ok)
     if HAS_V:  # a NaN makes its channel's max NaN, as in torch
-        tl.store(VMAX + dst, tl.where(vnan > 0, float("nan"), vmax), mask=d_ok)
+        vm = tl.max(vmax, 0)
+        tl.store(VMAX + dst, tl.where(tl.max(vnan.to(tl.int32), 0) > 0, float("nan"), vm), mask=d_ok)
 
 
 @triton.jit
@@ -480,8 +481,8 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
 
 
 # launch settings of the prologue kernels (chosen on the H200, benchmarks/prologue_breakdown.py)
-TUNING = dict(q_rows=64, q_sub=64, q_warps=4, k_sub=128, k_warps=8, v_tile=64, v_warps=4,
-              stats_chunk=1024, stats_tile=64, stats_warps=4)
+TUNING = dict(q_rows=32, q_sub=32, q_warps=4, k_sub=256, k_warps=4, v_tile=64, v_warps=4,
+              stats_chunk=512, stats_tile=32, stats_warps=4)
 
 
 def _block_d(D: int) -> int:
