@@ -482,7 +482,7 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
 
 # launch settings of the prologue kernels (chosen on the H200, benchmarks/prologue_breakdown.py)
 TUNING = dict(q_rows=32, q_sub=32, q_warps=4, k_sub=256, k_warps=4, v_tile=64, v_warps=4,
-              stats_chunk=512, stats_tile=32, stats_warps=4)
+              stats_chunk=1024, stats_tile=32, stats_warps=4)
 
 
 def _block_d(D: int) -> int:
