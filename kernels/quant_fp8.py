@@ -393,6 +393,16 @@ def _quant_tile(x, inv, INT8: tl.constexpr, EMU_CAST: tl.constexpr):
 
 
 @triton.jit
+def _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH: tl.constexpr):
+    """Rows ``pos`` of one (batch, head) as fp32 ``[len(pos), BLOCK_D]`` (0 where not ``ok``),
+    minus the head's ``mean`` with ``SMOOTH``."""
+    x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    if SMOOTH:
+        x = tl.where(ok, x - mean[None, :], 0.0)
+    return x
+
+
+@triton.jit
 def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
                        sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
                        SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
@@ -410,6 +420,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
     d_ok = offs_d < D
     x_base = X + b.to(tl.int64) * sx_b + h * sx_h
     o_base = X8 + b.to(tl.int64) * s8_b + h * s8_h
+    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
     if SMOOTH:
         mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=d_ok, other=0.0)
     qmax = 127.0 if INT8 else 448.0
@@ -417,9 +428,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
         for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
             pos = r0 + tl.arange(0, SUB)
             ok = (pos < S)[:, None] & d_ok[None, :]
-            x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-            if SMOOTH:
-                x = tl.where(ok, x - mean[None, :], 0.0)
+            x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
             # IEEE division (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
             scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1), qmax), 1e-12)
             tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
@@ -429,9 +438,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
         if SUB == BLOCK:  # the block stays in registers
             pos = blk * BLOCK + tl.arange(0, BLOCK)
             ok = (pos < S)[:, None] & d_ok[None, :]
-            x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-            if SMOOTH:
-                x = tl.where(ok, x - mean[None, :], 0.0)
+            x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
             scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
             tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
             x8 = _quant_tile(x, tl.div_rn(1.0, scale), INT8, EMU_CAST)
@@ -441,9 +448,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
             for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
                 pos = r0 + tl.arange(0, SUB)
                 ok = (pos < S)[:, None] & d_ok[None, :]
-                x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-                if SMOOTH:
-                    x = tl.where(ok, x - mean[None, :], 0.0)
+                x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
                 amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
             scale = tl.maximum(tl.div_rn(tl.max(amax, 0), qmax), 1e-12)
             tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
@@ -451,9 +456,7 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
             for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
                 pos = r0 + tl.arange(0, SUB)
                 ok = (pos < S)[:, None] & d_ok[None, :]
-                x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-                if SMOOTH:
-                    x = tl.where(ok, x - mean[None, :], 0.0)
+                x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
                 tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], _quant_tile(x, inv, INT8, EMU_CAST),
                          mask=ok)
 
