@@ -393,72 +393,35 @@ def _quant_tile(x, inv, INT8: tl.constexpr, EMU_CAST: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH: tl.constexpr):
-    """Rows ``pos`` of one (batch, head) as fp32 ``[len(pos), BLOCK_D]`` (0 where not ``ok``),
-    minus the head's ``mean`` with ``SMOOTH``."""
-    x = tl.load(x_base + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
-    if SMOOTH:
-        x = tl.where(ok, x - mean[None, :], 0.0)
-    return x
-
-
-@triton.jit
 def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
                        sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
                        SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (block of ``BLOCK`` rows, batch x head) per program, in sub-tiles of ``SUB`` rows: the
-    rows minus the head's mean (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3
-    rows; with ``INT8`` ``amax / 127``, int8 rows; a first pass over the sub-tiles finds the amax
-    when there are several, the second re-reads them from cache); with ``ROWS`` one scale per row
-    instead, stored at the row's token index (``SCALE`` ``[B, H, S]``, unit token stride), in one
-    pass. Rows are multiplied by the IEEE reciprocal of their scale (``tl.div_rn(1, scale)``)."""
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (block of ``BLOCK`` rows, batch x head) per program: the block's rows minus the head's
+    mean (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3 rows; with ``INT8``
+    ``amax / 127``, int8 rows); with ``ROWS`` one scale per row instead, stored at the row's token
+    index (``SCALE`` ``[B, H, S]``, unit token stride). Rows are multiplied by the IEEE reciprocal
+    of their scale (``tl.div_rn(1, scale)``)."""
     blk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
-    x_base = X + b.to(tl.int64) * sx_b + h * sx_h
-    o_base = X8 + b.to(tl.int64) * s8_b + h * s8_h
-    mean = tl.zeros([BLOCK_D], dtype=tl.float32)
+    b, h, bh, pos, offs_d = _tile_coords(H, BLOCK, BLOCK_D)
+    ok = (pos < S)[:, None] & (offs_d < D)[None, :]
+    x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)
     if SMOOTH:
-        mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=d_ok, other=0.0)
+        mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
+        x = tl.where(ok, x - mean[None, :], 0.0)
     qmax = 127.0 if INT8 else 448.0
+    # IEEE divisions (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
     if ROWS:
-        for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
-            pos = r0 + tl.arange(0, SUB)
-            ok = (pos < S)[:, None] & d_ok[None, :]
-            x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
-            # IEEE division (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
-            scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1), qmax), 1e-12)
-            tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
-            x8 = _quant_tile(x, tl.div_rn(1.0, scale)[:, None], INT8, EMU_CAST)
-            tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
+        scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1), qmax), 1e-12)  # [BLOCK]
+        tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
+        inv = tl.div_rn(1.0, scale)[:, None]
     else:
-        if SUB == BLOCK:  # the block stays in registers
-            pos = blk * BLOCK + tl.arange(0, BLOCK)
-            ok = (pos < S)[:, None] & d_ok[None, :]
-            x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
-            scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
-            tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
-            x8 = _quant_tile(x, tl.div_rn(1.0, scale), INT8, EMU_CAST)
-            tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
-        else:
-            amax = tl.zeros([SUB], dtype=tl.float32)
-            for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
-                pos = r0 + tl.arange(0, SUB)
-                ok = (pos < S)[:, None] & d_ok[None, :]
-                x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
-                amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
-            scale = tl.maximum(tl.div_rn(tl.max(amax, 0), qmax), 1e-12)
-            tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
-            inv = tl.div_rn(1.0, scale)
-            for r0 in range(blk * BLOCK, blk * BLOCK + BLOCK, SUB):
-                pos = r0 + tl.arange(0, SUB)
-                ok = (pos < S)[:, None] & d_ok[None, :]
-                x = _load_rows(x_base, pos, sx_s, offs_d, ok, mean, SMOOTH)
-                tl.store(o_base + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], _quant_tile(x, inv, INT8, EMU_CAST),
-                         mask=ok)
+        scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
+        tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
+        inv = tl.div_rn(1.0, scale)
+    x8 = _quant_tile(x, inv, INT8, EMU_CAST)
+    tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
 
 
 @triton.jit
@@ -484,8 +447,13 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
 
 
 # launch settings of the prologue kernels (chosen on the H200, benchmarks/prologue_breakdown.py)
-TUNING = dict(q_rows=32, q_sub=32, q_warps=4, k_sub=256, k_warps=4, v_tile=64, v_warps=4,
+TUNING = dict(q_rows=32, q_warps=4, k_warps=4, v_tile=64, v_warps=4,
               stats_chunk=1024, stats_tile=32, stats_warps=4)
+
+
+def _tuning(tuning) -> dict:
+    """:data:`TUNING` with the keys of ``tuning`` (a dict or None) replaced."""
+    return dict(TUNING, **(tuning or {}))
 
 
 def _block_d(D: int) -> int:
@@ -497,7 +465,7 @@ def _kv_stats_triton(k: torch.Tensor, v: Optional[torch.Tensor], tuning=None):
     token mean of K ``[B, Hk, D]`` and, with ``v``, the fp32 max of ``|v|`` over tokens
     ``[B, Hk, D]`` (else None). The mean sums ``stats_chunk``-token chunks in fp32 and then the
     chunks; the max is exact (a NaN makes its channel's max NaN, as in torch)."""
-    t = dict(TUNING, **(tuning or {}))
+    t = _tuning(tuning)
     B, Hk, S, D = k.shape
     chunk = min(t["stats_chunk"], max(t["stats_tile"], triton.next_power_of_2(S)))
     n_chunks = triton.cdiv(S, chunk)
@@ -513,14 +481,13 @@ def _kv_stats_triton(k: torch.Tensor, v: Optional[torch.Tensor], tuning=None):
     return mean, amax
 
 
-def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None, rows=False, sub=None, warps=None):
+def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None, rows=False, warps=None):
     """Launch :func:`_quant_rows_kernel` over ``x`` of sizes ``(B, H, S, D)`` with (batch, head,
     token) strides ``bhs_strides`` into ``out`` (e4m3 or int8, strides ``out_strides``); returns
     the fp32 scales ``[B, H, ceil(S / block)]`` (``rows``: one per token, ``[B, H, S]``; ``block``
-    is then only the rows per program). ``sub``: rows per sub-tile (divides ``block``)."""
+    is then only the rows per program)."""
     B, H, S, D = sizes
     nb = -(-S // block)
-    sub = min(sub or block, block)
     scale = torch.empty(B, H, S if rows else nb, dtype=torch.float32, device=out.device)
     mean_t = mean if mean is not None else scale
     mn_b, mn_h = (mean.stride(0), mean.stride(1)) if mean is not None else (0, 0)
@@ -528,8 +495,8 @@ def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None
     _quant_rows_kernel[(nb, B * H)](
         x, out, scale, mean_t, S, H, D, *bhs_strides, *out_strides, scale.stride(0), scale.stride(1),
         mn_b, mn_h, SMOOTH=mean is not None, INT8=out.dtype == torch.int8,
-        EMU_CAST=_interpreting(), ROWS=rows, BLOCK=block, SUB=sub,
-        BLOCK_D=BLOCK_D, num_warps=warps or (8 if sub * BLOCK_D >= 128 * 128 else 4))
+        EMU_CAST=_interpreting(), ROWS=rows, BLOCK=block,
+        BLOCK_D=BLOCK_D, num_warps=warps or (8 if block * BLOCK_D >= 128 * 128 else 4))
     return scale
 
 
@@ -537,24 +504,24 @@ _TORCH_8BIT = {"e4m3": FP8_DTYPE, "int8": torch.int8}
 
 
 def _quantize_q_triton(q, fmt="e4m3", tuning=None):
-    t = dict(TUNING, **(tuning or {}))
+    t = _tuning(tuning)
     B, S, H, D = q.shape
     q8 = torch.empty(B, S, H, D, dtype=_TORCH_8BIT[fmt], device=q.device)
     qs = _quant_rows_triton(q, (q.stride(0), q.stride(2), q.stride(1)), (B, H, S, D), q8,
                             (q8.stride(0), q8.stride(2), q8.stride(1)), t["q_rows"], rows=True,
-                            sub=t["q_sub"], warps=t["q_warps"])
+                            warps=t["q_warps"])
     return q8, qs
 
 
 def _smooth_quantize_k_triton(k, block_k, fmt="e4m3", mean=None, tuning=None):
-    t = dict(TUNING, **(tuning or {}))
+    t = _tuning(tuning)
     B, Hk, S, D = k.shape
     if mean is None:
         mean = _kv_stats_triton(k, None, tuning)[0]
     k8 = torch.empty(B, Hk, S, D, dtype=_TORCH_8BIT[fmt], device=k.device)
     ks = _quant_rows_triton(k, (k.stride(0), k.stride(1), k.stride(2)), (B, Hk, S, D), k8,
                             (k8.stride(0), k8.stride(1), k8.stride(2)), block_k, mean=mean,
-                            sub=t["k_sub"], warps=t["k_warps"])
+                            warps=t["k_warps"])
     return k8, ks, mean
 
 
@@ -564,7 +531,7 @@ def _v_scale(amax: torch.Tensor) -> torch.Tensor:
 
 
 def _quantize_v_triton(v, key_order=True, amax=None, tuning=None):
-    t = dict(TUNING, **(tuning or {}))
+    t = _tuning(tuning)
     B, Hk, S, D = v.shape
     scale = _v_scale(_channel_amax(v) if amax is None else amax)  # [B, Hk, D]
     s_pad = -(-S // _VT_PAD) * _VT_PAD

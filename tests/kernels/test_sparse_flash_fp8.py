@@ -643,14 +643,13 @@ def test_triton_prologue_equals_torch_prologue(block_k, key_order, precision):
         assert torch.equal(x.float(), y.float()), f.name
 
 
-@pytest.mark.parametrize("tuning", [dict(q_rows=32, q_sub=16, k_sub=8, v_tile=32, stats_chunk=32, stats_tile=16),
-                                    dict(q_rows=16, q_sub=16, k_sub=32, v_tile=64, stats_chunk=16, stats_tile=16)])
+@pytest.mark.parametrize("tuning", [dict(q_rows=32, k_warps=2, v_tile=32, stats_chunk=32, stats_tile=16),
+                                    dict(q_rows=16, k_warps=8, v_tile=64, stats_chunk=16, stats_tile=16)])
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 def test_triton_prologue_launch_settings_keep_the_values(monkeypatch, tuning, precision):
-    """Every launch setting of the prologue kernels (rows per program and per sub-tile, the two-pass
-    K block of several sub-tiles, V^T tiles, K/V statistics over several chunks and a ragged last
-    one) gives the torch reference's 8-bit tensors and scales, and a K mean within fp32 rounding of
-    the float64 one."""
+    """Every launch setting of the prologue kernels (Q rows per program, warps, V^T tiles, K/V
+    statistics over several chunks and a ragged last one) gives the torch reference's 8-bit tensors
+    and scales, and a K mean within fp32 rounding of the float64 one."""
     B, S, H, D = 1, 97, 2, 20
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, S, H, D, generator=g) * 2 for _ in range(3))
