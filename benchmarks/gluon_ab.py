@@ -6,12 +6,19 @@ with cuDNN SDPA dense as the ceiling, on the Wan / HunyuanVideo shapes of
 fully block-sparse strided neighborhood). Needs a Hopper GPU.
 
     python benchmarks/gluon_ab.py [--json out.json] [--quick] [--variants pingpong,persistent] [--stages 2,3]
-                                  [--precisions int8,int8_fp8,fp8] [--i2f-bits] [--no-bf16]
+                                  [--precisions int8,int8_fp8,fp8] [--i2f-bits] [--no-bf16] [--no-splitacc]
+                                  [--gluon-env poly=VIDATTN_GLUON_EXP_POLY:1,qin0=VIDATTN_Q_IN_KERNEL:0]
+                                  [--no-neighborhood]
 
 ``--precisions``: also time both kernels in these quantised precisions (``{precision}-portable`` /
 ``{precision}-gluon``, and ``{precision}-gluon-splitacc`` with ``VIDATTN_GLUON_PV_SPLIT_ACC=1`` for
 8-bit P.V; with ``--i2f-bits`` also ``{precision}-{kernel}-i2fbits``, ``VIDATTN_INT8_I2F=bits``, for the
 int8 ones), each with its relative L2 difference from the bf16 portable kernel's output.
+``--gluon-env``: also time each precision's Gluon kernel (``{precision}-gluon-{name}``, bf16:
+``gluon-{name}``) under these environment settings (``name=VAR:VALUE[+VAR:VALUE...]``);
+``--portable-env`` the same for the portable kernel (``{precision}-portable-{name}``). Each such row
+says whether its output equals its base row's (``equal_to_base``: same kernel and precision
+without the settings) bit for bit.
 
 Effective TFLOP/s = 4 * B * H * D * computed-block tokens / time (as in attention.py).
 """
@@ -41,8 +48,21 @@ def main(argv=None) -> int:
     p.add_argument("--no-bf16", action="store_true", help="with --precisions: skip the bf16 Gluon variants")
     p.add_argument("--shapes", default="", help="only these shapes (name prefixes, comma-separated), e.g. wan")
     p.add_argument("--densities", default="0.5,0.25,0.125,0.0625", help="random block densities")
+    p.add_argument("--gluon-env", default="",
+                   help="Gluon variants as name=VAR:VALUE[+VAR:VALUE], comma-separated, e.g. poly=VIDATTN_GLUON_EXP_POLY:1")
+    p.add_argument("--portable-env", default="", help="portable-kernel variants, as --gluon-env")
+    p.add_argument("--no-splitacc", action="store_true", help="skip the PV_SPLIT_ACC rows")
+    p.add_argument("--no-neighborhood", action="store_true", help="skip the neighborhood plans")
     args = p.parse_args(argv)
     precisions = [x for x in args.precisions.split(",") if x]
+    def variants(spec):  # [(name, {VAR: VALUE})]
+        out = []
+        for item in (x for x in spec.split(",") if x):
+            name, _, settings = item.partition("=")
+            out.append((name, dict(kv.split(":", 1) for kv in settings.split("+"))))
+        return out
+
+    env_variants, portable_variants = variants(args.gluon_env), variants(args.portable_env)
     import vidattn
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton as tri, last_launch
@@ -68,7 +88,7 @@ def main(argv=None) -> int:
         plans = [("dense", vidattn.Dense().plan(layout, device="cuda"))]
         for d in ((0.25,) if args.quick else [float(x) for x in args.densities.split(",") if x]):
             plans.append((f"d{d}", _random_block_plan(S, H, d, 128)))
-        if not args.quick and label.startswith("wan"):
+        if not args.quick and not args.no_neighborhood and label.startswith("wan"):
             plans.append(("gna(9,15,27)s(3,5,9)", vidattn.Neighborhood(kernel_size=(9, 15, 27), stride=(3, 5, 9))
                           .plan(layout, device="cuda")))
             plans.append(("na(9,15,27)", vidattn.Neighborhood(kernel_size=(9, 15, 27)).plan(layout, device="cuda")))
@@ -83,16 +103,22 @@ def main(argv=None) -> int:
                 modes += [("gluon", dict(VIDATTN_GLUON="1"), None)] + [
                     extra[v] + (None, ) for v in args.variants.split(",") if v] + [
                     (f"gluon-st{s}", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_STAGES=s), None)
-                    for s in args.stages.split(",") if s]
+                    for s in args.stages.split(",") if s] + [
+                    (f"gluon-{name}", dict(VIDATTN_GLUON="1", **env), None) for name, env in env_variants]
             for prec in precisions:
                 modes += [(f"{prec}-portable", dict(VIDATTN_GLUON="0"), prec),
                           (f"{prec}-gluon", dict(VIDATTN_GLUON="1"), prec)]
-                if prec != "int8":  # 8-bit P.V: each tile's added in fp32 registers instead of in the MMA
+                modes += [(f"{prec}-gluon-{name}", dict(VIDATTN_GLUON="1", **env), prec) for name, env in env_variants]
+                modes += [(f"{prec}-portable-{name}", dict(VIDATTN_GLUON="0", **env), prec)
+                          for name, env in portable_variants]
+                if prec != "int8" and not args.no_splitacc:  # 8-bit P.V: each tile's added in fp32 registers instead of in the MMA
                     modes.append((f"{prec}-gluon-splitacc", dict(VIDATTN_GLUON="1", VIDATTN_GLUON_PV_SPLIT_ACC="1"),
                                   prec))
                 if prec.startswith("int8") and args.i2f_bits:  # int32 logits to fp32 by bit arithmetic
                     modes += [(f"{prec}-portable-i2fbits", dict(VIDATTN_GLUON="0", VIDATTN_INT8_I2F="bits"), prec),
                               (f"{prec}-gluon-i2fbits", dict(VIDATTN_GLUON="1", VIDATTN_INT8_I2F="bits"), prec)]
+            outs = {}  # base mode -> output (for equal_to_base)
+            names = {n for n, _ in env_variants + portable_variants}
             for mode, env, prec in modes:
                 try:
                     with _env(**env):
@@ -105,6 +131,11 @@ def main(argv=None) -> int:
                         err = float((out.float() - ref).norm() / ref.norm())
                     row[mode] = dict(ms=round(ms, 3), tflops=round(fl / ms / 1e9, 1), path=last_launch.get("path"),
                                      rel_diff_vs_portable=round(err, 5))
+                    base, _, tail = mode.rpartition("-")
+                    if tail in names and base in outs:
+                        row[mode]["equal_to_base"] = bool(torch.equal(out, outs[base]))
+                    elif tail not in names:
+                        outs[mode] = out
                 except Exception as e:
                     row[mode] = dict(skipped=repr(e)[:300])
             for prec in precisions:

@@ -46,13 +46,15 @@ def _compile(cfg: dict) -> dict:
     v_t, v_gl = ("fp8e4nv", gl.float8e4nv) if pv8 else ("bf16", gl.bfloat16)
     desc_k = f"tensordesc<{qk_t}[128, 128],{gl.NVMMASharedLayout.get_default_for([128, 128], qk_gl)!r}>"
     desc_v = f"tensordesc<{v_t}[128, 128],{gl.NVMMASharedLayout.get_default_for([128, 128], v_gl)!r}>"
-    sig = dict(desc_k=desc_k, desc_v=desc_v, Q="*" + qk_t, O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
+    q_quant = qk8 and cfg.get("q_quant", True)  # the kernel quantises a bf16 Q itself
+    sig = dict(desc_k=desc_k, desc_v=desc_v, Q="*" + ("bf16" if q_quant else qk_t), O="*bf16", LSE="*fp32", FULL_NUM="*i32", FULL_IDX="*i32",
                QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", QSC="*fp32", KSC="*fp32",
                VSC="*fp32", qk_scale="fp32", **{n: "i32" for n in _INTS})
     every = cfg["modes"] == "all"
     const = dict(RAGGED=True, Q_PERM=every, RETURN_LSE=every, STAGES=cfg["stages"], SPLIT=cfg["split"],
                  PINGPONG=not cfg["split"], HAS_PARTIAL=every, BLOCK_N=128, BLOCK_D=128, QK8=qk8, QK_INT8=qk_int8,
-                 PV8=pv8, PV_SPLIT_ACC=cfg["split_acc"], I2F_BITS=cfg["i2f_bits"], CONSUMER_REGS=240,
+                 PV8=pv8, PV_SPLIT_ACC=cfg["split_acc"], I2F_BITS=cfg["i2f_bits"], Q_QUANT=q_quant,
+                 EXP_POLY=cfg.get("exp_poly", False) and not every, CONSUMER_REGS=240,
                  PRODUCER_REGS=24)
     sig.update({n: "constexpr" for n in const})
     c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -81,13 +83,15 @@ def _analyse(ptx: str, cubin: bytes) -> dict:
 
 
 def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all",
-          split_acc: bool = False, stages: int = 2) -> dict:
+          split_acc: bool = False, stages: int = 2, q_quant: bool = True, exp_poly: bool = False) -> dict:
     """Compile in a fresh process, then analyse. ``precision``: ``"bf16"``, ``"int8"``, ``"fp8"``
-    or ``"int8_fp8"``. Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
+    or ``"int8_fp8"``; ``q_quant``: 8-bit precisions quantise a bf16 Q in the kernel (else Q
+    arrives 8-bit); ``exp_poly``: half the exponentials by polynomial (``modes="bench"`` only). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
     shfl_idx, shfl_bfly, sass={opcode: count})``; RuntimeError with the compiler's message."""
     if modes not in ("all", "bench"):
         raise ValueError(f"modes must be 'all' or 'bench', got {modes!r}")
-    cfg = dict(precision=precision, split=split, i2f_bits=i2f_bits, modes=modes, split_acc=split_acc, stages=stages)
+    cfg = dict(precision=precision, split=split, i2f_bits=i2f_bits, modes=modes, split_acc=split_acc, stages=stages,
+               q_quant=q_quant, exp_poly=exp_poly)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, __file__, "--step", json.dumps(cfg)], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -109,6 +113,9 @@ def main() -> None:
     p.add_argument("--split-acc", action="store_true",
                    help="8-bit P.V of each tile added in fp32 registers (default: accumulated in the MMA across tiles)")
     p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--q8-input", action="store_true", help="8-bit precisions: Q arrives quantised (no Q_QUANT)")
+    p.add_argument("--exp-poly", action="store_true", help="half the softmax exponentials by polynomial")
+    p.add_argument("--i2f-bits", action="store_true", help="int8: int32 logits to fp32 by bit arithmetic")
     p.add_argument("--top", type=int, default=12, help="SASS opcodes to print")
     p.add_argument("--step", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -117,7 +124,8 @@ def main() -> None:
         return
     for prec in a.precisions.split(","):
         try:
-            r = build(prec, split=a.split, modes=a.modes, split_acc=a.split_acc, stages=a.stages)
+            r = build(prec, split=a.split, modes=a.modes, split_acc=a.split_acc, stages=a.stages,
+                      q_quant=not a.q8_input, exp_poly=a.exp_poly, i2f_bits=a.i2f_bits)
         except RuntimeError as e:
             print(json.dumps(dict(precision=prec, error=str(e).strip().splitlines()[-1][:300])))
             continue

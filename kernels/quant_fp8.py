@@ -63,7 +63,7 @@ __all__ = ["FP8_DTYPE", "FP8_MAX", "INT8_MAX", "P_SCALE", "PRECISIONS", "QK_FORM
            "precision_parts", "fp8_support", "quantize_q_tokens", "smooth_quantize_k", "quantize_v_channels",
            "p8_key_order", "P8_KEY_DIMS", "P8_MIN_TILE",
            "FP8Operands", "quantize_operands", "round_to_e4m3", "lse_smoothing_correction",
-           "DEFAULT_IMPL", "int8_logits_by_bits"]
+           "DEFAULT_IMPL", "int8_logits_by_bits", "q_in_kernel"]
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -89,6 +89,17 @@ DEFAULT_IMPL = "triton"  # prologue implementation: "triton" (kernels below) or 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def q_in_kernel() -> bool:
+    """``VIDATTN_Q_IN_KERNEL``: whether the attention kernels quantise Q per token themselves
+    (``"1"``, default: they read the 16-bit Q once, as the prologue would, and skip writing and
+    re-reading ``q8`` / ``q_scale``; same arithmetic, :func:`_quantize_rows`, same values) or read
+    the prologue's ``q8`` (``"0"``). Anything else raises ``ValueError``."""
+    mode = os.environ.get("VIDATTN_Q_IN_KERNEL", "1").strip() or "1"
+    if mode not in ("0", "1"):
+        raise ValueError(f"VIDATTN_Q_IN_KERNEL must be '0' or '1', got {mode!r}")
+    return mode == "1"
 
 
 def int8_logits_by_bits() -> bool:
@@ -393,6 +404,17 @@ def _quant_tile(x, inv, INT8: tl.constexpr, EMU_CAST: tl.constexpr):
 
 
 @triton.jit
+def _quantize_rows(x, INT8: tl.constexpr, EMU_CAST: tl.constexpr):
+    """Per-row 8-bit quantisation of an fp32 tile ``[rows, D]`` (:func:`quantize_q_tokens`'s
+    arithmetic): scale ``max(amax / qmax, 1e-12)`` by IEEE division, the rows times its IEEE
+    reciprocal, cast. Returns ``(x8 [rows, D], scale [rows])``; also used inside the attention
+    kernel, which then quantises Q itself."""
+    qmax = 127.0 if INT8 else 448.0
+    scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1), qmax), 1e-12)
+    return _quant_tile(x, tl.div_rn(1.0, scale)[:, None], INT8, EMU_CAST), scale
+
+
+@triton.jit
 def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
                        sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
                        SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
@@ -410,17 +432,15 @@ def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
     if SMOOTH:
         mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
         x = tl.where(ok, x - mean[None, :], 0.0)
-    qmax = 127.0 if INT8 else 448.0
     # IEEE divisions (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
     if ROWS:
-        scale = tl.maximum(tl.div_rn(tl.max(tl.abs(x), 1), qmax), 1e-12)  # [BLOCK]
+        x8, scale = _quantize_rows(x, INT8, EMU_CAST)  # scale [BLOCK]
         tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
-        inv = tl.div_rn(1.0, scale)[:, None]
     else:
+        qmax = 127.0 if INT8 else 448.0
         scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
         tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
-        inv = tl.div_rn(1.0, scale)
-    x8 = _quant_tile(x, inv, INT8, EMU_CAST)
+        x8 = _quant_tile(x, tl.div_rn(1.0, scale), INT8, EMU_CAST)
     tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
 
 
@@ -550,8 +570,8 @@ class FP8Operands:
     historical: ``q8`` / ``k8`` are e4m3 or int8 (:func:`precision_parts`), and ``vt8`` /
     ``v_scale`` are None when P.V is not 8-bit (``precision="int8"``: the kernel reads V itself)."""
 
-    q8: torch.Tensor  # [B, S, H, D] e4m3 or int8, original token order
-    q_scale: torch.Tensor  # [B, H, S] fp32, one per token
+    q8: Optional[torch.Tensor]  # [B, S, H, D] e4m3 or int8, original token order (None: the kernel quantises Q)
+    q_scale: Optional[torch.Tensor]  # [B, H, S] fp32, one per token (None with q8)
     k8: torch.Tensor  # [B, Hk, S, D] e4m3 or int8, plan key order, smoothed
     k_scale: torch.Tensor  # [B, Hk, NKB] fp32
     k_mean: torch.Tensor  # [B, Hk, D] fp32 (the smoothing shift; for the LSE correction)
@@ -583,7 +603,8 @@ def _check_operands(q, k_plan, v_plan, block_k, pv8):
 
 def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[torch.Tensor], block_k: int,
                       precision: str = "fp8", impl: Optional[str] = None,
-                      v_key_order: bool = True, k_mean: Optional[torch.Tensor] = None) -> FP8Operands:
+                      v_key_order: bool = True, k_mean: Optional[torch.Tensor] = None,
+                      with_q: bool = True) -> FP8Operands:
     """The whole prologue of the quantised precision ``precision``.
 
     Args:
@@ -600,6 +621,8 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
             Triton prologue sums in fp32 chunks of tokens and the torch one with ``torch.mean``;
             equal to ~1e-7 relative, so pass one implementation's ``k_mean`` to the other to
             compare their 8-bit tensors bit for bit).
+        with_q: quantise Q (False: ``q8`` / ``q_scale`` are None, for a kernel that quantises Q
+            per token itself with the same arithmetic, :func:`_quantize_rows`; q is then only checked).
     Returns:
         :class:`FP8Operands`: ``q8`` ``[B, S, H, D]`` contiguous (original order) and ``k8``
         ``[B, Hk, S, D]`` contiguous (plan order, smoothed), e4m3fn or int8, their fp32 scales
@@ -622,7 +645,7 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
         impl = "torch"
     if k_mean is not None:
         k_mean = _check_mean(k_mean, k_plan)
-    vt8 = vs = None
+    vt8 = vs = q8 = qs = None
     with torch.no_grad():
         if impl == "triton":
             # one pass over K and V for the K mean and V's channel amax, then one per tensor to quantise
@@ -630,12 +653,14 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
                 k_mean, v_amax = _kv_stats_triton(k_plan, v_plan if pv8 else None)
             else:
                 v_amax = _channel_amax(v_plan) if pv8 else None
-            q8, qs = _quantize_q_triton(q, qk)
+            if with_q:
+                q8, qs = _quantize_q_triton(q, qk)
             k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k, qk, mean=k_mean)
             if pv8:
                 vt8, vs = _quantize_v_triton(v_plan, v_key_order, amax=v_amax)
         else:
-            q8, qs = quantize_q_tokens(q, qk)
+            if with_q:
+                q8, qs = quantize_q_tokens(q, qk)
             k8, ks, km = smooth_quantize_k(k_plan, block_k, qk, mean=k_mean)
             if pv8:
                 vt8, vs = quantize_v_channels(v_plan, v_key_order)

@@ -79,11 +79,13 @@ class _Modes:
     PV8: gl.constexpr  # V^T e4m3 with channel scales, P e4m3
     PV_SPLIT_ACC: gl.constexpr  # (PV8) each tile's P.V into fresh registers, added in fp32
     I2F_BITS: gl.constexpr  # (QK_INT8) int32 logits to fp32 by bit arithmetic
+    Q_QUANT: gl.constexpr  # (QK8) Q arrives in 16 bits and is quantised per token here
+    EXP_POLY: gl.constexpr  # half the softmax exponentials on the FMA pipe (polynomial), half on MUFU
     WG: gl.constexpr  # the consumer warpgroup these modes go to (0 or 1; the producer ignores it)
 
     @gluon.constexpr_function
     def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8,
-                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, WG):
+                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, WG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -98,22 +100,55 @@ class _Modes:
         self.PV8 = gl.constexpr(PV8)
         self.PV_SPLIT_ACC = gl.constexpr(PV_SPLIT_ACC)
         self.I2F_BITS = gl.constexpr(I2F_BITS)
+        self.Q_QUANT = gl.constexpr(Q_QUANT)
+        self.EXP_POLY = gl.constexpr(EXP_POLY)
         self.WG = gl.constexpr(WG)
+
+
+@gluon.jit
+def _exp2_fma(x):
+    """``2 ** x`` of fp32 ``x <= 9`` (clamped below at -126) on the FMA pipe instead of the MUFU:
+    ``x`` rounded to the nearest integer ``j`` by the fp32 magic-number addition, ``2 ** (x - j)``
+    by a degree-3 polynomial on [-0.5, 0.5] (minimax in relative error, 7.5e-5; far below the
+    e4m3 P's 2 ** -4 step), ``j`` added to the exponent bits (the shift drops the magic number's
+    own bits)."""
+    x = gl.maximum(x, -126.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = gl.fma(gl.fma(gl.fma(f, 0.05517132207751274, 0.24261054396629333), f, 0.6932609677314758), f,
+               0.9999281167984009)
+    return (p.to(gl.int32, bitcast=True) + (t.to(gl.int32, bitcast=True) << 23)).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _exp2_tile(x, BLOCK_N: gl.constexpr, EXP_POLY: gl.constexpr):
+    """``2 ** x`` of an fp32 ``[64, BLOCK_N]`` tile; with ``EXP_POLY`` the odd columns through
+    :func:`_exp2_fma` (each thread of the wgmma accumulator layout holds column pairs, so the
+    split and join stay in registers), the even ones through the MUFU ``ex2``."""
+    if EXP_POLY:
+        a, b = gl.split(x.reshape([64, BLOCK_N // 2, 2]))
+        p = gl.join(gl.exp2(a), _exp2_fma(b)).reshape([64, BLOCK_N])
+        p = gl.convert_layout(p, x.type.layout)  # the same layout, as a linear one: no data movement
+    else:
+        p = gl.exp2(x)
+    return p
 
 
 @gluon.jit
 def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: gl.constexpr,
                   HAS_PARTIAL: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
-                  row_o: gl.constexpr, P_MUL: gl.constexpr, I2F_BITS: gl.constexpr, ROW_SCALES: gl.constexpr):
+                  row_o: gl.constexpr, P_LOG2: gl.constexpr, I2F_BITS: gl.constexpr, ROW_SCALES: gl.constexpr,
+                  EXP_POLY: gl.constexpr):
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 (or int32: int8 Q.K^T) ``[64,
     BLOCK_N]`` (wgmma layout), ``m_i`` / ``l_i`` fp32 ``[64]``; ``qk_scale`` this tile's logit
     scale (``ROW_SCALES``: one per row ``[64]``, 8-bit Q having one scale per token); ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
     masked); ``partial``: a partial block, whose uint8 token mask ``bits`` ``[64, BLOCK_N]`` (0 =
-    masked, also past the sequence end) applies. Returns P (``dtype``, times ``P_MUL``, the P.V
-    A-operand layout), the new row max and sum (of the unscaled P), and the rescale factor of the
-    output rows (P.V accumulator row layout). ``I2F_BITS``: int32 logits become fp32 through
-    integer-add / float-subtract arithmetic (exact for ``|x| < 2**22``) instead of the
-    conversion instruction."""
+    masked, also past the sequence end) applies. Returns P (``dtype``, times ``2 ** P_LOG2``, the
+    P.V A-operand layout), the new row max, the row sum of P as returned (times ``2 ** P_LOG2``),
+    and the rescale factor of the output rows (P.V accumulator row layout). ``P_LOG2``: the
+    8-bit P's scale enters the exponent (``2 ** (x + P_LOG2)``, no multiply). ``I2F_BITS``: int32
+    logits become fp32 through integer-add / float-subtract arithmetic (exact for ``|x| < 2**22``)
+    instead of the conversion instruction. ``EXP_POLY``: :func:`_exp2_tile`."""
     if I2F_BITS:
         qk = (qk + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
     else:
@@ -126,19 +161,37 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
         if partial:
             qk = gl.where(bits != 0, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # (scales > 0: the max of the scaled row)
+    m_sub = m_new - P_LOG2
     if ROW_SCALES:
-        p = gl.exp2(qk * qk_scale[:, None] - m_new[:, None])
+        p = _exp2_tile(qk * qk_scale[:, None] - m_sub[:, None], BLOCK_N, EXP_POLY)
     else:
-        p = gl.exp2(qk * qk_scale - m_new[:, None])
+        p = _exp2_tile(qk * qk_scale - m_sub[:, None], BLOCK_N, EXP_POLY)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
-    if P_MUL != 1.0:
-        p8 = (p * P_MUL).to(dtype)  # keys in the S accumulator's register order (.quant_fp8.P8_KEY_DIMS)
+    if P_LOG2 != 0.0:
+        p8 = p.to(dtype)  # keys in the S accumulator's register order (.quant_fp8.P8_KEY_DIMS)
         p8 = p8.reshape([64, BLOCK_N // 32, 2, 2, 2, 2, 2]).permute(P8_KEY_DIMS.value).reshape([64, BLOCK_N])
         p_op = gl.convert_layout(p8, p_layout)
     else:
         p_op = gl.convert_layout(p.to(dtype), p_layout)
     return p_op, m_new, l_i, gl.convert_layout(alpha, row_o)
+
+
+@gluon.jit
+def _quantize_q_rows(x, INT8: gl.constexpr):
+    """Per-row 8-bit quantisation of an fp32 Q tile ``[rows, D]``, the prologue's
+    (:func:`.quant_fp8.quantize_q_tokens`) arithmetic: scale ``max(amax / qmax, 1e-12)`` (IEEE
+    division; qmax 448 for e4m3, 127 for int8), values times the IEEE reciprocal of the scale,
+    clamped, cast (int8: rounded to nearest, ties to even). Returns ``(x8, scale [rows])``."""
+    QMAX: gl.constexpr = 127.0 if INT8 else 448.0
+    scale = gl.maximum(gl.div_rn(gl.max(gl.abs(x), 1), QMAX), 1e-12)
+    xs = x * gl.div_rn(1.0, scale)[:, None]
+    xs = gl.minimum(gl.maximum(xs, -QMAX), QMAX)
+    if INT8:
+        x8 = ((xs + 12582912.0) - 12582912.0).to(gl.int8)
+    else:
+        x8 = xs.to(gl.float8e4nv)
+    return x8, scale
 
 
 @gluon.jit
@@ -329,6 +382,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     PV8: gl.constexpr = modes.PV8
     SPLIT_ACC: gl.constexpr = modes.PV8 and modes.PV_SPLIT_ACC
     I2F_BITS: gl.constexpr = modes.QK_INT8 and modes.I2F_BITS
+    Q_QUANT: gl.constexpr = modes.Q_QUANT
+    EXP_POLY: gl.constexpr = modes.EXP_POLY
     WG: gl.constexpr = modes.WG
     q_smem = q_smem.index(WG)
     BM: gl.constexpr = 64
@@ -344,8 +399,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=4 if PV8 else 2)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
-    # global Q loads / O stores: 16-byte vectors along D
-    QV: gl.constexpr = 16 if QK8 else 8
+    # global Q loads / O stores: 16-byte vectors along D (Q_QUANT: 16-bit Q, quantised here)
+    QV: gl.constexpr = 8 if Q_QUANT else (16 if QK8 else 8)
     io_q: gl.constexpr = gl.BlockedLayout([1, QV], [32 // (BLOCK_D // QV), BLOCK_D // QV], [4, 1], [1, 0])
     io: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (BLOCK_D // 8), BLOCK_D // 8], [4, 1], [1, 0])
     lrow: gl.constexpr = gl.SliceLayout(1, io)
@@ -353,7 +408,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     offs_dq = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io_q))
     zero_s = gl.zeros([BM, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, layout=mma_s)
     zero_o = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
-    P_MUL: gl.constexpr = 448.0 if PV8 else 1.0
+    P_LOG2: gl.constexpr = 8.807354922057604 if PV8 else 0.0  # log2(.quant_fp8.P_SCALE): P enters P.V as p * 448
     # HAS_PARTIAL: offsets of this warpgroup's rows in a partial block's uint8 mask
     PLAN_BQ: gl.constexpr = 64 if SPLIT else 128
     # (row and column vectors only: an [M, N] offset tensor would hold 64 registers per thread)
@@ -375,7 +430,11 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             qtok_q = rows_q
             qtok = rows
         q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok_q[:, None] * stride_qs + offs_dq[None, :]
-        q = gl.load(q_ptrs, mask=(rows_q < S)[:, None], other=0 if QK_INT8 else 0.0)
+        if Q_QUANT:  # one scale per row (token), as the prologue's
+            q, q_row_scale = _quantize_q_rows(gl.load(q_ptrs, mask=(rows_q < S)[:, None], other=0.0).to(gl.float32),
+                                              QK_INT8)
+        else:
+            q = gl.load(q_ptrs, mask=(rows_q < S)[:, None], other=0 if QK_INT8 else 0.0)
         q_smem.store(q)  # the last tile's MMAs have completed (waited below)
         fence_async_shared()
 
@@ -392,7 +451,9 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         # QK8: each row's Q scale joins the logit scale (a row vector); K scales per key block (_tile_scale)
         hs = h // scales.HS_GROUP
         ks_row = b * scales.ks_b + hs * scales.ks_h
-        if QK8:
+        if Q_QUANT:
+            q_scale = qk_scale * gl.convert_layout(q_row_scale, row_s)
+        elif QK8:
             rows_s = qt * 128 + WG * BM + gl.arange(0, BM, layout=row_s)  # one Q scale per row (token)
             if Q_PERM:
                 tok_s = gl.load(QPERM + h * qperm_h + rows_s, mask=rows_s < S, other=0)
@@ -418,8 +479,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             ts = _tile_scale(scales, f_idx, p_idx, 0, nfb, ks_row, q_scale, HAS_PARTIAL, QK8)
             qk = warpgroup_mma_wait(0, deps=(qk, ))
             p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, nfb == 0, bits,
-                                               ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype, p_layout, row_o, P_MUL,
-                                               I2F_BITS, QK8)
+                                               ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype, p_layout, row_o, P_LOG2,
+                                               I2F_BITS, QK8, EXP_POLY)
             # ---- steady state: S of tile j in flight with O += P V of tile j - 1
             for j in range(1, ntot):
                 s = ring + (it + j) % STAGES
@@ -438,7 +499,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 alpha_pv = alpha
                 p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
                                                         j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
-                                                        p_layout, row_o, P_MUL, I2F_BITS, QK8)
+                                                        p_layout, row_o, P_LOG2, I2F_BITS, QK8, EXP_POLY)
                 acc, p = _pv_finish(acc, pv, p, alpha_pv, PV8, SPLIT_ACC)
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
@@ -455,13 +516,13 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             it += ntot
             sg += ntot + 1
 
-        # ---- epilogue: normalise (PV8: dequantise P x 448 and the V channel scales), store O (and
-        # LSE) at the original token positions
+        # ---- epilogue: normalise (l_i sums P as it entered P.V, x 448 with PV8; PV8: the V channel
+        # scales), store O (and LSE) at the original token positions
         l_o = gl.convert_layout(l_i, row_o)
         denom = gl.where(l_o > 0, l_o, 1.0)
         if PV8:
             ch = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, mma_o))
-            vsc = gl.load(scales.vsc + b * scales.vs_b + hs * scales.vs_h + ch) * (1.0 / 448.0)
+            vsc = gl.load(scales.vsc + b * scales.vs_b + hs * scales.vs_h + ch)
             out = acc * vsc[None, :] / denom[:, None]
         else:
             out = acc / denom[:, None]
@@ -472,7 +533,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         if RETURN_LSE:
             l_io = gl.convert_layout(l_i, lrow)
             m_io = gl.convert_layout(m_i, lrow)
-            lse = gl.where(l_io > 0, (m_io + gl.log2(gl.where(l_io > 0, l_io, 1.0))) * 0.6931471805599453,
+            lse = gl.where(l_io > 0, (m_io + gl.log2(gl.where(l_io > 0, l_io, 1.0)) - P_LOG2) * 0.6931471805599453,
                            float("-inf"))
             gl.store(LSE + bh.to(gl.int64) * S + qtok, lse, mask=row_ok)
 
@@ -566,7 +627,8 @@ def _gluon_sparse_flash_fwd(
     RAGGED: gl.constexpr, Q_PERM: gl.constexpr, RETURN_LSE: gl.constexpr, STAGES: gl.constexpr,
     SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
     HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr, QK_INT8: gl.constexpr, PV8: gl.constexpr,
-    PV_SPLIT_ACC: gl.constexpr, I2F_BITS: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    PV_SPLIT_ACC: gl.constexpr, I2F_BITS: gl.constexpr, Q_QUANT: gl.constexpr, EXP_POLY: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
     rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
@@ -582,7 +644,7 @@ def _gluon_sparse_flash_fwd(
     PART_IDX (the same shapes), BITS uint8 ``[P, block_q, block_k]`` and SLOT int64 ``[Bp, Hp,
     NQB]`` (:func:`.sparse_flash_tables.partial_block_masks`); QSC / KSC / VSC fp32 dequantisation
     scales ``[B, H, S]`` / ``[B, Hk, NKB]`` / ``[B, Hk, D]`` at (batch, head) strides (QK8 / PV8)."""
-    qdtype: gl.constexpr = Q.dtype.element_ty
+    qdtype: gl.constexpr = desc_k.dtype  # Q's MMA operand type is K's (Q_QUANT: Q itself arrives in 16 bits)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], qdtype)
     q_smem = gl.allocate_shared_memory(qdtype, [2, 64, BLOCK_D], q_layout)
     SLOTS: gl.constexpr = 2 * STAGES if SPLIT else STAGES  # SPLIT: one ring per consumer warpgroup
@@ -595,9 +657,9 @@ def _gluon_sparse_flash_fwd(
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                   PV8, PV_SPLIT_ACC, I2F_BITS, 0)
+                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, 0)
     modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                    PV8, PV_SPLIT_ACC, I2F_BITS, 1)
+                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, 1)
     parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
     scales = _Scales(QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h, HK_GROUP)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)

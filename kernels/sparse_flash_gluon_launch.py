@@ -20,7 +20,8 @@ import triton
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .quant_fp8 import FP8_DTYPE, PRECISIONS, int8_logits_by_bits, lse_smoothing_correction, precision_parts
+from .quant_fp8 import (FP8_DTYPE, PRECISIONS, int8_logits_by_bits, lse_smoothing_correction, precision_parts,
+                        q_in_kernel)
 from .sparse_flash_io import (_bhs_strides, _bsh_strides, capability_major, interpreting, kv_in_plan_order, kv_view,
                               last_launch, plan_bh_strides, prepare_call, quantize_plan_operands, vt_view)
 from .sparse_flash_kernel import LOG2E
@@ -115,8 +116,12 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     of accumulating in the MMA; opt-in, ``VIDATTN_GLUON_PV_SPLIT_ACC=1``: on the H200, session 11, it was 5-13%
     slower for ``"fp8"`` on full-block plans (1% on a strided neighborhood) and 2-10% for
     ``"int8_fp8"`` (1.5% faster on the strided neighborhood), and no more accurate: 5.34% vs 5.37% relative L2 from the bf16 kernel, the portable kernel's 5.37%),
-    ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer warpgroups / the
-    load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so).
+    ``Q_QUANT`` (quantised precisions: Q is read in 16 bits and quantised per token by the kernel
+    itself, the prologue's arithmetic, instead of by the prologue; ``VIDATTN_Q_IN_KERNEL=0``
+    turns it off, :func:`.quant_fp8.q_in_kernel`), ``EXP_POLY`` (half of each tile's softmax exponentials on the FMA pipe by a
+    polynomial instead of the MUFU; opt-in, ``VIDATTN_GLUON_EXP_POLY=1``; plans without partial
+    blocks only), ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer
+    warpgroups / the load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so).
     ``precision``: the operands' sizes (1 byte for 8-bit Q / K / V)."""
     qk, pv8 = precision_parts(precision)
     q_b, k_b, v_b = (1 if qk else 2), (1 if qk else 2), (1 if pv8 else 2)
@@ -131,8 +136,10 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     # PINGPONG: the two consumer warpgroups take turns issuing their MMAs (one list: not with SPLIT)
     pingpong = not split and os.environ.get("VIDATTN_GLUON_PINGPONG", "0") == "1"
     split_acc = os.environ.get("VIDATTN_GLUON_PV_SPLIT_ACC", "0") == "1"
-    return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, PV_SPLIT_ACC=split_acc, CONSUMER_REGS=240,
-                PRODUCER_REGS=24)
+    q_quant = qk is not None and q_in_kernel()
+    exp_poly = os.environ.get("VIDATTN_GLUON_EXP_POLY", "0") == "1"
+    return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, PV_SPLIT_ACC=split_acc, Q_QUANT=q_quant,
+                EXP_POLY=exp_poly, CONSUMER_REGS=240, PRODUCER_REGS=24)
 
 
 def _persistent_programs(device: torch.device) -> int:
@@ -208,9 +215,12 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     BN = plan.block_k
     v_bhs = kv_bhs
     ops = None
-    if qk_fmt is not None:  # quantisation prologue: 8-bit Q (original order), smoothed K (and V^T), plan order
-        ops = quantize_plan_operands(q, kh, vh, plan, precision)
-        q, kh, kv_bhs = ops.q8, ops.k8, _bhs_strides
+    cfg = gluon_config(plan.block_q, BN, D, precision)
+    if qk_fmt is not None:  # quantisation prologue: smoothed K (and V^T) in plan order, 8-bit Q (original
+        # order) unless the kernel quantises Q itself (Q_QUANT)
+        ops = quantize_plan_operands(q, kh, vh, plan, precision, with_q=not cfg["Q_QUANT"])
+        q = q if cfg["Q_QUANT"] else ops.q8
+        kh, kv_bhs = ops.k8, _bhs_strides
     k_view, (row_b, row_h, col_h) = _kv_tile_view(kh, kv_bhs, B, Hk, S)
     desc_k = _descriptor(kh, k_view, (BN, D), _gl_dtype(kh.dtype))
     if pv8:  # V^T [B, Hk, D, S_pad] as rows (b, hk, channel) x tokens; boxes of D channels x BN tokens
@@ -225,7 +235,6 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     qperm = plan_perm_int32(plan)
     out = torch.empty(B, S, H, D, dtype=q_in.dtype, device=q.device)
     lse = torch.empty(B, H, S, dtype=torch.float32, device=q.device) if return_lse else out
-    cfg = gluon_config(plan.block_q, BN, D, precision)
     bs = plan_bh_strides
     (fn_b, fn_h), (fi_b, fi_h) = bs(fnum), bs(fidx)
     has_partial = plan.has_partial
@@ -234,7 +243,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     (pn_b, pn_h), (pi_b, pi_h) = bs(pnum), bs(pidx)
     slot_b, slot_h = bs(slot) if has_partial else (0, 0)
     fdummy = t["fdummy"]
-    qsc = ops.q_scale if ops is not None else fdummy
+    qsc = ops.q_scale if ops is not None and ops.q_scale is not None else fdummy
     ksc = ops.k_scale if ops is not None else fdummy
     vsc = ops.v_scale if pv8 else fdummy
     (qs_b, qs_h), (ks_b, ks_h), (vs_b, vs_h) = ((x.stride(0), x.stride(1)) if x.dim() == 3 else (0, 0)
@@ -254,6 +263,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"], HAS_PARTIAL=has_partial,
         BLOCK_N=BN, BLOCK_D=D, QK8=qk_fmt is not None, QK_INT8=qk_fmt == "int8", PV8=pv8,
         PV_SPLIT_ACC=cfg["PV_SPLIT_ACC"], I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
+        Q_QUANT=cfg["Q_QUANT"], EXP_POLY=cfg["EXP_POLY"] and not has_partial,
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"

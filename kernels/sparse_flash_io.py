@@ -83,19 +83,19 @@ def kv_in_plan_order(k: torch.Tensor, v: torch.Tensor, plan: BlockPlan, heads: i
 
 
 def quantize_plan_operands(q: torch.Tensor, kh: torch.Tensor, vh: torch.Tensor, plan: BlockPlan,
-                           precision: str, v_key_order: bool = True) -> FP8Operands:
+                           precision: str, v_key_order: bool = True, with_q: bool = True) -> FP8Operands:
     """The quantisation prologue (:func:`.quant_fp8.quantize_operands`) of a quantised
     ``precision`` on ``q`` ``[B, S, H, D]`` and on K / V as :func:`kv_in_plan_order` returned
     them (``[B, S, Hk, D]`` in place, or ``[B, Hk', S, D]`` in plan order); V is read only for an
     8-bit P.V, its V^T tokens in the P8 key order with ``v_key_order`` (key tiles of at least
-    :data:`.quant_fp8.P8_MIN_TILE`)."""
+    :data:`.quant_fp8.P8_MIN_TILE`); Q only ``with_q`` (else the kernel quantises it)."""
     _, pv8 = precision_parts(precision)
 
     def as_bhsd(t):
         return t if plan.key_perm is not None else t.transpose(1, 2)
 
     return quantize_operands(q, as_bhsd(kh), as_bhsd(vh) if pv8 else None, plan.block_k, precision,
-                             v_key_order=v_key_order)
+                             v_key_order=v_key_order, with_q=with_q)
 
 
 def prepare_call(q, k, v, plan, scale):

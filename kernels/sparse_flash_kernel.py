@@ -42,7 +42,7 @@ from enum import IntEnum
 import triton
 import triton.language as tl
 
-from .quant_fp8 import P8_KEY_DIMS, _bf16_round, _round_e4m3
+from .quant_fp8 import P8_KEY_DIMS, _bf16_round, _quantize_rows, _round_e4m3
 
 __all__ = ["RuleMode", "LOG2E", "_sparse_flash_fwd"]
 
@@ -297,7 +297,7 @@ def _sparse_flash_fwd(
     FP32_DOT: tl.constexpr, EVEN_D: tl.constexpr, SCHEDULED: tl.constexpr, USE_TMA: tl.constexpr,
     RAGGED: tl.constexpr, Q_PERM: tl.constexpr, QK8: tl.constexpr, QK_INT8: tl.constexpr, PV8: tl.constexpr,
     EMU_CAST: tl.constexpr, WARP_SPEC: tl.constexpr, I2F_BITS: tl.constexpr, P8_ORDER: tl.constexpr,
-    PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
+    Q_QUANT: tl.constexpr, PLAN_BQ: tl.constexpr, PLAN_BK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # one program per (query tile of BLOCK_M rows, batch x head); a plan query block of PLAN_BQ rows
@@ -341,7 +341,9 @@ def _sparse_flash_fwd(
     v_col = hk * VCOL_H
     ks_row = b * ks_b + hk * ks_h
     q_rows = qk_scale  # (unused without QK8)
-    if QK8:  # each row's (token's) Q dequantisation scale, a row vector
+    if Q_QUANT:  # (QK8) Q arrives in 16 bits: quantised here per row (token), the prologue's arithmetic
+        q, q_rows = _quantize_rows(q.to(tl.float32), QK_INT8, EMU_CAST)
+    elif QK8:  # each row's (token's) Q dequantisation scale, a row vector
         q_rows = tl.load(QSC + b * qs_b + h * qs_h + qtok, mask=row_ok, other=1.0)
     m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

@@ -20,7 +20,8 @@ from triton.runtime.errors import OutOfResources
 from vidattn.errors import TritonUnsupported
 from vidattn.plan import BlockPlan
 
-from .quant_fp8 import P8_MIN_TILE, fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts
+from .quant_fp8 import (P8_MIN_TILE, fp8_support, int8_logits_by_bits, lse_smoothing_correction, precision_parts,
+                        q_in_kernel)
 from .sparse_flash_kernel import LOG2E, RuleMode, _sparse_flash_fwd
 from .sparse_flash_gluon_launch import block_sparse_attention_gluon, gluon_mode, gluon_refusal
 from .sparse_flash_io import (TensorDescriptor, _bhs_strides, _bsh_strides, capability_major, check_triton_inputs,
@@ -241,11 +242,13 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     p8_order = pv8 and BN >= P8_MIN_TILE and os.environ.get("VIDATTN_P8_KEY_ORDER", "1") != "0"
     last_launch["p8_key_order"] = p8_order
     qops = None
+    q_quant = False
     if quant:  # quantisation prologue: 8-bit Q (original order), smoothed K, and for an 8-bit P.V
         # transposed V (plan order, tokens in the P8 key order for key tiles of >= 32); the int8
         # precision reads V itself
-        qops = quantize_plan_operands(q, kh, vh, plan, precision, v_key_order=p8_order)
-        q, kh = qops.q8, qops.k8
+        q_quant = q_in_kernel()  # the kernel quantises Q itself (else the prologue's q8)
+        qops = quantize_plan_operands(q, kh, vh, plan, precision, v_key_order=p8_order, with_q=not q_quant)
+        q, kh = (q if q_quant else qops.q8), qops.k8
         k_bhs = _bhs_strides
         if pv8:
             vh, v_bhs = qops.vt8, _bhs_strides  # (V^T: channel-row stride)
@@ -261,6 +264,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             dv = kv_descriptor(vh, v_bhs(vh), B, Hk, S, BN)
         use_tma = dk is not None and dv is not None
     last_launch["use_tma"] = use_tma
+    last_launch["q_in_kernel"] = q_quant
     if use_tma:
         (desc_k, row_b, row_h, col_h), (desc_v, vrow_b, vrow_h, vcol_h) = dk, dv
     else:
@@ -278,9 +282,11 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
                        KEPT=kept_t, PK=pk_t, PV=pv_t, PW=pw_t)
     quant_scales = dict(QSC=fdummy, KSC=fdummy, VSC=fdummy, qs_b=0, qs_h=0, ks_b=0, ks_h=0, vs_b=0, vs_h=0)
     if quant:  # Q per (b, h, token), K per (b, kv head, key block)
-        qsc, ksc = qops.q_scale, qops.k_scale
-        quant_scales.update(QSC=qsc, KSC=ksc, qs_b=qsc.stride(0), qs_h=qsc.stride(1), ks_b=ksc.stride(0),
-                            ks_h=ksc.stride(1))
+        ksc = qops.k_scale
+        quant_scales.update(KSC=ksc, ks_b=ksc.stride(0), ks_h=ksc.stride(1))
+        if not q_quant:
+            qsc = qops.q_scale
+            quant_scales.update(QSC=qsc, qs_b=qsc.stride(0), qs_h=qsc.stride(1))
     if pv8:  # V per (b, kv head, channel)
         vsc = qops.v_scale
         quant_scales.update(VSC=vsc, vs_b=vsc.stride(0), vs_h=vsc.stride(1))
@@ -306,7 +312,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         # (with QK8 this concerns the 16-bit P.V only; with PV8 neither dot)
         FP32_DOT=q_in.dtype == torch.float32 or (interpreting() and q_in.dtype == torch.bfloat16),
         QK8=quant, QK_INT8=qk_fmt == "int8", PV8=pv8, EMU_CAST=quant and interpreting(),
-        I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(), P8_ORDER=p8_order,
+        I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(), P8_ORDER=p8_order, Q_QUANT=q_quant,
         WARP_SPEC=cfg["warp_specialize"],
         EVEN_D=BLOCK_D == D, SCHEDULED=cfg["sched"] != ProgramOrder.NATURAL, USE_TMA=use_tma,
         RAGGED=S % plan.block_k != 0, Q_PERM=qperm is not None, PLAN_BQ=plan.block_q, PLAN_BK=plan.block_k,

@@ -397,7 +397,7 @@ def test_v_tokens_out_of_the_kernels_key_order_fail(monkeypatch, precision):
 
     real = launch.quantize_plan_operands
     # the prologue keeps V^T in token order while the kernel still permutes P
-    monkeypatch.setattr(launch, "quantize_plan_operands", lambda *a, v_key_order: real(*a, v_key_order=False))
+    monkeypatch.setattr(launch, "quantize_plan_operands", lambda *a, v_key_order, **kw: real(*a, v_key_order=False, **kw))
     with pytest.raises(AssertionError):
         _check(q, k, v, plan, precision=precision)
     # both in token order (the A/B switch): right again
@@ -453,6 +453,7 @@ def test_a_broken_smoothing_or_scale_fails_the_tolerance(monkeypatch, broken, pr
     _check(q, k, v, plan, precision=precision, tol=tol)  # intact
     name, wrap, _ = BROKEN[broken]
     monkeypatch.setattr(quant_fp8, "DEFAULT_IMPL", "torch")  # the torch prologue (equal to the Triton one, tested below)
+    monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", "0")  # Q from the prologue too (the in-kernel Q equals it, tested below)
     monkeypatch.setattr(quant_fp8, name, wrap(getattr(quant_fp8, name)))
     with pytest.raises(AssertionError):
         _check(q, k, v, plan, precision=precision, tol=tol)
@@ -814,3 +815,45 @@ def test_q_rows_of_very_different_norms_keep_their_precision():
     ref = reference(q.double(), k.double(), v.double(), plan)
     row_err = (out - ref).norm(dim=-1) / ref.norm(dim=-1)
     assert float(row_err.median()) < 0.03, float(row_err.median())
+
+
+@settings(max_examples=6, deadline=None,  # (the test sets the environment variable itself in every example)
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(case=st.sampled_from(["permuted", "ragged", "per_head", "gqa"]), precision=st.sampled_from(PRECISIONS),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), seed=st.integers(0, 3))
+def test_q_quantised_in_the_kernel_equals_the_prologue_q(monkeypatch, case, precision, dtype, seed):
+    """``VIDATTN_Q_IN_KERNEL=1`` (the kernel quantises each Q row itself) gives bit for bit the
+    output and LSE of ``=0`` (the prologue's ``q8`` / ``q_scale``, checked against float64 above)
+    on permuted, ragged, per-head-permuted and GQA plans, in each input dtype; q rows scaled over
+    two decades so that the per-row scales matter; and the switch takes other values as errors."""
+    from vidattn.kernels.sparse_flash import last_launch
+
+    if case == "permuted":
+        layout = TokenLayout((3, 8, 9), suffix=5)
+        plan = Neighborhood(kernel_size=(3, 3, 5), block_size=32, tile_shape=(2, 4, 4)).plan(layout)
+        B, H, Hk, D = 1, 2, 2, 32
+    elif case == "ragged":
+        layout = TokenLayout((5, 13))
+        plan = vidattn.Dense(block_size=32).plan(layout)
+        B, H, Hk, D = 2, 1, 1, 64
+    elif case == "per_head":
+        plan = per_head_permuted_plan(StripeRule(), 70, 3, block_q=16, block_k=32, seed=seed)
+        B, H, Hk, D = 1, 3, 1, 16
+    else:
+        layout = TokenLayout((4, 10))
+        plan = Neighborhood(kernel_size=(3, 5), block_size=16).plan(layout)
+        B, H, Hk, D = 1, 4, 2, 32
+    S = plan.seq_len
+    q, k, v = _qkv(B, S, H, Hk, D, seed=seed, k_offset=2.0, dtype=dtype)
+    g = torch.Generator().manual_seed(seed)
+    q = q * torch.logspace(-1, 1, S)[torch.randperm(S, generator=g)][None, :, None, None].to(dtype)
+    outs = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", mode)
+        outs.append(triton_attn(q, k, v, plan, precision=precision, return_lse=True))
+        assert last_launch["q_in_kernel"] is (mode == "1")
+    (o0, l0), (o1, l1) = outs
+    assert torch.equal(o0, o1) and torch.equal(l0, l1)
+    monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", "yes")
+    with pytest.raises(ValueError, match="VIDATTN_Q_IN_KERNEL"):
+        triton_attn(q, k, v, plan, precision=precision)

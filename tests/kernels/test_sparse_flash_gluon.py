@@ -114,6 +114,24 @@ _MMAS = {None: ("m64n128k16.f32.bf16.bf16", "m64n128k16.f32.bf16.bf16"),
 
 
 @pytest.mark.skipif(gluon_launch.gluon_available() is not None, reason="no usable Gluon Hopper module")
+def test_polynomial_exponentials_build_without_shuffles():
+    """``EXP_POLY``: half of the softmax's 256 MUFU ``ex2`` per thread (64 logits x two call sites
+    x two consumer warpgroups; a few more for the row rescale factors) leave for the polynomial,
+    and the column split / join moves no data between threads. Built for sm_90 as below."""
+    from benchmarks.gluon_build import build
+
+    try:
+        ptx = {poly: build("fp8", modes="bench", exp_poly=poly)["ptx"] for poly in (False, True)}
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"no CUDA toolchain in this Triton install: {str(e)[-300:]}")
+        raise
+    n = {poly: p.count("ex2.approx") for poly, p in ptx.items()}
+    assert n[False] >= 256 and n[False] - n[True] == 128, n
+    assert ptx[True].count("shfl.sync.idx") <= 1 and ptx[True].count("shfl.sync.bfly") == ptx[False].count("shfl.sync.bfly")
+
+
+@pytest.mark.skipif(gluon_launch.gluon_available() is not None, reason="no usable Gluon Hopper module")
 @pytest.mark.parametrize("split,precision,i2f_bits", [(False, None, False), (True, None, False), (False, "int8", False),
                                                       (True, "fp8", False), (False, "int8_fp8", False),
                                                       (True, "int8", True)])
@@ -361,3 +379,51 @@ def test_quantised_partial_blocks(precision, monkeypatch):
     port = block_sparse_attention_triton(q, k, v, plan, precision=precision)
     want = reference(q.double(), k.double(), v.double(), plan)
     assert _rel(got, want) < _QUANT_TOL[precision] and _rel(got, port) < _QUANT_DIFF[precision]
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision", ["int8", "int8_fp8", "fp8"])
+@pytest.mark.parametrize("S,bq,perm", [(1000, 128, True), (777, 64, False)])
+def test_q_quantised_in_the_kernel_equals_the_prologue_q(precision, S, bq, perm, monkeypatch):
+    """``VIDATTN_Q_IN_KERNEL=1`` (each consumer warpgroup quantises its bf16 Q rows itself) and
+    ``=0`` (the prologue's ``q8`` / ``q_scale``): the same output and LSE bit for bit, with query
+    rows of norms over two decades (ragged, permuted, 64- and 128-token query blocks)."""
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    H = 2
+    q, k, v = (t.cuda() for t in random_qkv(1, S, H, 1, 128, torch.bfloat16, seed=S))
+    g = torch.Generator().manual_seed(S)
+    q = q * torch.logspace(-1, 1, S)[torch.randperm(S, generator=g)][None, :, None, None].to(q)
+    plan = random_full_plan(S, H, 0.5, bq, bq, seed=S, perm=perm, device="cuda")
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    outs = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", mode)
+        outs.append(block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision))
+        assert last_launch["path"] == "gluon-hopper"
+    (o0, l0), (o1, l1) = outs
+    assert torch.equal(o0, o1) and torch.equal(l0, l1)
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision", [None, "int8", "fp8"])
+def test_polynomial_exponentials_keep_the_accuracy(precision, monkeypatch):
+    """``VIDATTN_GLUON_EXP_POLY=1`` (half of each tile's exponentials by the FMA-pipe polynomial):
+    against the float64 reference within the precision's tolerance (bf16: the bf16 kernel's) and
+    close to the MUFU-only output; the LSE too."""
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    S, H = 1500, 2
+    q, k, v = (t.cuda() for t in random_qkv(1, S, H, H, 128, torch.bfloat16, seed=12))
+    plan = random_full_plan(S, H, 0.7, 128, 128, seed=4, perm=True, device="cuda")
+    want, want_lse = reference(q.double(), k.double(), v.double(), plan, return_lse=True)
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    outs = {}
+    for poly in ("0", "1"):
+        monkeypatch.setenv("VIDATTN_GLUON_EXP_POLY", poly)
+        outs[poly] = block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision)
+        assert last_launch["path"] == "gluon-hopper"
+    (o0, l0), (o1, l1) = outs["0"], outs["1"]
+    tol = _QUANT_TOL[precision] if precision else 1e-2
+    assert _rel(o1, want) < tol and _rel(o1, want) < 1.05 * _rel(o0, want) + 1e-3, (_rel(o1, want), _rel(o0, want))
+    assert (l1.double() - want_lse).abs().max() < (l0.double() - want_lse).abs().max() + 1e-3
