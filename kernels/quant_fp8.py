@@ -91,15 +91,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def q_in_kernel() -> bool:
-    """``VIDATTN_Q_IN_KERNEL``: whether the attention kernels quantise Q per token themselves
-    (``"1"``, default: they read the 16-bit Q once, as the prologue would, and skip writing and
-    re-reading ``q8`` / ``q_scale``; same arithmetic, :func:`_quantize_rows`, same values) or read
-    the prologue's ``q8`` (``"0"``). Anything else raises ``ValueError``."""
-    mode = os.environ.get("VIDATTN_Q_IN_KERNEL", "1").strip() or "1"
-    if mode not in ("0", "1"):
-        raise ValueError(f"VIDATTN_Q_IN_KERNEL must be '0' or '1', got {mode!r}")
-    return mode == "1"
+_Q_IN_KERNEL = {"0": (), "gluon": ("gluon",), "1": ("gluon", "portable")}
+
+
+def q_in_kernel(kernel: str) -> bool:
+    """``VIDATTN_Q_IN_KERNEL``: whether attention kernel ``kernel`` (``"gluon"`` / ``"portable"``)
+    quantises Q per token itself (it reads the 16-bit Q once, as the prologue would, and nothing
+    writes and re-reads ``q8`` / ``q_scale``; same arithmetic, :func:`_quantize_rows`, same values)
+    or reads the prologue's ``q8``. ``"gluon"`` (default): the Gluon kernel only (the portable one
+    built for sm_90 then keeps its 8-bit Q tile in registers as the MMA operand: 255 registers,
+    460 bytes of spill stores, serialised wgmma, where reading ``q8`` gives 40); ``"1"``: both;
+    ``"0"``: neither. Anything else raises ``ValueError``."""
+    mode = os.environ.get("VIDATTN_Q_IN_KERNEL", "gluon").strip() or "gluon"
+    if mode not in _Q_IN_KERNEL:
+        raise ValueError(f"VIDATTN_Q_IN_KERNEL must be one of {tuple(_Q_IN_KERNEL)}, got {mode!r}")
+    return kernel in _Q_IN_KERNEL[mode]
 
 
 def int8_logits_by_bits() -> bool:

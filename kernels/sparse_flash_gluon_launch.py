@@ -136,7 +136,7 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     # PINGPONG: the two consumer warpgroups take turns issuing their MMAs (one list: not with SPLIT)
     pingpong = not split and os.environ.get("VIDATTN_GLUON_PINGPONG", "0") == "1"
     split_acc = os.environ.get("VIDATTN_GLUON_PV_SPLIT_ACC", "0") == "1"
-    q_quant = qk is not None and q_in_kernel()
+    q_quant = qk is not None and q_in_kernel("gluon")
     exp_poly = os.environ.get("VIDATTN_GLUON_EXP_POLY", "0") == "1"
     return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, PV_SPLIT_ACC=split_acc, Q_QUANT=q_quant,
                 EXP_POLY=exp_poly, CONSUMER_REGS=240, PRODUCER_REGS=24)

@@ -246,7 +246,7 @@ def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if quant:  # quantisation prologue: 8-bit Q (original order), smoothed K, and for an 8-bit P.V
         # transposed V (plan order, tokens in the P8 key order for key tiles of >= 32); the int8
         # precision reads V itself
-        q_quant = q_in_kernel()  # the kernel quantises Q itself (else the prologue's q8)
+        q_quant = q_in_kernel("portable")  # the kernel quantises Q itself (else the prologue's q8)
         qops = quantize_plan_operands(q, kh, vh, plan, precision, v_key_order=p8_order, with_q=not q_quant)
         q, kh = (q if q_quant else qops.q8), qops.k8
         k_bhs = _bhs_strides

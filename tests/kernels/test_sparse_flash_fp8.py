@@ -822,7 +822,8 @@ def test_q_rows_of_very_different_norms_keep_their_precision():
 @given(case=st.sampled_from(["permuted", "ragged", "per_head", "gqa"]), precision=st.sampled_from(PRECISIONS),
        dtype=st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), seed=st.integers(0, 3))
 def test_q_quantised_in_the_kernel_equals_the_prologue_q(monkeypatch, case, precision, dtype, seed):
-    """``VIDATTN_Q_IN_KERNEL=1`` (the kernel quantises each Q row itself) gives bit for bit the
+    """``VIDATTN_Q_IN_KERNEL=1`` (the portable kernel quantises each Q row itself; by default only
+    the Gluon one does) gives bit for bit the
     output and LSE of ``=0`` (the prologue's ``q8`` / ``q_scale``, checked against float64 above)
     on permuted, ragged, per-head-permuted and GQA plans, in each input dtype; q rows scaled over
     two decades so that the per-row scales matter; and the switch takes other values as errors."""
@@ -852,6 +853,9 @@ def test_q_quantised_in_the_kernel_equals_the_prologue_q(monkeypatch, case, prec
         monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", mode)
         outs.append(triton_attn(q, k, v, plan, precision=precision, return_lse=True))
         assert last_launch["q_in_kernel"] is (mode == "1")
+    monkeypatch.delenv("VIDATTN_Q_IN_KERNEL")
+    triton_attn(q, k, v, plan, precision=precision)
+    assert last_launch["q_in_kernel"] is False  # default: the portable kernel reads the prologue's q8
     (o0, l0), (o1, l1) = outs
     assert torch.equal(o0, o1) and torch.equal(l0, l1)
     monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", "yes")

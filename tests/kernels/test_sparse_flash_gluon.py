@@ -385,7 +385,7 @@ def test_quantised_partial_blocks(precision, monkeypatch):
 @pytest.mark.parametrize("precision", ["int8", "int8_fp8", "fp8"])
 @pytest.mark.parametrize("S,bq,perm", [(1000, 128, True), (777, 64, False)])
 def test_q_quantised_in_the_kernel_equals_the_prologue_q(precision, S, bq, perm, monkeypatch):
-    """``VIDATTN_Q_IN_KERNEL=1`` (each consumer warpgroup quantises its bf16 Q rows itself) and
+    """``VIDATTN_Q_IN_KERNEL=gluon`` (default: each consumer warpgroup quantises its bf16 Q rows itself) and
     ``=0`` (the prologue's ``q8`` / ``q_scale``): the same output and LSE bit for bit, with query
     rows of norms over two decades (ragged, permuted, 64- and 128-token query blocks)."""
     from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
@@ -397,7 +397,7 @@ def test_q_quantised_in_the_kernel_equals_the_prologue_q(precision, S, bq, perm,
     plan = random_full_plan(S, H, 0.5, bq, bq, seed=S, perm=perm, device="cuda")
     monkeypatch.setenv("VIDATTN_GLUON", "1")
     outs = []
-    for mode in ("0", "1"):
+    for mode in ("0", "gluon"):
         monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", mode)
         outs.append(block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision))
         assert last_launch["path"] == "gluon-hopper"
