@@ -51,7 +51,7 @@ def _compile(cfg: dict) -> dict:
                QPERM="*i32", PART_NUM="*i32", PART_IDX="*i32", BITS="*u8", SLOT="*i64", QSC="*fp32", KSC="*fp32",
                VSC="*fp32", qk_scale="fp32", **{n: "i32" for n in _INTS})
     every = cfg["modes"] == "all"
-    const = dict(RAGGED=True, Q_PERM=every, RETURN_LSE=every, STAGES=cfg["stages"], SPLIT=cfg["split"],
+    const = dict(RAGGED=cfg.get("ragged", True), Q_PERM=every, RETURN_LSE=every, STAGES=cfg["stages"], SPLIT=cfg["split"],
                  PINGPONG=not cfg["split"], HAS_PARTIAL=every, BLOCK_N=128, BLOCK_D=128, QK8=qk8, QK_INT8=qk_int8,
                  PV8=pv8, PV_SPLIT_ACC=cfg["split_acc"], I2F_BITS=cfg["i2f_bits"], Q_QUANT=q_quant,
                  EXP_POLY=cfg.get("exp_poly", False) and not every, CONSUMER_REGS=240,
@@ -83,15 +83,17 @@ def _analyse(ptx: str, cubin: bytes) -> dict:
 
 
 def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all",
-          split_acc: bool = False, stages: int = 2, q_quant: bool = True, exp_poly: bool = False) -> dict:
+          split_acc: bool = False, stages: int = 2, q_quant: bool = True, exp_poly: bool = False,
+          ragged: bool = True) -> dict:
     """Compile in a fresh process, then analyse. ``precision``: ``"bf16"``, ``"int8"``, ``"fp8"``
     or ``"int8_fp8"``; ``q_quant``: 8-bit precisions quantise a bf16 Q in the kernel (else Q
-    arrives 8-bit); ``exp_poly``: half the exponentials by polynomial (``modes="bench"`` only). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
+    arrives 8-bit); ``exp_poly``: half the exponentials by polynomial (``modes="bench"`` only);
+    ``ragged``: a ragged last key block (its masking branch in the key loop). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
     shfl_idx, shfl_bfly, sass={opcode: count})``; RuntimeError with the compiler's message."""
     if modes not in ("all", "bench"):
         raise ValueError(f"modes must be 'all' or 'bench', got {modes!r}")
     cfg = dict(precision=precision, split=split, i2f_bits=i2f_bits, modes=modes, split_acc=split_acc, stages=stages,
-               q_quant=q_quant, exp_poly=exp_poly)
+               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged)
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, __file__, "--step", json.dumps(cfg)], env=env, capture_output=True, text=True,
                          timeout=600)

@@ -10,7 +10,10 @@ work between warps to Triton. This one states them, the way FlashAttention-3 doe
   registers to the consumers (``setmaxnreg``).
 * **intra-warpgroup overlap**: each consumer issues ``S = Q K^T`` of key tile ``j + 1`` before the
   ``O += P V`` of tile ``j`` and runs the softmax of tile ``j + 1`` while that P.V is in flight; P
-  stays in registers as the A operand of the P.V wgmma.
+  stays in registers as the A operand of the P.V wgmma. (As written: ptxas 12.8 moves the P.V's
+  wait ahead of the softmax in the SASS of every precision, so in fact only the two warpgroups
+  overlap each other; keeping P live past the wait, a block boundary before it, or the wait at
+  the top of the next iteration did not change that, and the last two serialise every wgmma.)
 
 Scope: bf16 / fp16 inputs, head dim 64 or 128, plan blocks of 64 or 128 query x ``BLOCK_N`` (64 or 128)
 key tokens (``SPLIT``: with 64-token query blocks each consumer warpgroup follows its own block's
@@ -18,7 +21,9 @@ key list through its own ring), full blocks and partial blocks (``HAS_PARTIAL``:
 uint8 token mask of each listed partial block is read under the S MMA), no rectification. 8-bit
 operands (the quantisation prologue is :mod:`.quant_fp8`): ``QK8``: Q and K arrive as int8
 (``QK_INT8``, an s8 x s8 -> s32 wgmma) or e4m3 with fp32 scales per Q token / plan key block,
-folded into each tile's logit scale (a row vector); ``PV8``: V arrives transposed and quantised
+folded into each tile's logit scale (a row vector); with ``Q_QUANT`` Q arrives in 16 bits and
+each consumer warpgroup quantises its rows itself (:func:`_quantize_q_rows`, the prologue's
+arithmetic); ``PV8``: V arrives transposed and quantised
 per channel (e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous, the K-major B operand FP8 wgmma
 needs; within each 32-token group in the order of :data:`.quant_fp8.P8_KEY_DIMS`, the register
 order of P, whose keys are permuted the same way), P enters P.V as e4m3 ``p * 448`` and each

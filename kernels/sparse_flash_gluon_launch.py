@@ -120,7 +120,8 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     itself, the prologue's arithmetic, instead of by the prologue; ``VIDATTN_Q_IN_KERNEL=0``
     turns it off, :func:`.quant_fp8.q_in_kernel`), ``EXP_POLY`` (half of each tile's softmax exponentials on the FMA pipe by a
     polynomial instead of the MUFU; opt-in, ``VIDATTN_GLUON_EXP_POLY=1``; plans without partial
-    blocks only), ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer
+    blocks only; on the H200, session 13, 8-12% slower for fp8 and int8: the softmax is bound by
+    instruction issue, not by the MUFU), ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer
     warpgroups / the load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so).
     ``precision``: the operands' sizes (1 byte for 8-bit Q / K / V)."""
     qk, pv8 = precision_parts(precision)
