@@ -148,8 +148,9 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     BLOCK_N]`` (wgmma layout), ``m_i`` / ``l_i`` fp32 ``[64]``; ``qk_scale`` this tile's logit
     scale (``ROW_SCALES``: one per row ``[64]``, 8-bit Q having one scale per token); ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
     masked); ``partial``: a partial block, whose uint8 token mask ``bits`` ``[64, BLOCK_N]`` (0 =
-    masked, also past the sequence end) applies. Returns P (``dtype``, times ``2 ** P_LOG2``, the
-    P.V A-operand layout), the new row max, the row sum of P as returned (times ``2 ** P_LOG2``),
+    masked, also past the sequence end) applies. Returns P times ``2 ** P_LOG2`` (16-bit ``dtype``
+    in the P.V A-operand layout; with ``P_LOG2`` fp32 in the S layout, cast by :func:`_pv_issue`),
+    the new row max, the row sum of P as returned (times ``2 ** P_LOG2``),
     and the rescale factor of the output rows (P.V accumulator row layout). ``P_LOG2``: the
     8-bit P's scale enters the exponent (``2 ** (x + P_LOG2)``, no multiply). ``I2F_BITS``: int32
     logits become fp32 through integer-add / float-subtract arithmetic (exact for ``|x| < 2**22``)
@@ -174,12 +175,22 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     if P_LOG2 != 0.0:
-        p8 = p.to(dtype)  # keys in the S accumulator's register order (.quant_fp8.P8_KEY_DIMS)
-        p8 = p8.reshape([64, BLOCK_N // 32, 2, 2, 2, 2, 2]).permute(P8_KEY_DIMS.value).reshape([64, BLOCK_N])
-        p_op = gl.convert_layout(p8, p_layout)
+        p_op = p  # fp32: cast to e4m3 next to its MMA (_pv_issue)
     else:
         p_op = gl.convert_layout(p.to(dtype), p_layout)
     return p_op, m_new, l_i, gl.convert_layout(alpha, row_o)
+
+
+@gluon.jit
+def _e4m3_packed(x):
+    """Saturating round-to-nearest fp32 -> e4m3 cast of ``x`` (values in [0, 448]) as two
+    ``cvt.rn.satfinite.e4m3x2.f32`` per four consecutive register elements, written straight into
+    one 32-bit register (element 0 in the low byte): the generic cast splits each converted pair
+    into bytes and the P.V operand then re-packs them (PRMT / LOP3 / SHF, a third of the key-loop
+    instructions)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .b16 lo, hi; cvt.rn.satfinite.e4m3x2.f32 lo, $2, $1; cvt.rn.satfinite.e4m3x2.f32 hi, $4, $3; "
+        "mov.b32 $0, {lo, hi}; }", "=r,r,r,r,r", [x], dtype=gl.float8e4nv, is_pure=True, pack=4)
 
 
 @gluon.jit
@@ -210,21 +221,29 @@ def _hold(x):
 
 
 @gluon.jit
-def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr):
+def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr, p_layout: gl.constexpr):
     """Issue (asynchronously) the P.V wgmma of one key tile and return what is in flight: with
     ``SPLIT_ACC`` the tile's product alone, into fresh registers ``zero_o`` (the accumulator is
     rescaled and added to in :func:`_pv_finish`), else the accumulator ``acc`` rescaled by
-    ``alpha`` plus the product. ``p``: the A operand in registers; ``v_tile``: the slot's V tile
-    ``[BLOCK_N, D]``, or with ``PV8`` its V^T tile ``[D, BLOCK_N]`` (read K-major)."""
+    ``alpha`` plus the product. ``p``: the A operand in registers (with ``PV8`` fp32 ``p x 448`` in
+    the S layout, cast to e4m3 in ``p_layout`` here); ``v_tile``: the slot's V tile ``[BLOCK_N,
+    D]``, or with ``PV8`` its V^T tile ``[D, BLOCK_N]`` (read K-major). Returns ``(in flight, the
+    operand)``; :func:`_pv_finish` keeps the operand live past the MMA's wait."""
     if PV8:
         b_op = v_tile.permute((1, 0))
+        # fp32 P x 448: keys in the S accumulator's register order (.quant_fp8.P8_KEY_DIMS), four
+        # per 32-bit register of the operand; cast here, not at the end of the softmax, so that no
+        # byte-per-register copy of P lives across the loop
+        BN: gl.constexpr = p.shape[1]
+        pp = p.reshape([64, BN // 32, 2, 2, 2, 2, 2]).permute(P8_KEY_DIMS.value).reshape([64, BN])
+        p = gl.convert_layout(_e4m3_packed(pp), p_layout)
     else:
         b_op = v_tile
     if SPLIT_ACC:
         inflight = warpgroup_mma(p, b_op, zero_o, use_acc=False, is_async=True)
     else:
         inflight = warpgroup_mma(p, b_op, acc * alpha[:, None], is_async=True)
-    return inflight
+    return inflight, p
 
 
 @gluon.jit
@@ -495,7 +514,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
                     mbarrier.wait(turn.index(WG), (sg + j) & 1)
                 qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                pv = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC)
+                pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WG), count=1)
                 bits = _mask_tile(parts, slot0, j >= nfb, j - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
@@ -505,7 +524,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
                                                         j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
                                                         p_layout, row_o, P_LOG2, I2F_BITS, QK8, EXP_POLY)
-                acc, p = _pv_finish(acc, pv, p, alpha_pv, PV8, SPLIT_ACC)
+                acc, p_op = _pv_finish(acc, pv, p_op, alpha_pv, PV8, SPLIT_ACC)
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
             # ---- last tile's P.V
@@ -513,10 +532,10 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             mbarrier.wait(v_ready.index(sp), ((it + ntot - 1) // STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (sg + ntot) & 1)
-            pv = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC)
+            pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
-            acc, p = _pv_finish(acc, pv, p, alpha, PV8, SPLIT_ACC)
+            acc, p_op = _pv_finish(acc, pv, p_op, alpha, PV8, SPLIT_ACC)
             mbarrier.arrive(empty.index(sp), count=1)
             it += ntot
             sg += ntot + 1
