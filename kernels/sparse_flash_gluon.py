@@ -26,7 +26,8 @@ each consumer warpgroup quantises its rows itself (:func:`_quantize_q_rows`, the
 arithmetic); ``PV8``: V arrives transposed and quantised
 per channel (e4m3 ``[B, Hk, D, S_pad]``, tokens contiguous, the K-major B operand FP8 wgmma
 needs; within each 32-token group in the order of :data:`.quant_fp8.P8_KEY_DIMS`, the register
-order of P, whose keys are permuted the same way), P enters P.V as e4m3 ``p * 448`` and each
+order of P, whose keys are permuted the same way), P enters P.V as e4m3 ``p * 448`` (cast next
+to the P.V MMA, four logits per register, :func:`_e4m3_packed`; the loop carries P in fp32) and each
 tile's P.V is accumulated in fp32 registers with ``PV_SPLIT_ACC`` (the MMA's own accumulation of
 8-bit products is not full fp32; this costs registers) or in the MMA's accumulator across tiles;
 the epilogue applies the V channel scales. The

@@ -114,35 +114,43 @@ def _tma_ok(device: torch.device) -> bool:
     return device.type == "cuda" and capability_major(device) >= 9
 
 
-# quantised precisions the Gluon kernel runs faster than the portable one on dense plans (H200)
-_GLUON_DENSE_PRECISIONS = ("int8", "fp8")
+# quantised precisions the Gluon kernel runs faster than the portable one (H200): on every
+# full-block plan / on dense plans only
+_GLUON_FULL_BLOCK_PRECISIONS = ("fp8",)
+_GLUON_DENSE_PRECISIONS = ("int8",)
 
 
 def auto_portable_reason(plan: BlockPlan, precision: Optional[str]) -> Optional[str]:
     """In ``VIDATTN_GLUON=auto`` mode, why a quantised call takes the portable kernel, or None
     when it goes to the Gluon kernel (bf16 / fp16 always do, if the Gluon kernel can run them).
 
-    Measured on the H200 (``benchmarks/gluon_ab.py --precisions``, sessions 9 and 11, Wan and
-    HunyuanVideo): the Gluon kernel runs ``"int8"`` 1.05-1.07x the portable kernel on dense plans
-    (every block full), 0.95-1.00x on block-sparse plans, 0.88x on neighborhood plans; ``"fp8"``
-    (P.V accumulated in the MMA) 1.03-1.06x on dense plans, 0.96-1.02x on block-sparse ones, 0.82x
-    on neighborhood plans; ``"int8_fp8"`` about 0.7x. So ``"int8"`` and ``"fp8"`` on a dense plan go
-    to it.
+    Measured on the H200 (``benchmarks/gluon_ab.py --precisions``, Wan and HunyuanVideo):
+    ``"fp8"``, since its P is cast to e4m3 next to the P.V MMA (session 13), runs 1.15x / 1.14x the
+    portable kernel on dense plans and 1.08x / 1.08x at block density 0.25 (sessions 9 and 11,
+    before that change: 0.96-1.02x at every block-sparse density, 0.82x on neighborhood plans,
+    which have partial blocks and stay on the portable kernel); ``"int8"`` 1.05-1.07x on dense
+    plans, 0.95-1.00x on block-sparse ones, 0.88x on neighborhood plans; ``"int8_fp8"`` 0.88x /
+    1.02x dense and 0.88x / 1.00x at density 0.25 (session 13). So ``"fp8"`` on any plan of full
+    blocks and ``"int8"`` on a dense plan go to it.
     """
     if precision is None:
         return None
-    dense = plan.rectification is None and not plan.has_partial and plan.block_density == 1.0
-    if precision in _GLUON_DENSE_PRECISIONS and dense:
+    full_blocks = plan.rectification is None and not plan.has_partial
+    if precision in _GLUON_FULL_BLOCK_PRECISIONS and full_blocks:
         return None
-    return (f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 (measured faster there"
-            + (" except on dense plans" if precision in _GLUON_DENSE_PRECISIONS else "") + ")")
+    if precision in _GLUON_DENSE_PRECISIONS and full_blocks and plan.block_density == 1.0:
+        return None
+    where = {**{p: " except on plans of full blocks" for p in _GLUON_FULL_BLOCK_PRECISIONS},
+             **{p: " except on dense plans" for p in _GLUON_DENSE_PRECISIONS}}.get(precision, "")
+    return f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 (measured faster there{where})"
 
 
 def _gluon_path(q, k, v, plan, precision):
     """The Hopper Gluon kernel's entry point when ``VIDATTN_GLUON`` and the case allow it, else None
     (the reason is kept in ``last_launch["gluon_refused"]``); with ``VIDATTN_GLUON=1`` a case it
     cannot run raises :class:`TritonUnsupported`. In ``auto`` mode the quantised precisions take
-    the portable kernel except ``"int8"`` and ``"fp8"`` on dense plans (:func:`auto_portable_reason`);
+    the portable kernel except ``"fp8"`` on plans of full blocks and ``"int8"`` on dense plans
+    (:func:`auto_portable_reason`);
     ``VIDATTN_GLUON=1`` runs them all on it."""
     if q.device.type != "cuda":  # the CPU interpreter: no Gluon
         return None
