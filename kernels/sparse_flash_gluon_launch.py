@@ -268,6 +268,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"
+    last_launch["q_in_kernel"] = cfg["Q_QUANT"]  # (as the portable path records it)
     last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
     if ops is not None and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
         lse = lse + lse_smoothing_correction(q_in, ops.k_mean, scale)

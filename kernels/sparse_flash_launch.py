@@ -140,8 +140,8 @@ def auto_portable_reason(plan: BlockPlan, precision: Optional[str]) -> Optional[
         return None
     if precision in _GLUON_DENSE_PRECISIONS and full_blocks and plan.block_density == 1.0:
         return None
-    where = {**{p: " except on plans of full blocks" for p in _GLUON_FULL_BLOCK_PRECISIONS},
-             **{p: " except on dense plans" for p in _GLUON_DENSE_PRECISIONS}}.get(precision, "")
+    where = (" except on plans of full blocks" if precision in _GLUON_FULL_BLOCK_PRECISIONS
+             else " except on dense plans" if precision in _GLUON_DENSE_PRECISIONS else "")
     return f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 (measured faster there{where})"
 
 

@@ -398,7 +398,7 @@ def test_q_quantised_in_the_kernel_equals_the_prologue_q(precision, S, bq, perm,
     for mode in ("0", "gluon"):
         monkeypatch.setenv("VIDATTN_Q_IN_KERNEL", mode)
         outs.append(block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision))
-        assert last_launch["path"] == "gluon-hopper"
+        assert last_launch["path"] == "gluon-hopper" and last_launch["q_in_kernel"] is (mode == "gluon")
     (o0, l0), (o1, l1) = outs
     assert torch.equal(o0, o1) and torch.equal(l0, l1)
 
