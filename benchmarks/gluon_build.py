@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,9 +53,10 @@ def _compile(cfg: dict) -> dict:
                VSC="*fp32", qk_scale="fp32", **{n: "i32" for n in _INTS})
     every = cfg["modes"] == "all"
     const = dict(RAGGED=cfg.get("ragged", True), Q_PERM=every, RETURN_LSE=every, STAGES=cfg["stages"], SPLIT=cfg["split"],
-                 PINGPONG=not cfg["split"], HAS_PARTIAL=every, BLOCK_N=128, BLOCK_D=128, QK8=qk8, QK_INT8=qk_int8,
+                 PINGPONG=not cfg["split"] and cfg.get("pingpong", every), HAS_PARTIAL=every, BLOCK_N=128, BLOCK_D=128, QK8=qk8, QK_INT8=qk_int8,
                  PV8=pv8, PV_SPLIT_ACC=cfg["split_acc"], I2F_BITS=cfg["i2f_bits"], Q_QUANT=q_quant,
-                 EXP_POLY=cfg.get("exp_poly", False) and not every, CONSUMER_REGS=240,
+                 EXP_POLY=cfg.get("exp_poly", False) and not every,
+                 RESCALE_TAU=(1.0 if pv8 else 8.0) if cfg.get("lazy", False) else -1.0, CONSUMER_REGS=240,
                  PRODUCER_REGS=24)
     sig.update({n: "constexpr" for n in const})
     c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -84,16 +86,20 @@ def _analyse(ptx: str, cubin: bytes) -> dict:
 
 def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all",
           split_acc: bool = False, stages: int = 2, q_quant: bool = True, exp_poly: bool = False,
-          ragged: bool = True) -> dict:
+          ragged: bool = True, lazy: bool = False, pingpong: Optional[bool] = None) -> dict:
     """Compile in a fresh process, then analyse. ``precision``: ``"bf16"``, ``"int8"``, ``"fp8"``
     or ``"int8_fp8"``; ``q_quant``: 8-bit precisions quantise a bf16 Q in the kernel (else Q
     arrives 8-bit); ``exp_poly``: half the exponentials by polynomial (``modes="bench"`` only);
-    ``ragged``: a ragged last key block (its masking branch in the key loop). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
+    ``ragged``: a ragged last key block (its masking branch in the key loop); ``lazy``: the lazy
+    rescale (``VIDATTN_GLUON_LAZY_RESCALE=1``); ``pingpong``: the PINGPONG mode (default: on with
+    ``modes="all"``, off with ``"bench"``, as the launcher runs it by default). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
     shfl_idx, shfl_bfly, sass={opcode: count})``; RuntimeError with the compiler's message."""
     if modes not in ("all", "bench"):
         raise ValueError(f"modes must be 'all' or 'bench', got {modes!r}")
     cfg = dict(precision=precision, split=split, i2f_bits=i2f_bits, modes=modes, split_acc=split_acc, stages=stages,
-               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged)
+               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged, lazy=lazy)
+    if pingpong is not None:
+        cfg["pingpong"] = pingpong
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, __file__, "--step", json.dumps(cfg)], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -118,6 +124,9 @@ def main() -> None:
     p.add_argument("--q8-input", action="store_true", help="8-bit precisions: Q arrives quantised (no Q_QUANT)")
     p.add_argument("--exp-poly", action="store_true", help="half the softmax exponentials by polynomial")
     p.add_argument("--i2f-bits", action="store_true", help="int8: int32 logits to fp32 by bit arithmetic")
+    p.add_argument("--lazy", action="store_true", help="lazy rescale of the output accumulator")
+    p.add_argument("--no-ragged", action="store_true", help="no ragged last key block")
+    p.add_argument("--pingpong", action="store_true", help="the PINGPONG mode (off by default, as launched)")
     p.add_argument("--top", type=int, default=12, help="SASS opcodes to print")
     p.add_argument("--step", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -127,7 +136,8 @@ def main() -> None:
     for prec in a.precisions.split(","):
         try:
             r = build(prec, split=a.split, modes=a.modes, split_acc=a.split_acc, stages=a.stages,
-                      q_quant=not a.q8_input, exp_poly=a.exp_poly, i2f_bits=a.i2f_bits)
+                      q_quant=not a.q8_input, exp_poly=a.exp_poly, i2f_bits=a.i2f_bits, lazy=a.lazy,
+                      ragged=not a.no_ragged, pingpong=a.pingpong or None)
         except RuntimeError as e:
             print(json.dumps(dict(precision=prec, error=str(e).strip().splitlines()[-1][:300])))
             continue

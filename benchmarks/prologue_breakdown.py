@@ -2,8 +2,9 @@
 
 For each shape (Wan2.1-1.3B and HunyuanVideo attention) and K/V layout (token-major in place, as
 dense plans read them; head-major contiguous, as permuted plans read them), times with CUDA events
-(median of repeats): the Q quantisation, the K token mean, the K smoothing/quantisation, the V
-channel amax, the V^T quantisation, and the whole prologue of each precision, next to the HBM
+(median of repeats): the Q quantisation, the K/V statistics (K token mean, V channel amax and
+scales, finished in the kernel), the fused K smoothing/quantisation and V^T quantisation, and the
+whole prologue of each precision, next to the HBM
 floor of the bytes each step must move (``--bw`` GB/s). Prints one JSON line per row; ``--json``
 also writes them to a file. ``--sweep`` also times each prologue kernel over a set of launch
 settings (``quant_fp8.TUNING`` keys) and the whole prologue with the fastest of each;
@@ -26,8 +27,7 @@ SHAPES = {"wan": (1, 32760, 12, 128), "hunyuan": (1, 119056, 24, 128)}
 # launch settings swept per kernel (quant_fp8.TUNING keys)
 SWEEP = {
     "q": [dict(q_rows=r, q_warps=w) for r, w in ((64, 4), (32, 4), (16, 2), (128, 8), (32, 2))],
-    "k": [dict(k_warps=w) for w in (2, 4, 8, 16)],
-    "v": [dict(v_tile=t, v_warps=w) for t, w in ((64, 4), (32, 4), (128, 8), (64, 8), (32, 2), (128, 4))],
+    "kv": [dict(v_tile=t, kv_warps=w) for t, w in ((64, 4), (32, 4), (128, 8), (64, 8), (32, 2), (128, 4), (64, 2))],
     "stats": [dict(stats_chunk=c, stats_tile=t, stats_warps=w) for c, t, w in
               ((512, 32, 4), (1024, 32, 4), (512, 16, 4), (256, 16, 2), (512, 64, 8), (1024, 64, 8), (512, 32, 8),
                (512, 32, 2))],
@@ -58,6 +58,20 @@ def _with_tuning(qf, tuning, fn):
     finally:
         qf.TUNING.clear()
         qf.TUNING.update(saved)
+
+
+def _host_us(fn, calls: int = 20) -> float:
+    """Host microseconds per call of ``fn`` issued back to back (the GPU queue absorbs them)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return round(host, 1)
 
 
 def main(argv=None):
@@ -99,10 +113,9 @@ def main(argv=None):
             parts = {
                 "q_quant": (lambda: qf._quantize_q_triton(q, "e4m3"), floor(1, 0.5)),
                 "kv_stats": (lambda: qf._kv_stats_triton(kb, vb), floor(2, 0)),
-                "k_quant": (lambda: qf._smooth_quantize_k_triton(kb, 128, "e4m3", mean=km), floor(1, 0.5)),
-                "v_quant": (lambda: qf._quantize_v_triton(vb, True, amax=va), floor(1, 0.5)),
+                "kv_quant": (lambda: qf._quantize_kv_triton(kb, vb, 128, "e4m3", stats), floor(2, 1)),
             }
-            km, va = qf._kv_stats_triton(kb, vb)
+            stats = qf._kv_stats_triton(kb, vb)[3]
             if args.check:
                 for prec in ("fp8", "int8_fp8", "int8"):
                     a = qf.quantize_operands(q, kb, vb, 128, prec, impl="triton")
@@ -118,8 +131,7 @@ def main(argv=None):
             best = {}
             if args.sweep:
                 fns = {"q": lambda t: qf._quantize_q_triton(q, "e4m3", tuning=t),
-                       "k": lambda t: qf._smooth_quantize_k_triton(kb, 128, "e4m3", mean=km, tuning=t),
-                       "v": lambda t: qf._quantize_v_triton(vb, True, amax=va, tuning=t),
+                       "kv": lambda t: qf._quantize_kv_triton(kb, vb, 128, "e4m3", stats, tuning=t),
                        "stats": lambda t: qf._kv_stats_triton(kb, vb, tuning=t)}
                 for kern, settings in SWEEP.items():
                     if kern not in args.kernels.split(",") or (kern == "q" and layout != "token_major"):
@@ -154,7 +166,7 @@ def main(argv=None):
                 try:
                     ms = _time(fn)
                     log(dict(shape=name, layout=layout, part=part, ms=round(ms, 4), floor_ms=fl,
-                             x_floor=round(ms / fl, 2)))
+                             x_floor=round(ms / fl, 2), host_us=_host_us(fn)))
                 except Exception as e:  # noqa: BLE001 - report and go on
                     log(dict(shape=name, layout=layout, part=part, error=repr(e)[:300]))
         del q, k, v

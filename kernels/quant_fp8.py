@@ -365,11 +365,15 @@ def _tile_coords(H, TILE: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _kv_stats_kernel(K, V, KSUM, VMAX, S, H, D, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+def _kv_stats_kernel(K, V, KSUM, VMAX, TICKET, STATS, S, H, D, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
                      CHUNK: tl.constexpr, TILE: tl.constexpr, BLOCK_D: tl.constexpr, HAS_V: tl.constexpr):
     """One (chunk of ``CHUNK`` tokens, batch x head) per program, one read of K (and V): the fp32
     sum of the chunk's K rows and (``HAS_V``) the max of ``|v|`` per channel, stored at
-    ``KSUM`` / ``VMAX`` ``[B * H, n_chunks, D]`` (contiguous). The host reduces the chunks."""
+    ``KSUM`` / ``VMAX`` ``[B * H, n_chunks, D]`` (contiguous). The last program of a (batch x head)
+    to finish (an acquire-release ticket ``TICKET [B * H]`` int32, zeroed by the host) reduces
+    the chunks in their order (deterministic) into ``STATS [B * H, 3, D]`` fp32: the K token mean
+    (IEEE division of the sum by ``S``), V's channel amax and V's channel scale
+    (:func:`_v_scale`'s ``max(amax / 448, 1e-12)``; NaN stays NaN)."""
     chunk = tl.program_id(0)
     bh = tl.program_id(1)
     b, h = bh // H, bh % H
@@ -396,6 +400,34 @@ def _kv_stats_kernel(K, V, KSUM, VMAX, S, H, D, sk_b, sk_h, sk_s, sv_b, sv_h, sv
     if HAS_V:  # a NaN makes its channel's max NaN, as in torch
         vm = tl.max(vmax, 0)
         tl.store(VMAX + dst, tl.where(tl.max(vnan.to(tl.int32), 0) > 0, float("nan"), vm), mask=d_ok)
+    tl.debug_barrier()  # every thread's partials precede the release below
+    if tl.atomic_add(TICKET + bh, 1, sem="acq_rel") == n_chunks - 1:
+        _kv_stats_finish(KSUM, VMAX, STATS, bh, n_chunks, S, D, offs_d, HAS_V)
+
+
+@triton.jit
+def _kv_stats_finish(KSUM, VMAX, STATS, bh, n_chunks, S, D, offs_d, HAS_V: tl.constexpr):
+    """The chunk partials of (batch x head) ``bh`` reduced in chunk order into ``STATS[bh]``
+    (mean, amax, V scale; :func:`_kv_stats_kernel`). Loads bypass L1 (``.cg``): other programs
+    wrote them."""
+    d_ok = offs_d < D
+    ksum = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    vmax = tl.zeros([offs_d.shape[0]], dtype=tl.float32)
+    vnan = tl.zeros([offs_d.shape[0]], dtype=tl.int1)
+    for c in range(n_chunks):
+        src = (bh * n_chunks + c) * D + offs_d
+        ksum += tl.load(KSUM + src, mask=d_ok, other=0.0, cache_modifier=".cg")
+        if HAS_V:
+            y = tl.load(VMAX + src, mask=d_ok, other=0.0, cache_modifier=".cg")
+            vmax = tl.maximum(vmax, y)
+            vnan = vnan | (y != y)
+    out = STATS + bh * 3 * D + offs_d
+    tl.store(out, tl.div_rn(ksum, S.to(tl.float32)), mask=d_ok)
+    if HAS_V:
+        amax = tl.where(vnan, float("nan"), vmax)
+        scale = tl.maximum(tl.div_rn(amax, 448.0), 1e-12)
+        tl.store(out + D, amax, mask=d_ok)
+        tl.store(out + 2 * D, tl.where(vnan, float("nan"), scale), mask=d_ok)
 
 
 @triton.jit
@@ -421,44 +453,53 @@ def _quantize_rows(x, INT8: tl.constexpr, EMU_CAST: tl.constexpr):
 
 
 @triton.jit
-def _quant_rows_kernel(X, X8, SCALE, MEAN, S, H, D,
-                       sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h, mn_b, mn_h,
-                       SMOOTH: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One (block of ``BLOCK`` rows, batch x head) per program: the block's rows minus the head's
-    mean (``SMOOTH``), one fp32 scale for the block (``amax / 448``, e4m3 rows; with ``INT8``
-    ``amax / 127``, int8 rows); with ``ROWS`` one scale per row instead, stored at the row's token
-    index (``SCALE`` ``[B, H, S]``, unit token stride). Rows are multiplied by the IEEE reciprocal
-    of their scale (``tl.div_rn(1, scale)``)."""
-    blk = tl.program_id(0)
+def _quant_rows_kernel(X, X8, SCALE, S, H, D, sx_b, sx_h, sx_s, s8_b, s8_h, s8_s, sc_b, sc_h,
+                       INT8: tl.constexpr, EMU_CAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (block of ``BLOCK`` rows, batch x head) per program: one scale per row
+    (:func:`_quantize_rows`: ``amax / 448``, e4m3 rows; with ``INT8`` ``amax / 127``, int8 rows),
+    stored at the row's token index (``SCALE`` ``[B, H, S]``, unit token stride). Q's prologue."""
     b, h, bh, pos, offs_d = _tile_coords(H, BLOCK, BLOCK_D)
     ok = (pos < S)[:, None] & (offs_d < D)[None, :]
     x = tl.load(X + b.to(tl.int64) * sx_b + h * sx_h + pos[:, None].to(tl.int64) * sx_s + offs_d[None, :],
                 mask=ok, other=0.0).to(tl.float32)
-    if SMOOTH:
-        mean = tl.load(MEAN + b * mn_b + h * mn_h + offs_d, mask=offs_d < D, other=0.0)
-        x = tl.where(ok, x - mean[None, :], 0.0)
-    # IEEE divisions (tl.div_rn; a plain fp32 '/' is approximate on GPUs): the torch reference's values
-    if ROWS:
-        x8, scale = _quantize_rows(x, INT8, EMU_CAST)  # scale [BLOCK]
-        tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
-    else:
-        qmax = 127.0 if INT8 else 448.0
-        scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
-        tl.store(SCALE + b * sc_b + h * sc_h + blk, scale)
-        x8 = _quant_tile(x, tl.div_rn(1.0, scale), INT8, EMU_CAST)
+    x8, scale = _quantize_rows(x, INT8, EMU_CAST)  # scale [BLOCK]
+    tl.store(SCALE + b * sc_b + h * sc_h + pos, scale, mask=pos < S)
     tl.store(X8 + b.to(tl.int64) * s8_b + h * s8_h + pos[:, None].to(tl.int64) * s8_s + offs_d[None, :], x8, mask=ok)
 
 
 @triton.jit
-def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-                    EMU_CAST: tl.constexpr, KEY_ORDER: tl.constexpr):
-    """One (V^T position tile, batch x head) per program: V rows divided by the channel scales (times
-    their IEEE reciprocals), stored transposed (``VT8 [B, H, D, S_PAD]`` contiguous; tokens S ..
-    S_PAD written as 0); with ``KEY_ORDER`` position ``p`` holds token :func:`p8_key_order` ``[p]``
-    (``BLOCK_T`` a multiple of 32). The permutation is applied to the rows loaded (whole D-channel
-    rows, still coalesced), so the transposed e4m3 store stays contiguous along the positions."""
-    b, h, bh, p, offs_d = _tile_coords(H, BLOCK_T, BLOCK_D)
+def _quant_k_block(K, K8, KSC, STATS, blk, b, h, bh, S, H, D, sk_b, sk_h, sk_s, NKB,
+                   INT8: tl.constexpr, EMU_CAST: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K block ``blk`` of (batch b, head h): its rows minus the head's token mean (``STATS[bh, 0]``),
+    one fp32 scale for the block (``amax / 448`` e4m3, ``amax / 127`` int8) at ``KSC [B * H,
+    NKB]``, the rows times the IEEE reciprocal of the scale, cast, at ``K8 [B, H, S, D]``
+    (contiguous)."""
+    pos = blk * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    ok = (pos < S)[:, None] & d_ok[None, :]
+    x = tl.load(K + b.to(tl.int64) * sk_b + h * sk_h + pos[:, None].to(tl.int64) * sk_s + offs_d[None, :],
+                mask=ok, other=0.0).to(tl.float32)
+    mean = tl.load(STATS + bh * 3 * D + offs_d, mask=d_ok, other=0.0)
+    x = tl.where(ok, x - mean[None, :], 0.0)
+    qmax = 127.0 if INT8 else 448.0
+    scale = tl.maximum(tl.div_rn(tl.max(tl.max(tl.abs(x), 1), 0), qmax), 1e-12)
+    tl.store(KSC + bh * NKB + blk, scale)
+    x8 = _quant_tile(x, tl.div_rn(1.0, scale), INT8, EMU_CAST)
+    tl.store(K8 + bh.to(tl.int64) * S * D + pos[:, None].to(tl.int64) * D + offs_d[None, :], x8, mask=ok)
+
+
+@triton.jit
+def _quant_vt_tile(V, VT8, STATS, tile, b, h, bh, S, S_PAD, D, sv_b, sv_h, sv_s, BLOCK_T: tl.constexpr,
+                   BLOCK_D: tl.constexpr, EMU_CAST: tl.constexpr, KEY_ORDER: tl.constexpr):
+    """V^T positions ``tile * BLOCK_T + [0, BLOCK_T)`` of (batch b, head h): V rows times the IEEE
+    reciprocals of the channel scales (``STATS[bh, 2]``), stored transposed (``VT8 [B, H, D,
+    S_PAD]`` contiguous; tokens S .. S_PAD written as 0); with ``KEY_ORDER`` position ``p`` holds
+    token :func:`p8_key_order` ``[p]`` (``BLOCK_T`` a multiple of 32). The permutation is applied
+    to the rows loaded (whole D-channel rows, still coalesced), so the transposed e4m3 store stays
+    contiguous along the positions."""
+    p = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     # token at position p inside its 32-token group: bits (4, 3, 2, 1, 0) of p come from token bits (4, 2, 1, 3, 0)
     t = p
@@ -466,20 +507,39 @@ def _quant_v_kernel(V, VT8, VSC, S, S_PAD, H, D, sv_b, sv_h, sv_s, BLOCK_T: tl.c
         t = (p & ~14) | (((p >> 1) & 1) << 3) | (((p >> 3) & 1) << 2) | (((p >> 2) & 1) << 1)
     x = tl.load(V + b.to(tl.int64) * sv_b + h * sv_h + t[:, None].to(tl.int64) * sv_s + offs_d[None, :],
                 mask=(t < S)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-    sc = tl.load(VSC + bh * D + offs_d, mask=d_ok, other=1.0)
+    sc = tl.load(STATS + bh * 3 * D + 2 * D + offs_d, mask=d_ok, other=1.0)
     x8 = tl.trans(_cast_e4m3(x * tl.div_rn(1.0, sc)[None, :], EMU_CAST))  # [BLOCK_D, BLOCK_T]
     dst = VT8 + bh.to(tl.int64) * D * S_PAD + offs_d[:, None].to(tl.int64) * S_PAD + p[None, :]
     tl.store(dst, x8, mask=d_ok[:, None] & (p < S_PAD)[None, :])
 
 
-# launch settings of the prologue kernels (chosen on the H200, benchmarks/prologue_breakdown.py)
-TUNING = dict(q_rows=32, q_warps=4, k_warps=4, v_tile=64, v_warps=4,
-              stats_chunk=1024, stats_tile=32, stats_warps=4)
+@triton.jit
+def _quant_kv_kernel(K, K8, KSC, V, VT8, STATS, S, S_PAD, H, D, NKB, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s,
+                     HAS_K: tl.constexpr, HAS_V: tl.constexpr, INT8: tl.constexpr, EMU_CAST: tl.constexpr,
+                     KEY_ORDER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """K's and V's quantisation in one launch: program ``(i, batch x head)`` quantises K block
+    ``i`` (:func:`_quant_k_block`) for ``i < NKB`` (``HAS_K``), else V^T tile ``i - NKB``
+    (:func:`_quant_vt_tile`, ``HAS_V``). ``STATS [B * H, 3, D]``: K mean, V amax, V scale."""
+    i = tl.program_id(0)
+    bh = tl.program_id(1)
+    b, h = bh // H, bh % H
+    if i < NKB:
+        if HAS_K:
+            _quant_k_block(K, K8, KSC, STATS, i, b, h, bh, S, H, D, sk_b, sk_h, sk_s, NKB, INT8, EMU_CAST, BLOCK_K,
+                           BLOCK_D)
+    elif HAS_V:
+        _quant_vt_tile(V, VT8, STATS, i - NKB, b, h, bh, S, S_PAD, D, sv_b, sv_h, sv_s, BLOCK_T, BLOCK_D, EMU_CAST,
+                       KEY_ORDER)
+
+
+# launch settings of the prologue kernels (chosen on the H200, benchmarks/prologue_breakdown.py;
+# kv_warps: the fused K / V^T launch, which sessions 12's separate K and V sweeps both put at 4)
+TUNING = dict(q_rows=32, q_warps=4, kv_warps=4, v_tile=64, stats_chunk=1024, stats_tile=32, stats_warps=4)
 
 
 def _tuning(tuning) -> dict:
     """:data:`TUNING` with the keys of ``tuning`` (a dict or None) replaced."""
-    return dict(TUNING, **(tuning or {}))
+    return dict(TUNING, **tuning) if tuning else TUNING
 
 
 def _block_d(D: int) -> int:
@@ -487,42 +547,37 @@ def _block_d(D: int) -> int:
 
 
 def _kv_stats_triton(k: torch.Tensor, v: Optional[torch.Tensor], tuning=None):
-    """One pass over ``k`` (and ``v``) ``[B, Hk, S, D]`` (any strides, unit last one): the fp32
-    token mean of K ``[B, Hk, D]`` and, with ``v``, the fp32 max of ``|v|`` over tokens
-    ``[B, Hk, D]`` (else None). The mean sums ``stats_chunk``-token chunks in fp32 and then the
-    chunks; the max is exact (a NaN makes its channel's max NaN, as in torch)."""
+    """One pass over ``k`` (and ``v``) ``[B, Hk, S, D]`` (any strides, unit last one), finished
+    in the kernel (no host reduction): fp32 ``stats [B, Hk, 3, D]``, ``[:, :, 0]`` K's token mean
+    (fp32 sums of ``stats_chunk``-token chunks, then of the chunks in order, divided by S) and,
+    with ``v``, ``[:, :, 1]`` the max of ``|v|`` over tokens (exact; a NaN makes its channel's
+    max NaN, as in torch) and ``[:, :, 2]`` the channel scales of :func:`_v_scale`. Returns
+    ``(mean [B, Hk, D], amax or None, v_scale or None, stats)`` (views of ``stats``)."""
     t = _tuning(tuning)
     B, Hk, S, D = k.shape
     chunk = min(t["stats_chunk"], max(t["stats_tile"], triton.next_power_of_2(S)))
     n_chunks = triton.cdiv(S, chunk)
-    ksum = torch.empty(B * Hk, n_chunks, D, dtype=torch.float32, device=k.device)
-    vmax = torch.empty_like(ksum) if v is not None else ksum
+    part = torch.empty(2 if v is not None else 1, B * Hk, n_chunks, D, dtype=torch.float32, device=k.device)
+    stats = torch.empty(B, Hk, 3, D, dtype=torch.float32, device=k.device)
+    ticket = torch.zeros(B * Hk, dtype=torch.int32, device=k.device)
     vv = v if v is not None else k
     _kv_stats_kernel[(n_chunks, B * Hk)](
-        k, vv, ksum, vmax, S, Hk, D, k.stride(0), k.stride(1), k.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
-        CHUNK=chunk, TILE=min(t["stats_tile"], chunk), BLOCK_D=_block_d(D), HAS_V=v is not None,
-        num_warps=t["stats_warps"])
-    mean = (ksum.sum(1) / S).view(B, Hk, D)
-    amax = vmax.amax(1).view(B, Hk, D) if v is not None else None
-    return mean, amax
+        k, vv, part[0], part[-1], ticket, stats, S, Hk, D, k.stride(0), k.stride(1), k.stride(2),
+        vv.stride(0), vv.stride(1), vv.stride(2), CHUNK=chunk, TILE=min(t["stats_tile"], chunk), BLOCK_D=_block_d(D),
+        HAS_V=v is not None, num_warps=t["stats_warps"])
+    has_v = v is not None
+    return stats[:, :, 0], (stats[:, :, 1] if has_v else None), (stats[:, :, 2] if has_v else None), stats
 
 
-def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, mean=None, rows=False, warps=None):
+def _quant_rows_triton(x, bhs_strides, sizes, out, out_strides, block, warps):
     """Launch :func:`_quant_rows_kernel` over ``x`` of sizes ``(B, H, S, D)`` with (batch, head,
     token) strides ``bhs_strides`` into ``out`` (e4m3 or int8, strides ``out_strides``); returns
-    the fp32 scales ``[B, H, ceil(S / block)]`` (``rows``: one per token, ``[B, H, S]``; ``block``
-    is then only the rows per program)."""
+    the fp32 per-token scales ``[B, H, S]`` (``block``: rows per program)."""
     B, H, S, D = sizes
-    nb = -(-S // block)
-    scale = torch.empty(B, H, S if rows else nb, dtype=torch.float32, device=out.device)
-    mean_t = mean if mean is not None else scale
-    mn_b, mn_h = (mean.stride(0), mean.stride(1)) if mean is not None else (0, 0)
-    BLOCK_D = _block_d(D)
-    _quant_rows_kernel[(nb, B * H)](
-        x, out, scale, mean_t, S, H, D, *bhs_strides, *out_strides, scale.stride(0), scale.stride(1),
-        mn_b, mn_h, SMOOTH=mean is not None, INT8=out.dtype == torch.int8,
-        EMU_CAST=_interpreting(), ROWS=rows, BLOCK=block,
-        BLOCK_D=BLOCK_D, num_warps=warps or (8 if block * BLOCK_D >= 128 * 128 else 4))
+    scale = torch.empty(B, H, S, dtype=torch.float32, device=out.device)
+    _quant_rows_kernel[(-(-S // block), B * H)](
+        x, out, scale, S, H, D, *bhs_strides, *out_strides, scale.stride(0), scale.stride(1),
+        INT8=out.dtype == torch.int8, EMU_CAST=_interpreting(), BLOCK=block, BLOCK_D=_block_d(D), num_warps=warps)
     return scale
 
 
@@ -534,39 +589,74 @@ def _quantize_q_triton(q, fmt="e4m3", tuning=None):
     B, S, H, D = q.shape
     q8 = torch.empty(B, S, H, D, dtype=_TORCH_8BIT[fmt], device=q.device)
     qs = _quant_rows_triton(q, (q.stride(0), q.stride(2), q.stride(1)), (B, H, S, D), q8,
-                            (q8.stride(0), q8.stride(2), q8.stride(1)), t["q_rows"], rows=True,
-                            warps=t["q_warps"])
+                            (q8.stride(0), q8.stride(2), q8.stride(1)), t["q_rows"], t["q_warps"])
     return q8, qs
 
 
-def _smooth_quantize_k_triton(k, block_k, fmt="e4m3", mean=None, tuning=None):
+def _stats_of(mean: torch.Tensor, v_scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``[B, Hk, 3, D]`` fp32 statistics (:func:`_kv_stats_triton`'s layout) from a given K mean
+    and V channel scales (None: not used)."""
+    B, Hk, D = mean.shape
+    stats = torch.zeros(B, Hk, 3, D, dtype=torch.float32, device=mean.device)
+    stats[:, :, 0] = mean
+    if v_scale is not None:
+        stats[:, :, 2] = v_scale
+    return stats
+
+
+def _quantize_kv_triton(k, v, block_k, fmt="e4m3", stats=None, key_order=True, tuning=None):
+    """K's smoothing and per-block quantisation and (with ``v``) V^T's per-channel quantisation,
+    one launch (:func:`_quant_kv_kernel`). ``k`` / ``v`` ``[B, Hk, S, D]`` (any strides, unit last
+    one; either may be None); ``stats``: ``[B, Hk, 3, D]`` (:func:`_kv_stats_triton`, or
+    :func:`_stats_of`). Returns ``(k8 [B, Hk, S, D], k_scale [B, Hk, NKB], vt8 [B, Hk, D, S_pad])``
+    (None for an absent input)."""
     t = _tuning(tuning)
-    B, Hk, S, D = k.shape
+    x = k if k is not None else v
+    B, Hk, S, D = x.shape
+    dev = x.device
+    BLOCK_D = _block_d(D)
+    nkb = -(-S // block_k) if k is not None else 0
+    k8 = ks = vt8 = None
+    if k is not None:
+        k8 = torch.empty(B, Hk, S, D, dtype=_TORCH_8BIT[fmt], device=dev)
+        ks = torch.empty(B, Hk, nkb, dtype=torch.float32, device=dev)
+    nvt, s_pad, BLOCK_T = 0, 0, 32
+    if v is not None:
+        s_pad = -(-S // _VT_PAD) * _VT_PAD
+        vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=dev)
+        BLOCK_T = t["v_tile"] if BLOCK_D <= 128 else 32
+        nvt = triton.cdiv(s_pad, BLOCK_T)
+    kk, vv = (k if k is not None else x), (v if v is not None else x)
+    _quant_kv_kernel[(nkb + nvt, B * Hk)](
+        kk, k8 if k8 is not None else stats, ks if ks is not None else stats, vv, vt8 if vt8 is not None else stats,
+        stats, S, s_pad, Hk, D, nkb, kk.stride(0), kk.stride(1), kk.stride(2), vv.stride(0), vv.stride(1), vv.stride(2),
+        HAS_K=k is not None, HAS_V=v is not None, INT8=fmt == "int8", EMU_CAST=_interpreting(), KEY_ORDER=key_order,
+        BLOCK_K=block_k, BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D, num_warps=t["kv_warps"])
+    return k8, ks, vt8
+
+
+def _smooth_quantize_k_triton(k, block_k, fmt="e4m3", mean=None, tuning=None):
+    """K alone (:func:`_quantize_kv_triton`; its token mean from :func:`_kv_stats_triton` unless
+    ``mean`` is given): ``(k8, k_scale, mean)``."""
     if mean is None:
-        mean = _kv_stats_triton(k, None, tuning)[0]
-    k8 = torch.empty(B, Hk, S, D, dtype=_TORCH_8BIT[fmt], device=k.device)
-    ks = _quant_rows_triton(k, (k.stride(0), k.stride(1), k.stride(2)), (B, Hk, S, D), k8,
-                            (k8.stride(0), k8.stride(1), k8.stride(2)), block_k, mean=mean,
-                            warps=t["k_warps"])
+        mean, _, _, stats = _kv_stats_triton(k, None, tuning)
+    else:
+        stats = _stats_of(mean, None)
+    k8, ks, _ = _quantize_kv_triton(k, None, block_k, fmt, stats, tuning=tuning)
     return k8, ks, mean
 
 
 def _v_scale(amax: torch.Tensor) -> torch.Tensor:
-    """Per-channel V scales from the channel amax ``[B, Hk, D]`` (both implementations)."""
+    """Per-channel V scales from the channel amax ``[B, Hk, D]`` (the torch prologue; the Triton
+    one computes the same in :func:`_kv_stats_finish`)."""
     return _div(amax, FP8_MAX).clamp_min(_TINY).contiguous()
 
 
 def _quantize_v_triton(v, key_order=True, amax=None, tuning=None):
-    t = _tuning(tuning)
-    B, Hk, S, D = v.shape
+    """V alone (:func:`_quantize_kv_triton`; channel amax by torch unless given): ``(vt8, v_scale)``."""
     scale = _v_scale(_channel_amax(v) if amax is None else amax)  # [B, Hk, D]
-    s_pad = -(-S // _VT_PAD) * _VT_PAD
-    vt8 = torch.empty(B, Hk, D, s_pad, dtype=FP8_DTYPE, device=v.device)
-    BLOCK_D = _block_d(D)
-    BLOCK_T = t["v_tile"] if BLOCK_D <= 128 else 32
-    _quant_v_kernel[(triton.cdiv(s_pad, BLOCK_T), B * Hk)](
-        v, vt8, scale, S, s_pad, Hk, D, v.stride(0), v.stride(1), v.stride(2), BLOCK_T=BLOCK_T, BLOCK_D=BLOCK_D,
-        EMU_CAST=_interpreting(), KEY_ORDER=key_order, num_warps=t["v_warps"])
+    _, _, vt8 = _quantize_kv_triton(None, v, 32, stats=_stats_of(torch.zeros_like(scale), scale), key_order=key_order,
+                                    tuning=tuning)
     return vt8, scale
 
 
@@ -654,16 +744,18 @@ def quantize_operands(q: torch.Tensor, k_plan: torch.Tensor, v_plan: Optional[to
     vt8 = vs = q8 = qs = None
     with torch.no_grad():
         if impl == "triton":
-            # one pass over K and V for the K mean and V's channel amax, then one per tensor to quantise
+            # one pass over K and V for the K mean and V's channel scales (finished in the kernel),
+            # then one launch that quantises K and V^T (and one for Q)
+            vp = v_plan if pv8 else None
             if k_mean is None:
-                k_mean, v_amax = _kv_stats_triton(k_plan, v_plan if pv8 else None)
+                k_mean, _, vs, stats = _kv_stats_triton(k_plan, vp)
             else:
-                v_amax = _channel_amax(v_plan) if pv8 else None
+                vs = _v_scale(_channel_amax(v_plan)) if pv8 else None
+                stats = _stats_of(k_mean, vs)
             if with_q:
                 q8, qs = _quantize_q_triton(q, qk)
-            k8, ks, km = _smooth_quantize_k_triton(k_plan, block_k, qk, mean=k_mean)
-            if pv8:
-                vt8, vs = _quantize_v_triton(v_plan, v_key_order, amax=v_amax)
+            k8, ks, vt8 = _quantize_kv_triton(k_plan, vp, block_k, qk, stats, v_key_order)
+            km = k_mean
         else:
             if with_q:
                 q8, qs = quantize_q_tokens(q, qk)

@@ -10,10 +10,9 @@ work between warps to Triton. This one states them, the way FlashAttention-3 doe
   registers to the consumers (``setmaxnreg``).
 * **intra-warpgroup overlap**: each consumer issues ``S = Q K^T`` of key tile ``j + 1`` before the
   ``O += P V`` of tile ``j`` and runs the softmax of tile ``j + 1`` while that P.V is in flight; P
-  stays in registers as the A operand of the P.V wgmma. (As written: ptxas 12.8 moves the P.V's
-  wait ahead of the softmax in the SASS of every precision, so in fact only the two warpgroups
-  overlap each other; keeping P live past the wait, a block boundary before it, or the wait at
-  the top of the next iteration did not change that, and the last two serialise every wgmma.)
+  stays in registers as the A operand of the P.V wgmma. In the SASS of the default build
+  (``PINGPONG`` off; ptxas 12.8, triton 3.6) the P.V's wait follows the softmax's exponentials, so
+  the overlap happens; with ``PINGPONG`` on, ptxas moves that wait ahead of the softmax.
 
 Scope: bf16 / fp16 inputs, head dim 64 or 128, plan blocks of 64 or 128 query x ``BLOCK_N`` (64 or 128)
 key tokens (``SPLIT``: with 64-token query blocks each consumer warpgroup follows its own block's
@@ -87,11 +86,12 @@ class _Modes:
     I2F_BITS: gl.constexpr  # (QK_INT8) int32 logits to fp32 by bit arithmetic
     Q_QUANT: gl.constexpr  # (QK8) Q arrives in 16 bits and is quantised per token here
     EXP_POLY: gl.constexpr  # half the softmax exponentials on the FMA pipe (polynomial), half on MUFU
+    TAU: gl.constexpr  # lazy rescale: a row keeps its max until a tile raises it by more than TAU (< 0: off)
     WG: gl.constexpr  # the consumer warpgroup these modes go to (0 or 1; the producer ignores it)
 
     @gluon.constexpr_function
     def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8,
-                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, WG):
+                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, TAU, WG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -108,6 +108,7 @@ class _Modes:
         self.I2F_BITS = gl.constexpr(I2F_BITS)
         self.Q_QUANT = gl.constexpr(Q_QUANT)
         self.EXP_POLY = gl.constexpr(EXP_POLY)
+        self.TAU = gl.constexpr(TAU)
         self.WG = gl.constexpr(WG)
 
 
@@ -144,7 +145,7 @@ def _exp2_tile(x, BLOCK_N: gl.constexpr, EXP_POLY: gl.constexpr):
 def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: gl.constexpr,
                   HAS_PARTIAL: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
                   row_o: gl.constexpr, P_LOG2: gl.constexpr, I2F_BITS: gl.constexpr, ROW_SCALES: gl.constexpr,
-                  EXP_POLY: gl.constexpr):
+                  EXP_POLY: gl.constexpr, TAU: gl.constexpr):
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 (or int32: int8 Q.K^T) ``[64,
     BLOCK_N]`` (wgmma layout), ``m_i`` / ``l_i`` fp32 ``[64]``; ``qk_scale`` this tile's logit
     scale (``ROW_SCALES``: one per row ``[64]``, 8-bit Q having one scale per token); ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
@@ -155,7 +156,11 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     and the rescale factor of the output rows (P.V accumulator row layout). ``P_LOG2``: the
     8-bit P's scale enters the exponent (``2 ** (x + P_LOG2)``, no multiply). ``I2F_BITS``: int32
     logits become fp32 through integer-add / float-subtract arithmetic (exact for ``|x| < 2**22``)
-    instead of the conversion instruction. ``EXP_POLY``: :func:`_exp2_tile`."""
+    instead of the conversion instruction. ``EXP_POLY``: :func:`_exp2_tile`. ``TAU`` >= 0 (lazy
+    rescale): a row keeps its running max until a tile's max exceeds it by more than ``TAU`` (base-2
+    units; P then stays below ``2 ** (TAU + P_LOG2)``); the fifth value returned is then whether any
+    row of the warpgroup changed its max (a scalar; the accumulator needs ``alpha`` only then, else
+    every ``alpha`` is exactly 1). With ``TAU`` < 0 every row takes its new max and that value is 1."""
     if I2F_BITS:
         qk = (qk + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
     else:
@@ -168,6 +173,11 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
         if partial:
             qk = gl.where(bits != 0, qk, float("-inf"))
     m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)  # (scales > 0: the max of the scaled row)
+    if TAU >= 0.0:
+        m_new = gl.where(m_new - m_i > TAU, m_new, m_i)
+        changed = gl.max((m_new != m_i).to(gl.int32), 0)
+    else:
+        changed = 1
     m_sub = m_new - P_LOG2
     if ROW_SCALES:
         p = _exp2_tile(qk * qk_scale[:, None] - m_sub[:, None], BLOCK_N, EXP_POLY)
@@ -179,7 +189,7 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
         p_op = p  # fp32: cast to e4m3 next to its MMA (_pv_issue)
     else:
         p_op = gl.convert_layout(p.to(dtype), p_layout)
-    return p_op, m_new, l_i, gl.convert_layout(alpha, row_o)
+    return p_op, m_new, l_i, gl.convert_layout(alpha, row_o), changed
 
 
 @gluon.jit
@@ -222,11 +232,12 @@ def _hold(x):
 
 
 @gluon.jit
-def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr, p_layout: gl.constexpr):
+def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr, p_layout: gl.constexpr,
+              LAZY: gl.constexpr):
     """Issue (asynchronously) the P.V wgmma of one key tile and return what is in flight: with
     ``SPLIT_ACC`` the tile's product alone, into fresh registers ``zero_o`` (the accumulator is
     rescaled and added to in :func:`_pv_finish`), else the accumulator ``acc`` rescaled by
-    ``alpha`` plus the product. ``p``: the A operand in registers (with ``PV8`` fp32 ``p x 448`` in
+    ``alpha`` plus the product (``LAZY``: ``acc`` is already rescaled, :func:`_rescale`). ``p``: the A operand in registers (with ``PV8`` fp32 ``p x 448`` in
     the S layout, cast to e4m3 in ``p_layout`` here); ``v_tile``: the slot's V tile ``[BLOCK_N,
     D]``, or with ``PV8`` its V^T tile ``[D, BLOCK_N]`` (read K-major). Returns ``(in flight, the
     operand)``; :func:`_pv_finish` keeps the operand live past the MMA's wait."""
@@ -242,9 +253,22 @@ def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.co
         b_op = v_tile
     if SPLIT_ACC:
         inflight = warpgroup_mma(p, b_op, zero_o, use_acc=False, is_async=True)
+    elif LAZY:
+        inflight = warpgroup_mma(p, b_op, acc, is_async=True)
     else:
         inflight = warpgroup_mma(p, b_op, acc * alpha[:, None], is_async=True)
     return inflight, p
+
+
+@gluon.jit
+def _rescale(acc, alpha, changed, LAZY: gl.constexpr):
+    """Lazy rescale (``LAZY``): ``acc * alpha`` only when some row of the warpgroup changed its
+    max (``changed``, from :func:`_softmax_tile`), else ``acc`` unchanged (every ``alpha`` is 1).
+    Called where no wgmma is in flight, so the branch does not cross an MMA's issue and wait."""
+    if LAZY:
+        if changed != 0:
+            acc = acc * alpha[:, None]
+    return acc
 
 
 @gluon.jit
@@ -410,6 +434,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     Q_QUANT: gl.constexpr = modes.Q_QUANT
     EXP_POLY: gl.constexpr = modes.EXP_POLY
     WG: gl.constexpr = modes.WG
+    TAU: gl.constexpr = -1.0 if SPLIT_ACC else modes.TAU
+    LAZY: gl.constexpr = TAU >= 0.0
     q_smem = q_smem.index(WG)
     BM: gl.constexpr = 64
     odtype: gl.constexpr = O.dtype.element_ty
@@ -433,7 +459,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     offs_dq = gl.arange(0, BLOCK_D, layout=gl.SliceLayout(0, io_q))
     zero_s = gl.zeros([BM, BLOCK_N], gl.int32 if QK_INT8 else gl.float32, layout=mma_s)
     zero_o = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
-    P_LOG2: gl.constexpr = 8.807354922057604 if PV8 else 0.0  # log2(.quant_fp8.P_SCALE): P enters P.V as p * 448
+    # log2(.quant_fp8.P_SCALE): P enters P.V as p * 448; lazy rescale: p * 448 / 2 ** TAU (p < 2 ** TAU)
+    P_LOG2: gl.constexpr = (8.807354922057604 - (TAU if TAU >= 0.0 else 0.0)) if PV8 else 0.0
     # HAS_PARTIAL: offsets of this warpgroup's rows in a partial block's uint8 mask
     PLAN_BQ: gl.constexpr = 64 if SPLIT else 128
     # (row and column vectors only: an [M, N] offset tensor would hold 64 registers per thread)
@@ -503,11 +530,12 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             bits = _mask_tile(parts, slot0, nfb == 0, 0 - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
             ts = _tile_scale(scales, f_idx, p_idx, 0, nfb, ks_row, q_scale, HAS_PARTIAL, QK8)
             qk = warpgroup_mma_wait(0, deps=(qk, ))
-            p, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S, nfb == 0, bits,
-                                               ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype, p_layout, row_o, P_LOG2,
-                                               I2F_BITS, QK8, EXP_POLY)
+            p, m_i, l_i, alpha, changed = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S,
+                                                        nfb == 0, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
+                                                        p_layout, row_o, P_LOG2, I2F_BITS, QK8, EXP_POLY, TAU)
             # ---- steady state: S of tile j in flight with O += P V of tile j - 1
             for j in range(1, ntot):
+                acc = _rescale(acc, alpha, changed, LAZY)  # (nothing in flight here)
                 s = ring + (it + j) % STAGES
                 sp = ring + (it + j - 1) % STAGES
                 mbarrier.wait(k_ready.index(s), ((it + j) // STAGES) & 1)
@@ -515,25 +543,27 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
                     mbarrier.wait(turn.index(WG), (sg + j) & 1)
                 qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout)
+                pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout, LAZY)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WG), count=1)
                 bits = _mask_tile(parts, slot0, j >= nfb, j - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
                 ts = _tile_scale(scales, f_idx, p_idx, j, nfb, ks_row, q_scale, HAS_PARTIAL, QK8)
                 qk = warpgroup_mma_wait(1, deps=(qk, ))
                 alpha_pv = alpha
-                p_next, m_i, l_i, alpha = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0, S,
-                                                        j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
-                                                        p_layout, row_o, P_LOG2, I2F_BITS, QK8, EXP_POLY)
+                p_next, m_i, l_i, alpha, changed = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0,
+                                                                 S, j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N,
+                                                                 pdtype, p_layout, row_o, P_LOG2, I2F_BITS, QK8,
+                                                                 EXP_POLY, TAU)
                 acc, p_op = _pv_finish(acc, pv, p_op, alpha_pv, PV8, SPLIT_ACC)
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
             # ---- last tile's P.V
+            acc = _rescale(acc, alpha, changed, LAZY)
             sp = ring + (it + ntot - 1) % STAGES
             mbarrier.wait(v_ready.index(sp), ((it + ntot - 1) // STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (sg + ntot) & 1)
-            pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout)
+            pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout, LAZY)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
             acc, p_op = _pv_finish(acc, pv, p_op, alpha, PV8, SPLIT_ACC)
@@ -653,7 +683,7 @@ def _gluon_sparse_flash_fwd(
     SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
     HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr, QK_INT8: gl.constexpr, PV8: gl.constexpr,
     PV_SPLIT_ACC: gl.constexpr, I2F_BITS: gl.constexpr, Q_QUANT: gl.constexpr, EXP_POLY: gl.constexpr,
-    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    RESCALE_TAU: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
     rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
@@ -682,9 +712,9 @@ def _gluon_sparse_flash_fwd(
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, 0)
+                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, 0)
     modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, 1)
+                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, 1)
     parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
     scales = _Scales(QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h, HK_GROUP)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)

@@ -121,7 +121,7 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     turns it off, :func:`.quant_fp8.q_in_kernel`), ``EXP_POLY`` (half of each tile's softmax exponentials on the FMA pipe by a
     polynomial instead of the MUFU; opt-in, ``VIDATTN_GLUON_EXP_POLY=1``; plans without partial
     blocks only; on the H200, session 13, 8-12% slower for fp8 and int8: the softmax is bound by
-    instruction issue, not by the MUFU), ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer
+    instruction issue, not by the MUFU), ``RESCALE_TAU`` (:func:`rescale_tau`), ``CONSUMER_REGS`` / ``PRODUCER_REGS`` (registers per thread of the consumer
     warpgroups / the load warp). ``STAGES`` < 2 means the case does not fit (:func:`gluon_refusal` says so).
     ``precision``: the operands' sizes (1 byte for 8-bit Q / K / V)."""
     qk, pv8 = precision_parts(precision)
@@ -140,7 +140,32 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     q_quant = qk is not None and q_in_kernel("gluon")
     exp_poly = os.environ.get("VIDATTN_GLUON_EXP_POLY", "0") == "1"
     return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, PV_SPLIT_ACC=split_acc, Q_QUANT=q_quant,
-                EXP_POLY=exp_poly, CONSUMER_REGS=240, PRODUCER_REGS=24)
+                EXP_POLY=exp_poly, RESCALE_TAU=rescale_tau(pv8), CONSUMER_REGS=240, PRODUCER_REGS=24)
+
+
+# lazy rescale thresholds (base-2 logit units): a 16-bit P may grow to 2 ** 8 (FlashAttention-4's
+# choice); an e4m3 P to 2 (its scale 448 becomes 224: the same relative precision, one binade less
+# above the subnormals)
+LAZY_TAU_16BIT = 8.0
+LAZY_TAU_E4M3 = 1.0
+
+
+def rescale_tau(pv8: bool) -> float:
+    """``RESCALE_TAU`` of the Gluon kernel: with ``VIDATTN_GLUON_LAZY_RESCALE=1`` each query row
+    keeps its running max until a key tile raises it by more than the threshold (``LAZY_TAU_E4M3``
+    for an 8-bit P.V, else ``LAZY_TAU_16BIT``), and a consumer warpgroup rescales its output
+    accumulator only after a tile that changed one of its rows' max (the result is the same up to
+    rounding); ``0`` (default): every tile rescales (-1.0); anything else is a ValueError. Opt-in:
+    on the H200 (session 14, ``gluon_ab.py``, Wan / HunyuanVideo, dense and densities 0.25 and
+    0.0625) it was 9-18% slower for bf16, 1-4% slower for fp8 and -3% to +2% for int8: the
+    warpgroup-wide vote goes through shared memory with barriers every tile, which costs more than
+    the 64 multiplies per thread it skips."""
+    mode = os.environ.get("VIDATTN_GLUON_LAZY_RESCALE", "0").strip()
+    if mode not in ("0", "1", ""):
+        raise ValueError(f"VIDATTN_GLUON_LAZY_RESCALE must be 0 or 1, got {mode!r}")
+    if mode != "1":
+        return -1.0
+    return LAZY_TAU_E4M3 if pv8 else LAZY_TAU_16BIT
 
 
 def _persistent_programs(device: torch.device) -> int:
@@ -161,12 +186,19 @@ def _sm_count(index: int) -> int:
 def _descriptor(t: torch.Tensor, view, box, gl_dtype):
     """A 2-D TMA descriptor over the ``[rows, cols]`` view ``view = (rows, cols, row_stride)`` of
     ``t`` with ``box``-shaped tiles (NVMMA shared layout of ``gl_dtype``)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     rows, cols, row_stride = view
-    layout = gl.NVMMASharedLayout.get_default_for(list(box), gl_dtype)
-    return TensorDescriptor(t, [rows, cols], [row_stride, 1], list(box), layout)
+    return TensorDescriptor(t, [rows, cols], [row_stride, 1], list(box), _shared_layout(tuple(box), gl_dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_layout(box: tuple, gl_dtype):
+    """The NVMMA shared layout of a ``box`` tile of ``gl_dtype`` (built once per pair: its
+    construction was a tenth of the launcher's host time)."""
+    from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for(list(box), gl_dtype)
 
 
 def _gl_dtype(dtype: torch.dtype):
@@ -264,7 +296,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         SPLIT=cfg["SPLIT"], PINGPONG=cfg["PINGPONG"], HAS_PARTIAL=has_partial,
         BLOCK_N=BN, BLOCK_D=D, QK8=qk_fmt is not None, QK_INT8=qk_fmt == "int8", PV8=pv8,
         PV_SPLIT_ACC=cfg["PV_SPLIT_ACC"], I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
-        Q_QUANT=cfg["Q_QUANT"], EXP_POLY=cfg["EXP_POLY"] and not has_partial,
+        Q_QUANT=cfg["Q_QUANT"], EXP_POLY=cfg["EXP_POLY"] and not has_partial, RESCALE_TAU=cfg["RESCALE_TAU"],
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"

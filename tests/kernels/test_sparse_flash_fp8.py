@@ -644,8 +644,8 @@ def test_triton_prologue_equals_torch_prologue(block_k, key_order, precision):
         assert torch.equal(x.float(), y.float()), f.name
 
 
-@pytest.mark.parametrize("tuning", [dict(q_rows=32, k_warps=2, v_tile=32, stats_chunk=32, stats_tile=16),
-                                    dict(q_rows=16, k_warps=8, v_tile=64, stats_chunk=16, stats_tile=16)])
+@pytest.mark.parametrize("tuning", [dict(q_rows=32, kv_warps=2, v_tile=32, stats_chunk=32, stats_tile=16),
+                                    dict(q_rows=16, kv_warps=8, v_tile=64, stats_chunk=16, stats_tile=16)])
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 def test_triton_prologue_launch_settings_keep_the_values(monkeypatch, tuning, precision):
     """Every launch setting of the prologue kernels (Q rows per program, warps, V^T tiles, K/V
@@ -674,14 +674,17 @@ def test_kv_statistics_one_pass_mean_amax_and_nan():
     k = torch.randn(B, Hk, S, D, generator=g) * 3 + 7
     v = torch.randn(B, S, Hk, D, generator=g).transpose(1, 2)  # token-major view
     v[1, 2, 149, 5] = float("nan")
-    mean, amax = quant_fp8._kv_stats_triton(k, v, dict(stats_chunk=64, stats_tile=16))
+    mean, amax, vsc, _ = quant_fp8._kv_stats_triton(k, v, dict(stats_chunk=64, stats_tile=16))
     assert mean.shape == amax.shape == (B, Hk, D) and mean.dtype == amax.dtype == torch.float32
     assert ((mean.double() - k.double().mean(2)).abs() <= 1e-6 * k.double().abs().amax(2)).all()
     want = quant_fp8._channel_amax(v)
     assert torch.equal(amax.isnan(), want.isnan()) and amax.isnan().sum() == 1 and amax[1, 2, 5].isnan()
     assert torch.equal(amax[~amax.isnan()], want[~want.isnan()])
-    mean2, none = quant_fp8._kv_stats_triton(k, None)
-    assert none is None and ((mean2.double() - k.double().mean(2)).abs() <= 1e-6 * 10).all()
+    # the channel scales, finished in the kernel: the torch prologue's, NaN where the amax is NaN
+    want_sc = quant_fp8._v_scale(want)
+    assert torch.equal(vsc.isnan(), want_sc.isnan()) and torch.equal(vsc[~vsc.isnan()], want_sc[~want_sc.isnan()])
+    mean2, none, none2, _ = quant_fp8._kv_stats_triton(k, None)
+    assert none is None and none2 is None and ((mean2.double() - k.double().mean(2)).abs() <= 1e-6 * 10).all()
 
 
 def test_k_mean_argument_is_checked_and_used():

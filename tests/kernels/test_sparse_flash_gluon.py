@@ -425,3 +425,56 @@ def test_polynomial_exponentials_keep_the_accuracy(precision, monkeypatch):
     tol = _QUANT_TOL[precision] if precision else 1e-2
     assert _rel(o1, want) < tol and _rel(o1, want) < 1.05 * _rel(o0, want) + 1e-3, (_rel(o1, want), _rel(o0, want))
     assert (l1.double() - want_lse).abs().max() < (l0.double() - want_lse).abs().max() + 1e-3
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision", [None, "int8", "fp8", "int8_fp8"])
+@pytest.mark.parametrize("case", ["rising", "partial"])
+def test_lazy_rescale_matches_the_eager_rescale(precision, case, monkeypatch):
+    """``VIDATTN_GLUON_LAZY_RESCALE=1`` (a row keeps its max until a tile raises it by more than
+    the threshold; a warpgroup rescales its accumulator only after a tile that changed a row's
+    max): against the float64 reference within the precision's tolerance and within 5% of the
+    eager rescale's error, the LSE too. ``rising``: keys whose norm grows along the sequence, so
+    row maxima rise by both small steps (under the threshold) and large ones, in a ragged,
+    permuted plan; ``partial``: a plan with partial blocks (token masks) and grouped K/V heads."""
+    import vidattn
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    if case == "rising":
+        S, H, Hk = 1500, 2, 2
+        q, k, v = (t.cuda() for t in random_qkv(1, S, H, Hk, 128, torch.bfloat16, seed=21))
+        k = (k.float() * torch.linspace(0.3, 2.5, S, device="cuda")[None, :, None, None]).to(torch.bfloat16)
+        plan = random_full_plan(S, H, 0.8, 128, 128, seed=5, perm=True, device="cuda")
+    else:
+        layout = vidattn.TokenLayout((4, 12, 16), suffix=20)
+        H, Hk = 4, 2
+        plan = vidattn.Neighborhood(kernel_size=(3, 5, 7), block_size=128).plan(layout, num_heads=H).to("cuda")
+        S = plan.seq_len
+        q, k, v = (t.cuda() for t in random_qkv(1, S, H, Hk, 128, torch.bfloat16, seed=22))
+        assert plan.has_partial
+    want, want_lse = reference(q.double(), k.double(), v.double(), plan, return_lse=True)
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    outs = {}
+    for lazy in ("0", "1"):
+        monkeypatch.setenv("VIDATTN_GLUON_LAZY_RESCALE", lazy)
+        outs[lazy] = block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision)
+        assert last_launch["path"] == "gluon-hopper"
+    (o0, l0), (o1, l1) = outs["0"], outs["1"]
+    tol = _QUANT_TOL[precision] if precision else 1e-2
+    assert _rel(o1, want) < tol and _rel(o1, want) < 1.05 * _rel(o0, want) + 1e-3, (_rel(o1, want), _rel(o0, want))
+    assert (l1.double() - want_lse).abs().max() < (l0.double() - want_lse).abs().max() + 1e-3
+
+
+def test_lazy_rescale_setting_is_checked(monkeypatch):
+    """``VIDATTN_GLUON_LAZY_RESCALE``: 1 gives the thresholds (an e4m3 P's smaller), 0 / unset
+    the eager rescale, anything else a ValueError naming the variable."""
+    monkeypatch.setenv("VIDATTN_GLUON_LAZY_RESCALE", "1")
+    assert gluon_launch.rescale_tau(True) == gluon_launch.LAZY_TAU_E4M3 < gluon_launch.rescale_tau(False)
+    assert gluon_launch.gluon_config(128, 128, 128, "fp8")["RESCALE_TAU"] == gluon_launch.LAZY_TAU_E4M3
+    monkeypatch.setenv("VIDATTN_GLUON_LAZY_RESCALE", "0")
+    assert gluon_launch.rescale_tau(False) < 0
+    monkeypatch.delenv("VIDATTN_GLUON_LAZY_RESCALE")
+    assert gluon_launch.gluon_config(128, 128, 128, None)["RESCALE_TAU"] < 0
+    monkeypatch.setenv("VIDATTN_GLUON_LAZY_RESCALE", "yes")
+    with pytest.raises(ValueError, match="VIDATTN_GLUON_LAZY_RESCALE"):
+        gluon_launch.rescale_tau(False)
