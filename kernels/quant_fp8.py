@@ -1,6 +1,6 @@
 """8-bit quantisation prologue of the Triton block-sparse kernel's quantised precisions.
 
-Torch ops only in the host API (the device code is three small Triton kernels below); one job:
+Torch ops only in the host API (the device code is the small Triton kernels below); one job:
 turn bf16/fp16/fp32 ``q, k, v`` into the 8-bit operands and fp32 scales the kernel's quantised
 variants read (the method of SageAttention: Q/K quantisation with K smoothing, Q per token and K per block, and
 optionally an FP8 P.V with per-channel V scales). Three precisions (:data:`PRECISIONS`; each is a
@@ -37,12 +37,14 @@ precision      Q.K^T                           P.V
   by the V channel scales) once at the end.
 
 Two implementations: torch ops (:func:`quantize_q_tokens`, :func:`smooth_quantize_k`,
-:func:`quantize_v_channels`; the reference) and four small Triton kernels (the default where
-Triton runs; ``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL` selects): one pass over K and
-V for K's token mean and V's channel amax (:func:`_kv_stats_kernel`), then one pass per tensor that
-writes its 8-bit values (Q, K, V^T). Their launch settings are :data:`TUNING`. The two agree bit
-for bit given the same K mean (the Triton one sums fp32 chunks of tokens, torch its own order:
-equal to fp32 rounding); ``quantize_operands(..., k_mean=)`` passes one. The whole prologue:
+:func:`quantize_v_channels`; the reference) and Triton kernels (the default where Triton runs;
+``VIDATTN_FP8_PROLOGUE=torch`` or :data:`DEFAULT_IMPL` selects): one pass over K and V for K's
+token mean and V's channel amax and scales, finished in the kernel (:func:`_kv_stats_kernel`),
+one launch that writes K's and V^T's 8-bit values (:func:`_quant_kv_kernel`) and one for Q
+(:func:`_quant_rows_kernel`, unless the attention kernel quantises Q itself). Their launch
+settings are :data:`TUNING`. The two agree bit for bit given the same K mean (the Triton one sums
+fp32 chunks of tokens, torch its own order: equal to fp32 rounding); ``quantize_operands(...,
+k_mean=)`` passes one. The whole prologue:
 :func:`quantize_operands`.
 
 Capability: :func:`fp8_support` (CUDA compute capability >= 8.9, or the CPU interpreter; the same
