@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections import defaultdict
 
 import torch
 
 from benchmarks.attention import SHAPES, _bench, _fp8_inputs, _random_block_plan
+from vidattn.bench.timing import host_us
 
 
 def _kernels(fn, calls: int = 5):
@@ -39,18 +39,6 @@ def _kernels(fn, calls: int = 5):
             row[0] += 1 / calls
             row[1] += e.device_time_total / calls
     return {k: [round(c, 2), round(us, 1)] for k, (c, us) in sorted(out.items(), key=lambda kv: -kv[1][1])}
-
-
-def _host_us(fn, calls: int = 30) -> float:
-    """Host microseconds per call of ``fn`` issued back to back (the GPU queue absorbs them)."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return round(host, 1)
 
 
 def _host_profile(fn, top: int, calls: int = 30):
@@ -108,7 +96,7 @@ def main(argv=None):
                 r = dict(shape=label, density=dens, precision=prec, path=last_launch.get("path"),
                          ms=round(ms, 4), tflops=round(flops / (ms * 1e-3) / 1e12, 1),
                          kernels_us=round(busy_us, 1), gap_us=round(ms * 1e3 - busy_us, 1),
-                         host_us=_host_us(fn), kernels=ker)
+                         host_us=host_us(fn), kernels=ker)
                 if args.host_profile:
                     r["host_profile"] = _host_profile(fn, args.host_profile)
                 print(json.dumps(r), flush=True)

@@ -60,21 +60,8 @@ def _with_tuning(qf, tuning, fn):
         qf.TUNING.update(saved)
 
 
-def _host_us(fn, calls: int = 20) -> float:
-    """Host microseconds per call of ``fn`` issued back to back (the GPU queue absorbs them)."""
-    import time
-
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - t0) / calls * 1e6
-    torch.cuda.synchronize()
-    return round(host, 1)
-
-
 def main(argv=None):
+    from vidattn.bench.timing import host_us
     from vidattn.kernels import quant_fp8 as qf
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -166,7 +153,7 @@ def main(argv=None):
                 try:
                     ms = _time(fn)
                     log(dict(shape=name, layout=layout, part=part, ms=round(ms, 4), floor_ms=fl,
-                             x_floor=round(ms / fl, 2), host_us=_host_us(fn)))
+                             x_floor=round(ms / fl, 2), host_us=host_us(fn, 20)))
                 except Exception as e:  # noqa: BLE001 - report and go on
                     log(dict(shape=name, layout=layout, part=part, error=repr(e)[:300]))
         del q, k, v

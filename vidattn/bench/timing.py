@@ -154,3 +154,17 @@ class ModuleTimer:
     def __exit__(self, *exc):
         self.remove()
         return False
+
+
+def host_us(fn: Callable[[], object], calls: int = 30) -> float:
+    """Host microseconds per call of ``fn`` (a CUDA workload) issued back to back, without
+    synchronising inside the loop (the GPU queue absorbs the launches): the Python and launch
+    cost a caller pays, not the GPU time."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls * 1e6
+    torch.cuda.synchronize()
+    return round(host, 1)
