@@ -557,17 +557,17 @@ def _kv_stats_triton(k: torch.Tensor, v: Optional[torch.Tensor], tuning=None):
     ``(mean [B, Hk, D], amax or None, v_scale or None, stats)`` (views of ``stats``)."""
     t = _tuning(tuning)
     B, Hk, S, D = k.shape
+    has_v = v is not None
     chunk = min(t["stats_chunk"], max(t["stats_tile"], triton.next_power_of_2(S)))
     n_chunks = triton.cdiv(S, chunk)
-    part = torch.empty(2 if v is not None else 1, B * Hk, n_chunks, D, dtype=torch.float32, device=k.device)
+    part = torch.empty(2 if has_v else 1, B * Hk, n_chunks, D, dtype=torch.float32, device=k.device)
     stats = torch.empty(B, Hk, 3, D, dtype=torch.float32, device=k.device)
     ticket = torch.zeros(B * Hk, dtype=torch.int32, device=k.device)
-    vv = v if v is not None else k
+    vv = v if has_v else k
     _kv_stats_kernel[(n_chunks, B * Hk)](
         k, vv, part[0], part[-1], ticket, stats, S, Hk, D, k.stride(0), k.stride(1), k.stride(2),
         vv.stride(0), vv.stride(1), vv.stride(2), CHUNK=chunk, TILE=min(t["stats_tile"], chunk), BLOCK_D=_block_d(D),
-        HAS_V=v is not None, num_warps=t["stats_warps"])
-    has_v = v is not None
+        HAS_V=has_v, num_warps=t["stats_warps"])
     return stats[:, :, 0], (stats[:, :, 1] if has_v else None), (stats[:, :, 2] if has_v else None), stats
 
 
@@ -637,29 +637,10 @@ def _quantize_kv_triton(k, v, block_k, fmt="e4m3", stats=None, key_order=True, t
     return k8, ks, vt8
 
 
-def _smooth_quantize_k_triton(k, block_k, fmt="e4m3", mean=None, tuning=None):
-    """K alone (:func:`_quantize_kv_triton`; its token mean from :func:`_kv_stats_triton` unless
-    ``mean`` is given): ``(k8, k_scale, mean)``."""
-    if mean is None:
-        mean, _, _, stats = _kv_stats_triton(k, None, tuning)
-    else:
-        stats = _stats_of(mean, None)
-    k8, ks, _ = _quantize_kv_triton(k, None, block_k, fmt, stats, tuning=tuning)
-    return k8, ks, mean
-
-
 def _v_scale(amax: torch.Tensor) -> torch.Tensor:
     """Per-channel V scales from the channel amax ``[B, Hk, D]`` (the torch prologue; the Triton
     one computes the same in :func:`_kv_stats_finish`)."""
     return _div(amax, FP8_MAX).clamp_min(_TINY).contiguous()
-
-
-def _quantize_v_triton(v, key_order=True, amax=None, tuning=None):
-    """V alone (:func:`_quantize_kv_triton`; channel amax by torch unless given): ``(vt8, v_scale)``."""
-    scale = _v_scale(_channel_amax(v) if amax is None else amax)  # [B, Hk, D]
-    _, _, vt8 = _quantize_kv_triton(None, v, 32, stats=_stats_of(torch.zeros_like(scale), scale), key_order=key_order,
-                                    tuning=tuning)
-    return vt8, scale
 
 
 @dataclass
