@@ -56,7 +56,8 @@ def _compile(cfg: dict) -> dict:
                  PINGPONG=not cfg["split"] and cfg.get("pingpong", every), HAS_PARTIAL=every, BLOCK_N=128, BLOCK_D=128, QK8=qk8, QK_INT8=qk_int8,
                  PV8=pv8, PV_SPLIT_ACC=cfg["split_acc"], I2F_BITS=cfg["i2f_bits"], Q_QUANT=q_quant,
                  EXP_POLY=cfg.get("exp_poly", False) and not every,
-                 RESCALE_TAU=(1.0 if pv8 else 8.0) if cfg.get("lazy", False) else -1.0, CONSUMER_REGS=240,
+                 RESCALE_TAU=(1.0 if pv8 else 8.0) if cfg.get("lazy", False) else -1.0,
+                 ROWSUM_MMA=cfg.get("rowsum", False), CONSUMER_REGS=240,
                  PRODUCER_REGS=24)
     sig.update({n: "constexpr" for n in const})
     c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -81,23 +82,52 @@ def _analyse(ptx: str, cubin: bytes) -> dict:
         sass = subprocess.run([sm90_tool("nvdisasm"), "-c", obj], capture_output=True, text=True).stdout
     ops = re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9]+)", sass, flags=re.M)
     out["sass"] = dict(collections.Counter(ops).most_common())
+    out["key_loop"] = key_loop(sass)
     return out
+
+
+def key_loop(sass: str) -> dict:
+    """The steady key loop in nvdisasm's SASS text: the shortest backward branch's body that holds
+    at least two warpgroup MMAs (``HGMMA`` / ``QGMMA`` / ``IGMMA``: S of one tile and P.V of the
+    previous). Returns ``dict(instructions=int, ops={opcode: count})`` (empty when none is found)."""
+    labels, body = {}, []  # label -> index of the next instruction; (opcode, branch target or None)
+    for line in sass.splitlines():
+        lab = re.match(r"^\s*(\.L_x_\d+):", line)
+        if lab:
+            labels[lab.group(1)] = len(body)
+            continue
+        ins = re.match(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9]+)(?:\.[A-Z0-9_.]+)*\s*([^;]*)", line)
+        if ins:
+            tgt = re.search(r"\((\.L_x_\d+)\)", ins.group(2)) if ins.group(1) == "BRA" else None
+            body.append((ins.group(1), tgt.group(1) if tgt else None))
+    best = None
+    for end, (op, tgt) in enumerate(body):
+        start = labels.get(tgt) if tgt else None
+        if start is None or start > end:
+            continue
+        ops = [o for o, _ in body[start:end + 1]]
+        if sum(o.endswith("GMMA") for o in ops) >= 2 and (best is None or len(ops) < len(best)):
+            best = ops
+    if best is None:
+        return {}
+    return dict(instructions=len(best), ops=dict(collections.Counter(best).most_common()))
 
 
 def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all",
           split_acc: bool = False, stages: int = 2, q_quant: bool = True, exp_poly: bool = False,
-          ragged: bool = True, lazy: bool = False, pingpong: Optional[bool] = None) -> dict:
+          ragged: bool = True, lazy: bool = False, pingpong: Optional[bool] = None, rowsum: bool = False) -> dict:
     """Compile in a fresh process, then analyse. ``precision``: ``"bf16"``, ``"int8"``, ``"fp8"``
     or ``"int8_fp8"``; ``q_quant``: 8-bit precisions quantise a bf16 Q in the kernel (else Q
     arrives 8-bit); ``exp_poly``: half the exponentials by polynomial (``modes="bench"`` only);
     ``ragged``: a ragged last key block (its masking branch in the key loop); ``lazy``: the lazy
     rescale (``VIDATTN_GLUON_LAZY_RESCALE=1``); ``pingpong``: the PINGPONG mode (default: on with
-    ``modes="all"``, off with ``"bench"``, as the launcher runs it by default). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
-    shfl_idx, shfl_bfly, sass={opcode: count})``; RuntimeError with the compiler's message."""
+    ``modes="all"``, off with ``"bench"``, as the launcher runs it by default); ``rowsum``: the softmax row
+    sums by an MMA (``VIDATTN_GLUON_ROWSUM_MMA``). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
+    shfl_idx, shfl_bfly, sass={opcode: count}, key_loop=:func:`key_loop`)``; RuntimeError with the compiler's message."""
     if modes not in ("all", "bench"):
         raise ValueError(f"modes must be 'all' or 'bench', got {modes!r}")
     cfg = dict(precision=precision, split=split, i2f_bits=i2f_bits, modes=modes, split_acc=split_acc, stages=stages,
-               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged, lazy=lazy)
+               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged, lazy=lazy, rowsum=rowsum)
     if pingpong is not None:
         cfg["pingpong"] = pingpong
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -127,6 +157,7 @@ def main() -> None:
     p.add_argument("--lazy", action="store_true", help="lazy rescale of the output accumulator")
     p.add_argument("--no-ragged", action="store_true", help="no ragged last key block")
     p.add_argument("--pingpong", action="store_true", help="the PINGPONG mode (off by default, as launched)")
+    p.add_argument("--rowsum-mma", action="store_true", help="the softmax row sums by a P x ones MMA")
     p.add_argument("--top", type=int, default=12, help="SASS opcodes to print")
     p.add_argument("--step", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -137,12 +168,14 @@ def main() -> None:
         try:
             r = build(prec, split=a.split, modes=a.modes, split_acc=a.split_acc, stages=a.stages,
                       q_quant=not a.q8_input, exp_poly=a.exp_poly, i2f_bits=a.i2f_bits, lazy=a.lazy,
-                      ragged=not a.no_ragged, pingpong=a.pingpong or None)
+                      ragged=not a.no_ragged, pingpong=a.pingpong or None, rowsum=a.rowsum_mma)
         except RuntimeError as e:
             print(json.dumps(dict(precision=prec, error=str(e).strip().splitlines()[-1][:300])))
             continue
         r.pop("ptx")
         r["sass"] = dict(list(r["sass"].items())[: a.top])
+        if r.get("key_loop"):
+            r["key_loop"]["ops"] = dict(list(r["key_loop"]["ops"].items())[: a.top])
         print(json.dumps(dict(precision=prec, modes=a.modes, **r)), flush=True)
 
 

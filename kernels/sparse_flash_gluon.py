@@ -31,8 +31,9 @@ tile's P.V is accumulated in fp32 registers with ``PV_SPLIT_ACC`` (the MMA's own
 8-bit products is not full fp32; this costs registers) or in the MMA's accumulator across tiles;
 the epilogue applies the V channel scales. The
 launcher (:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the
-portable kernel. Options: ``PINGPONG`` (the consumer warpgroups take turns issuing their MMAs) and
-a persistent grid (the load warp runs ahead into the next work item).
+portable kernel. Options: ``PINGPONG`` (the consumer warpgroups take turns issuing their MMAs),
+``ROWSUM_MMA`` (16-bit P.V: the softmax's row sums by a P x ones wgmma of N = 8 issued with each
+P.V, :func:`_pv_issue`) and a persistent grid (the load warp runs ahead into the next work item).
 
 Q is read and O / LSE written at the original token positions through the plan's token
 permutation (``Q_PERM``); K/V arrive in plan order, as 2-D tensor descriptors whose tile of key
@@ -87,11 +88,12 @@ class _Modes:
     Q_QUANT: gl.constexpr  # (QK8) Q arrives in 16 bits and is quantised per token here
     EXP_POLY: gl.constexpr  # half the softmax exponentials on the FMA pipe (polynomial), half on MUFU
     TAU: gl.constexpr  # lazy rescale: a row keeps its max until a tile raises it by more than TAU (< 0: off)
+    ROWSUM_MMA: gl.constexpr  # the softmax row sums by a P x ones wgmma (N = 8) instead of adds in registers
     WG: gl.constexpr  # the consumer warpgroup these modes go to (0 or 1; the producer ignores it)
 
     @gluon.constexpr_function
     def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8,
-                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, TAU, WG):
+                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, TAU, ROWSUM_MMA, WG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -109,6 +111,7 @@ class _Modes:
         self.Q_QUANT = gl.constexpr(Q_QUANT)
         self.EXP_POLY = gl.constexpr(EXP_POLY)
         self.TAU = gl.constexpr(TAU)
+        self.ROWSUM_MMA = gl.constexpr(ROWSUM_MMA)
         self.WG = gl.constexpr(WG)
 
 
@@ -145,7 +148,7 @@ def _exp2_tile(x, BLOCK_N: gl.constexpr, EXP_POLY: gl.constexpr):
 def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: gl.constexpr,
                   HAS_PARTIAL: gl.constexpr, BLOCK_N: gl.constexpr, dtype: gl.constexpr, p_layout: gl.constexpr,
                   row_o: gl.constexpr, P_LOG2: gl.constexpr, I2F_BITS: gl.constexpr, ROW_SCALES: gl.constexpr,
-                  EXP_POLY: gl.constexpr, TAU: gl.constexpr):
+                  EXP_POLY: gl.constexpr, TAU: gl.constexpr, ROWSUM: gl.constexpr):
     """Online-softmax step (base 2) of one key tile: ``qk`` fp32 (or int32: int8 Q.K^T) ``[64,
     BLOCK_N]`` (wgmma layout), ``m_i`` / ``l_i`` fp32 ``[64]``; ``qk_scale`` this tile's logit
     scale (``ROW_SCALES``: one per row ``[64]``, 8-bit Q having one scale per token); ``tail``: this is the ragged last key block (columns from ``col0``; columns past ``S``
@@ -160,7 +163,8 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     rescale): a row keeps its running max until a tile's max exceeds it by more than ``TAU`` (base-2
     units; P then stays below ``2 ** (TAU + P_LOG2)``); the fifth value returned is then whether any
     row of the warpgroup changed its max (a scalar; the accumulator needs ``alpha`` only then, else
-    every ``alpha`` is exactly 1). With ``TAU`` < 0 every row takes its new max and that value is 1."""
+    every ``alpha`` is exactly 1). With ``TAU`` < 0 every row takes its new max and that value is 1.
+    ``ROWSUM``: ``l_i`` is returned as given (the row sums come from the MMA, :func:`_pv_issue`)."""
     if I2F_BITS:
         qk = (qk + 0x4B400000).to(gl.float32, bitcast=True) - 12582912.0
     else:
@@ -184,7 +188,8 @@ def _softmax_tile(qk, m_i, l_i, tail, col0, S, partial, bits, qk_scale, RAGGED: 
     else:
         p = _exp2_tile(qk * qk_scale - m_sub[:, None], BLOCK_N, EXP_POLY)
     alpha = gl.exp2(m_i - m_new)
-    l_i = l_i * alpha + gl.sum(p, 1)
+    if not ROWSUM:
+        l_i = l_i * alpha + gl.sum(p, 1)
     if P_LOG2 != 0.0:
         p_op = p  # fp32: cast to e4m3 next to its MMA (_pv_issue)
     else:
@@ -232,15 +237,22 @@ def _hold(x):
 
 
 @gluon.jit
-def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr, p_layout: gl.constexpr,
-              LAZY: gl.constexpr):
+def _pv_issue(p, v_tile, acc, alpha, zero_o, ones_b, acc_l, PV8: gl.constexpr, SPLIT_ACC: gl.constexpr,
+              p_layout: gl.constexpr, LAZY: gl.constexpr, ROWSUM: gl.constexpr, p_layout_l: gl.constexpr,
+              row_l: gl.constexpr):
     """Issue (asynchronously) the P.V wgmma of one key tile and return what is in flight: with
     ``SPLIT_ACC`` the tile's product alone, into fresh registers ``zero_o`` (the accumulator is
     rescaled and added to in :func:`_pv_finish`), else the accumulator ``acc`` rescaled by
     ``alpha`` plus the product (``LAZY``: ``acc`` is already rescaled, :func:`_rescale`). ``p``: the A operand in registers (with ``PV8`` fp32 ``p x 448`` in
     the S layout, cast to e4m3 in ``p_layout`` here); ``v_tile``: the slot's V tile ``[BLOCK_N,
-    D]``, or with ``PV8`` its V^T tile ``[D, BLOCK_N]`` (read K-major). Returns ``(in flight, the
-    operand)``; :func:`_pv_finish` keeps the operand live past the MMA's wait."""
+    D]``, or with ``PV8`` its V^T tile ``[D, BLOCK_N]`` (read K-major). ``ROWSUM``: first the row
+    sums, ``acc_l * alpha + P . ones`` (``acc_l`` fp32 ``[64, 8]``, every column the same sum;
+    ``ones_b`` the ``[8, BLOCK_N]`` tile of ones in shared memory, read K-major; the same P operand,
+    so the sums are of P exactly as it enters the P.V) as a wgmma of N = 8: four (8-bit P) or
+    ``BLOCK_N / 16`` MMA instructions instead of ~70 adds and shuffles per thread. Issued before the
+    P.V, so that the wait for S of the next tile (one group left in flight) also covers it.
+    Returns ``(P.V in flight, the operand, row sums in flight, their operand)``; :func:`_pv_finish`
+    and :func:`_rowsum_finish` keep the operands live past the MMAs' waits."""
     if PV8:
         b_op = v_tile.permute((1, 0))
         # fp32 P x 448: keys in the S accumulator's register order (.quant_fp8.P8_KEY_DIMS), four
@@ -251,13 +263,32 @@ def _pv_issue(p, v_tile, acc, alpha, zero_o, PV8: gl.constexpr, SPLIT_ACC: gl.co
         p = gl.convert_layout(_e4m3_packed(pp), p_layout)
     else:
         b_op = v_tile
+    if ROWSUM:  # (the A layouts of the N = 8 and the N = D MMA hold the same registers: no data movement)
+        p_l = gl.convert_layout(p, p_layout_l)
+        l_fly = warpgroup_mma(p_l, ones_b.permute((1, 0)), acc_l * gl.convert_layout(alpha, row_l)[:, None],
+                              is_async=True)
+    else:
+        p_l = p
+        l_fly = acc_l
     if SPLIT_ACC:
         inflight = warpgroup_mma(p, b_op, zero_o, use_acc=False, is_async=True)
     elif LAZY:
         inflight = warpgroup_mma(p, b_op, acc, is_async=True)
     else:
         inflight = warpgroup_mma(p, b_op, acc * alpha[:, None], is_async=True)
-    return inflight, p
+    return inflight, p, l_fly, p_l
+
+
+@gluon.jit
+def _rowsum_finish(l_fly, p_l, PV8: gl.constexpr):
+    """Wait for the row-sum MMA of :func:`_pv_issue` (issued before its P.V: one group may stay in
+    flight) and return the row sums ``acc_l`` fp32 ``[64, 8]``; the operand ``p_l`` is held live
+    past the wait."""
+    if PV8:
+        acc_l = warpgroup_mma_wait(1, deps=(l_fly, ))
+    else:
+        acc_l, p_l = warpgroup_mma_wait(1, deps=(l_fly, p_l))
+    return acc_l
 
 
 @gluon.jit
@@ -411,7 +442,7 @@ def _mask_tile(parts, slot0, partial, i, mask_rows, mask_cols, HAS_PARTIAL: gl.c
 
 
 @gluon.jit
-def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
+def _consumer(q_smem, ones_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
               stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, scales, modes):
     """One consumer warpgroup (``modes.WG``; Q tile ``q_smem[WG]``). For each work item of this
@@ -436,6 +467,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     WG: gl.constexpr = modes.WG
     TAU: gl.constexpr = -1.0 if SPLIT_ACC else modes.TAU
     LAZY: gl.constexpr = TAU >= 0.0
+    ROWSUM: gl.constexpr = modes.ROWSUM_MMA
     q_smem = q_smem.index(WG)
     BM: gl.constexpr = 64
     odtype: gl.constexpr = O.dtype.element_ty
@@ -448,6 +480,10 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     mma_o: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                     instr_shape=[16, BLOCK_D, K_O])
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_o, k_width=4 if PV8 else 2)
+    # ROWSUM: the row sums' accumulator (N = 8; P is the same A operand as the P.V's)
+    mma_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 8, K_O])
+    p_layout_l: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_l, k_width=4 if PV8 else 2)
+    row_l: gl.constexpr = gl.SliceLayout(1, mma_l)
     row_s: gl.constexpr = gl.SliceLayout(1, mma_s)
     row_o: gl.constexpr = gl.SliceLayout(1, mma_o)
     # global Q loads / O stores: 16-byte vectors along D (Q_QUANT: 16-bit Q, quantised here)
@@ -466,6 +502,11 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
     # (row and column vectors only: an [M, N] offset tensor would hold 64 registers per thread)
     mask_rows = ((WG * BM) % PLAN_BQ + gl.arange(0, BM, layout=row_s)) * BLOCK_N
     mask_cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, mma_s))
+    ones_b = ones_smem.index(WG)
+    if ROWSUM:  # this warpgroup's B operand of ones, [8, BLOCK_N] (read K-major)
+        io_ones: gl.constexpr = gl.BlockedLayout([1, BLOCK_N // 16], [2, 16], [4, 1], [1, 0])
+        ones_b.store(gl.full([8, BLOCK_N], 1.0, gl.float32, layout=io_ones).to(pdtype))
+        fence_async_shared()
     ring = WG * STAGES if SPLIT else 0  # SPLIT: this warpgroup's own ring
     it = 0  # uses of the ring so far (slot and parity of the next tile)
     sg = 0  # PINGPONG: MMA issue turns taken so far
@@ -518,6 +559,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
         m_i = gl.full([BM], -1.0e30, gl.float32, layout=row_s)
         l_i = gl.zeros([BM], gl.float32, layout=row_s)
         acc = gl.zeros([BM, BLOCK_D], gl.float32, layout=mma_o)
+        acc_l = gl.zeros([BM, 8], gl.float32, layout=mma_l)
         if ntot > 0:
             # ---- tile 0: S = Q K^T, softmax
             s = ring + it % STAGES
@@ -532,7 +574,7 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             qk = warpgroup_mma_wait(0, deps=(qk, ))
             p, m_i, l_i, alpha, changed = _softmax_tile(qk, m_i, l_i, last_ragged & (nfb == 1), last_col0, S,
                                                         nfb == 0, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N, pdtype,
-                                                        p_layout, row_o, P_LOG2, I2F_BITS, QK8, EXP_POLY, TAU)
+                                                        p_layout, row_o, P_LOG2, I2F_BITS, QK8, EXP_POLY, TAU, ROWSUM)
             # ---- steady state: S of tile j in flight with O += P V of tile j - 1
             for j in range(1, ntot):
                 acc = _rescale(acc, alpha, changed, LAZY)  # (nothing in flight here)
@@ -543,17 +585,21 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
                 if PINGPONG:  # the warpgroups take turns issuing: one's softmax runs under the other's MMAs
                     mbarrier.wait(turn.index(WG), (sg + j) & 1)
                 qk = warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), zero_s, use_acc=False, is_async=True)
-                pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout, LAZY)
+                pv, p_op, l_fly, p_l = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, ones_b, acc_l, PV8,
+                                                 SPLIT_ACC, p_layout, LAZY, ROWSUM, p_layout_l, row_l)
                 if PINGPONG:
                     mbarrier.arrive(turn.index(1 - WG), count=1)
                 bits = _mask_tile(parts, slot0, j >= nfb, j - nfb, mask_rows, mask_cols, HAS_PARTIAL, PLAN_BQ * BLOCK_N)
                 ts = _tile_scale(scales, f_idx, p_idx, j, nfb, ks_row, q_scale, HAS_PARTIAL, QK8)
-                qk = warpgroup_mma_wait(1, deps=(qk, ))
+                if ROWSUM:  # S and the row sums (issued before the P.V) done, the P.V in flight
+                    qk, acc_l = warpgroup_mma_wait(1, deps=(qk, l_fly))
+                else:
+                    qk = warpgroup_mma_wait(1, deps=(qk, ))
                 alpha_pv = alpha
                 p_next, m_i, l_i, alpha, changed = _softmax_tile(qk, m_i, l_i, last_ragged & (j == nfb - 1), last_col0,
                                                                  S, j >= nfb, bits, ts, RAGGED, HAS_PARTIAL, BLOCK_N,
                                                                  pdtype, p_layout, row_o, P_LOG2, I2F_BITS, QK8,
-                                                                 EXP_POLY, TAU)
+                                                                 EXP_POLY, TAU, ROWSUM)
                 acc, p_op = _pv_finish(acc, pv, p_op, alpha_pv, PV8, SPLIT_ACC)
                 mbarrier.arrive(empty.index(sp), count=1)
                 p = p_next
@@ -563,9 +609,12 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
             mbarrier.wait(v_ready.index(sp), ((it + ntot - 1) // STAGES) & 1)
             if PINGPONG:
                 mbarrier.wait(turn.index(WG), (sg + ntot) & 1)
-            pv, p_op = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, PV8, SPLIT_ACC, p_layout, LAZY)
+            pv, p_op, l_fly, p_l = _pv_issue(p, v_smem.index(sp), acc, alpha, zero_o, ones_b, acc_l, PV8, SPLIT_ACC,
+                                             p_layout, LAZY, ROWSUM, p_layout_l, row_l)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
+            if ROWSUM:
+                acc_l = _rowsum_finish(l_fly, p_l, PV8)
             acc, p_op = _pv_finish(acc, pv, p_op, alpha, PV8, SPLIT_ACC)
             mbarrier.arrive(empty.index(sp), count=1)
             it += ntot
@@ -573,6 +622,8 @@ def _consumer(q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, 
 
         # ---- epilogue: normalise (l_i sums P as it entered P.V, x 448 with PV8; PV8: the V channel
         # scales), store O (and LSE) at the original token positions
+        if ROWSUM:  # (every column of acc_l holds the same sum)
+            l_i = gl.convert_layout(gl.max(acc_l, 1), row_s)
         l_o = gl.convert_layout(l_i, row_o)
         denom = gl.where(l_o > 0, l_o, 1.0)
         if PV8:
@@ -683,7 +734,7 @@ def _gluon_sparse_flash_fwd(
     SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
     HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr, QK_INT8: gl.constexpr, PV8: gl.constexpr,
     PV_SPLIT_ACC: gl.constexpr, I2F_BITS: gl.constexpr, Q_QUANT: gl.constexpr, EXP_POLY: gl.constexpr,
-    RESCALE_TAU: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    RESCALE_TAU: gl.constexpr, ROWSUM_MMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
 ):
     """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
     rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
@@ -702,6 +753,11 @@ def _gluon_sparse_flash_fwd(
     qdtype: gl.constexpr = desc_k.dtype  # Q's MMA operand type is K's (Q_QUANT: Q itself arrives in 16 bits)
     q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([64, BLOCK_D], qdtype)
     q_smem = gl.allocate_shared_memory(qdtype, [2, 64, BLOCK_D], q_layout)
+    # ROWSUM_MMA: each consumer warpgroup's [8, BLOCK_N] tile of ones in the P.V operand type (8 x 8 if off)
+    pdtype: gl.constexpr = gl.float8e4nv if PV8 else O.dtype.element_ty
+    ONES_N: gl.constexpr = BLOCK_N if ROWSUM_MMA else 8
+    ones_smem = gl.allocate_shared_memory(pdtype, [2, 8, ONES_N], gl.NVMMASharedLayout.get_default_for([8, ONES_N],
+                                                                                                      pdtype))
     SLOTS: gl.constexpr = 2 * STAGES if SPLIT else STAGES  # SPLIT: one ring per consumer warpgroup
     k_smem = gl.allocate_shared_memory(desc_k.dtype, [SLOTS, BLOCK_N, BLOCK_D], desc_k.layout)
     if PV8:  # V^T tiles: channels x tokens
@@ -712,9 +768,9 @@ def _gluon_sparse_flash_fwd(
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, 0)
+                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, ROWSUM_MMA, 0)
     modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, 1)
+                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, ROWSUM_MMA, 1)
     parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
     scales = _Scales(QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h, HK_GROUP)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)
@@ -727,7 +783,7 @@ def _gluon_sparse_flash_fwd(
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(v_ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1 if SPLIT else 2)  # the warpgroups that read a slot
-    consumer_args = (q_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
+    consumer_args = (q_smem, ones_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM,
                      qperm_h, S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob,
                      stride_oh, stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, scales)
     producer_args = (k_smem, v_smem, k_ready, v_ready, empty, desc_k, desc_v, FULL_NUM, FULL_IDX, H, HK_GROUP,

@@ -127,10 +127,12 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     qk, pv8 = precision_parts(precision)
     q_b, k_b, v_b = (1 if qk else 2), (1 if qk else 2), (1 if pv8 else 2)
     split = block_q == 64
+    rowsum = rowsum_by_mma(precision)
     stage = block_k * head_dim * (k_b + v_b) * (2 if split else 1)
     q_bytes = _ROWS * head_dim * q_b
+    ones_bytes = 2 * 8 * (block_k if rowsum else 8) * v_b  # each consumer warpgroup's B operand of ones
     scratch = 24 * 1024
-    stages = min(4, (_SMEM_BYTES - q_bytes - scratch) // stage)  # < 2: does not fit (see gluon_refusal)
+    stages = min(4, (_SMEM_BYTES - q_bytes - ones_bytes - scratch) // stage)  # < 2: does not fit (gluon_refusal)
     forced = os.environ.get("VIDATTN_GLUON_STAGES")
     if forced:
         stages = int(forced)
@@ -140,7 +142,29 @@ def gluon_config(block_q: int, block_k: int, head_dim: int, precision: Optional[
     q_quant = qk is not None and q_in_kernel("gluon")
     exp_poly = os.environ.get("VIDATTN_GLUON_EXP_POLY", "0") == "1"
     return dict(SPLIT=split, PINGPONG=pingpong, STAGES=stages, PV_SPLIT_ACC=split_acc, Q_QUANT=q_quant,
-                EXP_POLY=exp_poly, RESCALE_TAU=rescale_tau(pv8), CONSUMER_REGS=240, PRODUCER_REGS=24)
+                EXP_POLY=exp_poly, RESCALE_TAU=rescale_tau(pv8), ROWSUM_MMA=rowsum, CONSUMER_REGS=240,
+                PRODUCER_REGS=24)
+
+
+def rowsum_by_mma(precision: Optional[str] = None) -> bool:
+    """``ROWSUM_MMA`` of the Gluon kernel for ``precision``: the softmax's row sums come from a
+    second wgmma of the P operand against a tile of ones (N = 8), issued with each P.V, instead of
+    ~70 adds and shuffles per thread and key tile (key loop, SASS instructions per tile and warp:
+    bf16 454 -> 424, int8 523 -> 463; ``benchmarks/gluon_build.py --rowsum-mma``). The sums are
+    then of P as it enters the P.V (rounded to 16 bits), the numerator's own values.
+
+    Opt-in, ``VIDATTN_GLUON_ROWSUM_MMA=1`` (0 or unset: off; anything else is a ValueError), and
+    only with a 16-bit P.V: with an e4m3 P (``"fp8"``, ``"int8_fp8"``) the N = 8 e4m3 MMA gave
+    wrong sums on the H100 (relative difference 1.06-1,740 from the portable kernel; not
+    understood), and that build was 9-16% slower anyway. Measured on the H100 (session 15,
+    ``gluon_ab.py``, same runs): bf16 -7 to -29%; int8, Wan dense / 0.5 / 0.25 / 0.125 / 0.0625
+    +1.7 / -2.3 / -1.8 / -4.5 / -1.8%, HunyuanVideo +5.5 / +3.1 / +2.9 / +5.7 / -3.4%. In the SASS
+    the P.V's wait still lands right after the row max (ptxas reuses the in-flight P operand's
+    registers for the max's temporaries), so fewer softmax instructions do not buy overlap."""
+    mode = os.environ.get("VIDATTN_GLUON_ROWSUM_MMA", "0").strip()
+    if mode not in ("0", "1"):
+        raise ValueError(f"VIDATTN_GLUON_ROWSUM_MMA must be 0 or 1, got {mode!r}")
+    return mode == "1" and not precision_parts(precision)[1]
 
 
 # lazy rescale thresholds (base-2 logit units): a 16-bit P may grow to 2 ** 8 (FlashAttention-4's
@@ -297,10 +321,12 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         BLOCK_N=BN, BLOCK_D=D, QK8=qk_fmt is not None, QK_INT8=qk_fmt == "int8", PV8=pv8,
         PV_SPLIT_ACC=cfg["PV_SPLIT_ACC"], I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
         Q_QUANT=cfg["Q_QUANT"], EXP_POLY=cfg["EXP_POLY"] and not has_partial, RESCALE_TAU=cfg["RESCALE_TAU"],
+        ROWSUM_MMA=cfg["ROWSUM_MMA"],
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"
     last_launch["q_in_kernel"] = cfg["Q_QUANT"]  # (as the portable path records it)
+    last_launch["rowsum_mma"] = cfg["ROWSUM_MMA"]
     last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
     if ops is not None and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
         lse = lse + lse_smoothing_correction(q_in, ops.k_mean, scale)

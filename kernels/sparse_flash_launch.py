@@ -114,10 +114,9 @@ def _tma_ok(device: torch.device) -> bool:
     return device.type == "cuda" and capability_major(device) >= 9
 
 
-# quantised precisions the Gluon kernel runs faster than the portable one (H200): on every
-# full-block plan / on dense plans only
-_GLUON_FULL_BLOCK_PRECISIONS = ("fp8",)
-_GLUON_DENSE_PRECISIONS = ("int8",)
+# quantised precisions the Gluon kernel runs faster than the portable one (H100 / H200) on plans of
+# full blocks
+_GLUON_FULL_BLOCK_PRECISIONS = ("fp8", "int8")
 
 
 def auto_portable_reason(plan: BlockPlan, precision: Optional[str]) -> Optional[str]:
@@ -129,19 +128,18 @@ def auto_portable_reason(plan: BlockPlan, precision: Optional[str]) -> Optional[
     portable kernel on dense plans and 1.08x / 1.08x at block density 0.25 (sessions 9 and 11,
     before that change: 0.96-1.02x at every block-sparse density, 0.82x on neighborhood plans,
     which have partial blocks and stay on the portable kernel); ``"int8"`` 1.05-1.07x on dense
-    plans, 0.95-1.00x on block-sparse ones, 0.88x on neighborhood plans; ``"int8_fp8"`` 0.88x /
-    1.02x dense and 0.88x / 1.00x at density 0.25 (session 13). So ``"fp8"`` on any plan of full
-    blocks and ``"int8"`` on a dense plan go to it.
+    plans, 0.95-1.00x on block-sparse ones before session 13's in-kernel Q quantisation, then
+    (H200, session 14) 1.04x / 0.97x at d 0.25 / 0.0625 on Wan and 1.03x / 1.04x on HunyuanVideo,
+    and with the MMA row sums (H100, session 15) 1.14x / 0.99x and 1.12x / 1.04x; 0.88x on
+    neighborhood plans; ``"int8_fp8"`` 0.88x / 1.02x dense and 0.88x / 1.00x at density 0.25
+    (session 13). So ``"fp8"`` and ``"int8"`` on any plan of full blocks go to it.
     """
     if precision is None:
         return None
     full_blocks = plan.rectification is None and not plan.has_partial
     if precision in _GLUON_FULL_BLOCK_PRECISIONS and full_blocks:
         return None
-    if precision in _GLUON_DENSE_PRECISIONS and full_blocks and plan.block_density == 1.0:
-        return None
-    where = (" except on plans of full blocks" if precision in _GLUON_FULL_BLOCK_PRECISIONS
-             else " except on dense plans" if precision in _GLUON_DENSE_PRECISIONS else "")
+    where = " except on plans of full blocks" if precision in _GLUON_FULL_BLOCK_PRECISIONS else ""
     return f"precision={precision!r} runs on the portable kernel unless VIDATTN_GLUON=1 (measured faster there{where})"
 
 
@@ -149,7 +147,7 @@ def _gluon_path(q, k, v, plan, precision):
     """The Hopper Gluon kernel's entry point when ``VIDATTN_GLUON`` and the case allow it, else None
     (the reason is kept in ``last_launch["gluon_refused"]``); with ``VIDATTN_GLUON=1`` a case it
     cannot run raises :class:`TritonUnsupported`. In ``auto`` mode the quantised precisions take
-    the portable kernel except ``"fp8"`` on plans of full blocks and ``"int8"`` on dense plans
+    the portable kernel except ``"fp8"`` and ``"int8"`` on plans of full blocks
     (:func:`auto_portable_reason`);
     ``VIDATTN_GLUON=1`` runs them all on it."""
     if q.device.type != "cuda":  # the CPU interpreter: no Gluon

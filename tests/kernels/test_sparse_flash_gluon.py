@@ -167,6 +167,26 @@ def test_builds_for_sm90(split, precision, i2f_bits):
         assert (n_cvt < 64) if i2f_bits else (n_cvt >= 256), n_cvt
 
 
+@pytest.mark.skipif(gluon_launch.gluon_available() is not None, reason="no usable Gluon Hopper module")
+def test_row_sums_by_mma_build_without_the_add_tree():
+    """``ROWSUM_MMA`` (int8 Q.K, bf16 P.V): the row sums leave the registers for an N = 8 wgmma of
+    P (``m64n8k16``) next to the P.V's, the sum's butterflies go (only the row max's remain), and
+    the steady key loop gets shorter. Built for sm_90 as above."""
+    from benchmarks.gluon_build import build
+
+    try:
+        built = {on: build("int8", modes="bench", rowsum=on) for on in (False, True)}
+    except RuntimeError as e:
+        if "ptxas" in str(e).lower():
+            pytest.skip(f"no CUDA toolchain in this Triton install: {str(e)[-300:]}")
+        raise
+    assert "m64n8k16.f32.bf16.bf16" in built[True]["ptx"] and "m64n8k16" not in built[False]["ptx"]
+    assert built[True]["shfl_bfly"] < built[False]["shfl_bfly"], (built[True]["shfl_bfly"], built[False]["shfl_bfly"])
+    loop = {on: b["key_loop"]["instructions"] for on, b in built.items()}
+    assert loop[True] < loop[False] - 32, loop
+    assert "FADD" not in built[True]["key_loop"]["ops"] or built[True]["key_loop"]["ops"]["FADD"] < 8
+
+
 def test_e4m3_p_key_order_leaves_p_dot_v_unchanged():
     """The kernels permute the e4m3 P's columns into the S accumulator's register order
     (``P8_KEY_DIMS``); the prologue stores V^T's tokens in the same order. Against the order derived
@@ -264,33 +284,31 @@ def test_auto_mode_takes_portable_kernel_when_it_cannot_run(monkeypatch):
     monkeypatch.setenv("VIDATTN_GLUON", "1")
     with pytest.raises(TritonUnsupported, match="head dim 96"):
         block_sparse_attention_triton(q, k, v, plan)
-    # quantised precisions: the portable kernel unless VIDATTN_GLUON=1 (it was faster there)
+    # quantised precisions: the portable kernel unless VIDATTN_GLUON=1 (it was faster there), except
+    # fp8 and int8 on plans of full blocks
     q, k, v = (t.cuda() for t in random_qkv(1, 256, 2, 2, 128, torch.bfloat16, seed=1))
     monkeypatch.setenv("VIDATTN_GLUON", "auto")
-    block_sparse_attention_triton(q, k, v, plan, precision="int8")
+    block_sparse_attention_triton(q, k, v, plan, precision="int8_fp8")
     assert last_launch["path"] == "portable" and "VIDATTN_GLUON=1" in last_launch["gluon_refused"]
-    block_sparse_attention_triton(q, k, v, random_full_plan(256, 2, 1.0, 128, 128, seed=0, device="cuda"),
-                                  precision="int8")
-    assert last_launch["path"] == "gluon-hopper"  # int8 on a dense plan: faster on the Gluon kernel
-    block_sparse_attention_triton(q, k, v, plan, precision="fp8")
-    assert last_launch["path"] == "gluon-hopper"  # fp8: on any plan of full blocks
+    for precision in ("int8", "fp8"):
+        block_sparse_attention_triton(q, k, v, plan, precision=precision)
+        assert last_launch["path"] == "gluon-hopper", precision
 
 
-def test_auto_mode_sends_fp8_full_block_and_int8_dense_plans_to_the_gluon_kernel():
+def test_auto_mode_sends_fp8_and_int8_full_block_plans_to_the_gluon_kernel():
     from vidattn.kernels.sparse_flash_launch import auto_portable_reason
 
     dense, half = random_full_plan(512, 2, 1.0, 128, 128, seed=0), random_full_plan(512, 2, 0.5, 128, 128, seed=0)
     assert auto_portable_reason(dense, None) is None and auto_portable_reason(half, None) is None
-    assert auto_portable_reason(dense, "int8") is None
-    assert "except on dense plans" in auto_portable_reason(half, "int8")
-    assert auto_portable_reason(dense, "fp8") is None and auto_portable_reason(half, "fp8") is None
+    for precision in ("int8", "fp8"):
+        assert auto_portable_reason(dense, precision) is None and auto_portable_reason(half, precision) is None
     assert "portable kernel" in auto_portable_reason(dense, "int8_fp8")
     assert "except" not in auto_portable_reason(dense, "int8_fp8")
     cls = torch.full((1, 2, 4, 4), FULL, dtype=torch.int8)
     cls[0, 0, 0, 0] = PARTIAL  # every block listed, one of them partial: not dense
     from kernel_cases import StripeRule
     partial = plan_from_block_mask(cls, seq_len=512, block_q=128, block_k=128, rule=StripeRule(), token_density=1.0)
-    assert auto_portable_reason(partial, "int8") is not None
+    assert "except on plans of full blocks" in auto_portable_reason(partial, "int8")
     assert "except on plans of full blocks" in auto_portable_reason(partial, "fp8")
 
 
@@ -443,14 +461,22 @@ def test_lazy_rescale_matches_the_eager_rescale(precision, case, monkeypatch):
     eager rescale's error, the LSE too. ``rising``: keys whose norm grows along the sequence, so
     row maxima rise by both small steps (under the threshold) and large ones, in a ragged,
     permuted plan; ``partial``: a plan with partial blocks (token masks) and grouped K/V heads."""
-    import vidattn
-    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+    _assert_setting_keeps_the_accuracy("VIDATTN_GLUON_LAZY_RESCALE", case, precision, monkeypatch)
 
-    if case == "rising":
+
+def _variant_case(case):
+    """``(q, k, v, plan)`` on the GPU, bf16, D 128. ``rising``: keys whose norm grows along the
+    sequence (row maxima rise by small and large steps), a ragged, permuted plan of full blocks;
+    ``partial``: a 3-D neighborhood plan with partial blocks (token masks) and grouped K/V heads;
+    ``split``: 64-token plan blocks (each consumer warpgroup its own key list), ragged, permuted."""
+    import vidattn
+
+    if case in ("rising", "split"):
         S, H, Hk = 1500, 2, 2
         q, k, v = (t.cuda() for t in random_qkv(1, S, H, Hk, 128, torch.bfloat16, seed=21))
         k = (k.float() * torch.linspace(0.3, 2.5, S, device="cuda")[None, :, None, None]).to(torch.bfloat16)
-        plan = random_full_plan(S, H, 0.8, 128, 128, seed=5, perm=True, device="cuda")
+        bq, bk = (128, 128) if case == "rising" else (64, 64)
+        plan = random_full_plan(S, H, 0.8, bq, bk, seed=5, perm=True, device="cuda")
     else:
         layout = vidattn.TokenLayout((4, 12, 16), suffix=20)
         H, Hk = 4, 2
@@ -458,14 +484,48 @@ def test_lazy_rescale_matches_the_eager_rescale(precision, case, monkeypatch):
         S = plan.seq_len
         q, k, v = (t.cuda() for t in random_qkv(1, S, H, Hk, 128, torch.bfloat16, seed=22))
         assert plan.has_partial
+    return q, k, v, plan
+
+
+def _assert_setting_keeps_the_accuracy(variable, case, precision, monkeypatch):
+    """The Gluon kernel with ``variable`` = 1 against = 0 on :func:`_variant_case` ``case``
+    (:func:`_assert_variant_as_accurate`)."""
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    q, k, v, plan = _variant_case(case)
     want, want_lse = reference(q.double(), k.double(), v.double(), plan, return_lse=True)
     monkeypatch.setenv("VIDATTN_GLUON", "1")
     outs = {}
-    for lazy in ("0", "1"):
-        monkeypatch.setenv("VIDATTN_GLUON_LAZY_RESCALE", lazy)
-        outs[lazy] = block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision)
+    for on in ("0", "1"):
+        monkeypatch.setenv(variable, on)
+        outs[on] = block_sparse_attention_triton(q, k, v, plan, return_lse=True, precision=precision)
         assert last_launch["path"] == "gluon-hopper"
     _assert_variant_as_accurate(outs["0"], outs["1"], want, want_lse, precision)
+
+
+@ON_GPU
+@pytest.mark.parametrize("precision,case", [(None, "rising"), (None, "partial"), (None, "split"), ("int8", "rising"),
+                                            ("int8", "partial"), ("int8", "split")])
+def test_row_sums_by_mma_keep_the_accuracy(precision, case, monkeypatch):
+    """``VIDATTN_GLUON_ROWSUM_MMA=1`` (the softmax row sums from a P x ones wgmma; 16-bit P.V
+    only): against the float64 reference within the precision's tolerance and within 5% of the
+    register sums' error, the LSE too (it is built from the same sums)."""
+    _assert_setting_keeps_the_accuracy("VIDATTN_GLUON_ROWSUM_MMA", case, precision, monkeypatch)
+
+
+def test_rowsum_setting_is_checked(monkeypatch):
+    """``VIDATTN_GLUON_ROWSUM_MMA``: 1 on for every 16-bit P.V (never with an e4m3 P.V), 0 / unset
+    off; anything else a ValueError naming the variable."""
+    monkeypatch.delenv("VIDATTN_GLUON_ROWSUM_MMA", raising=False)
+    assert not any(gluon_launch.gluon_config(128, 128, 128, p)["ROWSUM_MMA"] for p in (None, "int8", "fp8"))
+    monkeypatch.setenv("VIDATTN_GLUON_ROWSUM_MMA", "1")
+    on = {p: gluon_launch.gluon_config(128, 128, 128, p)["ROWSUM_MMA"] for p in (None, "int8", "fp8", "int8_fp8")}
+    assert on == {None: True, "int8": True, "fp8": False, "int8_fp8": False}
+    monkeypatch.setenv("VIDATTN_GLUON_ROWSUM_MMA", "0")
+    assert not gluon_launch.rowsum_by_mma("int8")
+    monkeypatch.setenv("VIDATTN_GLUON_ROWSUM_MMA", "on")
+    with pytest.raises(ValueError, match="VIDATTN_GLUON_ROWSUM_MMA"):
+        gluon_launch.gluon_config(128, 128, 128, None)
 
 
 def test_lazy_rescale_setting_is_checked(monkeypatch):
