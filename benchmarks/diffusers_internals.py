@@ -13,7 +13,7 @@ Two kinds, each counted once per source line:
   ``f_locals`` / ``f_back`` / ``f_globals`` / ``f_code``, ``__globals__``, ``__code__``,
   ``co_names``, ``__closure__``, ``FunctionType(``.
 
-Scanned: the files of ``vidattn/``, ``pipelines/``, ``kernels/``, ``quality/`` (not tests, not
+Scanned: the files of ``vidattn/`` (``vidattn/kernels/`` included), ``pipelines/``, ``quality/`` (not tests, not
 benchmarks) whose source mentions diffusers (the timm integration reaches into timm, not
 diffusers). A bare name counts only where the file imported it from diffusers (a parameter or local
 variable of the same name is vidattn's); keyword arguments count (``f(_x=...)``); parameter names
@@ -37,7 +37,7 @@ import sys
 from typing import Dict, List, Set
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCANNED = ("vidattn", "pipelines", "kernels", "quality")
+SCANNED = ("vidattn", "pipelines", "quality")  # (vidattn/ holds vidattn/kernels/)
 # diffusers' private attributes that vidattn also defines, because diffusers sets or reads them
 # on vidattn's own objects (the processor protocol, stateful hooks)
 PROTOCOL = frozenset({"_attention_backend", "_parallel_config", "_is_stateful", "_keep_in_fp32_modules"})

@@ -1,4 +1,4 @@
-"""Time the parts of the 8-bit quantisation prologue (``kernels/quant_fp8.py``) on the GPU.
+"""Time the parts of the 8-bit quantisation prologue (``vidattn/kernels/quant_fp8.py``) on the GPU.
 
 For each shape (Wan2.1-1.3B and HunyuanVideo attention) and K/V layout (token-major in place, as
 dense plans read them; head-major contiguous, as permuted plans read them), times with CUDA events
