@@ -282,8 +282,11 @@ def _pv_issue(p, v_tile, acc, alpha, zero_o, ones_b, acc_l, PV8: gl.constexpr, S
 @gluon.jit
 def _rowsum_finish(l_fly, p_l, PV8: gl.constexpr):
     """Wait for the row-sum MMA of :func:`_pv_issue` (issued before its P.V: one group may stay in
-    flight) and return the row sums ``acc_l`` fp32 ``[64, 8]``; the operand ``p_l`` is held live
-    past the wait."""
+    flight) and return the row sums ``acc_l`` fp32 ``[64, 8]``. A 16-bit operand ``p_l`` is held
+    live past the wait through the wait's ``deps``; an 8-bit one (``PV8``) is not (``deps`` do
+    not take 8-bit tensors; the P.V's own operand, the same registers, is held by
+    :func:`_pv_finish`). The launcher never enables ``ROWSUM_MMA`` with an e4m3 P
+    (:func:`.sparse_flash_gluon_launch.rowsum_by_mma`)."""
     if PV8:
         acc_l = warpgroup_mma_wait(1, deps=(l_fly, ))
     else:
