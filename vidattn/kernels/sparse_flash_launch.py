@@ -130,7 +130,8 @@ def auto_portable_reason(plan: BlockPlan, precision: Optional[str]) -> Optional[
     which have partial blocks and stay on the portable kernel); ``"int8"`` 1.05-1.07x on dense
     plans, 0.95-1.00x on block-sparse ones before session 13's in-kernel Q quantisation, then
     (H200, session 14) 1.04x / 0.97x at d 0.25 / 0.0625 on Wan and 1.03x / 1.04x on HunyuanVideo,
-    and with the MMA row sums (H100, session 15) 1.14x / 0.99x and 1.12x / 1.04x; 0.88x on
+    and (H100, session 15, the default build: MMA row sums off) 1.04x / 0.99x on Wan and 1.03x /
+    1.09x on HunyuanVideo (dense 1.06x / 1.12x); 0.88x on
     neighborhood plans; ``"int8_fp8"`` 0.88x / 1.02x dense and 0.88x / 1.00x at density 0.25
     (session 13). So ``"fp8"`` and ``"int8"`` on any plan of full blocks go to it.
     """
