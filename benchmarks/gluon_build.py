@@ -57,7 +57,7 @@ def _compile(cfg: dict) -> dict:
                  PV8=pv8, PV_SPLIT_ACC=cfg["split_acc"], I2F_BITS=cfg["i2f_bits"], Q_QUANT=q_quant,
                  EXP_POLY=cfg.get("exp_poly", False) and not every,
                  RESCALE_TAU=(1.0 if pv8 else 8.0) if cfg.get("lazy", False) else -1.0,
-                 ROWSUM_MMA=cfg.get("rowsum", False), CONSUMER_REGS=240,
+                 ROWSUM_MMA=cfg.get("rowsum", False), Q_PREFETCH=cfg.get("q_prefetch", False), CONSUMER_REGS=240,
                  PRODUCER_REGS=24)
     sig.update({n: "constexpr" for n in const})
     c = triton.compile(GluonASTSource(_gluon_sparse_flash_fwd, sig, const), target=GPUTarget("cuda", 90, 32),
@@ -115,19 +115,21 @@ def key_loop(sass: str) -> dict:
 
 def build(precision: str, split: bool = False, i2f_bits: bool = False, modes: str = "all",
           split_acc: bool = False, stages: int = 2, q_quant: bool = True, exp_poly: bool = False,
-          ragged: bool = True, lazy: bool = False, pingpong: Optional[bool] = None, rowsum: bool = False) -> dict:
+          ragged: bool = True, lazy: bool = False, pingpong: Optional[bool] = None, rowsum: bool = False,
+          q_prefetch: bool = False) -> dict:
     """Compile in a fresh process, then analyse. ``precision``: ``"bf16"``, ``"int8"``, ``"fp8"``
     or ``"int8_fp8"``; ``q_quant``: 8-bit precisions quantise a bf16 Q in the kernel (else Q
     arrives 8-bit); ``exp_poly``: half the exponentials by polynomial (``modes="bench"`` only);
     ``ragged``: a ragged last key block (its masking branch in the key loop); ``lazy``: the lazy
     rescale (``VIDATTN_GLUON_LAZY_RESCALE=1``); ``pingpong``: the PINGPONG mode (default: on with
     ``modes="all"``, off with ``"bench"``, as the launcher runs it by default); ``rowsum``: the softmax row
-    sums by an MMA (``VIDATTN_GLUON_ROWSUM_MMA``). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
+    sums by an MMA (``VIDATTN_GLUON_ROWSUM_MMA``); ``q_prefetch``: the next work item's Q loaded under
+    this one's tail (``VIDATTN_GLUON_Q_PREFETCH``, persistent grid). Returns ``dict(ptx, num_warps, cubin_bytes, stack_frame, spill_stores,
     shfl_idx, shfl_bfly, sass={opcode: count}, key_loop=:func:`key_loop`)``; RuntimeError with the compiler's message."""
     if modes not in ("all", "bench"):
         raise ValueError(f"modes must be 'all' or 'bench', got {modes!r}")
     cfg = dict(precision=precision, split=split, i2f_bits=i2f_bits, modes=modes, split_acc=split_acc, stages=stages,
-               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged, lazy=lazy, rowsum=rowsum)
+               q_quant=q_quant, exp_poly=exp_poly, ragged=ragged, lazy=lazy, rowsum=rowsum, q_prefetch=q_prefetch)
     if pingpong is not None:
         cfg["pingpong"] = pingpong
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -158,6 +160,7 @@ def main() -> None:
     p.add_argument("--no-ragged", action="store_true", help="no ragged last key block")
     p.add_argument("--pingpong", action="store_true", help="the PINGPONG mode (off by default, as launched)")
     p.add_argument("--rowsum-mma", action="store_true", help="the softmax row sums by a P x ones MMA")
+    p.add_argument("--q-prefetch", action="store_true", help="the next work item's Q loaded under this one's tail")
     p.add_argument("--top", type=int, default=12, help="SASS opcodes to print")
     p.add_argument("--step", default="", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -168,7 +171,8 @@ def main() -> None:
         try:
             r = build(prec, split=a.split, modes=a.modes, split_acc=a.split_acc, stages=a.stages,
                       q_quant=not a.q8_input, exp_poly=a.exp_poly, i2f_bits=a.i2f_bits, lazy=a.lazy,
-                      ragged=not a.no_ragged, pingpong=a.pingpong or None, rowsum=a.rowsum_mma)
+                      ragged=not a.no_ragged, pingpong=a.pingpong or None, rowsum=a.rowsum_mma,
+                      q_prefetch=a.q_prefetch)
         except RuntimeError as e:
             print(json.dumps(dict(precision=prec, error=str(e).strip().splitlines()[-1][:300])))
             continue

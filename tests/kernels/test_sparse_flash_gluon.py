@@ -513,6 +513,48 @@ def test_row_sums_by_mma_keep_the_accuracy(precision, case, monkeypatch):
     _assert_setting_keeps_the_accuracy("VIDATTN_GLUON_ROWSUM_MMA", case, precision, monkeypatch)
 
 
+@ON_GPU
+@pytest.mark.parametrize("precision", [None, "int8"])
+@pytest.mark.parametrize("case", ["rising", "partial", "split"])
+def test_persistent_grid_with_q_prefetch_is_bitwise_the_default(precision, case, monkeypatch):
+    """A persistent grid of 3 programs (many work items each), with and without
+    ``VIDATTN_GLUON_Q_PREFETCH=1`` (each next item's Q rows loaded under the current item's tail):
+    every item does the same arithmetic as in the one-program-per-item grid, so O and the LSE are
+    bitwise equal to it, and within the precision's tolerance of the float64 reference."""
+    from vidattn.kernels.sparse_flash_launch import block_sparse_attention_triton, last_launch
+
+    q, k, v, plan = _variant_case(case)
+    want, want_lse = reference(q.double(), k.double(), v.double(), plan, return_lse=True)
+    monkeypatch.setenv("VIDATTN_GLUON", "1")
+    monkeypatch.setattr(gluon_launch, "_sm_count", lambda index: 3)
+    outs = {}
+    for persistent, prefetch in (("0", "0"), ("1", "0"), ("1", "1")):
+        monkeypatch.setenv("VIDATTN_GLUON_PERSISTENT", persistent)
+        monkeypatch.setenv("VIDATTN_GLUON_Q_PREFETCH", prefetch)
+        outs[persistent + prefetch] = block_sparse_attention_triton(q, k, v, plan, return_lse=True,
+                                                                    precision=precision)
+        assert last_launch["path"] == "gluon-hopper"
+    assert -(-q.shape[1] // 128) * q.shape[0] * q.shape[2] > 3  # several items per program
+    for key in ("10", "11"):
+        assert torch.equal(outs[key][0], outs["00"][0]), key
+        assert torch.equal(outs[key][1], outs["00"][1]), key
+    _assert_variant_as_accurate(outs["00"], outs["11"], want, want_lse, precision)
+
+
+def test_q_prefetch_setting_is_checked(monkeypatch):
+    """``VIDATTN_GLUON_Q_PREFETCH``: 1 on, but only with a persistent grid; 0 / unset off;
+    anything else a ValueError naming the variable."""
+    monkeypatch.delenv("VIDATTN_GLUON_Q_PREFETCH", raising=False)
+    assert not gluon_launch.q_prefetch(True)
+    monkeypatch.setenv("VIDATTN_GLUON_Q_PREFETCH", "1")
+    assert gluon_launch.q_prefetch(True) and not gluon_launch.q_prefetch(False)
+    monkeypatch.setenv("VIDATTN_GLUON_Q_PREFETCH", "0")
+    assert not gluon_launch.q_prefetch(True)
+    monkeypatch.setenv("VIDATTN_GLUON_Q_PREFETCH", "yes")
+    with pytest.raises(ValueError, match="VIDATTN_GLUON_Q_PREFETCH"):
+        gluon_launch.q_prefetch(True)
+
+
 def test_rowsum_setting_is_checked(monkeypatch):
     """``VIDATTN_GLUON_ROWSUM_MMA``: 1 on for every 16-bit P.V (never with an e4m3 P.V), 0 / unset
     off; anything else a ValueError naming the variable."""

@@ -89,11 +89,12 @@ class _Modes:
     EXP_POLY: gl.constexpr  # half the softmax exponentials on the FMA pipe (polynomial), half on MUFU
     TAU: gl.constexpr  # lazy rescale: a row keeps its max until a tile raises it by more than TAU (< 0: off)
     ROWSUM_MMA: gl.constexpr  # the softmax row sums by a P x ones wgmma (N = 8) instead of adds in registers
+    Q_PREFETCH: gl.constexpr  # (persistent grid) each next work item's Q rows are loaded under this one's tail
     WG: gl.constexpr  # the consumer warpgroup these modes go to (0 or 1; the producer ignores it)
 
     @gluon.constexpr_function
     def __init__(self, RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8,
-                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, TAU, ROWSUM_MMA, WG):
+                 QK_INT8, PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, TAU, ROWSUM_MMA, Q_PREFETCH, WG):
         self.RAGGED = gl.constexpr(RAGGED)
         self.Q_PERM = gl.constexpr(Q_PERM)
         self.RETURN_LSE = gl.constexpr(RETURN_LSE)
@@ -112,6 +113,7 @@ class _Modes:
         self.EXP_POLY = gl.constexpr(EXP_POLY)
         self.TAU = gl.constexpr(TAU)
         self.ROWSUM_MMA = gl.constexpr(ROWSUM_MMA)
+        self.Q_PREFETCH = gl.constexpr(Q_PREFETCH)
         self.WG = gl.constexpr(WG)
 
 
@@ -445,6 +447,25 @@ def _mask_tile(parts, slot0, partial, i, mask_rows, mask_cols, HAS_PARTIAL: gl.c
 
 
 @gluon.jit
+def _q_rows_load(Q, QPERM, qperm_h, tile, NUM_TILES, S, H, NQT, stride_qb, stride_qh, stride_qs, io_q, offs_dq, modes):
+    """Global load of consumer warpgroup ``modes.WG``'s 64 Q rows of work item ``tile`` (rows
+    ``qt * 128 + WG * 64 + [0, 64)`` through the permutation; none past ``NUM_TILES`` or ``S``):
+    ``[64, D]`` in Q's dtype (16 bits with ``Q_QUANT``) in layout ``io_q``, and the rows' original
+    token positions (int32 ``[64]``)."""
+    WG: gl.constexpr = modes.WG
+    qt, bh, b, h, qb = _tile_coords(tile, NQT, H, modes.SPLIT, WG)
+    rows_q = qt * 128 + WG * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, io_q))
+    ok = (rows_q < S) & (tile < NUM_TILES)
+    if modes.Q_PERM:
+        qtok_q = gl.load(QPERM + h * qperm_h + rows_q, mask=ok, other=0)
+    else:
+        qtok_q = rows_q
+    q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok_q[:, None] * stride_qs + offs_dq[None, :]
+    q = gl.load(q_ptrs, mask=ok[:, None], other=0 if modes.QK_INT8 and not modes.Q_QUANT else 0.0)
+    return q, qtok_q
+
+
+@gluon.jit
 def _consumer(q_smem, ones_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, Q, O, LSE, FULL_NUM, FULL_IDX, QPERM, qperm_h,
               S, H, NQT, NUM_TILES, NQB, NKB, qk_scale, stride_qb, stride_qh, stride_qs, stride_ob, stride_oh,
               stride_os, fn_b, fn_h, fi_b, fi_h, fi_q, parts, scales, modes):
@@ -471,6 +492,7 @@ def _consumer(q_smem, ones_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, 
     TAU: gl.constexpr = -1.0 if SPLIT_ACC else modes.TAU
     LAZY: gl.constexpr = TAU >= 0.0
     ROWSUM: gl.constexpr = modes.ROWSUM_MMA
+    Q_PREFETCH: gl.constexpr = modes.Q_PREFETCH
     q_smem = q_smem.index(WG)
     BM: gl.constexpr = 64
     odtype: gl.constexpr = O.dtype.element_ty
@@ -513,24 +535,29 @@ def _consumer(q_smem, ones_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, 
     ring = WG * STAGES if SPLIT else 0  # SPLIT: this warpgroup's own ring
     it = 0  # uses of the ring so far (slot and parity of the next tile)
     sg = 0  # PINGPONG: MMA issue turns taken so far
-    for tile in range(gl.program_id(0), NUM_TILES, gl.num_programs(0)):
+    npg = gl.num_programs(0)
+    if Q_PREFETCH:  # the first item's Q rows; each later item's are loaded under the previous one's tail
+        q_next, _ = _q_rows_load(Q, QPERM, qperm_h, gl.program_id(0), NUM_TILES, S, H, NQT, stride_qb, stride_qh,
+                                 stride_qs, io_q, offs_dq, modes)
+    for tile in range(gl.program_id(0), NUM_TILES, npg):
         qt, bh, b, h, qb = _tile_coords(tile, NQT, H, SPLIT, WG)
         # ---- Q rows of this warpgroup (original token positions through the permutation)
-        rows_q = qt * 128 + WG * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, io_q))
-        rows = gl.convert_layout(rows_q, lrow)
+        rows = qt * 128 + WG * BM + gl.arange(0, BM, layout=lrow)
         row_ok = rows < S
-        if Q_PERM:
-            qtok_q = gl.load(QPERM + h * qperm_h + rows_q, mask=rows_q < S, other=0)
+        if Q_PREFETCH:  # (the epilogue's token positions: a load whose latency the key loop hides)
+            q_raw = q_next
+            if Q_PERM:
+                qtok = gl.load(QPERM + h * qperm_h + rows, mask=row_ok, other=0)
+            else:
+                qtok = rows
+        else:
+            q_raw, qtok_q = _q_rows_load(Q, QPERM, qperm_h, tile, NUM_TILES, S, H, NQT, stride_qb, stride_qh,
+                                         stride_qs, io_q, offs_dq, modes)
             qtok = gl.convert_layout(qtok_q, lrow)
-        else:
-            qtok_q = rows_q
-            qtok = rows
-        q_ptrs = Q + b.to(gl.int64) * stride_qb + h * stride_qh + qtok_q[:, None] * stride_qs + offs_dq[None, :]
         if Q_QUANT:  # one scale per row (token), as the prologue's
-            q, q_row_scale = _quantize_q_rows(gl.load(q_ptrs, mask=(rows_q < S)[:, None], other=0.0).to(gl.float32),
-                                              QK_INT8)
+            q, q_row_scale = _quantize_q_rows(q_raw.to(gl.float32), QK_INT8)
         else:
-            q = gl.load(q_ptrs, mask=(rows_q < S)[:, None], other=0 if QK_INT8 else 0.0)
+            q = q_raw
         q_smem.store(q)  # the last tile's MMAs have completed (waited below)
         fence_async_shared()
 
@@ -616,12 +643,18 @@ def _consumer(q_smem, ones_smem, k_smem, v_smem, k_ready, v_ready, empty, turn, 
                                              p_layout, LAZY, ROWSUM, p_layout_l, row_l)
             if PINGPONG:
                 mbarrier.arrive(turn.index(1 - WG), count=1)
+            if Q_PREFETCH:  # the next item's Q rows, under this P.V and the epilogue (q_smem is free: S done)
+                q_next, _ = _q_rows_load(Q, QPERM, qperm_h, tile + npg, NUM_TILES, S, H, NQT, stride_qb,
+                                         stride_qh, stride_qs, io_q, offs_dq, modes)
             if ROWSUM:
                 acc_l = _rowsum_finish(l_fly, p_l, PV8)
             acc, p_op = _pv_finish(acc, pv, p_op, alpha, PV8, SPLIT_ACC)
             mbarrier.arrive(empty.index(sp), count=1)
             it += ntot
             sg += ntot + 1
+        elif Q_PREFETCH:
+            q_next, _ = _q_rows_load(Q, QPERM, qperm_h, tile + npg, NUM_TILES, S, H, NQT, stride_qb, stride_qh,
+                                     stride_qs, io_q, offs_dq, modes)
 
         # ---- epilogue: normalise (l_i sums P as it entered P.V, x 448 with PV8; PV8: the V channel
         # scales), store O (and LSE) at the original token positions
@@ -737,7 +770,8 @@ def _gluon_sparse_flash_fwd(
     SPLIT: gl.constexpr, PINGPONG: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_D: gl.constexpr,
     HAS_PARTIAL: gl.constexpr, QK8: gl.constexpr, QK_INT8: gl.constexpr, PV8: gl.constexpr,
     PV_SPLIT_ACC: gl.constexpr, I2F_BITS: gl.constexpr, Q_QUANT: gl.constexpr, EXP_POLY: gl.constexpr,
-    RESCALE_TAU: gl.constexpr, ROWSUM_MMA: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr,
+    RESCALE_TAU: gl.constexpr, ROWSUM_MMA: gl.constexpr, Q_PREFETCH: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    PRODUCER_REGS: gl.constexpr,
 ):
     """A 1-D persistent grid over ``NUM_TILES = NQT * B * H`` work items (item = query tile of 128
     rows, batch x head; query tile fastest); 4 warps (+ 4 consumer and 1 producer warps). Q, O:
@@ -771,9 +805,9 @@ def _gluon_sparse_flash_fwd(
     v_ready = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [SLOTS, 1], mbarrier.MBarrierLayout())
     modes = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, ROWSUM_MMA, 0)
+                   PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, ROWSUM_MMA, Q_PREFETCH, 0)
     modes1 = _Modes(RAGGED, Q_PERM, RETURN_LSE, STAGES, BLOCK_N, BLOCK_D, SPLIT, PINGPONG, HAS_PARTIAL, QK8, QK_INT8,
-                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, ROWSUM_MMA, 1)
+                    PV8, PV_SPLIT_ACC, I2F_BITS, Q_QUANT, EXP_POLY, RESCALE_TAU, ROWSUM_MMA, Q_PREFETCH, 1)
     parts = _Partials(PART_NUM, PART_IDX, BITS, SLOT, pn_b, pn_h, pi_b, pi_h, pi_q, slot_b, slot_h)
     scales = _Scales(QSC, KSC, VSC, qs_b, qs_h, ks_b, ks_h, vs_b, vs_h, HK_GROUP)
     # PINGPONG: issue turns of the two consumer warpgroups (warpgroup 0 holds the first)

@@ -192,6 +192,19 @@ def rescale_tau(pv8: bool) -> float:
     return LAZY_TAU_E4M3 if pv8 else LAZY_TAU_16BIT
 
 
+def q_prefetch(persistent: bool) -> bool:
+    """``Q_PREFETCH`` of the Gluon kernel: with a persistent grid each consumer warpgroup issues the
+    global loads of its next work item's Q rows (and their permutation entries) right after the
+    current item's last P.V and keeps them in registers through the epilogue, so the next item's
+    first S MMA does not wait for two dependent global loads. Opt-in,
+    ``VIDATTN_GLUON_Q_PREFETCH=1`` (0 or unset: off; anything else is a ValueError); it only
+    applies with ``VIDATTN_GLUON_PERSISTENT=1`` (one program per work item has no next item)."""
+    mode = os.environ.get("VIDATTN_GLUON_Q_PREFETCH", "0").strip()
+    if mode not in ("0", "1"):
+        raise ValueError(f"VIDATTN_GLUON_Q_PREFETCH must be 0 or 1, got {mode!r}")
+    return persistent and mode == "1"
+
+
 def _persistent_programs(device: torch.device) -> int:
     """Programs of the grid. Default: one per work item (the hardware then starts work items in
     order as programs finish, which kept neighbouring query tiles' K/V in L2: on the H200 this was
@@ -307,7 +320,8 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                                 for x in (qsc, ksc, vsc))
     nqt = triton.cdiv(S, _ROWS)
     num_tiles = nqt * B * H
-    grid = (min(num_tiles, _persistent_programs(q.device)),)
+    programs = _persistent_programs(q.device)
+    grid = (min(num_tiles, programs),)
     compiled = _gluon_sparse_flash_fwd[grid](
         desc_k, desc_v, q, out, lse, fnum, fidx, qperm if qperm is not None else fnum,
         0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0), pnum, pidx, bits, slot, qsc, ksc, vsc,
@@ -321,7 +335,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         BLOCK_N=BN, BLOCK_D=D, QK8=qk_fmt is not None, QK_INT8=qk_fmt == "int8", PV8=pv8,
         PV_SPLIT_ACC=cfg["PV_SPLIT_ACC"], I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
         Q_QUANT=cfg["Q_QUANT"], EXP_POLY=cfg["EXP_POLY"] and not has_partial, RESCALE_TAU=cfg["RESCALE_TAU"],
-        ROWSUM_MMA=cfg["ROWSUM_MMA"],
+        ROWSUM_MMA=cfg["ROWSUM_MMA"], Q_PREFETCH=q_prefetch(programs < num_tiles),
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"
