@@ -33,7 +33,9 @@ the epilogue applies the V channel scales. The
 launcher (:mod:`.sparse_flash_gluon_launch`) checks this before it runs and otherwise uses the
 portable kernel. Options: ``PINGPONG`` (the consumer warpgroups take turns issuing their MMAs),
 ``ROWSUM_MMA`` (16-bit P.V: the softmax's row sums by a P x ones wgmma of N = 8 issued with each
-P.V, :func:`_pv_issue`) and a persistent grid (the load warp runs ahead into the next work item).
+P.V, :func:`_pv_issue`) and a persistent grid (the load warp runs ahead into the next work item;
+with ``Q_PREFETCH`` each consumer warpgroup also loads the next item's Q rows under the current
+item's last P.V and epilogue, :func:`_q_rows_load`).
 
 Q is read and O / LSE written at the original token positions through the plan's token
 permutation (``Q_PERM``); K/V arrive in plan order, as 2-D tensor descriptors whose tile of key
