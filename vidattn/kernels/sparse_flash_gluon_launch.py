@@ -322,6 +322,7 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     num_tiles = nqt * B * H
     programs = _persistent_programs(q.device)
     grid = (min(num_tiles, programs),)
+    prefetch = q_prefetch(programs < num_tiles)
     compiled = _gluon_sparse_flash_fwd[grid](
         desc_k, desc_v, q, out, lse, fnum, fidx, qperm if qperm is not None else fnum,
         0 if qperm is None or qperm.shape[0] == 1 else qperm.stride(0), pnum, pidx, bits, slot, qsc, ksc, vsc,
@@ -335,12 +336,13 @@ def block_sparse_attention_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         BLOCK_N=BN, BLOCK_D=D, QK8=qk_fmt is not None, QK_INT8=qk_fmt == "int8", PV8=pv8,
         PV_SPLIT_ACC=cfg["PV_SPLIT_ACC"], I2F_BITS=qk_fmt == "int8" and int8_logits_by_bits(),
         Q_QUANT=cfg["Q_QUANT"], EXP_POLY=cfg["EXP_POLY"] and not has_partial, RESCALE_TAU=cfg["RESCALE_TAU"],
-        ROWSUM_MMA=cfg["ROWSUM_MMA"], Q_PREFETCH=q_prefetch(programs < num_tiles),
+        ROWSUM_MMA=cfg["ROWSUM_MMA"], Q_PREFETCH=prefetch,
         CONSUMER_REGS=cfg["CONSUMER_REGS"], PRODUCER_REGS=cfg["PRODUCER_REGS"],
         num_warps=4)
     last_launch["path"] = "gluon-hopper"
     last_launch["q_in_kernel"] = cfg["Q_QUANT"]  # (as the portable path records it)
     last_launch["rowsum_mma"] = cfg["ROWSUM_MMA"]
+    last_launch["q_prefetch"] = prefetch  # (off when the grid has a program per work item)
     last_launch["regs_spills"] = (getattr(compiled, "n_regs", None), getattr(compiled, "n_spills", None))
     if ops is not None and return_lse:  # the smoothing removed scale * q . mean(k) from every logit of a row
         lse = lse + lse_smoothing_correction(q_in, ops.k_mean, scale)
